@@ -1,0 +1,225 @@
+/* IPv4 packet parsing and building. Every read is bounds-checked against the length read from the
+ * device: a malformed packet is reported, never trusted. */
+#include "packet.h"
+
+#include <string.h>
+
+#include "checksum.h"
+
+#define IPV4_MIN_HLEN 20u
+#define TCP_MIN_HLEN 20u
+#define UDP_HLEN 8u
+#define ICMP_QUOTE_MAX 64u /* payload bytes quoted after the IP header in an ICMP error */
+
+static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static void put16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+const char *tunio_pkt_status_name(int status)
+{
+    switch (status) {
+    case TUNIO_PKT_OK: return "ok";
+    case TUNIO_PKT_TRUNCATED: return "truncated";
+    case TUNIO_PKT_BAD_HEADER: return "bad-header";
+    case TUNIO_PKT_FRAGMENT: return "fragment";
+    case TUNIO_PKT_UNSUPPORTED: return "unsupported";
+    default: return "unknown";
+    }
+}
+
+static int parse_tcp(struct tunio_pkt *p, const uint8_t *l4)
+{
+    if (p->l4_len < TCP_MIN_HLEN)
+        return TUNIO_PKT_TRUNCATED;
+    size_t hlen = (size_t)(l4[12] >> 4) * 4u;
+    if (hlen < TCP_MIN_HLEN)
+        return TUNIO_PKT_BAD_HEADER;
+    if (hlen > p->l4_len)
+        return TUNIO_PKT_TRUNCATED;
+    p->sport = get16(l4);
+    p->dport = get16(l4 + 2);
+    p->seq = get32(l4 + 4);
+    p->ack = get32(l4 + 8);
+    p->tcp_flags = l4[13];
+    p->tcp_hlen = hlen;
+    p->payload_len = p->l4_len - hlen;
+    return TUNIO_PKT_OK;
+}
+
+static int parse_udp(struct tunio_pkt *p, const uint8_t *l4)
+{
+    if (p->l4_len < UDP_HLEN)
+        return TUNIO_PKT_TRUNCATED;
+    size_t ulen = get16(l4 + 4);
+    if (ulen < UDP_HLEN || ulen > p->l4_len)
+        return TUNIO_PKT_BAD_HEADER;
+    p->sport = get16(l4);
+    p->dport = get16(l4 + 2);
+    p->payload_len = ulen - UDP_HLEN;
+    return TUNIO_PKT_OK;
+}
+
+int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len)
+{
+    memset(p, 0, sizeof(*p));
+    p->buf = buf;
+    if (len < 1)
+        return TUNIO_PKT_TRUNCATED;
+    p->version = buf[0] >> 4;
+    if (p->version != 4)
+        return p->version == 6 ? TUNIO_PKT_UNSUPPORTED : TUNIO_PKT_BAD_HEADER;
+    if (len < IPV4_MIN_HLEN)
+        return TUNIO_PKT_TRUNCATED;
+    size_t hlen = (size_t)(buf[0] & 0x0f) * 4u;
+    size_t total = get16(buf + 2);
+    if (hlen < IPV4_MIN_HLEN || total < hlen)
+        return TUNIO_PKT_BAD_HEADER;
+    if (hlen > len || total > len)
+        return TUNIO_PKT_TRUNCATED;
+    uint16_t frag = get16(buf + 6);
+    if (frag & 0x3fff) /* MF set or a non-zero offset */
+        return TUNIO_PKT_FRAGMENT;
+    p->len = total;
+    p->l3_len = hlen;
+    p->l4_len = total - hlen;
+    p->proto = buf[9];
+    memcpy(p->src, buf + 12, 4);
+    memcpy(p->dst, buf + 16, 4);
+    switch (p->proto) {
+    case TUNIO_IPPROTO_TCP: return parse_tcp(p, buf + hlen);
+    case TUNIO_IPPROTO_UDP: return parse_udp(p, buf + hlen);
+    default: return TUNIO_PKT_UNSUPPORTED;
+    }
+}
+
+static size_t l4_csum_offset(const struct tunio_pkt *p)
+{
+    return p->l3_len + (p->proto == TUNIO_IPPROTO_TCP ? 16u : 6u);
+}
+
+void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t sport,
+                       const uint8_t dst[16], uint16_t dport)
+{
+    uint8_t *ip = p->buf;
+    uint8_t *l4 = ip + p->l3_len;
+    uint8_t *l4csum = ip + l4_csum_offset(p);
+    /* An UDP checksum of 0 means "none" and stays so. */
+    int fix_l4 = !(p->proto == TUNIO_IPPROTO_UDP && l4csum[0] == 0 && l4csum[1] == 0);
+    uint8_t old[12], new_[12];
+    memcpy(old, ip + 12, 8);
+    memcpy(new_, src, 4);
+    memcpy(new_ + 4, dst, 4);
+    put16(old + 8, get16(l4));
+    put16(old + 10, get16(l4 + 2));
+    put16(new_ + 8, sport);
+    put16(new_ + 10, dport);
+    tunio_csum_replace(ip + 10, old, new_, 8);
+    if (fix_l4) {
+        tunio_csum_replace(l4csum, old, new_, 12);
+        if (p->proto == TUNIO_IPPROTO_UDP && l4csum[0] == 0 && l4csum[1] == 0)
+            l4csum[0] = l4csum[1] = 0xff; /* a computed 0 is sent as all ones in UDP */
+    }
+    memcpy(ip + 12, src, 4);
+    memcpy(ip + 16, dst, 4);
+    put16(l4, sport);
+    put16(l4 + 2, dport);
+    memcpy(p->src, src, 16);
+    memcpy(p->dst, dst, 16);
+    p->sport = sport;
+    p->dport = dport;
+}
+
+static void build_ipv4(uint8_t *out, size_t total, uint8_t proto, const uint8_t src[16],
+                       const uint8_t dst[16])
+{
+    memset(out, 0, IPV4_MIN_HLEN);
+    out[0] = 0x45;
+    put16(out + 2, (uint16_t)total);
+    put16(out + 6, 0x4000); /* DF */
+    out[8] = 64;
+    out[9] = proto;
+    memcpy(out + 12, src, 4);
+    memcpy(out + 16, dst, 4);
+    put16(out + 10, tunio_csum_finish(tunio_csum_add(0, out, IPV4_MIN_HLEN)));
+}
+
+static uint32_t pseudo_sum(const uint8_t *ip, uint8_t proto, size_t l4len)
+{
+    uint8_t ph[12];
+    memcpy(ph, ip + 12, 8);
+    ph[8] = 0;
+    ph[9] = proto;
+    put16(ph + 10, (uint16_t)l4len);
+    return tunio_csum_add(0, ph, sizeof(ph));
+}
+
+size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap)
+{
+    const size_t total = IPV4_MIN_HLEN + TCP_MIN_HLEN;
+    if (p->proto != TUNIO_IPPROTO_TCP || (p->tcp_flags & TUNIO_TCP_RST) || cap < total)
+        return 0;
+    build_ipv4(out, total, TUNIO_IPPROTO_TCP, p->dst, p->src);
+    uint8_t *th = out + IPV4_MIN_HLEN;
+    memset(th, 0, TCP_MIN_HLEN);
+    put16(th, p->dport);
+    put16(th + 2, p->sport);
+    if (p->tcp_flags & TUNIO_TCP_ACK) {
+        /* RFC 9293 3.10.7.1: <SEQ=SEG.ACK><CTL=RST> */
+        put32(th + 4, p->ack);
+        th[13] = TUNIO_TCP_RST;
+    } else {
+        /* <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>; SYN and FIN count in SEG.LEN */
+        uint32_t seglen = (uint32_t)p->payload_len + !!(p->tcp_flags & TUNIO_TCP_SYN) +
+                          !!(p->tcp_flags & TUNIO_TCP_FIN);
+        put32(th + 8, p->seq + seglen);
+        th[13] = TUNIO_TCP_RST | TUNIO_TCP_ACK;
+    }
+    th[12] = (TCP_MIN_HLEN / 4) << 4;
+    uint32_t sum = pseudo_sum(out, TUNIO_IPPROTO_TCP, TCP_MIN_HLEN);
+    put16(th + 16, tunio_csum_finish(tunio_csum_add(sum, th, TCP_MIN_HLEN)));
+    return total;
+}
+
+size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
+                                    size_t cap)
+{
+    size_t quote = p->l3_len + (p->l4_len < ICMP_QUOTE_MAX ? p->l4_len : ICMP_QUOTE_MAX);
+    size_t total = IPV4_MIN_HLEN + 8u + quote;
+    if (cap < total)
+        return 0;
+    build_ipv4(out, total, TUNIO_IPPROTO_ICMP, p->dst, p->src);
+    uint8_t *ic = out + IPV4_MIN_HLEN;
+    memset(ic, 0, 8);
+    ic[0] = 3; /* destination unreachable */
+    ic[1] = code;
+    memcpy(ic + 8, p->buf, quote);
+    put16(ic + 2, tunio_csum_finish(tunio_csum_add(0, ic, 8u + quote)));
+    return total;
+}
+
+int tunio_pkt_verify_checksums(const struct tunio_pkt *p)
+{
+    if (tunio_csum_finish(tunio_csum_add(0, p->buf, p->l3_len)) != 0)
+        return -1;
+    if (p->proto != TUNIO_IPPROTO_TCP && p->proto != TUNIO_IPPROTO_UDP)
+        return 0;
+    const uint8_t *l4 = p->buf + p->l3_len;
+    if (p->proto == TUNIO_IPPROTO_UDP && l4[6] == 0 && l4[7] == 0)
+        return 0;
+    uint32_t sum = pseudo_sum(p->buf, p->proto, p->l4_len);
+    return tunio_csum_finish(tunio_csum_add(sum, l4, p->l4_len)) == 0 ? 0 : -1;
+}

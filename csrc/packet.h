@@ -1,0 +1,71 @@
+/* Bounds-checked parsing of the IP packets read from the TUN device, and the few packets the
+ * stack builds itself (TCP RST, ICMP unreachable). Nothing here allocates or keeps state. */
+#ifndef TUNIO_PACKET_H
+#define TUNIO_PACKET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define TUNIO_IPPROTO_ICMP 1
+#define TUNIO_IPPROTO_TCP 6
+#define TUNIO_IPPROTO_UDP 17
+
+#define TUNIO_TCP_FIN 0x01
+#define TUNIO_TCP_SYN 0x02
+#define TUNIO_TCP_RST 0x04
+#define TUNIO_TCP_PSH 0x08
+#define TUNIO_TCP_ACK 0x10
+
+/* Why a packet was not accepted by the parser; each has a drop counter. */
+enum tunio_pkt_status {
+    TUNIO_PKT_OK = 0,
+    TUNIO_PKT_TRUNCATED,   /* shorter than its headers say */
+    TUNIO_PKT_BAD_HEADER,  /* impossible header lengths or fields */
+    TUNIO_PKT_FRAGMENT,    /* IPv4 fragment: not reassembled */
+    TUNIO_PKT_UNSUPPORTED, /* IP version or protocol the stack does not carry (yet) */
+};
+
+/* A parsed packet. Addresses are kept as bytes in network order (16 bytes, IPv4 in the first 4)
+ * so the tables above this layer stay address-family generic. */
+struct tunio_pkt {
+    uint8_t *buf;
+    size_t len;       /* IP total length (trailing bytes beyond it are ignored) */
+    uint8_t version;  /* 4 */
+    uint8_t proto;    /* TUNIO_IPPROTO_* */
+    size_t l3_len;    /* IP header length */
+    size_t l4_len;    /* bytes from the transport header to the end of the packet */
+    uint8_t src[16];
+    uint8_t dst[16];
+    uint16_t sport;   /* host order */
+    uint16_t dport;
+    /* TCP only */
+    uint8_t tcp_flags;
+    uint32_t seq;
+    uint32_t ack;
+    size_t tcp_hlen;
+    size_t payload_len;
+};
+
+int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);
+const char *tunio_pkt_status_name(int status);
+
+/* Rewrites source and destination address/port of a parsed IPv4 TCP or UDP packet in place and
+ * updates the IP and transport checksums incrementally. Ports in host order. */
+void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t sport,
+                       const uint8_t dst[16], uint16_t dport);
+
+/* Builds, into `out` (at least 40 bytes), the RST a closed port would send in answer to the TCP
+ * packet `p`, with addresses swapped. Returns its length, or 0 if `p` must not be answered (it is a
+ * RST itself). */
+size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap);
+
+/* Builds an ICMP destination-unreachable (type 3, `code`) from p's destination to its source,
+ * quoting p's IP header and the first bytes of its payload. Returns the length (0 on no room). */
+size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
+                                    size_t cap);
+
+/* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
+ * right. Tests use it: the kernel does not check checksums of some packets we hand it. */
+int tunio_pkt_verify_checksums(const struct tunio_pkt *p);
+
+#endif

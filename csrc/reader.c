@@ -1,0 +1,162 @@
+/* TUN reader threads: one per queue. A flow's packets stay on one queue, so per-flow order is
+ * kept; the only shared state is the NAT table and the queue of new flows for the loop thread. */
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "stack_internal.h"
+
+#define READ_BATCH 64 /* packets per wakeup before checking the stop fd again */
+
+int open_queue_init(struct open_queue *q)
+{
+    memset(q, 0, sizeof(*q));
+    q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (q->efd < 0)
+        return -errno;
+    int err = pthread_mutex_init(&q->lock, NULL);
+    if (err) {
+        close(q->efd);
+        return -err;
+    }
+    return 0;
+}
+
+void open_queue_fini(struct open_queue *q)
+{
+    free(q->items);
+    close(q->efd);
+    pthread_mutex_destroy(&q->lock);
+}
+
+static int open_queue_push(struct open_queue *q, const struct tunio_nat_open *o)
+{
+    pthread_mutex_lock(&q->lock);
+    if (q->len == q->cap) {
+        size_t cap = q->cap ? q->cap * 2 : 64;
+        struct tunio_nat_open *items = realloc(q->items, cap * sizeof(*items));
+        if (!items) {
+            pthread_mutex_unlock(&q->lock);
+            return -ENOMEM;
+        }
+        q->items = items;
+        q->cap = cap;
+    }
+    q->items[q->len++] = *o;
+    pthread_mutex_unlock(&q->lock);
+    uint64_t one = 1;
+    ssize_t w = write(q->efd, &one, sizeof(one));
+    (void)w; /* an eventfd write only fails when the counter is saturated: already signalled */
+    return 0;
+}
+
+size_t open_queue_take(struct open_queue *q, struct tunio_nat_open **out)
+{
+    uint64_t v;
+    ssize_t r = read(q->efd, &v, sizeof(v));
+    (void)r;
+    pthread_mutex_lock(&q->lock);
+    size_t n = q->len;
+    *out = q->items;
+    q->items = NULL;
+    q->len = q->cap = 0;
+    pthread_mutex_unlock(&q->lock);
+    return n;
+}
+
+static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t len,
+                          uint8_t *reply)
+{
+    struct tunio_pkt p;
+    int st = tunio_pkt_parse(&p, buf, len);
+    if (st == TUNIO_PKT_OK && p.proto != TUNIO_IPPROTO_TCP)
+        st = TUNIO_PKT_UNSUPPORTED; /* UDP and ICMP are carried by a later protocol layer */
+    if (st != TUNIO_PKT_OK) {
+        atomic_fetch_add_explicit(&s->c.drop[st], 1, memory_order_relaxed);
+        return;
+    }
+    struct tunio_nat_open open;
+    size_t reply_len = 0;
+    switch (tunio_nat_translate(&s->nat, &p, tunio_now_ms(), reply, 128, &reply_len, &open)) {
+    case TUNIO_NAT_FORWARD:
+        stack_tun_write(s, fd, buf, p.len);
+        break;
+    case TUNIO_NAT_REPLY:
+        stack_tun_write(s, fd, reply, reply_len);
+        break;
+    case TUNIO_NAT_OPEN:
+        if (open_queue_push(&s->opens, &open) < 0) {
+            uint8_t out[TUNIO_TUN_BUF];
+            size_t n;
+            tunio_nat_reject(&s->nat, open.entry, open.flow_id, ENOMEM, tunio_now_ms(), out,
+                             sizeof(out), &n);
+            if (n)
+                stack_tun_write(s, fd, out, n);
+        }
+        break;
+    case TUNIO_NAT_DROP:
+        break;
+    }
+}
+
+static void *reader_main(void *arg)
+{
+    struct reader *r = arg;
+    struct tunio_stack *s = r->s;
+    uint8_t *buf = malloc(TUNIO_TUN_BUF);
+    uint8_t reply[128];
+    if (!buf) {
+        tunio_log(TUNIO_LOG_ERROR, "reader: out of memory");
+        return NULL;
+    }
+    struct pollfd pfd[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = s->stop_fd, .events = POLLIN}};
+    while (!atomic_load(&s->stopping)) {
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            tunio_log(TUNIO_LOG_ERROR, "reader: poll: %s", strerror(errno));
+            break;
+        }
+        if (pfd[1].revents)
+            break;
+        if (pfd[0].revents & (POLLERR | POLLNVAL)) {
+            tunio_log(TUNIO_LOG_ERROR, "reader: TUN queue fd %d failed", r->fd);
+            break;
+        }
+        for (int i = 0; i < READ_BATCH; i++) {
+            ssize_t n = read(r->fd, buf, TUNIO_TUN_BUF);
+            if (n < 0) {
+                if (errno != EAGAIN && errno != EINTR)
+                    tunio_log(TUNIO_LOG_WARNING, "reader: read: %s", strerror(errno));
+                break;
+            }
+            if (n == 0)
+                break;
+            atomic_fetch_add_explicit(&s->c.packets_read, 1, memory_order_relaxed);
+            handle_packet(s, r->fd, buf, (size_t)n, reply);
+        }
+    }
+    free(buf);
+    return NULL;
+}
+
+int reader_start(struct tunio_stack *s, struct reader *r)
+{
+    r->s = s;
+    int err = pthread_create(&r->thread, NULL, reader_main, r);
+    if (err)
+        return -err;
+    r->started = 1;
+    return 0;
+}
+
+void reader_join(struct reader *r)
+{
+    if (r->started)
+        pthread_join(r->thread, NULL);
+    r->started = 0;
+}

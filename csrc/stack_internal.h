@@ -1,0 +1,175 @@
+/* The stack's private state, shared by its parts:
+ *   reader.c  one thread per TUN queue: parse, translate, write back, hand new flows on;
+ *   stack.c   lifecycle and the loop thread (epoll over listener, accepted sockets, ROUTER);
+ *   broker.c  the workers: ROUTER messages, HELLO/heartbeat/BYE, least-loaded choice;
+ *   relay.c   one flow: accepted socket <-> DATA/CREDIT/FIN/RST with its worker.
+ * Only the loop thread touches flows, workers and the ZeroMQ socket; the readers share just the
+ * NAT table (locked) and the queue of new flows (locked, signalled by an eventfd). */
+#ifndef TUNIO_STACK_INTERNAL_H
+#define TUNIO_STACK_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <zmq.h>
+
+#include "nat.h"
+#include "tunio.h"
+#include "wire.h"
+
+#define TUNIO_MAX_QUEUES 64
+#define TUNIO_MAX_WORKERS 256
+#define TUNIO_READ_CHUNK (128u * 1024u)
+#define TUNIO_TUN_BUF 65536u
+
+/* epoll tags: the low byte says what an event is for; flows carry their id above it. */
+enum {
+    TAG_LISTENER = 1,
+    TAG_ROUTER,
+    TAG_OPENS,
+    TAG_STOP,
+    TAG_TIMER,
+    TAG_FLOW,
+};
+
+enum flow_flag {
+    FLOW_OPEN_OK = 1u << 0,    /* the worker's dial succeeded */
+    FLOW_APP_EOF = 1u << 1,    /* the app shut its write side; FIN sent to the worker */
+    FLOW_WORKER_FIN = 1u << 2, /* the worker will send no more DATA */
+    FLOW_APP_SHUT = 1u << 3,   /* we shut the write side towards the app */
+    FLOW_READABLE = 1u << 4,   /* edge seen, not yet drained to EAGAIN */
+    FLOW_WRITABLE = 1u << 5,
+};
+
+struct chunk {
+    zmq_msg_t msg;
+    size_t off;
+    struct chunk *next;
+};
+
+struct flow {
+    uint32_t id;
+    uint32_t entry;       /* NAT entry */
+    int worker;           /* index in stack.workers */
+    int fd;               /* accepted socket, -1 before accept */
+    uint32_t flags;
+    uint64_t credit;      /* bytes we may still send to the worker */
+    uint64_t uncredited;  /* bytes written to the app and not yet returned as CREDIT */
+    uint64_t queued;      /* bytes held for the app */
+    struct chunk *head;
+    struct chunk *tail;
+    uint64_t since_ms;    /* OPEN sent, or OPEN_OK received while waiting for accept */
+    struct flow *hnext;
+};
+
+struct worker {
+    uint8_t id[256];
+    size_t id_len;
+    char name[TUNIO_WIRE_NAME_MAX + 1];
+    int alive;
+    int doomed; /* its connection is gone; reaped after the current event */
+    uint64_t last_seen;
+    uint32_t flows;
+    uint64_t capacity;
+};
+
+struct open_queue {
+    pthread_mutex_t lock;
+    struct tunio_nat_open *items;
+    size_t len;
+    size_t cap;
+    int efd; /* eventfd the loop watches */
+};
+
+struct stack_counters {
+    atomic_ullong packets_read;
+    atomic_ullong packets_written;
+    atomic_ullong drop[5]; /* by enum tunio_pkt_status */
+    atomic_ullong write_errors;
+    uint64_t flows_opened;
+    uint64_t dial_failed;
+    uint64_t flows_reset;
+    uint64_t no_worker;
+    uint64_t workers_lost;
+    uint64_t protocol_errors;
+    uint64_t bytes_to_workers;
+    uint64_t bytes_from_workers;
+};
+
+struct reader {
+    struct tunio_stack *s;
+    int fd;
+    pthread_t thread;
+    int started;
+};
+
+struct tunio_stack {
+    struct tunio_config cfg;
+    char *endpoint;
+    int tun_fds[TUNIO_MAX_QUEUES];
+    int n_tun;
+    struct reader readers[TUNIO_MAX_QUEUES];
+    struct tunio_nat nat;
+    int nat_ready;
+    struct open_queue opens;
+    int opens_ready;
+    int listen_fd;
+    uint16_t listen_port;
+    int epfd;
+    int stop_fd;
+    int timer_fd;
+    void *zctx;
+    void *router;
+    int router_fd;
+    atomic_int stopping;
+    /* flows, by id */
+    struct flow **flow_buckets;
+    uint32_t flow_mask;
+    uint32_t nflows;
+    /* workers */
+    struct worker workers[TUNIO_MAX_WORKERS];
+    int nworkers;
+    unsigned rr;
+    int doomed; /* some worker is doomed */
+    uint8_t *rbuf; /* read buffer, handed to ZeroMQ without a copy when large */
+    struct stack_counters c;
+};
+
+/* stack.c */
+struct flow *stack_flow_find(struct tunio_stack *s, uint32_t id);
+struct flow *stack_flow_new(struct tunio_stack *s, uint32_t id, uint32_t entry, int worker);
+void stack_flow_free(struct tunio_stack *s, struct flow *f);
+/* Writes a packet into the TUN device through queue fd `fd` (-1: the first queue). */
+void stack_tun_write(struct tunio_stack *s, int fd, const uint8_t *pkt, size_t len);
+
+/* reader.c */
+int reader_start(struct tunio_stack *s, struct reader *r);
+void reader_join(struct reader *r);
+int open_queue_init(struct open_queue *q);
+void open_queue_fini(struct open_queue *q);
+/* Moves the queued new flows into `out` (caller frees); returns how many. */
+size_t open_queue_take(struct open_queue *q, struct tunio_nat_open **out);
+
+/* broker.c */
+int broker_send(struct tunio_stack *s, int worker, uint8_t cmd, uint32_t flow, uint64_t arg,
+                const void *payload, size_t len);
+/* Sends DATA whose bytes live in a malloc'd buffer, handed to ZeroMQ (freed by it). */
+int broker_send_owned(struct tunio_stack *s, int worker, uint32_t flow, uint8_t *buf, size_t len);
+void broker_drain(struct tunio_stack *s);
+void broker_open_flows(struct tunio_stack *s);
+void broker_tick(struct tunio_stack *s, uint64_t now);
+void broker_reap(struct tunio_stack *s);
+void broker_bye_all(struct tunio_stack *s);
+int broker_alive_workers(struct tunio_stack *s);
+
+/* relay.c */
+void relay_accept(struct tunio_stack *s);
+void relay_event(struct tunio_stack *s, struct flow *f, uint32_t events);
+void relay_pump(struct tunio_stack *s, struct flow *f);
+void relay_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_header *h,
+                      zmq_msg_t *payload);
+/* Ends a flow abortively: the app sees a RST (or a refused connect if its SYN is still held). */
+void relay_abort(struct tunio_stack *s, struct flow *f, int reason);
+void relay_tick(struct tunio_stack *s, uint64_t now);
+
+#endif

@@ -1,0 +1,66 @@
+/* Public C API of the tunio stack, as bound by cffi (tunio/_build.py keeps its cdef in step).
+ * Functions return 0 (or a count) on success and -errno on failure. */
+#ifndef TUNIO_H
+#define TUNIO_H
+
+#include <stdint.h>
+
+struct tunio_config {
+    const int *tun_fds;      /* one fd per TUN queue, opened by the caller (or test socketpairs) */
+    int n_tun_fds;
+    uint8_t address[16];     /* A: the TUN's own address; the listener binds here */
+    uint8_t address_version; /* 4 */
+    uint8_t prefix_len;      /* the TUN prefix; NAT pool addresses are taken from its top */
+    uint16_t listen_port;    /* 0: any free port */
+    unsigned pool_count;     /* NAT pool addresses; 0: up to 16 */
+    const char *endpoint;    /* ZeroMQ endpoint the ROUTER binds */
+    uint32_t window;         /* credit window per flow and direction, bytes */
+    uint32_t pending_ms;     /* a held SYN waits this long for the dial's outcome */
+    uint32_t reserve_ms;     /* a NAT slot stays reserved this long after its flow ends */
+    uint32_t heartbeat_ms;   /* heartbeat interval; a worker silent 3 intervals is dead */
+    int log_level;           /* 10 debug, 20 info, 30 warning, 40 error */
+};
+
+struct tunio_stats {
+    uint64_t packets_read;
+    uint64_t packets_written;
+    uint64_t drop_truncated;
+    uint64_t drop_bad_header;
+    uint64_t drop_fragment;
+    uint64_t drop_unsupported;
+    uint64_t drop_reserved;
+    uint64_t drop_unknown;
+    uint64_t rst_unknown_flow;
+    uint64_t nat_table_full;
+    uint64_t nat_entries;
+    uint64_t write_errors;
+    uint64_t flows_opened;
+    uint64_t flows_active;
+    uint64_t dial_failed;
+    uint64_t flows_reset;
+    uint64_t no_worker;
+    uint64_t workers;
+    uint64_t workers_lost;
+    uint64_t protocol_errors;
+    uint64_t bytes_to_workers;
+    uint64_t bytes_from_workers;
+};
+
+struct tunio_stack;
+
+/* Opens `queues` queues of the multi-queue TUN device `name` (created if absent, non-persistent),
+ * with offloads explicitly off. Writes the fds to `fds`. */
+int tunio_tun_open(const char *name, int queues, int *fds);
+
+/* Binds the listener and the ROUTER, so that on return workers can connect. */
+int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out);
+/* Runs until tunio_stack_stop(). Reader threads are started and joined inside. */
+int tunio_stack_run(struct tunio_stack *s);
+/* Thread- and signal-safe: asks run() to return. */
+int tunio_stack_stop(struct tunio_stack *s);
+void tunio_stack_free(struct tunio_stack *s);
+void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *out);
+int tunio_stack_listen_port(struct tunio_stack *s);
+const char *tunio_version(void);
+
+#endif

@@ -1,0 +1,208 @@
+"""tunio-run and tunio-worker command lines: parsing, and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tunio import cli, supervisor
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse rejects the value itself
+        code = int(exc.code or 0)
+    return code, _error_line(capsys)
+
+
+@pytest.fixture
+def rundir(tmp_path: Path) -> list[str]:
+    return ["--runtime-dir", str(tmp_path / "rt")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--address", "300.1.2.3/24"], "--address '300.1.2.3/24' is not an address"),
+        (["--address", "fd00::1/64"], "IPv6 arrives in a later release"),
+        (["--route", "fd00::/8"], "IPv6 arrives in a later release"),
+        (["--route", "10.1.2.3/8"], "did you mean 10.0.0.0/8"),
+        (["--dialer", "nonsense"], "nonsense"),
+        (["--egress-mark", "0x100000000"], "--egress-mark 0x100000000 is out of range"),
+        (["--egress-mark", "mark"], "argument --egress-mark: 'mark' is not a number"),
+        (["--mtu", "big"], "argument --mtu: invalid int value: 'big'"),
+        (["--egress-interface", "nosuchif0"], "nosuchif0: no such network interface"),
+        (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+        (["--queues", "0"], "--queues 0 is out of range"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_option_exits_2_with_one_line(
+    argv: list[str], words: str, rundir: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, line = _run([*argv, *rundir], capsys)
+    assert code == 2
+    assert words in line
+
+
+def test_config_errors_are_logged_as_error(
+    rundir: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, line = _run(["--address", "fd00::1/64", *rundir], capsys)
+    assert code == 2
+    assert " ERROR tunio-run: --address fd00::1/64: IPv6 arrives in a later release" in line
+    assert not (tmp_path / "rt").exists()
+
+
+def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[supervisor.Options] = []
+
+    class FakeSupervisor:
+        def __init__(self, options: supervisor.Options) -> None:
+            seen.append(options)
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setattr(supervisor, "Supervisor", FakeSupervisor)
+    argv = [
+        "--tun", "tun7", "--address", "198.18.255.1/24", "--mtu", "9000", "--queues", "3",
+        "--workers", "0", "--dialer", "mod:attr", "--egress-mark", "0x10",
+        "--egress-interface", "eth1", "--endpoint", "tcp://127.0.0.1:5555",
+        "--runtime-dir", "/tmp/x", "--route", "default", "--route", "10.0.0.0/8",
+        "--connect-timeout", "2.5", "--window", "65536", "--txqueuelen", "500",
+        "--log-level", "debug",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert seen == [
+        supervisor.Options(
+            tun="tun7",
+            address="198.18.255.1/24",
+            mtu=9000,
+            queues=3,
+            workers=0,
+            dialer="mod:attr",
+            egress_mark=16,
+            egress_interface="eth1",
+            endpoint="tcp://127.0.0.1:5555",
+            runtime_dir="/tmp/x",
+            routes=("default", "10.0.0.0/8"),
+            connect_timeout=2.5,
+            window=65536,
+            txqueuelen=500,
+            log_level="debug",
+        )
+    ]
+
+
+def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[supervisor.Options] = []
+
+    def fake(options: supervisor.Options) -> _Zero:
+        seen.append(options)
+        return _Zero()
+
+    monkeypatch.setattr(supervisor, "Supervisor", fake)
+    assert cli.main([]) == 0
+    [options] = seen
+    assert options == supervisor.Options(queues=options.queues, workers=options.workers)
+    assert options.queues == options.workers >= 1
+    assert (options.tun, options.address, options.mtu, options.window) == (
+        "tunio0",
+        "198.18.0.1/24",
+        1500,
+        262144,
+    )
+    assert (options.txqueuelen, options.connect_timeout, options.dialer) == (10000, 10.0, "direct")
+
+
+class _Zero:
+    def run(self) -> int:
+        return 0
+
+
+def test_help_describes_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--tun", "--address", "--mtu", "--queues", "--workers", "--dialer", "--egress-mark",
+        "--egress-interface", "--endpoint", "--runtime-dir", "--route", "--connect-timeout",
+        "--window", "--txqueuelen", "--log-level", "--version",
+    ):  # fmt: skip
+        assert option in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("tunio-run ")
+
+
+# ---------------------------------------------------------------- tunio-worker
+
+
+@pytest.fixture
+def fake_worker(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+    module = ModuleType("tunio.worker")
+
+    def run_worker(endpoint: str, dialer: object, **kwargs: Any) -> int:
+        calls.append({"endpoint": endpoint, "dialer": dialer, **kwargs})
+        return 0
+
+    module.run_worker = run_worker  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "tunio.worker", module)
+    return calls
+
+
+def test_worker_runs_with_its_options(fake_worker: list[dict[str, Any]]) -> None:
+    argv = [
+        "--endpoint", "ipc:///tmp/s.sock", "--name", "far-1", "--egress-mark", "7",
+        "--connect-timeout", "3", "--window", "4096",
+    ]  # fmt: skip
+    assert cli.worker_main(argv) == 0
+    [call] = fake_worker
+    assert call["endpoint"] == "ipc:///tmp/s.sock"
+    assert call["name"] == "far-1"
+    assert call["window"] == 4096
+    assert call["connect_timeout"] == 3.0
+    assert type(call["dialer"]).__name__ == "DirectDialer"
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        ([], "the following arguments are required: --endpoint"),
+        (["--endpoint", "udp://x"], "--endpoint 'udp://x': use ipc://PATH or tcp://HOST:PORT"),
+        (["--endpoint", "ipc:///tmp/s", "--dialer", "nonsense"], "nonsense"),
+        (["--endpoint", "ipc:///tmp/s", "--connect-timeout", "0"], "--connect-timeout 0"),
+    ],
+)
+def test_worker_bad_option_exits_2_with_one_line(
+    argv: list[str],
+    words: str,
+    fake_worker: list[dict[str, Any]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    try:
+        code = cli.worker_main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    assert code == 2
+    assert words in _error_line(capsys)
+    assert fake_worker == []

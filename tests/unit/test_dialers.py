@@ -1,0 +1,205 @@
+"""Dialers: the direct dialer on loopback, and load_dialer's specifications."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tunio.dialers import Address, Dialer, DirectDialer, FunctionDialer, load_dialer
+from tunio.dialers.direct import SO_MARK
+from tunio.errors import ConfigError, DialError
+
+SRC = Address("198.18.255.7", 40000)
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["127.0.0.1", "::1"])
+def listener(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+    host = request.param
+    if host == "::1" and not has_ipv6_loopback():
+        pytest.skip("no IPv6 loopback")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as srv:
+        srv.bind((host, 0))
+        srv.listen()
+        yield srv
+
+
+def closed_port(host: str = "127.0.0.1") -> tuple[socket.socket, int]:
+    """A bound port nobody listens on (kept bound so no one else takes it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.bind((host, 0))
+    return sock, sock.getsockname()[1]
+
+
+def dial(dialer: Dialer, dst: Address) -> socket.socket:
+    return asyncio.run(dialer.dial(dst, SRC))
+
+
+def test_direct_connects_ipv4_and_ipv6(listener: socket.socket) -> None:
+    host, port = listener.getsockname()[:2]
+    sock = dial(DirectDialer(), Address(host, port))
+    with sock:
+        peer, _ = listener.accept()
+        with peer:
+            assert sock.getblocking() is False
+            assert sock.getpeername()[:2] == (host, port)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            sock.sendall(b"ping")
+            assert peer.recv(4) == b"ping"
+
+
+def test_direct_refused_keeps_the_kernel_errno() -> None:
+    held, port = closed_port()
+    with held, pytest.raises(DialError) as info:
+        dial(DirectDialer(), Address("127.0.0.1", port))
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+def test_direct_rejects_names() -> None:
+    with pytest.raises(DialError) as info:
+        dial(DirectDialer(), Address("localhost", 80))
+    assert info.value.errno == errno.EINVAL
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and SO_BINDTODEVICE need root")
+def test_direct_sets_mark_and_interface() -> None:
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        dialer = DirectDialer(mark=0x1234, interface="lo", nodelay=True)
+        with dial(dialer, Address(*srv.getsockname())) as sock:
+            assert sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0x1234
+            bound = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+            assert bound.rstrip(b"\0") == b"lo"
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs root")
+def test_direct_unknown_interface_is_enodev() -> None:
+    with pytest.raises(DialError) as info:
+        dial(DirectDialer(interface="tunio-none0"), Address("127.0.0.1", 9))
+    assert info.value.errno == errno.ENODEV
+
+
+@pytest.fixture
+def unanswered() -> Iterator[Address]:
+    """A loopback address whose SYNs are dropped: a listener with a full accept queue."""
+    with socket.socket() as srv, socket.socket() as first:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        first.connect(srv.getsockname())  # fills the queue; nothing ever accepts it
+        yield Address(*srv.getsockname())
+
+
+def test_direct_dial_cut_short_closes_its_socket(unanswered: Address) -> None:
+    async def main() -> None:
+        with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+            await asyncio.wait_for(DirectDialer().dial(unanswered, SRC), 0.2)
+
+    before = len(os.listdir("/proc/self/fd"))
+    asyncio.run(main())
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---- load_dialer -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    name = f"tunio_test_dialers_{uuid.uuid4().hex}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            import socket
+
+            class Mine:
+                async def dial(self, dst, src):
+                    raise ConnectionRefusedError(111, "mine")
+
+            instance = Mine()
+
+            def factory():
+                return Mine()
+
+            def bad_factory():
+                return 42
+
+            async def function(dst, src):
+                raise ConnectionRefusedError(111, "function")
+
+            class Nested:
+                inner = Mine()
+
+            not_a_dialer = 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_load_direct_with_egress_settings() -> None:
+    dialer = load_dialer("direct", egress_mark=1, egress_interface="eth9")
+    assert isinstance(dialer, DirectDialer)
+    assert (dialer.mark, dialer.interface) == (1, "eth9")
+
+
+@pytest.mark.parametrize("attr", ["instance", "factory", "Mine", "Nested.inner"])
+def test_load_user_dialer_objects(user_module: str, attr: str) -> None:
+    dialer = load_dialer(f"{user_module}:{attr}")
+    assert type(dialer).__name__ == "Mine"
+    assert isinstance(dialer, Dialer)
+
+
+def test_load_user_function_is_wrapped(user_module: str) -> None:
+    dialer = load_dialer(f"{user_module}:function")
+    assert isinstance(dialer, FunctionDialer)
+    with pytest.raises(ConnectionRefusedError) as info:
+        dial(dialer, Address("127.0.0.1", 1))
+    assert info.value.errno == errno.ECONNREFUSED
+
+
+def test_load_passes_dialer_objects_through() -> None:
+    dialer = DirectDialer()
+    assert load_dialer(dialer) is dialer
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "socks4://127.0.0.1:1080",
+        "nonsense",
+        ":attr",
+        "module:",
+        "tunio_no_such_module_xyz:dialer",
+        "{mod}:missing",
+        "{mod}:not_a_dialer",
+        "{mod}:bad_factory",
+    ],
+)
+def test_load_rejects_with_config_error(user_module: str, spec: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_dialer(spec.format(mod=user_module))
+    message = str(info.value)
+    assert "\n" not in message
+    assert spec.format(mod=user_module) in message

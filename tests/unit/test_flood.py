@@ -1,0 +1,213 @@
+"""tools/flood.py end to end on loopback: server and client as subprocesses, byte-exact checks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+FLOOD = Path(__file__).resolve().parents[2] / "tools" / "flood.py"
+CHUNK = 256 * 1024  # the stream's chunk size: sizes around it cross chunk boundaries
+STARTUP = 10.0  # seconds a server may take to say it listens
+RUN_BOUND = 60.0  # seconds any client run may take
+
+
+def _payload_bytes(mode: str, total: int) -> tuple[int, int]:
+    """(bytes_sent, bytes_received) a byte-exact run of `mode` must report."""
+    return {"echo": (total, total), "sink": (total, 0), "source": (0, total)}[mode]
+
+
+@contextmanager
+def flood_server(mode: str, *extra: str, host: str = "127.0.0.1") -> Iterator[str]:
+    """A flood server on HOST:0; yields its `HOST:PORT`, then stops it with SIGTERM."""
+    proc = subprocess.Popen(
+        [sys.executable, str(FLOOD), "--serve", f"{host}:0" if ":" not in host else f"[{host}]:0",
+         "--mode", mode, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], STARTUP)
+        assert ready, "server did not say it listens"
+        line = proc.stdout.readline().decode()
+        assert line.startswith("listening "), (line, proc.stderr.read() if proc.stderr else b"")
+        yield line.split()[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    assert proc.returncode == 0, err.decode()
+
+
+def run_client(addr: str, *args: str, timeout: float = RUN_BOUND) -> tuple[int, dict[str, Any]]:
+    """Run the client with --json; its exit code and its JSON summary."""
+    done = subprocess.run(
+        [sys.executable, str(FLOOD), "--connect", addr, "--json", "--timeout", "30", *args],
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.stderr == b"", done.stderr.decode()
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 1, lines
+    return done.returncode, json.loads(lines[0])
+
+
+def assert_exact(summary: dict[str, Any], mode: str, connections: int, nbytes: int) -> None:
+    assert summary["mode"] == mode
+    assert summary["connections"] == connections
+    assert summary["ok"] == connections
+    assert summary["failed"] == 0
+    assert summary["errors"] == {}
+    sent, received = _payload_bytes(mode, connections * nbytes)
+    assert summary["bytes_sent"] == sent
+    assert summary["bytes_received"] == received
+    assert summary["bytes_per_connection"] == nbytes
+    assert summary["seconds"] > 0
+    assert summary["conn_per_s"] > 0
+    lat = summary["latency_us"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+@pytest.mark.parametrize("mode", ["echo", "sink", "source"])
+@pytest.mark.parametrize(("connections", "concurrency", "nbytes"),
+                         [(50, 10, 100), (3, 2, 2 * CHUNK + 12345), (4, 4, 0)])
+def test_modes_are_byte_exact(mode: str, connections: int, concurrency: int,
+                              nbytes: int) -> None:
+    with flood_server(mode) as addr:
+        rc, summary = run_client(addr, "--mode", mode, "--connections", str(connections),
+                                 "--concurrency", str(concurrency), "--bytes", str(nbytes))
+    assert rc == 0, summary
+    assert_exact(summary, mode, connections, nbytes)
+
+
+def test_processes_on_both_sides_merge() -> None:
+    with flood_server("echo", "--processes", "2") as addr:
+        rc, summary = run_client(addr, "--connections", "301", "--concurrency", "20",
+                                 "--bytes", "1000", "--processes", "2")
+    assert rc == 0, summary
+    assert_exact(summary, "echo", 301, 1000)
+    assert summary["processes"] == 2
+    assert summary["concurrency"] == 20
+
+
+def test_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with flood_server("source", host="::1") as addr:
+        assert addr.startswith("[::1]:")
+        rc, summary = run_client(addr, "--mode", "source", "--connections", "5",
+                                 "--bytes", "777")
+    assert rc == 0, summary
+    assert_exact(summary, "source", 5, 777)
+
+
+def test_closed_port_counts_econnrefused() -> None:
+    # A bound socket that does not listen: its port refuses, and no one else can take it.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        rc, summary = run_client(f"127.0.0.1:{port}", "--connections", "20",
+                                 "--concurrency", "5")
+    assert rc == 1
+    assert summary["ok"] == 0
+    assert summary["failed"] == 20
+    assert summary["errors"] == {"ECONNREFUSED": 20}
+    assert summary["bytes_received"] == 0
+
+
+@pytest.mark.parametrize("mode", ["echo", "sink", "source"])
+@pytest.mark.parametrize(("nbytes", "corrupt_at"), [(5000, 4321), (CHUNK + 100, CHUNK + 7)])
+def test_corruption_is_detected(mode: str, nbytes: int, corrupt_at: int) -> None:
+    with flood_server(mode, "--corrupt-at", str(corrupt_at)) as addr:
+        rc, summary = run_client(addr, "--mode", mode, "--connections", "6",
+                                 "--concurrency", "3", "--bytes", str(nbytes))
+    assert rc == 1
+    assert summary["ok"] == 0
+    assert summary["failed"] == 6
+    assert summary["errors"] == {"verify": 6}
+
+
+def test_corruption_past_the_end_is_harmless() -> None:
+    with flood_server("echo", "--corrupt-at", "100") as addr:
+        rc, summary = run_client(addr, "--connections", "4", "--bytes", "100")
+    assert rc == 0, summary
+    assert_exact(summary, "echo", 4, 100)
+
+
+def test_silent_server_times_out() -> None:
+    # A listener that never accepts: the kernel completes the handshakes, nothing answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        addr = f"127.0.0.1:{silent.getsockname()[1]}"
+        start = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, str(FLOOD), "--connect", addr, "--json", "--timeout", "1",
+             "--connections", "7", "--concurrency", "3"],
+            capture_output=True, timeout=RUN_BOUND, check=False,
+        )
+        elapsed = time.monotonic() - start
+    summary = json.loads(done.stdout)
+    assert done.returncode == 1
+    assert summary["failed"] == 7
+    assert summary["errors"] == {"timeout": 7}
+    assert elapsed < 15
+
+
+def test_server_stops_after_duration() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(FLOOD), "--serve", "127.0.0.1:0", "--duration", "0.5",
+         "--processes", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().startswith("listening 127.0.0.1:")
+
+
+def test_human_output_and_bad_arguments() -> None:
+    with flood_server("echo") as addr:
+        done = subprocess.run(
+            [sys.executable, str(FLOOD), "--connect", addr, "--connections", "3"],
+            capture_output=True, timeout=RUN_BOUND, check=False,
+        )
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"3 ok / 0 failed of 3" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, str(FLOOD), "--connect", "127.0.0.1"],
+        capture_output=True, timeout=RUN_BOUND, check=False,
+    )
+    assert bad.returncode == 2
+    assert b"HOST:PORT" in bad.stderr
+
+
+def test_no_stray_processes_after_sigterm() -> None:
+    with flood_server("sink", "--processes", "3") as addr:
+        rc, summary = run_client(addr, "--mode", "sink", "--connections", "10",
+                                 "--bytes", "10K", "--processes", "3")
+    assert rc == 0, summary
+    assert_exact(summary, "sink", 10, 10 * 1024)
+    # Every server process is gone: none still listens on the port.
+    port = int(addr.rsplit(":", 1)[1])
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED

@@ -1,0 +1,683 @@
+"""The supervisor without privileges: fake stack, fake workers, a fake `ip` on PATH."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import importlib.util
+import ipaddress
+import logging
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tunio import runtime, tundev
+from tunio.errors import ConfigError, TunError, TunioError
+from tunio.runtime import RuntimeDir
+from tunio.supervisor import (
+    BACKOFF_MAX,
+    Options,
+    Supervisor,
+    next_backoff,
+    parse_address,
+    parse_route,
+    validate,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TUN = "tunit0"
+
+# A stack that listens on the endpoint's unix socket: its exit closes the workers' connections,
+# which is how the fake workers learn that it is gone (the real stack says BYE).
+FAKE_STACK = """
+import os, signal, socket, threading
+from dataclasses import dataclass
+from pathlib import Path
+
+STATE = Path(os.environ["FAKE_STATE"])
+
+@dataclass(frozen=True)
+class StackConfig:
+    tun_fds: tuple
+    address: object
+    endpoint: str
+    window: int = 256 * 1024
+    pending_timeout: float = 15.0
+    log_level: str = "info"
+
+def open_tun(name, queues):
+    code = int(os.environ.get("FAKE_TUN_ERRNO", "0"))
+    if code:
+        raise OSError(code, os.strerror(code))
+    return [os.open(STATE / f"queue{i}", os.O_RDWR | os.O_CREAT, 0o600) for i in range(queues)]
+
+def stack_main(config, status):
+    if os.environ.get("FAKE_STACK_ERROR"):
+        status.put(("stack-error", os.environ["FAKE_STACK_ERROR"]))
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    path = config.endpoint.removeprefix("ipc://")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    peers = []
+    def accept():
+        while True:
+            peers.append(listener.accept()[0])
+    threading.Thread(target=accept, daemon=True).start()
+    with open(STATE / "stack.pids", "a") as f:
+        f.write(f"{os.getpid()} {len(config.tun_fds)} {config.address}\\n")
+    status.put(("stack-ready", os.getpid()))
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    os.unlink(path)
+"""
+
+FAKE_WORKER = """
+import os, select, signal, socket
+from pathlib import Path
+
+STATE = Path(os.environ["FAKE_STATE"])
+
+def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=0.0, ready=None):
+    if name in os.environ.get("FAKE_WORKER_FAIL", "").split(","):
+        return 3
+    wake_r, wake_w = os.pipe()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: os.write(wake_w, b"x"))
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(endpoint.removeprefix("ipc://"))
+    with open(STATE / f"{name}.pids", "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    ready()
+    select.select([conn, wake_r], [], [])
+    return 0
+"""
+
+FAKE_IP = """#!/bin/sh
+printf '%s\\n' "$*" >> "$FAKE_STATE/ip.log"
+if [ -n "$FAKE_IP_FAIL" ] && [ "$*" = "$FAKE_IP_FAIL" ]; then
+    echo "RTNETLINK answers: File exists" >&2
+    exit 2
+fi
+if [ "$*" = "-o -4 addr show" ] && [ -n "$FAKE_IP_ADDRS" ]; then
+    printf '%s\\n' "$FAKE_IP_ADDRS"
+fi
+exit 0
+"""
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class World:
+    """Fakes for one test: state dir, fake `ip`, fake /sys/class/net, /proc and /dev/net/tun."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.state = root / "state"
+        self.bin = root / "bin"
+        self.sys_net = root / "sys-net"
+        self.proc = root / "proc"
+        self.runtime = root / "run" / TUN
+        for d in (self.state, self.bin, self.sys_net, self.proc):
+            d.mkdir()
+        (root / "fakes").mkdir()
+        (root / "fakes" / "fake_stack.py").write_text(FAKE_STACK)
+        (root / "fakes" / "fake_worker.py").write_text(FAKE_WORKER)
+        (self.bin / "ip").write_text(FAKE_IP)
+        (self.bin / "ip").chmod(0o755)
+        self.tun_path = root / "dev-net-tun"
+        self.tun_path.touch()
+
+    def env(self) -> dict[str, str]:
+        return {"FAKE_STATE": str(self.state), "PATH": f"{self.bin}:{os.environ['PATH']}"}
+
+    def ip_calls(self) -> list[str]:
+        path = self.state / "ip.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def pids(self, name: str) -> list[int]:
+        path = self.state / f"{name}.pids"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [int(line.split()[0]) for line in lines]
+
+    def set_rp_filter(self, interface: str, value: int) -> None:
+        d = self.proc / "sys/net/ipv4/conf" / interface
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "rp_filter").write_text(f"{value}\n")
+
+    def open_queue_files(self) -> list[str]:
+        """Fake TUN queues still open in this process."""
+        found = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(str(self.state / "queue")):
+                found.append(target)
+        return found
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    w = World(tmp_path)
+    for key, value in w.env().items():
+        monkeypatch.setenv(key, value)
+    for key in ("FAKE_IP_FAIL", "FAKE_IP_ADDRS", "FAKE_TUN_ERRNO", "FAKE_STACK_ERROR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setitem(
+        sys.modules, "tunio.stack", _load("fake_stack", tmp_path / "fakes/fake_stack.py")
+    )
+    monkeypatch.setitem(
+        sys.modules, "tunio.worker", _load("fake_worker", tmp_path / "fakes/fake_worker.py")
+    )
+    return w
+
+
+def _options(world: World, **changes: object) -> Options:
+    base: dict[str, object] = {
+        "tun": TUN,
+        "address": "198.18.255.1/24",
+        "queues": 2,
+        "workers": 2,
+        "egress_mark": 1,
+        "runtime_dir": str(world.runtime),
+        "routes": ("default",),
+    }
+    base.update(changes)
+    return Options(**base)  # type: ignore[arg-type]
+
+
+def _supervisor(world: World, options: Options) -> Supervisor:
+    return Supervisor(
+        options,
+        startup_deadline=10.0,
+        stop_deadline=3.0,
+        proc=str(world.proc),
+        sys_net=str(world.sys_net),
+        tun_path=str(world.tun_path),
+    )
+
+
+class LogWatch(logging.Handler):
+    """Collects the supervisor's messages and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[tuple[str, str]] = []
+        self._changed = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._changed:
+            self.lines.append((record.levelname, record.getMessage()))
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[str], bool], timeout: float = 15.0) -> str:
+        with self._changed:
+            found: list[str] = []
+
+            def seen() -> bool:
+                found[:] = [m for _, m in self.lines if predicate(m)]
+                return bool(found)
+
+            assert self._changed.wait_for(seen, timeout), f"no such log line in {self.lines}"
+            return found[0]
+
+    def messages(self, level: str | None = None) -> list[str]:
+        return [m for lv, m in self.lines if level is None or lv == level]
+
+
+@pytest.fixture
+def logwatch() -> Iterator[LogWatch]:
+    watch = LogWatch()
+    logger = logging.getLogger("tunio")
+    old_level = logger.level
+    logger.addHandler(watch)
+    logger.setLevel(logging.DEBUG)
+    yield watch
+    logger.removeHandler(watch)
+    logger.setLevel(old_level)
+
+
+class Running:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.code: int | None = None
+        self.thread = threading.Thread(target=self._run, name="supervisor")
+
+    def _run(self) -> None:
+        self.code = self.supervisor.run()
+
+    def stop(self) -> int | None:
+        self.supervisor.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        return self.code
+
+
+def _start(supervisor: Supervisor) -> Running:
+    running = Running(supervisor)
+    running.thread.start()
+    return running
+
+
+def _assert_dead(pids: list[int]) -> None:
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_backoff_doubles_up_to_ten_seconds_while_dying_young() -> None:
+    delays = []
+    delay = 0.0
+    for _ in range(8):
+        delay = next_backoff(delay, lifetime=0.1)
+        delays.append(delay)
+    assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, BACKOFF_MAX, BACKOFF_MAX, BACKOFF_MAX]
+
+
+def test_backoff_resets_after_a_long_life() -> None:
+    assert next_backoff(8.0, lifetime=5.0) == 0.0
+    assert next_backoff(0.0, lifetime=4.99) == 0.5
+
+
+def test_address_parsing() -> None:
+    assert parse_address("198.18.255.1/24") == ipaddress.IPv4Interface("198.18.255.1/24")
+    for bad, words in [
+        ("198.18.0.1", "prefix"),
+        ("198.18.0.1/32", "prefix"),
+        ("198.18.0.0/24", "network and broadcast"),
+        ("nope", "not an address"),
+        ("fd00::1/64", "IPv6 arrives in a later release"),
+    ]:
+        with pytest.raises(ConfigError, match=words):
+            parse_address(bad)
+
+
+def test_route_parsing() -> None:
+    assert parse_route("default") == "default"
+    assert parse_route("0.0.0.0/0") == "default"
+    assert parse_route("10.0.0.0/8") == "10.0.0.0/8"
+    with pytest.raises(ConfigError, match=r"did you mean 10\.0\.0\.0/8"):
+        parse_route("10.0.0.1/8")
+    with pytest.raises(ConfigError, match="IPv6"):
+        parse_route("::/0")
+
+
+def test_validate_names_the_bad_option(tmp_path: Path) -> None:
+    good = Options(runtime_dir=str(tmp_path / "rt"), queues=1, workers=1)
+    validate(good, sys_net=str(tmp_path))
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"tun": "a/b"}, "--tun"),
+        ({"tun": "x" * 16}, "--tun"),
+        ({"mtu": 10}, "--mtu"),
+        ({"queues": 0}, "--queues"),
+        ({"queues": 257}, "--queues"),
+        ({"workers": -1}, "--workers"),
+        ({"egress_mark": 0}, "--egress-mark"),
+        ({"egress_mark": 1 << 32}, "--egress-mark"),
+        ({"egress_interface": "eth9"}, "no such network interface"),
+        ({"egress_interface": "tunio0"}, "TUN device itself"),
+        ({"connect_timeout": 0.0}, "--connect-timeout"),
+        ({"endpoint": "http://x"}, "--endpoint"),
+        ({"runtime_dir": "/" + "d" * 120}, "too long"),
+    ]
+    for change, words in cases:
+        options = dataclasses.replace(good, **change)
+        with pytest.raises(ConfigError, match=words):
+            validate(options, sys_net=str(tmp_path))
+
+
+# ---------------------------------------------------------------- runtime directory
+
+
+def test_runtime_dir_is_private_locked_and_removed(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / TUN
+    first = RuntimeDir(path, TUN)
+    first.acquire()
+    assert (path.stat().st_mode & 0o777) == 0o700
+    assert first.endpoint == f"ipc://{path}/stack.sock"
+    assert (path / "tunio.pid").read_text() == f"{os.getpid()}\n"
+
+    second = RuntimeDir(path, TUN)
+    with pytest.raises(TunioError, match=rf"another tunio-run \(pid {os.getpid()}\) already runs"):
+        second.acquire()
+    second.release()  # must not remove what the first one holds
+    assert (path / "tunio.pid").exists()
+
+    (path / "stack.sock").touch()
+    first.release()
+    assert not (tmp_path / "a").exists()
+
+
+def test_runtime_dir_refuses_foreign_or_open_directories(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    with pytest.raises(ConfigError, match="must be private"):
+        RuntimeDir(shared, TUN).acquire()
+    assert oct(shared.stat().st_mode & 0o777) == oct(0o755)  # never tightened
+
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    real_uid = os.geteuid()
+    monkeypatch.setattr(os, "geteuid", lambda: real_uid + 1)
+    with pytest.raises(ConfigError, match=f"belongs to uid {real_uid}"):
+        RuntimeDir(mine, TUN).acquire()
+
+
+def test_stale_socket_is_removed_and_old_directory_reused(tmp_path: Path) -> None:
+    path = tmp_path / TUN
+    path.mkdir(mode=0o700)
+    (path / "stack.sock").touch()
+    rundir = RuntimeDir(path, TUN)
+    rundir.acquire()
+    assert not (path / "stack.sock").exists()
+    rundir.release()
+    assert not path.exists()
+
+
+# ---------------------------------------------------------------- tundev
+
+
+def test_rp_filter_detection(tmp_path: Path) -> None:
+    conf = tmp_path / "sys/net/ipv4/conf"
+    for name, value in (("all", 0), ("eth0", 1), ("eth1", 2)):
+        (conf / name).mkdir(parents=True)
+        (conf / name / "rp_filter").write_text(f"{value}\n")
+    line = tundev.rp_filter_warning("eth0", TUN, proc=str(tmp_path))
+    assert line is not None
+    assert "strict on eth0" in line
+    assert "\n" not in line
+    assert tundev.rp_filter_warning("eth1", TUN, proc=str(tmp_path)) is None
+    (conf / "all" / "rp_filter").write_text("1\n")
+    assert tundev.rp_filter("eth1", proc=str(tmp_path)) == 2  # the larger value applies
+    assert tundev.rp_filter("lo", proc=str(tmp_path)) == 1
+    assert tundev.rp_filter("lo", proc=str(tmp_path / "none")) is None
+
+
+def test_ip_failure_is_one_line_with_errno(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_IP_FAIL", f"-4 route add default dev {TUN}")
+    with pytest.raises(TunError) as caught:
+        tundev.add_route(TUN, "default")
+    assert caught.value.errno == errno.EEXIST
+    assert caught.value.strerror == (
+        f"`ip -4 route add default dev {TUN}` failed: RTNETLINK answers: File exists"
+    )
+
+
+def test_address_in_use_on_another_interface(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "FAKE_IP_ADDRS",
+        "1: lo    inet 127.0.0.1/8 scope host lo\\\n"
+        "7: veth9@if6    inet 198.18.255.1/24 scope global veth9",
+    )
+    address = ipaddress.IPv4Interface("198.18.255.1/24")
+    with pytest.raises(ConfigError, match="already in use on veth9"):
+        tundev.check_address_free(TUN, address)
+    assert tundev.check_address_free("veth9", address) is True
+    assert tundev.check_address_free(TUN, ipaddress.IPv4Interface("10.9.0.1/24")) is False
+
+
+def test_existing_link_must_be_multiqueue_tun(tmp_path: Path) -> None:
+    for name, flags in (("mq", "0x1101"), ("single", "0x1001"), ("tap", "0x1102")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tun_flags").write_text(flags + "\n")
+    (tmp_path / "eth0").mkdir()
+    tundev.check_existing_link("mq", str(tmp_path))
+    with pytest.raises(ConfigError, match="without multi-queue"):
+        tundev.check_existing_link("single", str(tmp_path))
+    with pytest.raises(ConfigError, match="TAP"):
+        tundev.check_existing_link("tap", str(tmp_path))
+    with pytest.raises(ConfigError, match="not a TUN device"):
+        tundev.check_existing_link("eth0", str(tmp_path))
+
+
+def test_missing_dev_net_tun(tmp_path: Path) -> None:
+    with pytest.raises(TunError, match=r"modprobe tun") as caught:
+        tundev.check_tun_device(str(tmp_path / "tun"))
+    assert caught.value.errno == errno.ENOENT
+
+
+# ---------------------------------------------------------------- the supervisor with fakes
+
+
+def test_run_ready_restart_and_clean_stop(world: World, logwatch: LogWatch) -> None:
+    (world.sys_net / "veth9").mkdir()
+    world.set_rp_filter("all", 0)
+    world.set_rp_filter("veth9", 1)
+    options = _options(
+        world, egress_mark=None, egress_interface="veth9", routes=("default", "10.0.0.0/8")
+    )
+    running = _start(_supervisor(world, options))
+    assert running.supervisor.ready.wait(15)
+    ready = logwatch.wait_for(lambda m: m.startswith("tunio ready:"))
+    assert ready == (
+        f"tunio ready: tun={TUN} address=198.18.255.1/24 queues=2 workers=2 "
+        f"endpoint=ipc://{world.runtime}/stack.sock"
+    )
+    [rp_warning] = [m for m in logwatch.messages("WARNING") if "rp_filter" in m]
+    assert "rp_filter is strict on veth9" in rp_warning
+    assert world.ip_calls() == [
+        "-o -4 addr show",
+        f"addr add 198.18.255.1/24 dev {TUN}",
+        f"link set dev {TUN} mtu 1500",
+        f"link set dev {TUN} txqueuelen 10000",
+        f"link set dev {TUN} up",
+        f"-4 route add default dev {TUN}",
+        f"-4 route add 10.0.0.0/8 dev {TUN}",
+    ]
+    assert world.runtime.stat().st_mode & 0o777 == 0o700
+
+    # A worker dies: it comes back (its first death is after a short life: 0.5 s back-off).
+    first = world.pids("worker-0")
+    os.kill(first[0], signal.SIGKILL)
+    logwatch.wait_for(lambda m: m.startswith("worker-0 exited with signal SIGKILL"))
+    logwatch.wait_for(lambda m: m.startswith("worker-0 restarted"))
+    assert len(world.pids("worker-0")) == 2
+
+    assert running.stop() == 0
+    calls = world.ip_calls()
+    assert calls[-2:] == [f"-4 route del 10.0.0.0/8 dev {TUN}", f"-4 route del default dev {TUN}"]
+    assert not world.runtime.exists()
+    assert world.open_queue_files() == []
+    _assert_dead(world.pids("stack") + world.pids("worker-0") + world.pids("worker-1"))
+    assert "tunio stopped" in logwatch.messages()
+    assert not any(c.startswith("link del") for c in calls)
+
+
+def test_existing_device_is_kept_and_our_address_removed(world: World, logwatch: LogWatch) -> None:
+    (world.sys_net / TUN).mkdir()
+    (world.sys_net / TUN / "tun_flags").write_text("0x1101\n")
+    running = _start(_supervisor(world, _options(world, workers=1, routes=())))
+    assert running.supervisor.ready.wait(15)
+    assert running.stop() == 0
+    calls = world.ip_calls()
+    assert f"addr add 198.18.255.1/24 dev {TUN}" in calls
+    assert calls[-1] == f"addr del 198.18.255.1/24 dev {TUN}"
+    assert not any(c.startswith("link del") for c in calls)
+
+
+def test_default_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert runtime.default_path("tun0") == Path("/run/tunio/tun0")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    assert runtime.default_path("tun0") == Path("/run/user/1000/tunio/tun0")
+
+
+def test_dead_stack_is_restarted(world: World, logwatch: LogWatch) -> None:
+    running = _start(_supervisor(world, _options(world, workers=1)))
+    assert running.supervisor.ready.wait(15)
+    (world.sys_net / TUN).mkdir()  # as if something made the device persistent
+    [stack] = world.pids("stack")
+    os.kill(stack, signal.SIGKILL)
+    logwatch.wait_for(lambda m: m.startswith("stack exited with signal SIGKILL"))
+    logwatch.wait_for(lambda m: m.startswith("stack restarted"))
+    assert len(world.pids("stack")) == 2
+    assert running.stop() == 0
+    assert world.ip_calls()[-1] == f"link del dev {TUN}"  # we created it: it goes
+    assert not world.runtime.exists()
+    _assert_dead(world.pids("stack") + world.pids("worker-0"))
+
+
+def test_loop_warning_for_default_route_without_egress(world: World, logwatch: LogWatch) -> None:
+    running = _start(_supervisor(world, _options(world, egress_mark=None, workers=1)))
+    assert running.supervisor.ready.wait(15)
+    assert running.stop() == 0
+    [loop] = [m for m in logwatch.messages("WARNING") if "loop" in m]
+    assert "--route default with the direct dialer" in loop
+
+
+@pytest.mark.parametrize(
+    ("env", "options", "code", "words"),
+    [
+        (
+            {"FAKE_IP_FAIL": f"-4 route add 10.0.0.0/8 dev {TUN}"},
+            {"routes": ("default", "10.0.0.0/8")},
+            1,
+            "RTNETLINK answers: File exists",
+        ),
+        ({"FAKE_TUN_ERRNO": str(errno.EPERM)}, {}, 1, "needs CAP_NET_ADMIN"),
+        ({"FAKE_TUN_ERRNO": str(errno.EBUSY)}, {}, 1, "multi-queue TUN device"),
+        ({"FAKE_STACK_ERROR": "cannot bind 198.18.255.1:1"}, {}, 1, "cannot bind 198.18.255.1:1"),
+        (
+            {"FAKE_WORKER_FAIL": "worker-1"},
+            {},
+            1,
+            "worker-1 exited with code 3 before it was ready",
+        ),
+        (
+            {"FAKE_IP_ADDRS": "3: eth0    inet 198.18.255.1/16 scope global eth0"},
+            {},
+            2,
+            "already in use on eth0",
+        ),
+        ({}, {"dialer": "no_such_module_xyz:dialer"}, 2, "no_such_module_xyz"),
+    ],
+)
+def test_failed_start_leaves_nothing_behind(
+    world: World,
+    logwatch: LogWatch,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    options: dict[str, object],
+    code: int,
+    words: str,
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    supervisor = _supervisor(world, _options(world, **options))
+    assert supervisor.run() == code
+    [error] = logwatch.messages("ERROR")[-1:]
+    assert words in error
+    assert "\n" not in error
+    assert not supervisor.ready.is_set()
+    assert not world.runtime.exists()
+    assert not (world.root / "run").exists()
+    assert world.open_queue_files() == []
+    added = [c.split(" add ", 1)[1] for c in world.ip_calls() if c.startswith("-4 route add")]
+    removed = [c.split(" del ", 1)[1] for c in world.ip_calls() if c.startswith("-4 route del")]
+    failed = env.get("FAKE_IP_FAIL", "").split(" add ", 1)[-1]
+    assert sorted(removed) == sorted(r for r in added if r != failed)
+    _assert_dead(world.pids("stack") + world.pids("worker-0") + world.pids("worker-1"))
+
+
+def test_stop_before_ready_is_a_clean_exit(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    supervisor = _supervisor(world, _options(world))
+    supervisor.stop()
+    assert supervisor.run() == 0
+    assert not world.runtime.exists()
+
+
+# ---------------------------------------------------------------- tunio-run as a process
+
+
+BOOTSTRAP = """
+import sys
+import importlib.util
+
+def load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+sys.modules["tunio.stack"] = load("fake_stack", sys.argv[1])
+sys.modules["tunio.worker"] = load("fake_worker", sys.argv[2])
+import tunio.tundev
+tunio.tundev.check_tun_device = lambda path=None: None
+from tunio.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _read_until(proc: subprocess.Popen[bytes], needle: bytes, timeout: float) -> bytes:
+    assert proc.stderr is not None
+    seen = b""
+    end = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while needle not in seen:
+            remaining = end - time.monotonic()
+            assert remaining > 0, seen.decode()
+            if sel.select(remaining):
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                assert chunk, seen.decode()
+                seen += chunk
+    return seen
+
+
+def test_tunio_run_process_stops_cleanly_on_sigterm(world: World) -> None:
+    script = world.root / "bootstrap.py"
+    script.write_text(textwrap.dedent(BOOTSTRAP))
+    env = {**os.environ, **world.env(), "PYTHONPATH": str(REPO)}
+    argv = [
+        sys.executable, str(script),
+        str(world.root / "fakes/fake_stack.py"), str(world.root / "fakes/fake_worker.py"),
+        "--tun", TUN, "--address", "198.18.255.1/24", "--queues", "2", "--workers", "2",
+        "--route", "default", "--egress-mark", "0x1", "--runtime-dir", str(world.runtime),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    try:
+        seen = _read_until(proc, b"tunio ready:", timeout=20)
+        ready_line = next(line for line in seen.splitlines() if b"tunio ready:" in line)
+        assert b" INFO tunio-run: tunio ready: tun=tunit0 address=198.18.255.1/24 queues=2" in (
+            ready_line
+        )
+        proc.send_signal(signal.SIGTERM)
+        _, rest = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, rest.decode()
+    assert b"received SIGTERM" in rest
+    assert b"tunio stopped" in rest
+    assert b"ERROR" not in seen + rest
+    assert world.ip_calls()[-1] == f"-4 route del default dev {TUN}"
+    assert not world.runtime.exists()
+    _assert_dead(world.pids("stack") + world.pids("worker-0") + world.pids("worker-1"))

@@ -1,0 +1,700 @@
+"""The worker against a fake stack (a ROUTER in this test) and real loopback destinations."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import os
+import queue
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from tunio import wire
+from tunio.dialers import Address, Dialer, DirectDialer
+from tunio.wire import AddressBlock, Cmd, Message
+from tunio.worker import Timing, Worker, run_worker
+
+DEADLINE = 10.0
+SKIP = frozenset({Cmd.HEARTBEAT})
+LINGER_ABORT = struct.pack("ii", 1, 0)
+WINDOW = 64 * 1024
+
+
+# ---- the fake stack ----------------------------------------------------------------------
+
+
+class FakeStack:
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(endpoint)
+        self.identity: bytes | None = None
+        self.skipped: list[Message] = []
+
+    def close(self) -> None:
+        self.router.close()
+        self.ctx.term()
+
+    def recv(self, timeout: float = DEADLINE) -> Message:
+        if not self.router.poll(int(timeout * 1000)):
+            raise AssertionError(f"no message from the worker within {timeout}s")
+        frames = self.router.recv_multipart()
+        self.identity = frames[0]
+        return wire.decode(frames[1:])
+
+    def expect(
+        self, cmd: Cmd, flow: int | None = None, *, skip: frozenset[Cmd] = SKIP,
+        timeout: float = DEADLINE,
+    ) -> Message:
+        """The next message that is not in `skip` must be `cmd` (on `flow`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.recv(max(0.0, deadline - time.monotonic()))
+            if msg.cmd in skip:
+                self.skipped.append(msg)
+                continue
+            assert msg.cmd is cmd, f"expected {cmd.name}, got {msg}"
+            if flow is not None:
+                assert msg.flow == flow, f"expected flow {flow}, got {msg}"
+            return msg
+
+    def send(self, cmd: Cmd, flow: int = 0, arg: int = 0, payload: bytes | None = None) -> None:
+        self.send_raw(wire.encode(Message(cmd, flow, arg, payload)))
+
+    def send_raw(self, frames: list[Any]) -> None:
+        assert self.identity is not None, "the worker has not spoken yet"
+        self.router.send_multipart([self.identity, *frames])
+
+    def handshake(self, worker: RunningWorker) -> Message:
+        hello = self.expect(Cmd.HELLO)
+        self.send(Cmd.HELLO, payload=b"fake-stack")
+        assert worker.ready.wait(DEADLINE), "ready() was not called"
+        return hello
+
+    def open(self, flow: int, port: int, *, window: int = WINDOW, host: str = "127.0.0.1",
+             proto: int = wire.IPPROTO_TCP) -> None:
+        dst = ipaddress.ip_address(host)
+        src = ipaddress.ip_address("198.18.255.9" if dst.version == 4 else "fd00::9")
+        block = AddressBlock(proto, dst.version, src, 40000 + flow % 20000, dst, port)
+        self.send(Cmd.OPEN, flow, window, block.pack())
+
+    def assert_freed(self, flow: int) -> None:
+        """DATA for a flow the worker no longer has is answered by RST with arg 0."""
+        self.send(Cmd.DATA, flow, 0, b"?")
+        rst = self.expect(Cmd.RST, flow, skip=SKIP | {Cmd.CREDIT})
+        assert rst.arg == 0, f"flow {flow} still exists: {rst}"
+
+
+# ---- loopback destinations ---------------------------------------------------------------
+
+
+class Server:
+    """A loopback TCP server taking one connection and running `handler(conn, events)`."""
+
+    def __init__(self, handler: Callable[[socket.socket, queue.Queue[Any]], None],
+                 host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family)
+        self.sock.settimeout(DEADLINE)
+        self.port: int = self.sock.getsockname()[1]
+        self.events: queue.Queue[Any] = queue.Queue()
+        self.handler = handler
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except OSError as exc:
+            self.events.put(("accept-error", exc))
+            return
+        self.events.put(("accepted",))
+        with conn:
+            conn.settimeout(DEADLINE)
+            try:
+                self.handler(conn, self.events)
+            except OSError as exc:
+                self.events.put(("error", exc.errno))
+
+    def event(self, timeout: float = DEADLINE) -> Any:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no server event within {timeout}s") from None
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(DEADLINE)
+
+
+def read_to_eof(conn: socket.socket) -> bytes:
+    data = bytearray()
+    while chunk := conn.recv(65536):
+        data += chunk
+    return bytes(data)
+
+
+def echo(conn: socket.socket, events: queue.Queue[Any]) -> None:
+    while chunk := conn.recv(65536):
+        conn.sendall(chunk)
+    events.put(("eof",))
+
+
+# ---- fixtures ----------------------------------------------------------------------------
+
+
+class RunningWorker:
+    def __init__(self, target: Callable[[Callable[[], None]], int]) -> None:
+        self.ready = threading.Event()
+        self.code: int | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(target,), daemon=True)
+        self.thread.start()
+
+    def _run(self, target: Callable[[Callable[[], None]], int]) -> None:
+        try:
+            self.code = target(self.ready.set)
+        except BaseException as exc:
+            self.error = exc
+
+    def join(self, timeout: float = DEADLINE) -> int | None:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the worker did not stop"
+        assert self.error is None, f"the worker raised {self.error!r}"
+        return self.code
+
+
+@pytest.fixture
+def endpoint() -> Iterator[str]:
+    # ipc paths are limited to ~107 bytes, so not under pytest's long tmp_path
+    directory = tempfile.mkdtemp(prefix="tunio-w")
+    yield f"ipc://{directory}/stack.sock"
+    shutil.rmtree(directory)
+
+
+@pytest.fixture
+def stack(endpoint: str) -> Iterator[FakeStack]:
+    fake = FakeStack(endpoint)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[Callable[..., Server]]:
+    made: list[Server] = []
+
+    def make(handler: Callable[[socket.socket, queue.Queue[Any]], None],
+             host: str = "127.0.0.1") -> Server:
+        made.append(Server(handler, host))
+        return made[-1]
+
+    yield make
+    for server in made:
+        server.close()
+
+
+StartWorker = Callable[..., tuple[Worker, RunningWorker]]
+
+
+@pytest.fixture
+def start_worker(endpoint: str) -> Iterator[StartWorker]:
+    started: list[tuple[Worker, RunningWorker]] = []
+
+    def start(dialer: Dialer | None = None, **options: Any) -> tuple[Worker, RunningWorker]:
+        options.setdefault("window", WINDOW)
+        options.setdefault("name", "test-worker")
+
+        def target(ready: Callable[[], None]) -> int:
+            return worker.run()
+
+        worker = Worker(endpoint, dialer or DirectDialer(), **options)
+        running = RunningWorker(target)
+        worker.ready = running.ready.set
+        started.append((worker, running))
+        return worker, running
+
+    yield start
+    for worker, running in started:
+        worker.stop()
+        running.join()
+
+
+def open_ok(stack: FakeStack, flow: int, server: Server, **kw: Any) -> Message:
+    stack.open(flow, server.port, **kw)
+    msg = stack.expect(Cmd.OPEN_OK, flow)
+    assert server.event() == ("accepted",)
+    return msg
+
+
+# ---- session -----------------------------------------------------------------------------
+
+
+def test_hello_exchange(stack: FakeStack, start_worker: StartWorker) -> None:
+    _, running = start_worker(name="w-é" * 40, capacity=7)
+    hello = stack.expect(Cmd.HELLO)
+    assert hello.flow == 0
+    assert hello.arg == 7
+    assert hello.payload is not None
+    name = bytes(hello.payload)
+    assert len(name) <= wire.MAX_NAME
+    assert ("w-é" * 40).startswith(name.decode())  # cut on a character boundary
+    assert not running.ready.is_set()  # not before the stack has answered
+    stack.send(Cmd.HELLO, payload=b"fake-stack")
+    assert running.ready.wait(DEADLINE)
+
+
+def test_bye_from_stack_makes_run_worker_return_0(
+    stack: FakeStack, endpoint: str, servers: Callable[..., Server]
+) -> None:
+    running = RunningWorker(
+        lambda ready: run_worker(endpoint, DirectDialer(), name="bye", ready=ready)
+    )
+    stack.handshake(running)
+
+    def wait_for_reset(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        events.put(("read", read_to_eof(conn)))
+
+    server = servers(wait_for_reset)
+    open_ok(stack, 1, server)
+    stack.send(Cmd.BYE, arg=0)
+    assert running.join() == 0
+    assert server.event() == ("error", errno.ECONNRESET)  # flows are closed abortively
+
+
+def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        from tunio.dialers import DirectDialer
+        from tunio.worker import run_worker
+        sys.exit(run_worker(sys.argv[1], DirectDialer(), name="sig",
+                            ready=lambda: print("ready", flush=True)))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(wire.__file__).resolve().parents[1]))
+    with subprocess.Popen(
+        [sys.executable, "-c", code, endpoint], stdout=subprocess.PIPE, env=env, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            stack.expect(Cmd.HELLO)
+            stack.send(Cmd.HELLO, payload=b"fake-stack")
+            readable, _, _ = select.select([proc.stdout], [], [], DEADLINE)
+            assert readable, "the worker did not report ready"
+            assert proc.stdout.readline() == "ready\n"
+            proc.send_signal(signal.SIGTERM)
+            bye = stack.expect(Cmd.BYE)
+            assert bye.arg == 0
+            assert proc.wait(DEADLINE) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_wrong_version_gets_bye_and_the_worker_carries_on(
+    stack: FakeStack, start_worker: StartWorker
+) -> None:
+    worker, running = start_worker()
+    stack.handshake(running)
+    stack.send_raw([struct.pack(">BBHIQ", 2, Cmd.OPEN, 0, 1, WINDOW), bytes(40)])
+    bye = stack.expect(Cmd.BYE)
+    assert bye.arg == errno.EPROTONOSUPPORT
+    stack.send_raw([b"\x01\x05short"])  # a wrong header size: counted, no answer
+    stack.assert_freed(1)  # still serving (and the bad OPEN made no flow)
+    assert worker.stats.protocol_errors == 2
+    assert running.thread.is_alive()
+
+
+def test_stack_silence_drops_flows_and_says_hello_again(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    worker, running = start_worker(timing=Timing(heartbeat=0.1, liveness=3))
+    stack.handshake(running)
+
+    def wait_for_reset(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        events.put(("read", read_to_eof(conn)))
+
+    server = servers(wait_for_reset)
+    open_ok(stack, 1, server)
+    # from here on the stack says nothing: the worker keeps beating, then gives up
+    again = stack.expect(Cmd.HELLO, timeout=5.0)
+    assert again.payload is not None
+    assert bytes(again.payload) == b"test-worker"
+    assert any(m.cmd is Cmd.HEARTBEAT for m in stack.skipped)
+    assert server.event() == ("error", errno.ECONNRESET)
+    stack.send(Cmd.HELLO, payload=b"fake-stack")
+    stack.assert_freed(1)
+    assert worker.stats.sessions == 2
+
+
+# ---- opening flows -----------------------------------------------------------------------
+
+
+def test_open_to_closed_port_fails_with_econnrefused(
+    stack: FakeStack, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker, running = start_worker()
+    stack.handshake(running)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))  # bound, never listening: connect is refused
+        port = held.getsockname()[1]
+        with caplog.at_level("INFO", logger="tunio.worker"):
+            stack.open(3, port)
+            fail = stack.expect(Cmd.OPEN_FAIL, 3)
+    assert fail.arg == errno.ECONNREFUSED
+    assert worker.stats.open_fail == 1
+    lines = [r.getMessage() for r in caplog.records if "ECONNREFUSED" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"127.0.0.1:{port}" in lines[0]
+    stack.assert_freed(3)
+
+
+def test_dial_timeout_fails_with_etimedout(stack: FakeStack, start_worker: StartWorker) -> None:
+    _, running = start_worker(connect_timeout=0.3)
+    stack.handshake(running)
+    with socket.socket() as srv, socket.socket() as first:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(0)
+        first.connect(srv.getsockname())  # a full accept queue: further SYNs are dropped
+        stack.open(4, srv.getsockname()[1])
+        assert stack.expect(Cmd.OPEN_FAIL, 4).arg == errno.ETIMEDOUT
+
+
+class RaisingDialer:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (RuntimeError("bug in a dialer"), errno.ECONNABORTED),
+        (OSError("no errno"), errno.ECONNABORTED),
+        (OSError(errno.EHOSTUNREACH, "unreachable"), errno.EHOSTUNREACH),
+        (TimeoutError(), errno.ETIMEDOUT),
+    ],
+)
+def test_dialer_errors_become_errnos(
+    stack: FakeStack, start_worker: StartWorker, exc: BaseException, code: int
+) -> None:
+    _, running = start_worker(RaisingDialer(exc))
+    stack.handshake(running)
+    stack.open(5, 9)
+    assert stack.expect(Cmd.OPEN_FAIL, 5).arg == code
+
+
+class HangingDialer:
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.cancelled = threading.Event()
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_rst_while_dialing_cancels_the_dial(stack: FakeStack, start_worker: StartWorker) -> None:
+    dialer = HangingDialer()
+    _, running = start_worker(dialer)
+    stack.handshake(running)
+    stack.open(6, 80)
+    assert dialer.started.wait(DEADLINE)
+    stack.send(Cmd.RST, 6, errno.ECONNRESET)
+    assert dialer.cancelled.wait(DEADLINE)
+    stack.assert_freed(6)  # and neither OPEN_OK nor OPEN_FAIL came before that RST
+
+
+def test_capacity_and_non_tcp_opens_are_refused(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    _, running = start_worker(capacity=1)
+    stack.handshake(running)
+    server = servers(echo)
+    open_ok(stack, 1, server)
+    stack.open(2, server.port)
+    assert stack.expect(Cmd.OPEN_FAIL, 2).arg == errno.EAGAIN
+    stack.send(Cmd.RST, 1)
+    stack.assert_freed(1)
+    stack.open(3, server.port, proto=wire.IPPROTO_UDP)
+    assert stack.expect(Cmd.OPEN_FAIL, 3).arg == errno.EPROTONOSUPPORT
+
+
+# ---- data, credit, half-close, reset -----------------------------------------------------
+
+
+def pump(stack: FakeStack, flow: int, data: bytes, *, expect_back: int, stack_window: int,
+         worker_window: int, chunk: int = 16384) -> tuple[bytes, int]:
+    """Send `data` within the worker's credit while taking DATA back within ours.
+
+    Returns the bytes received and the credit the worker returned.
+    """
+    sent = outstanding = credited = unacked = 0
+    received = bytearray()
+    deadline = time.monotonic() + DEADLINE
+    while sent < len(data) or len(received) < expect_back:
+        while sent < len(data) and outstanding < worker_window:
+            size = min(chunk, len(data) - sent, worker_window - outstanding)
+            stack.send(Cmd.DATA, flow, 0, data[sent : sent + size])
+            sent += size
+            outstanding += size
+        msg = stack.recv(max(0.0, deadline - time.monotonic()))
+        if msg.cmd is Cmd.DATA:
+            assert msg.flow == flow
+            assert msg.payload is not None
+            received += msg.payload
+            unacked += len(msg.payload)
+            assert unacked <= stack_window, "the worker sent beyond its credit"
+            if unacked >= stack_window // 2:  # credit in batches, as a busy app would
+                stack.send(Cmd.CREDIT, flow, unacked)
+                unacked = 0
+        elif msg.cmd is Cmd.CREDIT:
+            assert msg.flow == flow
+            outstanding -= msg.arg
+            credited += msg.arg
+            assert outstanding >= 0, "credit for bytes never sent"
+        else:
+            assert msg.cmd is Cmd.HEARTBEAT, f"unexpected {msg}"
+    return bytes(received), credited
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_echo_is_byte_exact_both_ways(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server], host: str
+) -> None:
+    worker, running = start_worker()
+    stack.handshake(running)
+    server = servers(echo, host)
+    ok = open_ok(stack, 7, server, host=host)
+    assert ok.arg == WINDOW  # the window the stack may use towards us
+    data = os.urandom(1024 * 1024 + 17)
+    back, credited = pump(stack, 7, data, expect_back=len(data), stack_window=WINDOW,
+                          worker_window=ok.arg)
+    assert back == data
+    stack.send(Cmd.FIN, 7)
+    assert server.event() == ("eof",)
+    # the echo server closes: FIN comes back after the last credit
+    stack.expect(Cmd.FIN, 7, skip=SKIP | {Cmd.CREDIT})
+    credited += sum(m.arg for m in stack.skipped if m.cmd is Cmd.CREDIT)
+    assert credited == len(data)
+    stack.assert_freed(7)
+    assert worker.stats.bytes_to_stack == len(data)
+    assert worker.stats.bytes_to_destination == len(data)
+
+
+def test_worker_never_exceeds_the_stack_window(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    _, running = start_worker()
+    stack.handshake(running)
+    data = os.urandom(1024 * 1024)
+    window = 48 * 1024
+
+    def source(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        conn.sendall(data)
+        events.put(("sent",))
+
+    server = servers(source)
+    open_ok(stack, 8, server, window=window)
+    received = bytearray()
+    while len(received) < window:
+        msg = stack.expect(Cmd.DATA, 8)
+        assert msg.payload is not None
+        received += msg.payload
+        assert len(received) <= window
+    # two round trips through the worker's loop: had it any credit left, more DATA would
+    # come before these answers
+    stack.assert_freed(99)
+    stack.assert_freed(98)
+    assert len(received) == window
+    # credit in small pieces: the worker may only ever use what it was given
+    given = window
+    while len(received) < len(data):
+        stack.send(Cmd.CREDIT, 8, 5000)
+        given += 5000
+        msg = stack.expect(Cmd.DATA, 8)
+        assert msg.payload is not None
+        received += msg.payload
+        assert len(received) <= given
+    assert bytes(received) == data
+    assert server.event() == ("sent",)
+
+
+class SmallSendBuffer:
+    """A direct dialer whose sockets have a tiny send buffer, so the worker has to queue."""
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        sock = await DirectDialer().dial(dst, src)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        return sock
+
+
+def test_slow_destination_holds_credit_until_written(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    window = 1024 * 1024
+    worker, running = start_worker(SmallSendBuffer(), window=window)
+    stack.handshake(running)
+    go = threading.Event()
+
+    def slow_sink(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        events.put(("waiting",))
+        assert go.wait(DEADLINE)
+        events.put(("read", read_to_eof(conn)))
+
+    server = servers(slow_sink)
+    open_ok(stack, 9, server)
+    assert server.event() == ("waiting",)
+    data = os.urandom(window)
+    for offset in range(0, window, 32768):
+        stack.send(Cmd.DATA, 9, 0, data[offset : offset + 32768])
+    stack.send(Cmd.FIN, 9)  # with data still queued in the worker: shut down after it
+    stack.assert_freed(97)  # the worker has taken everything in
+    credited = sum(m.arg for m in stack.skipped if m.cmd is Cmd.CREDIT)
+    assert credited < window, "credit returned for bytes the destination has not taken"
+    assert worker.stats.bytes_to_destination == credited
+    go.set()
+    assert server.event() == ("read", data)
+    while credited < window:
+        credited += stack.expect(Cmd.CREDIT, 9).arg
+    assert credited == window
+
+
+def test_data_beyond_the_window_resets_the_flow(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    _, running = start_worker(SmallSendBuffer(), window=8192)
+    stack.handshake(running)
+    go = threading.Event()
+
+    def stalled(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        go.wait(DEADLINE)
+
+    server = servers(stalled)
+    open_ok(stack, 10, server)
+    for _ in range(200):  # far beyond 8 KiB and beyond what the kernel buffers hold
+        stack.send(Cmd.DATA, 10, 0, bytes(8192))
+    rst = stack.expect(Cmd.RST, 10, skip=SKIP | {Cmd.CREDIT})
+    assert rst.arg == errno.EPROTO
+    go.set()
+
+
+def test_fin_from_stack_half_closes_towards_the_destination(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    _, running = start_worker()
+    stack.handshake(running)
+
+    def reply_after_eof(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        events.put(("read", read_to_eof(conn)))
+        conn.sendall(b"after-eof")  # the other direction still flows
+
+    server = servers(reply_after_eof)
+    open_ok(stack, 11, server)
+    stack.send(Cmd.DATA, 11, 0, b"request")
+    stack.send(Cmd.FIN, 11)
+    assert server.event() == ("read", b"request")
+    data = stack.expect(Cmd.DATA, 11, skip=SKIP | {Cmd.CREDIT})
+    assert data.payload == b"after-eof"
+    stack.expect(Cmd.FIN, 11, skip=SKIP | {Cmd.CREDIT})
+    stack.assert_freed(11)
+
+
+def test_fin_from_destination_half_closes_towards_the_stack(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    _, running = start_worker()
+    stack.handshake(running)
+
+    def close_first(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+        events.put(("read", read_to_eof(conn)))
+
+    server = servers(close_first)
+    open_ok(stack, 12, server)
+    data = stack.expect(Cmd.DATA, 12)
+    assert data.payload == b"bye"
+    stack.expect(Cmd.FIN, 12)
+    stack.send(Cmd.DATA, 12, 0, b"still ")
+    stack.send(Cmd.DATA, 12, 0, b"flowing")
+    credit = stack.expect(Cmd.CREDIT, 12)
+    stack.send(Cmd.FIN, 12)
+    assert server.event() == ("read", b"still flowing")
+    if credit.arg < len(b"still flowing"):
+        assert stack.expect(Cmd.CREDIT, 12).arg == len(b"still flowing") - credit.arg
+    stack.assert_freed(12)
+
+
+def test_destination_reset_becomes_rst(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    _, running = start_worker()
+    stack.handshake(running)
+
+    opened = threading.Event()
+
+    def abort(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        assert opened.wait(DEADLINE)  # a reset before that would make the dial fail instead
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+
+    server = servers(abort)
+    open_ok(stack, 13, server)
+    opened.set()
+    rst = stack.expect(Cmd.RST, 13)
+    assert rst.arg == errno.ECONNRESET
+    stack.assert_freed(13)
+
+
+def test_rst_from_stack_resets_the_destination(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
+) -> None:
+    worker, running = start_worker()
+    stack.handshake(running)
+
+    def wait(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        events.put(("read", read_to_eof(conn)))
+
+    server = servers(wait)
+    open_ok(stack, 14, server)
+    stack.send(Cmd.RST, 14, errno.ECONNRESET)
+    assert server.event() == ("error", errno.ECONNRESET)
+    stack.assert_freed(14)  # also: no RST is answered with a RST
+    assert worker.stats.resets_received == 1
+
+
+def test_unknown_flows(stack: FakeStack, start_worker: StartWorker) -> None:
+    worker, running = start_worker()
+    stack.handshake(running)
+    stack.send(Cmd.CREDIT, 21, 100)  # late: ignored
+    stack.send(Cmd.FIN, 22)  # late: ignored
+    stack.send(Cmd.RST, 23)  # never answered
+    stack.send(Cmd.DATA, 24, 0, b"x")
+    rst = stack.expect(Cmd.RST, 24)  # the first answer is to the DATA
+    assert rst.arg == 0
+    assert worker.stats.resets_sent == 1

@@ -1,0 +1,110 @@
+"""Fixtures of the end-to-end tests: a lab, its servers, and tunio-run forwarding in it.
+
+Tests that leave tunio-run as they found it share one lab per module (`lab`, `servers`,
+`tunio`); tests that kill or stop it get their own (`fresh_lab`, `fresh_servers`).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+import pytest
+
+from tunio.testing.netlab import (
+    FLOOD_PORTS,
+    PEER_PORTS,
+    SERVER_ADDRESS,
+    Lab,
+    LineReader,
+    TunioProcess,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+PEERS = Path(__file__).resolve().with_name("peers.py")
+FLOOD = REPO / "tools" / "flood.py"
+
+TEST_TIME_LIMIT = 240  # seconds: no single test may take longer, whatever hangs
+CONNECT_TIMEOUT = 2.0  # tunio-run --connect-timeout in the shared lab (the dial-timeout test)
+
+
+class TestTimeLimitError(Exception):
+    """A test ran past TEST_TIME_LIMIT."""
+
+
+@pytest.fixture(autouse=True)
+def _time_limit() -> Iterator[None]:
+    """Interrupt a test that hangs; its fixtures still tear the lab down."""
+
+    def expire(_signum: int, _frame: FrameType | None) -> None:
+        raise TestTimeLimitError(f"test ran longer than {TEST_TIME_LIMIT} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(TEST_TIME_LIMIT)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def start_servers(lab: Lab) -> dict[str, LineReader]:
+    """Every peers.py mode on its port of SERVER_ADDRESS in the srv namespace."""
+    return {
+        mode: lab.serve([sys.executable, str(PEERS), mode, "--listen", f"{SERVER_ADDRESS}:{port}"])
+        for mode, port in PEER_PORTS.items()
+    }
+
+
+def start_flood_server(lab: Lab, mode: str) -> LineReader:
+    port = FLOOD_PORTS[mode]
+    return lab.serve(
+        [sys.executable, str(FLOOD), "--serve", f"{SERVER_ADDRESS}:{port}", "--mode", mode]
+    )
+
+
+def _close_lab(lab: Lab) -> None:
+    lab.close()
+    assert not lab.strays, f"processes of the lab outlived their parents: {lab.strays}"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    with Lab() as the_lab:
+        yield the_lab
+    _close_lab(the_lab)
+
+
+@pytest.fixture(scope="module")
+def servers(lab: Lab) -> dict[str, LineReader]:
+    return start_servers(lab)
+
+
+@pytest.fixture(scope="module")
+def flood_echo(lab: Lab) -> LineReader:
+    return start_flood_server(lab, "echo")
+
+
+@pytest.fixture(scope="module")
+def tunio(lab: Lab, servers: dict[str, LineReader]) -> Iterator[TunioProcess]:
+    """tunio-run forwarding the lab's app namespace; must still exit 0 at the end."""
+    del servers  # started first so that a failing server shows up as itself
+    proc = lab.start_tunio(["--connect-timeout", str(CONNECT_TIMEOUT)])
+    yield proc
+    code = proc.stop()
+    assert code == 0, f"tunio-run exited {code}; log:\n{proc.log.text}"
+
+
+@pytest.fixture
+def fresh_lab() -> Iterator[Lab]:
+    with Lab() as the_lab:
+        yield the_lab
+    _close_lab(the_lab)
+
+
+@pytest.fixture
+def fresh_servers(fresh_lab: Lab) -> dict[str, LineReader]:
+    return start_servers(fresh_lab)

@@ -1,0 +1,94 @@
+"""The forwarder, end to end: bulk transfers both ways and many concurrent connections.
+
+The app is this test: its sockets live in the lab's app namespace, whose only route to the
+server (198.18.0.10) is tunio's TUN device.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from tunio.testing.netlab import (
+    FLOOD_PORTS,
+    PEER_PORTS,
+    SERVER_ADDRESS,
+    Lab,
+    LineReader,
+    TunioProcess,
+    pattern,
+    pattern_sha256,
+    recv_all,
+)
+
+FLOOD = Path(__file__).resolve().parents[2] / "tools" / "flood.py"
+BULK = 64 << 20  # bytes each way
+
+
+def test_upload_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess) -> None:
+    data = pattern(BULK)
+    with lab.connect(PEER_PORTS["sink-hash"], timeout=60.0) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        reply = recv_all(sock).decode()
+    assert reply == f"{pattern_sha256(BULK)} {BULK}\n"
+    assert tunio.running()
+
+
+def test_download_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess) -> None:
+    with lab.connect(PEER_PORTS["source"], timeout=60.0) as sock:
+        sock.sendall(f"{BULK}\n".encode())
+        data = recv_all(sock)
+    assert len(data) == BULK
+    assert data == pattern(BULK)
+    assert tunio.running()
+
+
+def test_both_directions_at_once(lab: Lab, tunio: TunioProcess) -> None:
+    # Echo while still sending: each direction's credit must keep flowing independently.
+    size = 16 << 20
+    data = pattern(size)
+    with lab.connect(PEER_PORTS["echo"], timeout=60.0) as sock:
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+            except BaseException as exc:
+                errors.append(exc)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        echoed = recv_all(sock)
+        sender.join(60)
+    assert not errors
+    assert len(echoed) == size
+    assert echoed == data
+    assert tunio.running()
+
+
+def test_500_concurrent_connections_are_byte_exact(
+    lab: Lab, tunio: TunioProcess, flood_echo: LineReader
+) -> None:
+    del flood_echo
+    argv = [
+        sys.executable, str(FLOOD),
+        "--connect", f"{SERVER_ADDRESS}:{FLOOD_PORTS['echo']}",
+        "--mode", "echo",
+        "--connections", "500",
+        "--concurrency", "500",
+        "--bytes", "64K",
+        "--timeout", "90",
+        "--json",
+    ]  # fmt: skip
+    out = lab.run(lab.app, argv, timeout=150.0)
+    result = json.loads(out)
+    assert result["ok"] == 500, result
+    assert result["failed"] == 0, result
+    assert result["errors"] == {}, result
+    assert result["bytes_received"] == 500 * 64 * 1024
+    assert tunio.running()

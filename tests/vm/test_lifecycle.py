@@ -1,0 +1,110 @@
+"""tunio-run's processes: a worker that dies, and a clean stop. Each test has its own lab."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from tunio.testing.netlab import (
+    PEER_PORTS,
+    TUN_NAME,
+    Lab,
+    LineReader,
+    TunioProcess,
+    alive,
+    leftover_processes,
+    pattern,
+    process_title,
+    recv_exact,
+)
+
+FLOWS = 8  # with two workers and least-loaded placement, each worker holds some
+RESET_DEADLINE = 15.0  # liveness is 3 s of silence; leave room for a loaded machine
+MESSAGE = pattern(1000)
+
+
+def _echo_once(sock: socket.socket) -> None:
+    sock.sendall(MESSAGE)
+    assert recv_exact(sock, len(MESSAGE)) == MESSAGE
+
+
+def _outcome(sock: socket.socket) -> str:
+    """'ok' if the flow still echoes, 'reset' if it was reset; anything else is a failure."""
+    try:
+        _echo_once(sock)
+    except ConnectionResetError as exc:
+        return "reset" if exc.errno == errno.ECONNRESET else f"errno {exc.errno}"
+    return "ok"
+
+
+def _worker_pids(tunio: TunioProcess, count: int, timeout: float) -> list[int]:
+    """Wait until tunio-run has `count` worker processes; their pids."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = tunio.workers()
+        if len(workers) == count:
+            return workers
+        if time.monotonic() > deadline:
+            titles = {p: process_title(p) for p in tunio.children()}
+            pytest.fail(f"expected {count} tunio-worker-* processes, found {workers}: {titles}")
+        time.sleep(0.1)  # polling /proc: there is no event for "a process was started"
+
+
+def test_killed_worker_resets_its_flows_and_others_carry_on(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    del fresh_servers
+    tunio = fresh_lab.start_tunio()
+    victim = _worker_pids(tunio, 2, 10.0)[0]
+    flows = [fresh_lab.connect(PEER_PORTS["echo"], timeout=RESET_DEADLINE) for _ in range(FLOWS)]
+    try:
+        for sock in flows:
+            _echo_once(sock)  # every flow is established through some worker
+        os.kill(victim, signal.SIGKILL)
+        outcomes = [_outcome(sock) for sock in flows]
+    finally:
+        for sock in flows:
+            sock.close()
+    # The dead worker's flows were reset (a RST: not an EOF, not a hang); the rest still work.
+    assert set(outcomes) <= {"ok", "reset"}, outcomes
+    assert outcomes.count("reset") >= 1, outcomes
+    assert outcomes.count("ok") >= 1, outcomes
+    assert tunio.running(), tunio.log.text
+    # New flows are served (by the surviving worker or the restarted one) ...
+    for _ in range(FLOWS):
+        with fresh_lab.connect(PEER_PORTS["echo"], timeout=RESET_DEADLINE) as sock:
+            _echo_once(sock)
+    # ... and the dead worker was replaced.
+    assert victim not in _worker_pids(tunio, 2, 20.0)
+    assert tunio.stop() == 0, tunio.log.text
+
+
+def test_sigterm_stops_everything_and_cleans_up(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    del fresh_servers
+    lab = fresh_lab
+    rules_before = lab.ip(lab.app, "rule", "show")
+    tunio = lab.start_tunio()
+    with lab.connect(PEER_PORTS["echo"]) as sock:
+        _echo_once(sock)
+    children = tunio.children()
+    assert children, "tunio-run has no child processes"
+    assert TUN_NAME in lab.ip(lab.app, "link", "show")
+    assert tunio.socket_path.exists()
+
+    assert tunio.stop() == 0, tunio.log.text
+
+    assert [p for p in children if alive(p)] == []
+    ours = {p.pid for p in lab.processes if p.poll() is None}  # the test servers
+    assert set(leftover_processes([lab.id])) - ours == set()
+    assert TUN_NAME not in lab.ip(lab.app, "link", "show")
+    assert TUN_NAME not in lab.ip(lab.app, "route", "show", "table", "all")
+    assert lab.ip(lab.app, "rule", "show") == rules_before
+    assert not tunio.socket_path.exists()
+    assert not tunio.runtime_dir.exists()

@@ -1,0 +1,263 @@
+"""One process of the flood client: up to `concurrency` connections at a time in an epoll loop.
+
+Each connection carries its own stream (seeded by its index) and checks every byte it gets back:
+echo compares the echoed bytes, source compares the server's stream with the one it computes
+itself, sink compares the server's SHA-256 with the hash of what it sent.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import select
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flood_common import CHUNK, DIGEST_SIZE, REQUEST, TURN, Stream, Yield, error_name
+
+_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_REPORT_EVERY = 0.2  # seconds between progress reports
+
+
+@dataclass(frozen=True)
+class Plan:
+    family: int
+    addr: tuple[str, int]
+    mode: str
+    nbytes: int  # payload per connection
+    first: int  # index of this process's first connection (names its streams)
+    count: int
+    concurrency: int
+    deadline: float  # time.monotonic() at which unfinished connections fail with "timeout"
+    nonce: int  # distinguishes runs: part of every stream's seed
+
+
+@dataclass
+class Outcome:
+    ok: int = 0
+    failed: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    latencies_us: list[int] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+
+    def fail(self, name: str, count: int = 1) -> None:
+        self.failed += count
+        self.errors[name] = self.errors.get(name, 0) + count
+
+
+class _Conn:
+    __slots__ = (
+        "answer",
+        "check",
+        "done_ns",
+        "hasher",
+        "out",
+        "received",
+        "sent",
+        "shut",
+        "sock",
+        "start_ns",
+        "stream",
+    )
+
+    def __init__(self, sock: socket.socket, stream: Stream, mode: str, start_ns: int) -> None:
+        self.sock = sock
+        self.stream = stream
+        self.start_ns = start_ns
+        self.done_ns = 0  # when the last expected byte arrived
+        self.sent = 0  # payload bytes sent
+        self.received = 0  # payload bytes received (echo, source)
+        self.shut = False  # our FIN is out
+        # echo checks the echo against a second copy (the sender relabels its own buffer)
+        self.check = Stream(stream.seed, stream.length) if mode == "echo" else stream
+        self.hasher = hashlib.sha256() if mode == "sink" else None
+        self.answer = bytearray()  # sink: the server's digest
+        self.out: memoryview | None = (
+            memoryview(REQUEST.pack(stream.seed, stream.length)) if mode == "source" else None
+        )
+
+
+class _Client:
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.buf = bytearray(CHUNK)
+        self.view = memoryview(self.buf)
+        self.result = Outcome()
+        self.again: dict[int, _Conn] = {}  # connections that yielded with work left
+        self.left = 0
+        steps: dict[str, Callable[[_Conn], str | None]] = {
+            "echo": self._echo,
+            "sink": self._sink,
+            "source": self._source,
+        }
+        self.step = steps[plan.mode]
+
+    def _spend(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise Yield
+
+    def _send_payload(self, c: _Conn) -> None:
+        """Send as much of the stream as the socket takes, then our FIN."""
+        length = c.stream.length
+        while c.sent < length:
+            self._spend()
+            if not c.out:
+                chunk = c.stream.chunk(c.sent // CHUNK)
+                if c.hasher is not None:
+                    c.hasher.update(chunk)
+                c.out = chunk
+            try:
+                n = c.sock.send(c.out)
+            except BlockingIOError:
+                return
+            c.sent += n
+            self.result.bytes_sent += n
+            c.out = c.out[n:]
+        if not c.shut:
+            c.sock.shutdown(socket.SHUT_WR)
+            c.shut = True
+
+    def _receive_stream(self, c: _Conn) -> str | None:
+        """Read and check the stream until EOF: "" when exact, else what went wrong."""
+        while True:
+            self._spend()
+            try:
+                n = c.sock.recv_into(self.buf)
+            except BlockingIOError:
+                return None
+            if n == 0:
+                return "" if c.received == c.check.length else "eof"
+            self.result.bytes_received += n
+            if c.received + n > c.check.length:
+                return "excess"
+            if not c.check.matches(c.received, self.view[:n]):
+                return "verify"
+            c.received += n
+            if c.received == c.check.length:
+                c.done_ns = time.monotonic_ns()
+
+    def _echo(self, c: _Conn) -> str | None:
+        self._send_payload(c)
+        return self._receive_stream(c)
+
+    def _source(self, c: _Conn) -> str | None:
+        while c.out:
+            n = c.sock.send(c.out)  # BlockingIOError: not connected yet
+            c.out = c.out[n:]
+        if not c.shut:
+            c.sock.shutdown(socket.SHUT_WR)
+            c.shut = True
+        return self._receive_stream(c)
+
+    def _sink(self, c: _Conn) -> str | None:
+        self._send_payload(c)
+        while True:
+            data = c.sock.recv(DIGEST_SIZE + 1)  # BlockingIOError: nothing yet
+            if not data:
+                break
+            c.answer += data
+            if len(c.answer) >= DIGEST_SIZE:
+                c.done_ns = c.done_ns or time.monotonic_ns()
+        if len(c.answer) < DIGEST_SIZE or c.sent < c.stream.length:
+            return "eof"
+        if len(c.answer) > DIGEST_SIZE:
+            return "excess"
+        assert c.hasher is not None
+        return "" if c.answer == c.hasher.digest() else "verify"
+
+    def _advance(self, c: _Conn) -> str | None:
+        self.left = TURN
+        try:
+            return self.step(c)
+        except BlockingIOError:
+            return None
+        except Yield:
+            self.again[c.sock.fileno()] = c
+            return None
+        except OSError as exc:
+            return error_name(exc)
+
+    def _finish(self, c: _Conn, outcome: str) -> None:
+        c.sock.close()
+        if outcome:
+            self.result.fail(outcome)
+        else:
+            self.result.ok += 1
+            self.result.latencies_us.append((c.done_ns or time.monotonic_ns()) - c.start_ns)
+
+    def _open(self, index: int, ep: select.epoll, conns: dict[int, _Conn]) -> None:
+        plan = self.plan
+        seed = (plan.nonce << 32) | (plan.first + index)
+        start_ns = time.monotonic_ns()
+        try:
+            sock = socket.socket(plan.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            self.result.fail(error_name(exc))
+            return
+        sock.setblocking(False)
+        rc = sock.connect_ex(plan.addr)
+        c = _Conn(sock, Stream(seed, plan.nbytes), plan.mode, start_ns)
+        if rc not in (0, errno.EINPROGRESS):
+            self._finish(c, errno.errorcode.get(rc, f"errno{rc}"))
+            return
+        # Over loopback the handshake is often done already: go as far as we can before epoll.
+        outcome = self._advance(c)
+        if outcome is not None:
+            self._finish(c, outcome)
+            return
+        fd = sock.fileno()
+        conns[fd] = c
+        ep.register(fd, _EVENTS)
+
+    def _turn(self, conns: dict[int, _Conn], fd: int, c: _Conn) -> None:
+        outcome = self._advance(c)
+        if outcome is not None:
+            del conns[fd]
+            self._finish(c, outcome)
+
+    def run(self, report: Callable[[int], None] | None) -> Outcome:
+        plan, result = self.plan, self.result
+        conns: dict[int, _Conn] = {}
+        opened = 0
+        next_report = 0.0
+        result.start = time.monotonic()
+        with select.epoll() as ep:
+            while True:
+                while len(conns) < plan.concurrency and opened < plan.count:
+                    self._open(opened, ep, conns)
+                    opened += 1
+                now = time.monotonic()
+                if report is not None and now >= next_report:
+                    report(result.ok + result.failed)
+                    next_report = now + _REPORT_EVERY
+                if not conns and opened >= plan.count:
+                    break
+                if now >= plan.deadline:
+                    break
+                wait = 0 if self.again else min(plan.deadline - now, _REPORT_EVERY)
+                for fd, _ in ep.poll(wait):
+                    self._turn(conns, fd, conns[fd])
+                again, self.again = self.again, {}
+                for fd, c in again.items():
+                    if conns.get(fd) is c:
+                        self._turn(conns, fd, c)
+        for c in conns.values():
+            c.sock.close()
+        unfinished = len(conns) + plan.count - opened
+        if unfinished:
+            result.fail("timeout", unfinished)
+        result.end = time.monotonic()
+        if report is not None:
+            report(result.ok + result.failed)
+        return result
+
+
+def run_client(plan: Plan, report: Callable[[int], None] | None = None) -> Outcome:
+    """Make `plan.count` connections; every one ends ok, failed, or "timeout" at the deadline."""
+    return _Client(plan).run(report)

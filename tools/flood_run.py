@@ -1,0 +1,162 @@
+"""Spread a flood client run over processes, show progress, and merge what they measured."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_any
+from typing import Any
+
+from flood_client import Outcome, Plan, run_client
+
+_GRACE = 10.0  # seconds past the deadline before a silent client process is killed
+
+
+@dataclass(frozen=True)
+class Job:
+    family: int
+    addr: tuple[str, int]
+    mode: str
+    nbytes: int
+    connections: int
+    concurrency: int  # per process
+    processes: int
+    timeout: float
+
+
+def _percentile(ordered: list[int], p: float) -> int:
+    """Nearest-rank percentile of a sorted list (0 when empty)."""
+    if not ordered:
+        return 0
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
+    """The JSON summary of a run from the outcomes of its processes."""
+    total = Outcome()
+    for part in parts:
+        total.ok += part.ok
+        total.failed += part.failed
+        for name, count in part.errors.items():
+            total.errors[name] = total.errors.get(name, 0) + count
+        total.bytes_sent += part.bytes_sent
+        total.bytes_received += part.bytes_received
+        total.latencies_us.extend(part.latencies_us)
+    seconds = max(p.end for p in parts) - min(p.start for p in parts) if parts else 0.0
+    lat = sorted(ns // 1000 for ns in total.latencies_us)
+    rate = 1 / seconds if seconds > 0 else 0.0
+    return {
+        "mode": job.mode,
+        "connections": job.connections,
+        "ok": total.ok,
+        "failed": total.failed,
+        "errors": dict(sorted(total.errors.items())),
+        "bytes_sent": total.bytes_sent,
+        "bytes_received": total.bytes_received,
+        "seconds": round(seconds, 6),
+        "conn_per_s": round(total.ok * rate, 1),
+        "throughput_bps": round((total.bytes_sent + total.bytes_received) * 8 * rate),
+        "latency_us": {
+            "p50": _percentile(lat, 50),
+            "p90": _percentile(lat, 90),
+            "p99": _percentile(lat, 99),
+            "max": lat[-1] if lat else 0,
+        },
+        "processes": job.processes,
+        "concurrency": job.concurrency,
+        "bytes_per_connection": job.nbytes,
+    }
+
+
+def _plans(job: Job) -> list[Plan]:
+    deadline = time.monotonic() + job.timeout  # CLOCK_MONOTONIC: the same in every process
+    nonce = random.getrandbits(31)
+    plans, first = [], 0
+    for i in range(job.processes):
+        count = job.connections // job.processes + (i < job.connections % job.processes)
+        if count:
+            plans.append(Plan(job.family, job.addr, job.mode, job.nbytes, first, count,
+                              job.concurrency, deadline, nonce))
+        first += count
+    return plans
+
+
+class _Progress:
+    """A one-line progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.enabled = sys.stderr.isatty()
+
+    def show(self, done: int) -> None:
+        if self.enabled and self.total:
+            width = 40
+            filled = width * done // self.total
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.total:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _child(plan: Plan, slot: int, done: Any, conn: Connection) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle
+
+    def report(n: int) -> None:
+        done[slot] = n
+
+    conn.send(run_client(plan, report))
+    conn.close()
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Run the whole job and return its JSON summary."""
+    plans = _plans(job)
+    progress = _Progress(job.connections)
+    if len(plans) <= 1:
+        report: Callable[[int], None] = progress.show
+        inline = [run_client(p, report) for p in plans]
+        progress.close()
+        return merge(job, inline)
+    ctx = multiprocessing.get_context("fork")
+    done = ctx.RawArray("q", len(plans))
+    readers: dict[Connection, tuple[int, Any]] = {}
+    for slot, plan in enumerate(plans):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_child, args=(plan, slot, done, writer), daemon=True,
+                           name=f"flood-client-{slot}")
+        proc.start()
+        writer.close()
+        readers[reader] = (slot, proc)
+    parts: list[Outcome] = []
+    give_up = plans[0].deadline + _GRACE
+    while readers and time.monotonic() < give_up:
+        for ready in wait_any(list(readers), timeout=0.2):
+            if not isinstance(ready, Connection) or ready not in readers:
+                continue
+            slot, proc = readers.pop(ready)
+            try:
+                parts.append(ready.recv())
+            except EOFError:  # the process died without an answer
+                lost = Outcome(start=time.monotonic(), end=time.monotonic())
+                lost.fail("client-died", plans[slot].count)
+                parts.append(lost)
+            proc.join()
+        progress.show(sum(done))
+    for slot, proc in readers.values():
+        proc.kill()
+        proc.join()
+        lost = Outcome(start=time.monotonic(), end=time.monotonic())
+        lost.fail("timeout", plans[slot].count)
+        parts.append(lost)
+    progress.close()
+    return merge(job, parts)

@@ -1,0 +1,191 @@
+"""The C stack behind a typed façade, and the entry point of the stack process.
+
+The C loop runs inside ``Stack.run()``; cffi releases the GIL for the whole call, so the packet
+path never waits on Python. ``Stack.stop()`` writes the eventfd the loop watches.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tunio.errors import StackError, TunError
+
+log = logging.getLogger("tunio.stack")
+
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+def _lib() -> tuple[Any, Any]:
+    try:
+        from tunio._stack import ffi, lib  # noqa: PLC0415  (built extension, loaded on first use)
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise StackError(
+            errno.ENOENT,
+            "the C stack extension tunio._stack is not built: run `pip install -e .` "
+            f"(needs libzmq3-dev and pkg-config) ({exc})",
+        ) from exc
+    return ffi, lib
+
+
+def _check(rc: int, what: str, cls: type[OSError] = StackError) -> int:
+    """The one place where C's -errno becomes an exception."""
+    if rc < 0:
+        raise cls(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """What the stack needs: the TUN queue fds, the TUN's address and the endpoint to bind."""
+
+    tun_fds: tuple[int, ...]
+    address: ipaddress.IPv4Interface
+    endpoint: str
+    window: int = 256 * 1024
+    pending_timeout: float = 15.0
+    log_level: str = "info"
+    listen_port: int = 0
+    pool_size: int = 0
+    reserve_timeout: float = 60.0
+    heartbeat_interval: float = 1.0
+
+
+def open_tun(name: str, queues: int) -> list[int]:
+    """Opens `queues` queues of the multi-queue TUN device `name`, creating it if absent."""
+    ffi, lib = _lib()
+    fds = ffi.new("int[]", queues)
+    rc = lib.tunio_tun_open(name.encode(), queues, fds)
+    if rc < 0:
+        err = -rc
+        hint = {
+            errno.EPERM: "needs CAP_NET_ADMIN: run as root or grant the capability",
+            errno.EACCES: "needs CAP_NET_ADMIN: run as root or grant the capability",
+            errno.ENOENT: "no /dev/net/tun: load the tun module (modprobe tun)",
+            errno.EINVAL: f"{name} exists but is not a multi-queue TUN device "
+            "(delete it, or create it with `ip tuntap add NAME mode tun multi_queue`)",
+            errno.EBUSY: f"{name} is busy: another program holds its queues",
+        }.get(err, os.strerror(err))
+        raise TunError(err, f"cannot open TUN device {name}: {hint}")
+    return [int(fds[i]) for i in range(queues)]
+
+
+class Stack:
+    """One C stack: binds on construction, forwards in run(), stops on stop()."""
+
+    def __init__(self, config: StackConfig) -> None:
+        ffi, lib = _lib()
+        self._ffi, self._lib = ffi, lib
+        self.config = config
+        cfg = ffi.new("struct tunio_config *")
+        fds = ffi.new("int[]", list(config.tun_fds))
+        endpoint = ffi.new("char[]", config.endpoint.encode())
+        cfg.tun_fds = fds
+        cfg.n_tun_fds = len(config.tun_fds)
+        packed = config.address.ip.packed
+        for i, b in enumerate(packed):
+            cfg.address[i] = b
+        cfg.address_version = config.address.version
+        cfg.prefix_len = config.address.network.prefixlen
+        cfg.listen_port = config.listen_port
+        cfg.pool_count = config.pool_size
+        cfg.endpoint = endpoint
+        cfg.window = config.window
+        cfg.pending_ms = int(config.pending_timeout * 1000)
+        cfg.reserve_ms = int(config.reserve_timeout * 1000)
+        cfg.heartbeat_ms = int(config.heartbeat_interval * 1000)
+        cfg.log_level = _LEVELS.get(config.log_level.lower(), 20)
+        out = ffi.new("struct tunio_stack **")
+        rc = lib.tunio_stack_new(cfg, out)
+        if rc < 0:
+            hint = ""
+            if -rc == errno.EADDRINUSE:
+                hint = " (is another tunio-run using this endpoint or address?)"
+            elif -rc == errno.EADDRNOTAVAIL:
+                hint = f" ({config.address.ip} is not an address of this host: is the TUN up?)"
+            raise StackError(-rc, f"cannot start the stack: {os.strerror(-rc)}{hint}")
+        self._s: Any = out[0]
+        self._lock = threading.Lock()
+
+    @property
+    def listen_port(self) -> int:
+        return int(self._lib.tunio_stack_listen_port(self._s))
+
+    def run(self) -> None:
+        _check(self._lib.tunio_stack_run(self._s), "stack loop")
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._s is not None:
+                self._lib.tunio_stack_stop(self._s)
+
+    def stats(self) -> dict[str, int]:
+        st = self._ffi.new("struct tunio_stats *")
+        with self._lock:
+            if self._s is None:
+                return {}
+            self._lib.tunio_stack_stats(self._s, st)
+        return {name: int(getattr(st, name)) for name, _ in self._ffi.typeof(st[0]).fields}
+
+    def close(self) -> None:
+        with self._lock:
+            s, self._s = self._s, None
+        if s is not None:
+            self._lib.tunio_stack_free(s)
+
+
+class _StatusQueue(Protocol):
+    def put(self, item: tuple[str, Any]) -> None: ...
+
+
+def _ipc_path(endpoint: str) -> Path | None:
+    return Path(endpoint[len("ipc://") :]) if endpoint.startswith("ipc://") else None
+
+
+def stack_main(config: StackConfig, status: _StatusQueue) -> None:
+    """Entry point of the stack process: runs until SIGTERM or SIGINT."""
+    # Signals are handled by the main thread while the C loop runs in another one.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stack = Stack(config)
+    except (StackError, TunError) as exc:
+        status.put(("stack-error", exc.strerror or str(exc)))
+        return
+    ipc = _ipc_path(config.endpoint)
+    if ipc is not None:
+        # The flows' bytes pass through this socket: no other user may connect to it.
+        ipc.chmod(0o600)
+    failure: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            stack.run()
+        except BaseException as exc:  # reported to the supervisor below
+            failure.append(exc)
+        finally:
+            stop.set()
+
+    thread = threading.Thread(target=loop, name="tunio-stack-loop")
+    thread.start()
+    status.put(("stack-ready", os.getpid()))
+    log.debug("stack listening on port %d", stack.listen_port)
+    while not stop.wait(3600):
+        pass
+    stack.stop()
+    thread.join()
+    log.debug("stack statistics: %s", stack.stats())
+    stack.close()
+    if ipc is not None:
+        ipc.unlink(missing_ok=True)
+    if failure:
+        error = failure[0]
+        status.put(("stack-error", getattr(error, "strerror", None) or str(error)))

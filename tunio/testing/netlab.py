@@ -1,0 +1,618 @@
+"""The two-namespace lab that end-to-end tests, the demo and the benchmarks run tunio in.
+
+Topology (every address lives inside the lab's own namespaces)::
+
+    tunio-app-<id>                                        tunio-srv-<id>
+      tun0 198.18.255.1/24  (made by tunio-run)             lo  198.18.0.10/32 (the servers)
+      tva<id> 198.19.0.1/24 noprefixroute  ====veth====   tvs<id> 198.19.0.2/24
+      main table: default dev tun0 (added by tunio-run)     default via 198.19.0.1
+      fwmark 0x1 -> table 100:                              blackhole 198.18.3.0/24
+        198.19.0.0/24 dev tva<id>                           ip_forward=1
+        198.18.0.0/16 via 198.19.0.2
+        unreachable 198.18.9.0/24
+        unreachable default
+
+The app's own traffic can only leave through the TUN (the veth address has no prefix route);
+the workers mark theirs (``--egress-mark 0x1``) and leave over the veth. ``198.18.3.1`` drops
+silently (a dial timeout), ``198.18.9.1`` is unreachable for the workers (EHOSTUNREACH).
+
+`Lab` tears everything down on exit, also when the body raised or was interrupted: the
+processes it started (and any process that inherited its ``TUNIO_LAB`` marker), then both
+namespaces, which takes the veth pair and the TUN device with them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from tunio.testing.netns import netns_socket
+
+__all__ = [
+    "APP_ADDRESS",
+    "BLACKHOLE_ADDRESS",
+    "EGRESS_MARK",
+    "EGRESS_TABLE",
+    "FLOOD_PORTS",
+    "LAB_ENV",
+    "PEER_PORTS",
+    "SERVER_ADDRESS",
+    "SRV_ADDRESS",
+    "TUN_ADDRESS",
+    "TUN_NAME",
+    "UNREACHABLE_ADDRESS",
+    "Lab",
+    "LabError",
+    "LineReader",
+    "TunioProcess",
+    "alive",
+    "created_lab_ids",
+    "descendants",
+    "lab_namespaces",
+    "leftover_processes",
+    "pattern",
+    "pattern_sha256",
+    "process_title",
+    "recv_all",
+    "recv_exact",
+]
+
+TUN_NAME = "tun0"
+TUN_ADDRESS = "198.18.255.1/24"
+APP_ADDRESS = "198.19.0.1"
+SRV_ADDRESS = "198.19.0.2"
+SERVER_ADDRESS = "198.18.0.10"
+BLACKHOLE_ADDRESS = "198.18.3.1"
+UNREACHABLE_ADDRESS = "198.18.9.1"
+EGRESS_MARK = 0x1
+EGRESS_TABLE = 100
+LAB_ENV = "TUNIO_LAB"  # inherited by every process a lab starts: how leftovers are found
+
+# Where the test servers listen on SERVER_ADDRESS (tests/vm/peers.py and tools/flood.py).
+PEER_PORTS = {"echo": 7, "sink-hash": 9, "source": 19, "rst": 5001, "halfclose": 5002}
+FLOOD_PORTS = {"echo": 7000, "sink": 7001, "source": 7002}
+PATTERN_SEED = b"tunio test pattern"
+RECV_CHUNK = 256 * 1024
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+TERM_GRACE = 10.0
+
+_READY = re.compile(r"\bready\b")
+_created: list[str] = []  # ids of every lab made in this process, for leak checks
+
+
+class LabError(RuntimeError):
+    """The lab could not be built or torn down, or a process did not behave."""
+
+
+def created_lab_ids() -> list[str]:
+    """Ids of all labs this process has created (torn down or not)."""
+    return list(_created)
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, check=False, timeout=30)
+    if check and proc.returncode != 0:
+        msg = f"ip {' '.join(args)}: exit {proc.returncode}: {proc.stderr.strip()}"
+        raise LabError(msg)
+    return proc
+
+
+def lab_namespaces() -> list[str]:
+    """Names of all namespaces that look like a lab's (``tunio-app-*``, ``tunio-srv-*``)."""
+    out = _ip("netns", "list", check=False).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith(("tunio-app-", "tunio-srv-"))]
+
+
+# ---------------------------------------------------------------- test data
+
+
+def pattern(n: int) -> bytes:
+    """`n` deterministic bytes with no short period (so reordering or loss shows in a hash)."""
+    return hashlib.shake_128(PATTERN_SEED).digest(n)
+
+
+def pattern_sha256(n: int) -> str:
+    return hashlib.sha256(pattern(n)).hexdigest()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly `n` bytes; EOFError if the peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(RECV_CHUNK, n - len(buf)))
+        if not chunk:
+            msg = f"EOF after {len(buf)} of {n} bytes"
+            raise EOFError(msg)
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    """Everything up to EOF."""
+    buf = bytearray()
+    while chunk := sock.recv(RECV_CHUNK):
+        buf += chunk
+    return bytes(buf)
+
+
+# ---------------------------------------------------------------- processes via /proc
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(ppid, state) of `pid`, or None when it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: the fields start after the last ')'.
+    fields = data[data.rindex(")") + 2 :].split()
+    return int(fields[1]), fields[0]
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` exists and is not a zombie."""
+    st = _proc_stat(pid)
+    return st is not None and st[1] not in {"Z", "X"}
+
+
+def descendants(pid: int) -> list[int]:
+    """Living descendants of `pid` (children first), from one scan of /proc."""
+    children: dict[int, list[int]] = {}
+    for p in _all_pids():
+        st = _proc_stat(p)
+        if st is not None and st[1] not in {"Z", "X"}:
+            children.setdefault(st[0], []).append(p)
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def process_title(pid: int) -> str:
+    """The process's comm and command line, joined: what `ps` would show to a person."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+    return f"{comm} {cmdline}".strip()
+
+
+def leftover_processes(lab_ids: Sequence[str]) -> dict[int, str]:
+    """Living processes whose environment carries one of `lab_ids` as ``TUNIO_LAB``."""
+    wanted = {f"{LAB_ENV}={i}".encode() for i in lab_ids}
+    found: dict[int, str] = {}
+    if not wanted:
+        return found
+    me = os.getpid()
+    for pid in _all_pids():
+        if pid == me:
+            continue
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted.intersection(env) and alive(pid):
+            found[pid] = process_title(pid)
+    return found
+
+
+# ---------------------------------------------------------------- output capture
+
+
+class LineReader:
+    """Reads a text pipe on a thread and keeps every line, so tests can wait for one."""
+
+    def __init__(self, stream: IO[str], name: str) -> None:
+        self._stream = stream
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._thread = threading.Thread(target=self._run, name=f"reader:{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for line in self._stream:
+                with self._cond:
+                    self._lines.append(line.rstrip("\n"))
+                    self._cond.notify_all()
+        except ValueError:  # the pipe was closed under us at teardown
+            pass
+        finally:
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+
+    @property
+    def lines(self) -> list[str]:
+        with self._cond:
+            return list(self._lines)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float, start: int = 0) -> str:
+        """The first line (from index `start`) matching `pattern`; LabError at EOF or timeout."""
+        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self._cond:
+            while True:
+                for line in self._lines[seen:]:
+                    if rx.search(line):
+                        return line
+                seen = len(self._lines)
+                left = deadline - time.monotonic()
+                if self._eof or left <= 0:
+                    why = "output ended" if self._eof else f"no match within {timeout:.0f} s"
+                    msg = f"waiting for /{rx.pattern}/: {why}; output was:\n" + "\n".join(
+                        self._lines
+                    )
+                    raise LabError(msg)
+                self._cond.wait(left)
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+# ---------------------------------------------------------------- tunio-run
+
+
+class TunioProcess:
+    """One `tunio-run` started in the lab's app namespace, with its stderr captured."""
+
+    def __init__(self, proc: subprocess.Popen[str], argv: list[str], runtime_dir: Path) -> None:
+        self.proc = proc
+        self.argv = argv
+        self.runtime_dir = runtime_dir
+        assert proc.stderr is not None
+        self.log = LineReader(proc.stderr, "tunio-run")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / "stack.sock"
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> str:
+        """Wait for the line saying tunio forwards; LabError with the whole log otherwise."""
+        try:
+            return self.log.wait_for(_READY, timeout)
+        except LabError as exc:
+            code = self.proc.poll()
+            state = f"exited with {code}" if code is not None else "still running"
+            msg = f"tunio-run did not get ready ({state}): {exc}"
+            raise LabError(msg) from None
+
+    def children(self) -> list[int]:
+        """Living descendants of tunio-run: the stack, the workers and their helpers."""
+        return descendants(self.pid)
+
+    def workers(self) -> list[int]:
+        """Descendants whose process title names a worker (``tunio-worker-*``)."""
+        return [p for p in self.children() if "tunio-worker" in process_title(p)]
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM tunio-run and wait for it; its exit code. LabError if it does not exit."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            msg = f"tunio-run did not exit within {timeout:.0f} s of SIGTERM; log:\n{self.log.text}"
+            raise LabError(msg) from None
+        self.log.join(5.0)
+        return code
+
+
+# ---------------------------------------------------------------- the lab
+
+
+class Lab:
+    """Build the app/srv namespaces on enter, remove every trace of them on exit."""
+
+    def __init__(self, lab_id: str | None = None) -> None:
+        self.id = lab_id or secrets.token_hex(3)
+        if not re.fullmatch(r"[0-9a-z]{1,8}", self.id):
+            msg = f"lab id must be 1-8 lowercase letters/digits: {self.id!r}"
+            raise ValueError(msg)
+        self.app = f"tunio-app-{self.id}"
+        self.srv = f"tunio-srv-{self.id}"
+        self.veth_app = f"tva{self.id}"
+        self.veth_srv = f"tvs{self.id}"
+        self.runtime_dir = Path(f"/run/tunio-lab-{self.id}")
+        self.processes: list[subprocess.Popen[Any]] = []
+        self.strays: dict[int, str] = {}  # processes of this lab still alive at teardown
+        self._tunio: TunioProcess | None = None
+        self._closed = False
+
+    # -- building
+
+    def __enter__(self) -> Lab:
+        _created.append(self.id)
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        app, srv, va, vs = self.app, self.srv, self.veth_app, self.veth_srv
+        _ip("netns", "add", app)
+        _ip("netns", "add", srv)
+        # Made directly inside the namespaces: the host never sees the veth pair.
+        _ip("-n", app, "link", "add", va, "type", "veth", "peer", "name", vs, "netns", srv)
+        for ns, dev in ((app, va), (srv, vs)):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", dev, "up")
+
+        # app: no prefix route for the veth, so only marked traffic (table 100) may use it.
+        _ip("-n", app, "addr", "add", f"{APP_ADDRESS}/24", "dev", va, "noprefixroute")
+        mark, table = f"{EGRESS_MARK:#x}", str(EGRESS_TABLE)
+        _ip("-n", app, "rule", "add", "fwmark", mark, "lookup", table, "pref", table)
+        _ip("-n", app, "route", "add", "198.19.0.0/24", "dev", va, "table", table)
+        _ip("-n", app, "route", "add", "198.18.0.0/16", "via", SRV_ADDRESS, "dev", va,
+            "table", table)  # fmt: skip
+        _ip("-n", app, "route", "add", "unreachable", "198.18.9.0/24", "table", table)
+        # Marked traffic never falls back into the TUN.
+        _ip("-n", app, "route", "add", "unreachable", "default", "table", table)
+        # Replies to marked traffic arrive on the veth while the main table points into the TUN.
+        self._sysctl(app, "net.ipv4.conf.all.rp_filter=0", f"net.ipv4.conf.{va}.rp_filter=0")
+
+        _ip("-n", srv, "addr", "add", f"{SRV_ADDRESS}/24", "dev", vs)
+        _ip("-n", srv, "addr", "add", f"{SERVER_ADDRESS}/32", "dev", "lo")
+        _ip("-n", srv, "route", "add", "default", "via", APP_ADDRESS)
+        _ip("-n", srv, "route", "add", "blackhole", "198.18.3.0/24")
+        self._sysctl(srv, "net.ipv4.ip_forward=1")
+
+    def _sysctl(self, ns: str, *settings: str) -> None:
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, "sysctl", "-q", "-w", *settings],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        if proc.returncode != 0:
+            msg = f"sysctl {settings} in {ns}: {proc.stderr.strip()}"
+            raise LabError(msg)
+
+    # -- running things
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """Our environment plus the lab marker and the path of the tunio we were loaded from."""
+        env = dict(os.environ)
+        env[LAB_ENV] = self.id
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        paths = [pkg_root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env["PYTHONUNBUFFERED"] = "1"
+        if extra:
+            env.update(extra)
+        return env
+
+    def popen(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.Popen[Any]:
+        """Start `argv` in namespace `ns` (``ip netns exec`` execs it: the pid is argv's own).
+
+        Keyword arguments go to `subprocess.Popen`; ``env`` entries are added to `env()`.
+        The process is stopped at teardown.
+        """
+        if self._closed:
+            msg = "the lab is closed"
+            raise LabError(msg)
+        extra = kw.pop("env", None)
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("start_new_session", True)  # a signal to the test's group leaves it alone
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv], env=self.env(extra), **kw
+        )
+        self.processes.append(proc)
+        return proc
+
+    def run(self, ns: str, argv: Sequence[str], timeout: float = 60.0) -> str:
+        """Run `argv` in `ns` to completion; its stdout. LabError on failure or timeout."""
+        proc = self.popen(ns, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            msg = f"{' '.join(argv)} in {ns}: no exit within {timeout:.0f} s\n{out}\n{err}"
+            raise LabError(msg) from None
+        if proc.returncode != 0:
+            msg = f"{' '.join(argv)} in {ns}: exit {proc.returncode}\n{out}\n{err}"
+            raise LabError(msg)
+        return str(out)
+
+    def ip(self, ns: str, *args: str) -> str:
+        """`ip -n ns args…`; its stdout (failures raise LabError)."""
+        return _ip("-n", ns, *args).stdout
+
+    def open_socket(
+        self,
+        ns: str | None = None,
+        family: int = socket.AF_INET,
+        type: int = socket.SOCK_STREAM,
+        proto: int = 0,
+    ) -> socket.socket:
+        """A socket in namespace `ns` (the app's by default), usable from this thread."""
+        return netns_socket(ns or self.app, family, type, proto)
+
+    def connect(
+        self,
+        port: int,
+        host: str = SERVER_ADDRESS,
+        *,
+        timeout: float = 10.0,
+        mark: int | None = None,
+        ns: str | None = None,
+    ) -> socket.socket:
+        """A TCP connection made from `ns` (the app's by default), as the app would make it.
+
+        `timeout` stays set on the returned socket; `mark` sets SO_MARK before connecting.
+        """
+        sock = self.open_socket(ns)
+        try:
+            if mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def serve(
+        self,
+        argv: Sequence[str],
+        *,
+        ns: str | None = None,
+        ready: str = r"^listening ",
+        timeout: float = 15.0,
+    ) -> LineReader:
+        """Start a server in `ns` (the srv namespace by default) and wait for its ready line.
+
+        Returns the reader of its stdout (stderr merged), so a test can wait for later lines.
+        """
+        proc = self.popen(
+            ns or self.srv, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        reader = LineReader(proc.stdout, os.path.basename(argv[-1]))
+        try:
+            reader.wait_for(ready, timeout)
+        except LabError as exc:
+            msg = f"server {' '.join(argv)} did not start: {exc}"
+            raise LabError(msg) from None
+        return reader
+
+    def tunio_argv(self, extra_args: Sequence[str] = ()) -> list[str]:
+        return [
+            sys.executable, "-m", "tunio.cli",
+            "--tun", TUN_NAME,
+            "--address", TUN_ADDRESS,
+            "--route", "default",
+            "--egress-mark", f"{EGRESS_MARK:#x}",
+            "--queues", "2",
+            "--workers", "2",
+            "--runtime-dir", str(self.runtime_dir),
+            *extra_args,
+        ]  # fmt: skip
+
+    def start_tunio(
+        self, extra_args: Sequence[str] = (), ready_timeout: float = READY_TIMEOUT
+    ) -> TunioProcess:
+        """Start tunio-run in the app namespace and wait until it says it is ready."""
+        argv = self.tunio_argv(extra_args)
+        proc = self.popen(
+            self.app, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        tunio = TunioProcess(proc, argv, self.runtime_dir)
+        self._tunio = tunio
+        tunio.wait_ready(ready_timeout)
+        return tunio
+
+    # -- teardown
+
+    def close(self) -> None:
+        """Stop our processes, delete both namespaces, and check that nothing is left."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        # Teardown must finish even if Ctrl-C arrives again while it runs.
+        with _sigint_deferred():
+            self._stop_processes()
+            for ns in (self.app, self.srv):
+                if ns in lab_namespaces():
+                    proc = _ip("netns", "delete", ns, check=False)
+                    if proc.returncode != 0:
+                        errors.append(f"ip netns delete {ns}: {proc.stderr.strip()}")
+            if self.runtime_dir.exists():
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            left = [ns for ns in (self.app, self.srv) if ns in lab_namespaces()]
+            if left:
+                errors.append(f"namespaces left behind: {left}")
+        if errors:
+            raise LabError("; ".join(errors))
+
+    def _stop_processes(self) -> None:
+        running = [p for p in self.processes if p.poll() is None]
+        for p in running:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE
+        for p in running:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(5.0)
+        for p in self.processes:
+            for stream in (p.stdout, p.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+        # Anything still carrying our marker (e.g. a worker orphaned by a killed tunio-run).
+        self.strays = leftover_processes([self.id])
+        for pid in self.strays:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5.0
+        while any(alive(pid) for pid in self.strays) and time.monotonic() < deadline:
+            time.sleep(0.05)  # waiting for SIGKILL to take effect: no event to wait on
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT back until the block ends (only possible from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, _frame: got.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if got:
+        raise KeyboardInterrupt

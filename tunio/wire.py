@@ -1,0 +1,230 @@
+"""Sans-I/O codec of the stack <-> worker protocol, version 1 (see docs/protocol.md).
+
+No sockets here: `encode` turns a `Message` into ZeroMQ frames and `decode` turns frames back into
+a `Message`. Payload frames are passed through untouched (a memoryview over a zmq.Frame stays a
+memoryview), so bulk data is never copied by the codec.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias, Union
+
+if TYPE_CHECKING:
+    import zmq
+
+VERSION = 1
+
+#: version, command, reserved, flow, arg
+HEADER = struct.Struct(">BBHIQ")
+#: proto, version, src port, dst port, reserved, src address, dst address
+ADDRESS = struct.Struct(">BBHHH16s16s")
+
+MAX_FLOW = 0xFFFF_FFFF
+MAX_ARG = 0xFFFF_FFFF_FFFF_FFFF
+#: a worker's name in HELLO is at most this many bytes of UTF-8
+MAX_NAME = 64
+
+IPPROTO_TCP = 6
+IPPROTO_UDP = 17
+
+Payload: TypeAlias = bytes | memoryview
+#: what `decode` accepts as one frame: anything exporting a byte buffer (a string names
+#: zmq.Frame so that this module does not import zmq, hence Union)
+Frame: TypeAlias = Union[bytes, bytearray, memoryview, "zmq.Frame"]
+
+
+class Cmd(enum.IntEnum):
+    HELLO = 1
+    OPEN = 2
+    OPEN_OK = 3
+    OPEN_FAIL = 4
+    DATA = 5
+    CREDIT = 6
+    FIN = 7
+    RST = 8
+    DGRAM = 9
+    HEARTBEAT = 10
+    BYE = 11
+
+
+class ProtocolError(ValueError):
+    """A message breaks protocol v1. `rule` names the broken rule (see tests/golden)."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+        self.detail = detail
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks the protocol."""
+
+
+class VersionError(RemoteProtocolError):
+    """The peer speaks another protocol version: answer BYE(EPROTONOSUPPORT), ignore the message."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__("version", f"protocol version {version}, expected {VERSION}")
+        self.version = version
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something that breaks the protocol."""
+
+
+class _Body(enum.IntEnum):
+    """What a command carries after its header."""
+
+    NONE = 0  # no payload frame
+    ANY = 1  # a payload frame of any length
+    NONEMPTY = 2  # a payload frame of at least one byte
+    ADDRESS = 3  # exactly one address block
+    ADDRESS_PLUS = 4  # an address block followed by any number of bytes
+
+
+_BODY: dict[int, _Body] = {
+    Cmd.HELLO: _Body.ANY,
+    Cmd.OPEN: _Body.ADDRESS,
+    Cmd.OPEN_OK: _Body.NONE,
+    Cmd.OPEN_FAIL: _Body.NONE,
+    Cmd.DATA: _Body.NONEMPTY,
+    Cmd.CREDIT: _Body.NONE,
+    Cmd.FIN: _Body.NONE,
+    Cmd.RST: _Body.NONE,
+    Cmd.DGRAM: _Body.ADDRESS_PLUS,
+    Cmd.HEARTBEAT: _Body.NONE,
+    Cmd.BYE: _Body.NONE,
+}
+# Plain-int lookup for the hot path: IntEnum construction is slow and raises on unknown codes.
+_CMD_BY_CODE: dict[int, Cmd] = {int(c): c for c in Cmd}
+
+
+def _check_body(
+    cmd: Cmd, payload: Payload | None, error: type[ProtocolError]
+) -> None:
+    body = _BODY[cmd]
+    if body is _Body.NONE:
+        if payload is not None:
+            raise error("payload-extra", f"{cmd.name} carries no payload")
+        return
+    if payload is None:
+        raise error("payload-missing", f"{cmd.name} needs a payload frame")
+    size = len(payload)
+    if body is _Body.NONEMPTY and size == 0:
+        raise error("payload-size", f"{cmd.name} payload is never empty")
+    if body is _Body.ADDRESS and size != ADDRESS.size:
+        raise error("payload-size", f"{cmd.name} payload is {size} bytes, expected {ADDRESS.size}")
+    if body is _Body.ADDRESS_PLUS and size < ADDRESS.size:
+        raise error("payload-size", f"{cmd.name} payload is {size} bytes, needs {ADDRESS.size}+")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    cmd: Cmd
+    flow: int = 0
+    arg: int = 0
+    payload: Payload | None = None
+
+
+def header(cmd: Cmd, flow: int, arg: int) -> bytes:
+    """The 16-byte header frame; no checks beyond struct's own (for callers that know better)."""
+    return HEADER.pack(VERSION, cmd, 0, flow, arg)
+
+
+def encode(msg: Message) -> list[Payload]:
+    """Frames for `msg`: the header, then the payload frame if the command has one."""
+    if not 0 <= msg.flow <= MAX_FLOW:
+        raise LocalProtocolError("range", f"flow {msg.flow} is not a u32")
+    if not 0 <= msg.arg <= MAX_ARG:
+        raise LocalProtocolError("range", f"arg {msg.arg} is not a u64")
+    _check_body(msg.cmd, msg.payload, LocalProtocolError)
+    head = HEADER.pack(VERSION, msg.cmd, 0, msg.flow, msg.arg)
+    if msg.payload is None:
+        return [head]
+    return [head, msg.payload]
+
+
+def _view(frame: Frame) -> Payload:
+    if isinstance(frame, (bytes, memoryview)):
+        return frame
+    if isinstance(frame, bytearray):
+        return memoryview(frame)
+    return frame.buffer
+
+
+def decode(frames: Sequence[Frame]) -> Message:
+    """Parse one message (identity frame already stripped). Raises RemoteProtocolError."""
+    count = len(frames)
+    if count == 0 or count > 2:
+        raise RemoteProtocolError("frame-count", f"{count} frames, expected 1 or 2")
+    head = _view(frames[0])
+    # The version is checked before the size so that a peer of another version, whose header
+    # may be laid out differently, still gets BYE(EPROTONOSUPPORT).
+    if len(head) and head[0] != VERSION:
+        raise VersionError(head[0])
+    if len(head) != HEADER.size:
+        raise RemoteProtocolError("header-size", f"header is {len(head)} bytes, not 16")
+    _version, code, _reserved, flow, arg = HEADER.unpack_from(head)
+    cmd = _CMD_BY_CODE.get(code)
+    if cmd is None:
+        raise RemoteProtocolError("command", f"unknown command {code}")
+    payload = _view(frames[1]) if count == 2 else None
+    _check_body(cmd, payload, RemoteProtocolError)
+    return Message(cmd, flow, arg, payload)
+
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class AddressBlock:
+    """The 40-byte address block of OPEN and DGRAM."""
+
+    proto: int
+    version: int
+    src: IPAddress
+    src_port: int
+    dst: IPAddress
+    dst_port: int
+
+    def pack(self) -> bytes:
+        if self.src.version != self.version or self.dst.version != self.version:
+            raise LocalProtocolError("address", f"addresses are not all IPv{self.version}")
+        try:
+            return ADDRESS.pack(
+                self.proto,
+                self.version,
+                self.src_port,
+                self.dst_port,
+                0,
+                self.src.packed.ljust(16, b"\0"),
+                self.dst.packed.ljust(16, b"\0"),
+            )
+        except struct.error as exc:
+            raise LocalProtocolError("address", str(exc)) from exc
+
+    @classmethod
+    def unpack(cls, buf: Payload) -> AddressBlock:
+        """Parse the first 40 bytes of `buf` (DGRAM has its datagram after them)."""
+        if len(buf) < ADDRESS.size:
+            raise RemoteProtocolError("address", f"address block is {len(buf)} bytes, not 40")
+        proto, version, src_port, dst_port, _reserved, src, dst = ADDRESS.unpack_from(buf)
+        if version == 4:
+            return cls(
+                proto,
+                4,
+                ipaddress.IPv4Address(src[:4]),
+                src_port,
+                ipaddress.IPv4Address(dst[:4]),
+                dst_port,
+            )
+        if version == 6:
+            return cls(
+                proto, 6, ipaddress.IPv6Address(src), src_port, ipaddress.IPv6Address(dst), dst_port
+            )
+        raise RemoteProtocolError("address", f"IP version {version}, expected 4 or 6")

@@ -1,0 +1,679 @@
+"""A worker process: takes flows from the stack over one DEALER socket and dials them.
+
+One asyncio event loop carries everything: the DEALER (a plain pyzmq socket whose ZMQ_FD is
+watched by the loop) and every flow's outbound socket. Flow control is the protocol's credit
+scheme: we read from a destination only while the stack has given us credit, and we return credit
+to the stack only for bytes the destination has accepted, so memory per flow is bounded by the
+window in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import struct
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from typing import cast
+
+import zmq
+
+from tunio import wire
+from tunio.dialers.base import Address, Dialer
+from tunio.wire import Cmd
+
+log = logging.getLogger("tunio.worker")
+
+#: largest read from a destination in one go (one DATA message)
+CHUNK = 256 * 1024
+#: ZeroMQ high-water marks in messages: credits bound memory, these are only a safety net
+HWM = 1_000_000
+#: messages handled per wake-up before other sockets get their turn
+DRAIN_BUDGET = 512
+#: buffers handed to one sendmsg() when a destination has a backlog
+IOV_MAX = 64
+#: how long a final BYE may take to leave when we stop on a signal
+BYE_LINGER_MS = 1000
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+_HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat: float = 1.0  # seconds between HEARTBEATs
+    liveness: int = 3  # heartbeats of silence after which the stack counts as dead
+
+
+@dataclass
+class WorkerStats:
+    opens: int = 0
+    open_ok: int = 0
+    open_fail: int = 0
+    bytes_to_stack: int = 0
+    bytes_to_destination: int = 0
+    resets_sent: int = 0
+    resets_received: int = 0
+    protocol_errors: int = 0
+    sessions: int = 0
+
+
+def _errname(code: int) -> str:
+    return errno.errorcode.get(code, str(code))
+
+
+class Flow:
+    """One TCP flow: the stack's side is the flow id, ours is the outbound socket."""
+
+    __slots__ = (
+        "closed",
+        "credit",
+        "dial",
+        "dst",
+        "fd",
+        "fid",
+        "fin_in",
+        "fin_out",
+        "queue",
+        "queued",
+        "reading",
+        "shut",
+        "sock",
+        "uncredited",
+        "writing",
+    )
+
+    def __init__(self, fid: int, credit: int, dst: Address) -> None:
+        self.fid = fid
+        self.dst = dst
+        self.sock: socket.socket | None = None
+        self.fd = -1
+        self.dial: asyncio.Task[None] | None = None
+        self.credit = credit  # bytes we may still send to the stack
+        self.reading = False
+        self.writing = False
+        self.queue: deque[wire.Payload] = deque()  # stack's bytes not yet accepted by the socket
+        self.queued = 0
+        self.uncredited = 0  # bytes written to the destination, not yet returned as CREDIT
+        self.fin_in = False  # the stack said FIN
+        self.fin_out = False  # the destination said EOF and we sent FIN
+        self.shut = False  # shutdown(SHUT_WR) done
+        self.closed = False
+
+
+class Worker:
+    def __init__(
+        self,
+        endpoint: str,
+        dialer: Dialer,
+        *,
+        name: str,
+        capacity: int = 0,
+        window: int = 256 * 1024,
+        connect_timeout: float = 10.0,
+        ready: Callable[[], None] | None = None,
+        timing: Timing | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.dialer = dialer
+        self.name = name
+        self.capacity = capacity
+        self.window = window
+        self.connect_timeout = connect_timeout
+        self.ready = ready
+        self.timing = timing or Timing()
+        self.stats = WorkerStats()
+        self.flows: dict[int, Flow] = {}
+        self._credit_due: dict[int, Flow] = {}
+        self._outbox: deque[list[wire.Payload]] = deque()
+        self._connected = False
+        self._ready_called = False
+        self._draining = False
+        self._drain_scheduled = False
+        self._last_heard = 0.0
+        self._last_hello = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Future[bool] | None = None
+        self._zsock: zmq.Socket[bytes] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until the stack says BYE, a signal arrives or stop() is called; return 0."""
+        return asyncio.run(self._main())
+
+    def stop(self) -> None:
+        """Say BYE and stop; callable from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # the loop may close in between: then there is nothing left to stop
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._leave, "stop requested")
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._done = loop.create_future()
+        ctx = zmq.Context()
+        zsock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+        zsock.setsockopt(zmq.LINGER, 0)
+        zsock.setsockopt(zmq.SNDHWM, HWM)
+        zsock.setsockopt(zmq.RCVHWM, HWM)
+        self._zsock = zsock
+        zfd = cast(int, zsock.getsockopt(zmq.FD))
+        signals = self._install_signals(loop)
+        said_bye = False
+        try:
+            zsock.connect(self.endpoint)
+            loop.add_reader(zfd, self._drain)
+            self._last_heard = loop.time()
+            self._send_hello()
+            self._timer = loop.call_later(self.timing.heartbeat, self._tick)
+            self._drain()
+            said_bye = await self._done
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            loop.remove_reader(zfd)
+            self._drop_all()
+            if said_bye:
+                self._flush_outbox()
+            zsock.close(linger=BYE_LINGER_MS if said_bye else 0)
+            ctx.term()
+            self._zsock = None
+        log.info("worker %s stopped: %s", self.name, self.stats)
+        return 0
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        # Signal handlers can only be installed from the main thread; a worker run in a thread
+        # (tests, embedding) is stopped with stop() instead.
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        sigs = [signal.SIGTERM, signal.SIGINT]
+        for sig in sigs:
+            loop.add_signal_handler(sig, self._leave, sig.name)
+        return list(sigs)
+
+    def _leave(self, why: str) -> None:
+        """We stop: tell the stack (it resets our flows), then end run()."""
+        if self._done is None or self._done.done():
+            return
+        log.info("worker %s leaving: %s", self.name, why)
+        self._send([wire.header(Cmd.BYE, 0, 0)])
+        self._done.set_result(True)
+
+    def _send_hello(self) -> None:
+        assert self._loop is not None
+        # at most 64 bytes of UTF-8, cut on a character boundary
+        name = self.name.encode()[: wire.MAX_NAME].decode(errors="ignore").encode()
+        self._last_hello = self._loop.time()
+        self._send([wire.header(Cmd.HELLO, 0, self.capacity), name])
+
+    def _tick(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        limit = self.timing.heartbeat * self.timing.liveness
+        if self._connected:
+            if now - self._last_heard > limit:
+                log.warning(
+                    "stack silent for %.1fs: dropping %d flows, saying HELLO again",
+                    now - self._last_heard,
+                    len(self.flows),
+                )
+                self._connected = False
+                self._drop_all()
+                self._outbox.clear()  # what is queued belongs to flows that are gone
+                self._send_hello()
+            else:
+                self._send([_HEARTBEAT])
+        elif now - self._last_hello >= limit:
+            self._send_hello()
+        if self._outbox:
+            self._flush_outbox()
+        self._timer = self._loop.call_later(self.timing.heartbeat, self._tick)
+
+    # ---- the DEALER ------------------------------------------------------------------------
+
+    def _send(self, frames: list[wire.Payload]) -> None:
+        assert self._zsock is not None
+        assert self._loop is not None
+        if self._outbox:
+            self._outbox.append(frames)  # keep order behind what is already waiting
+        else:
+            try:
+                self._zsock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                log.warning("send queue full: holding messages until the stack reads")
+                self._outbox.append(frames)
+        # ZMQ_FD is edge-triggered and any call on the socket may consume its edge, so look
+        # for input again before the loop sleeps.
+        if not self._draining and not self._drain_scheduled:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _flush_outbox(self) -> None:
+        assert self._zsock is not None
+        box = self._outbox
+        while box:
+            try:
+                self._zsock.send_multipart(box[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            box.popleft()
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        if self._draining or self._zsock is None:
+            return
+        assert self._loop is not None
+        assert self._done is not None
+        zsock = self._zsock
+        self._draining = True
+        heard = False
+        try:
+            budget = DRAIN_BUDGET
+            while not self._done.done():
+                if self._outbox:
+                    self._flush_outbox()
+                try:
+                    frames = zsock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    self._send_credits()
+                    if cast(int, zsock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        continue
+                    break
+                heard = True
+                self._handle(frames)
+                budget -= 1
+                if budget == 0:
+                    self._send_credits()
+                    self._drain_scheduled = True
+                    self._loop.call_soon(self._drain)
+                    break
+        finally:
+            self._draining = False
+            if heard:
+                self._last_heard = self._loop.time()
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        try:
+            msg = wire.decode(frames)
+        except wire.VersionError as exc:
+            self._protocol_error(exc)
+            self._send([wire.header(Cmd.BYE, 0, errno.EPROTONOSUPPORT)])
+            return
+        except wire.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        cmd = msg.cmd
+        if cmd is Cmd.DATA:
+            assert msg.payload is not None
+            self._on_data(msg.flow, msg.payload)
+        elif cmd is Cmd.CREDIT:
+            self._on_credit(msg.flow, msg.arg)
+        elif cmd is Cmd.OPEN:
+            self._on_open(msg)
+        elif cmd is Cmd.FIN:
+            self._on_fin(msg.flow)
+        elif cmd is Cmd.RST:
+            self._on_rst(msg.flow)
+        elif cmd is Cmd.HEARTBEAT:
+            pass
+        elif cmd is Cmd.HELLO:
+            self._on_hello(msg)
+        elif cmd is Cmd.BYE:
+            log.info("stack said BYE (%s): closing %d flows", _errname(msg.arg), len(self.flows))
+            assert self._done is not None
+            if not self._done.done():
+                self._done.set_result(False)
+        elif cmd is Cmd.DGRAM:
+            # UDP is not served yet: end the session so the stack does not keep it
+            self._send([wire.header(Cmd.RST, msg.flow, errno.EPROTONOSUPPORT)])
+        else:  # OPEN_OK, OPEN_FAIL only travel towards the stack
+            self._protocol_error(wire.RemoteProtocolError("direction", f"{cmd.name} to a worker"))
+
+    def _protocol_error(self, exc: wire.ProtocolError) -> None:
+        self.stats.protocol_errors += 1
+        count = self.stats.protocol_errors
+        if count & (count - 1) == 0:  # 1, 2, 4, 8...: visible without flooding the log
+            log.warning("protocol error from the stack (%d so far): %s", count, exc)
+
+    def _on_hello(self, msg: wire.Message) -> None:
+        stack = bytes(msg.payload or b"").decode(errors="replace")
+        log.info("worker %s: stack %s answered HELLO", self.name, stack)
+        self._connected = True
+        self.stats.sessions += 1
+        if not self._ready_called:
+            self._ready_called = True
+            if self.ready is not None:
+                try:
+                    self.ready()
+                except Exception:
+                    log.exception("ready callback failed")
+
+    # ---- opening a flow --------------------------------------------------------------------
+
+    def _on_open(self, msg: wire.Message) -> None:
+        assert self._loop is not None
+        assert msg.payload is not None
+        fid = msg.flow
+        self.stats.opens += 1
+        if fid == 0 or fid in self.flows:
+            self._protocol_error(wire.RemoteProtocolError("flow", f"OPEN of flow {fid} in use"))
+            return
+        try:
+            block = wire.AddressBlock.unpack(msg.payload)
+        except wire.ProtocolError as exc:
+            self._protocol_error(exc)
+            self._open_failed(fid, None, errno.EINVAL)
+            return
+        dst = Address(str(block.dst), block.dst_port)
+        if block.proto != wire.IPPROTO_TCP:
+            self._open_failed(fid, dst, errno.EPROTONOSUPPORT)
+            return
+        if self.capacity and len(self.flows) >= self.capacity:
+            self._open_failed(fid, dst, errno.EAGAIN)
+            return
+        flow = Flow(fid, msg.arg, dst)
+        self.flows[fid] = flow
+        src = Address(str(block.src), block.src_port)
+        flow.dial = self._loop.create_task(self._dial(flow, src))
+
+    async def _dial(self, flow: Flow, src: Address) -> None:
+        try:
+            sock = await asyncio.wait_for(
+                self.dialer.dial(flow.dst, src), self.connect_timeout
+            )
+        except (asyncio.TimeoutError, TimeoutError):
+            code = errno.ETIMEDOUT
+        except OSError as exc:
+            if exc.errno is None:
+                log.warning("dial %s: %r has no errno; answering ECONNABORTED", flow.dst, exc)
+            code = exc.errno or errno.ECONNABORTED
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("dial %s failed unexpectedly; answering ECONNABORTED", flow.dst)
+            code = errno.ECONNABORTED
+        else:
+            self._dialed(flow, sock)
+            return
+        flow.dial = None
+        if self.flows.get(flow.fid) is flow:
+            del self.flows[flow.fid]
+            flow.closed = True
+            self._open_failed(flow.fid, flow.dst, code)
+
+    def _open_failed(self, fid: int, dst: Address | None, code: int) -> None:
+        self.stats.open_fail += 1
+        log.info("flow %d: dial %s failed: %s", fid, dst, _errname(code))
+        self._send([wire.header(Cmd.OPEN_FAIL, fid, code)])
+
+    def _dialed(self, flow: Flow, sock: socket.socket) -> None:
+        flow.dial = None
+        if flow.closed or self.flows.get(flow.fid) is not flow:
+            # reset while the dial finished: the destination must see the reset too
+            _abort(sock)
+            return
+        sock.setblocking(False)
+        flow.sock = sock
+        flow.fd = sock.fileno()
+        self.stats.open_ok += 1
+        self._send([wire.header(Cmd.OPEN_OK, flow.fid, self.window)])
+        if flow.credit > 0:
+            self._start_reading(flow)
+
+    # ---- destination -> stack --------------------------------------------------------------
+
+    def _start_reading(self, flow: Flow) -> None:
+        if not flow.reading:
+            assert self._loop is not None
+            flow.reading = True
+            self._loop.add_reader(flow.fd, self._on_readable, flow)
+
+    def _stop_reading(self, flow: Flow) -> None:
+        if flow.reading:
+            assert self._loop is not None
+            flow.reading = False
+            self._loop.remove_reader(flow.fd)
+
+    def _on_readable(self, flow: Flow) -> None:
+        assert flow.sock is not None
+        try:
+            data = flow.sock.recv(min(flow.credit, CHUNK))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._destination_failed(flow, exc)
+            return
+        if not data:
+            self._stop_reading(flow)
+            flow.fin_out = True
+            self._send([wire.header(Cmd.FIN, flow.fid, 0)])
+            self._maybe_finish(flow)
+            return
+        size = len(data)
+        flow.credit -= size
+        self.stats.bytes_to_stack += size
+        self._send([wire.header(Cmd.DATA, flow.fid, 0), data])
+        if flow.credit <= 0:
+            self._stop_reading(flow)
+
+    def _on_credit(self, fid: int, amount: int) -> None:
+        flow = self.flows.get(fid)
+        if flow is None:
+            return  # late credit for a flow that has ended
+        flow.credit += amount
+        if flow.sock is not None and not flow.fin_out and flow.credit > 0:
+            self._start_reading(flow)
+
+    # ---- stack -> destination --------------------------------------------------------------
+
+    def _on_data(self, fid: int, payload: wire.Payload) -> None:
+        flow = self.flows.get(fid)
+        if flow is None:
+            self.stats.resets_sent += 1
+            self._send([wire.header(Cmd.RST, fid, 0)])
+            return
+        sock = flow.sock
+        if sock is None or flow.fin_in:
+            why = "DATA before OPEN_OK" if sock is None else "DATA after FIN"
+            self._flow_protocol_error(flow, why)
+            return
+        size = len(payload)
+        if flow.queued + flow.uncredited + size > self.window:
+            self._flow_protocol_error(flow, "DATA beyond the credit window")
+            return
+        if flow.queue:
+            flow.queue.append(payload)
+            flow.queued += size
+            return
+        try:
+            sent = sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._destination_failed(flow, exc)
+            return
+        if sent:
+            self._written(flow, sent)
+        if sent < size:
+            flow.queue.append(memoryview(payload)[sent:])
+            flow.queued += size - sent
+            self._start_writing(flow)
+
+    def _written(self, flow: Flow, size: int) -> None:
+        flow.uncredited += size
+        self.stats.bytes_to_destination += size
+        self._credit_due[flow.fid] = flow
+
+    def _send_credits(self) -> None:
+        # Credit is batched per wake-up: one CREDIT per flow for everything written since.
+        if not self._credit_due:
+            return
+        due = self._credit_due
+        self._credit_due = {}
+        for fid, flow in due.items():
+            if flow.uncredited and not flow.closed:
+                self._send([wire.header(Cmd.CREDIT, fid, flow.uncredited)])
+                flow.uncredited = 0
+
+    def _start_writing(self, flow: Flow) -> None:
+        if not flow.writing:
+            assert self._loop is not None
+            flow.writing = True
+            self._loop.add_writer(flow.fd, self._on_writable, flow)
+
+    def _stop_writing(self, flow: Flow) -> None:
+        if flow.writing:
+            assert self._loop is not None
+            flow.writing = False
+            self._loop.remove_writer(flow.fd)
+
+    def _on_writable(self, flow: Flow) -> None:
+        assert flow.sock is not None
+        queue = flow.queue
+        while queue:
+            try:
+                if len(queue) == 1:
+                    sent = flow.sock.send(queue[0])
+                else:
+                    sent = flow.sock.sendmsg(list(islice(queue, IOV_MAX)))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._destination_failed(flow, exc)
+                return
+            self._written(flow, sent)
+            flow.queued -= sent
+            while sent:
+                head = queue[0]
+                if sent < len(head):
+                    queue[0] = memoryview(head)[sent:]
+                    break
+                sent -= len(head)
+                queue.popleft()
+            else:
+                continue
+            break  # the socket took less than offered: it is full
+        if not queue:
+            self._stop_writing(flow)
+            if flow.fin_in:
+                self._shutdown_write(flow)
+        self._send_credits()
+
+    def _on_fin(self, fid: int) -> None:
+        flow = self.flows.get(fid)
+        if flow is None:
+            return  # late FIN for a flow that has ended
+        if flow.sock is None:
+            self._flow_protocol_error(flow, "FIN before OPEN_OK")
+            return
+        if flow.fin_in:
+            self._protocol_error(wire.RemoteProtocolError("flow", f"second FIN on flow {fid}"))
+            return
+        flow.fin_in = True
+        if not flow.queue:
+            self._shutdown_write(flow)
+
+    def _shutdown_write(self, flow: Flow) -> None:
+        assert flow.sock is not None
+        try:
+            flow.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._destination_failed(flow, exc)
+            return
+        flow.shut = True
+        self._maybe_finish(flow)
+
+    # ---- ending a flow ---------------------------------------------------------------------
+
+    def _on_rst(self, fid: int) -> None:
+        flow = self.flows.get(fid)
+        if flow is None:
+            return  # never answer a RST with a RST
+        self.stats.resets_received += 1
+        self._free(flow, abortive=True)
+
+    def _destination_failed(self, flow: Flow, exc: OSError) -> None:
+        code = exc.errno or errno.ECONNRESET
+        log.debug("flow %d: %s: %s", flow.fid, flow.dst, _errname(code))
+        self._reset(flow, code)
+
+    def _flow_protocol_error(self, flow: Flow, why: str) -> None:
+        self._protocol_error(wire.RemoteProtocolError("flow", f"flow {flow.fid}: {why}"))
+        self._reset(flow, errno.EPROTO)
+
+    def _reset(self, flow: Flow, code: int) -> None:
+        self.stats.resets_sent += 1
+        self._send([wire.header(Cmd.RST, flow.fid, code)])
+        self._free(flow, abortive=True)
+
+    def _maybe_finish(self, flow: Flow) -> None:
+        if flow.fin_in and flow.fin_out and flow.shut:
+            self._free(flow, abortive=False)
+
+    def _free(self, flow: Flow, *, abortive: bool) -> None:
+        if self.flows.get(flow.fid) is flow:
+            del self.flows[flow.fid]
+        self._credit_due.pop(flow.fid, None)
+        flow.closed = True
+        if flow.dial is not None:
+            flow.dial.cancel()
+            flow.dial = None
+        sock = flow.sock
+        if sock is not None:
+            self._stop_reading(flow)
+            self._stop_writing(flow)
+            flow.sock = None
+            if abortive:
+                _abort(sock)
+            else:
+                sock.close()
+        flow.queue.clear()
+        flow.queued = 0
+
+    def _drop_all(self) -> None:
+        for flow in list(self.flows.values()):
+            self._free(flow, abortive=True)
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset (SO_LINGER 0), not an orderly end."""
+    # a socket that is already dead may refuse the option; closing is all that is left then
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    sock.close()
+
+
+def run_worker(
+    endpoint: str,
+    dialer: Dialer,
+    *,
+    name: str,
+    capacity: int = 0,
+    window: int = 256 * 1024,
+    connect_timeout: float = 10.0,
+    ready: Callable[[], None] | None = None,
+) -> int:
+    """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0."""
+    worker = Worker(
+        endpoint,
+        dialer,
+        name=name,
+        capacity=capacity,
+        window=window,
+        connect_timeout=connect_timeout,
+        ready=ready,
+    )
+    return worker.run()
