@@ -4,6 +4,7 @@ dies, and undo everything it set up when it stops."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import ipaddress
 import logging
@@ -204,9 +205,20 @@ def describe(exc: BaseException) -> str:
 
 # ---------------------------------------------------------------- child processes
 
+PR_SET_NAME = 15  # prctl(2)
 
-def _child_reset(close_fds: Iterable[int]) -> None:
+
+def set_process_name(name: str) -> None:
+    """Names the process in `ps`, `top` and /proc/PID/comm, so operators (and tests) can tell the
+    stack from the workers: forked children otherwise all show tunio-run's command line."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def _child_reset(close_fds: Iterable[int], name: str) -> None:
     """In a forked child: drop the supervisor's signal handlers and the fds it has no use for."""
+    set_process_name(name)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for fd in close_fds:
@@ -216,7 +228,7 @@ def _child_reset(close_fds: Iterable[int]) -> None:
 
 def stack_entry(config: StackConfig, status: Any, close_fds: tuple[int, ...]) -> None:
     """Process target of the stack: tunio.stack.stack_main with a clean signal state."""
-    _child_reset(close_fds)
+    _child_reset(close_fds, "tunio-stack")
     from tunio.stack import stack_main  # noqa: PLC0415 - the cffi extension loads where it runs
 
     stack_main(config, status)
@@ -233,7 +245,7 @@ def worker_entry(
     close_fds: tuple[int, ...],
 ) -> None:
     """Process target of a local worker: serve flows until the stack says BYE."""
-    _child_reset(close_fds)
+    _child_reset(close_fds, f"tunio-{name}")
     from tunio.worker import run_worker  # noqa: PLC0415 - only workers need zmq
 
     code = run_worker(

@@ -621,6 +621,11 @@ class Worker:
 
     def _maybe_finish(self, flow: Flow) -> None:
         if flow.fin_in and flow.fin_out and flow.shut:
+            # the stack learns that all it sent was written only from the credit: send it now,
+            # not at the end of this wake-up, when the flow is gone
+            if flow.uncredited:
+                self._send([wire.header(Cmd.CREDIT, flow.fid, flow.uncredited)])
+                flow.uncredited = 0
             self._free(flow, abortive=False)
 
     def _free(self, flow: Flow, *, abortive: bool) -> None:

@@ -576,7 +576,7 @@ def test_slow_destination_holds_credit_until_written(
     stack.assert_freed(97)  # the worker has taken everything in
     credited = sum(m.arg for m in stack.skipped if m.cmd is Cmd.CREDIT)
     assert credited < window, "credit returned for bytes the destination has not taken"
-    assert worker.stats.bytes_to_destination == credited
+    assert credited <= worker.stats.bytes_to_destination
     go.set()
     assert server.event() == ("read", data)
     while credited < window:
