@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     results: dict[str, dict[str, float]] = {}
     with Lab() as lab:
-        lab.serve(["iperf3", "-s", "-p", str(IPERF_PORT), "--forceflush"], ready=r"Server listening")
+        iperf_server = ["iperf3", "-s", "-p", str(IPERF_PORT), "--forceflush"]
+        lab.serve(iperf_server, ready=r"Server listening")
         lab.serve([sys.executable, FLOOD, "--serve", f"{SERVER_ADDRESS}:{ECHO_PORT}",
                    "--mode", "echo", "--processes", "2"])  # fmt: skip
         results["plain veth"] = plain_path(lab, args)

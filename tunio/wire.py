@@ -81,14 +81,14 @@ class _Body(enum.IntEnum):
     """What a command carries after its header."""
 
     NONE = 0  # no payload frame
-    ANY = 1  # a payload frame of any length
+    NAME = 1  # a payload frame of at most MAX_NAME bytes
     NONEMPTY = 2  # a payload frame of at least one byte
     ADDRESS = 3  # exactly one address block
     ADDRESS_PLUS = 4  # an address block followed by any number of bytes
 
 
 _BODY: dict[int, _Body] = {
-    Cmd.HELLO: _Body.ANY,
+    Cmd.HELLO: _Body.NAME,
     Cmd.OPEN: _Body.ADDRESS,
     Cmd.OPEN_OK: _Body.NONE,
     Cmd.OPEN_FAIL: _Body.NONE,
@@ -100,13 +100,17 @@ _BODY: dict[int, _Body] = {
     Cmd.HEARTBEAT: _Body.NONE,
     Cmd.BYE: _Body.NONE,
 }
+#: commands that are about the session, not a flow: their flow id is 0
+_SESSION_CMDS = frozenset({Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE})
 # Plain-int lookup for the hot path: IntEnum construction is slow and raises on unknown codes.
 _CMD_BY_CODE: dict[int, Cmd] = {int(c): c for c in Cmd}
 
 
-def _check_body(
-    cmd: Cmd, payload: Payload | None, error: type[ProtocolError]
+def _check(
+    cmd: Cmd, flow: int, payload: Payload | None, error: type[ProtocolError]
 ) -> None:
+    if (flow == 0) != (cmd in _SESSION_CMDS):
+        raise error("flow", f"{cmd.name} on flow {flow}")
     body = _BODY[cmd]
     if body is _Body.NONE:
         if payload is not None:
@@ -115,6 +119,8 @@ def _check_body(
     if payload is None:
         raise error("payload-missing", f"{cmd.name} needs a payload frame")
     size = len(payload)
+    if body is _Body.NAME and size > MAX_NAME:
+        raise error("payload-size", f"{cmd.name} name is {size} bytes, at most {MAX_NAME}")
     if body is _Body.NONEMPTY and size == 0:
         raise error("payload-size", f"{cmd.name} payload is never empty")
     if body is _Body.ADDRESS and size != ADDRESS.size:
@@ -142,7 +148,7 @@ def encode(msg: Message) -> list[Payload]:
         raise LocalProtocolError("range", f"flow {msg.flow} is not a u32")
     if not 0 <= msg.arg <= MAX_ARG:
         raise LocalProtocolError("range", f"arg {msg.arg} is not a u64")
-    _check_body(msg.cmd, msg.payload, LocalProtocolError)
+    _check(msg.cmd, msg.flow, msg.payload, LocalProtocolError)
     head = HEADER.pack(VERSION, msg.cmd, 0, msg.flow, msg.arg)
     if msg.payload is None:
         return [head]
@@ -174,7 +180,7 @@ def decode(frames: Sequence[Frame]) -> Message:
     if cmd is None:
         raise RemoteProtocolError("command", f"unknown command {code}")
     payload = _view(frames[1]) if count == 2 else None
-    _check_body(cmd, payload, RemoteProtocolError)
+    _check(cmd, flow, payload, RemoteProtocolError)
     return Message(cmd, flow, arg, payload)
 
 

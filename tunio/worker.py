@@ -143,6 +143,7 @@ class Worker:
         self._done: asyncio.Future[bool] | None = None
         self._zsock: zmq.Socket[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._stop_requested = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -151,7 +152,8 @@ class Worker:
         return asyncio.run(self._main())
 
     def stop(self) -> None:
-        """Say BYE and stop; callable from any thread."""
+        """Say BYE and stop; callable from any thread, also before run() has got going."""
+        self._stop_requested = True
         loop = self._loop
         if loop is not None and not loop.is_closed():
             # the loop may close in between: then there is nothing left to stop
@@ -178,6 +180,8 @@ class Worker:
             self._send_hello()
             self._timer = loop.call_later(self.timing.heartbeat, self._tick)
             self._drain()
+            if self._stop_requested:  # stop() came before the loop could take it
+                self._leave("stop requested")
             said_bye = await self._done
         finally:
             if self._timer is not None:
@@ -293,7 +297,11 @@ class Worker:
                         continue
                     break
                 heard = True
-                self._handle(frames)
+                try:
+                    self._handle(frames)
+                except Exception:
+                    # a bug in one handler must not leave the rest of the queue unread
+                    log.exception("worker %s: handling a message failed", self.name)
                 budget -= 1
                 if budget == 0:
                     self._send_credits()

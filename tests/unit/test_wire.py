@@ -108,12 +108,16 @@ def test_version_is_checked_before_header_size() -> None:
         wire.decode([b"\x02" + bytes(30)])
 
 
+SESSION = {Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE}
+
+
 @pytest.mark.parametrize(
     ("flow", "arg"),
-    [(0, 0), (1, 1), (wire.MAX_FLOW, wire.MAX_ARG), (0x01020304, 0x0102030405060708)],
+    [(1, 0), (1, 1), (wire.MAX_FLOW, wire.MAX_ARG), (0x01020304, 0x0102030405060708)],
 )
 @pytest.mark.parametrize("cmd", list(Cmd))
 def test_round_trip_every_command(cmd: Cmd, flow: int, arg: int) -> None:
+    flow = 0 if cmd in SESSION else flow
     block = AddressBlock(
         6, 4, ipaddress.ip_address("10.1.2.3"), 1234, ipaddress.ip_address("10.3.2.1"), 80
     )
@@ -161,6 +165,9 @@ def test_address_block_rejects_mixed_families() -> None:
         (Message(Cmd.CREDIT, wire.MAX_FLOW + 1, 0), "range"),
         (Message(Cmd.CREDIT, 1, wire.MAX_ARG + 1), "range"),
         (Message(Cmd.CREDIT, -1, 0), "range"),
+        (Message(Cmd.CREDIT, 0, 1), "flow"),
+        (Message(Cmd.HEARTBEAT, 1, 0), "flow"),
+        (Message(Cmd.HELLO, 0, 0, b"n" * 65), "payload-size"),
     ],
 )
 def test_encode_refuses_what_the_peer_would_reject(msg: Message, rule: str) -> None:

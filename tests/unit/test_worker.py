@@ -161,6 +161,8 @@ def echo(conn: socket.socket, events: queue.Queue[Any]) -> None:
 
 
 class RunningWorker:
+    """A worker's run in a thread; `target(ready)` is what runs."""
+
     def __init__(self, target: Callable[[Callable[[], None]], int]) -> None:
         self.ready = threading.Event()
         self.code: int | None = None
@@ -220,13 +222,13 @@ def start_worker(endpoint: str) -> Iterator[StartWorker]:
     def start(dialer: Dialer | None = None, **options: Any) -> tuple[Worker, RunningWorker]:
         options.setdefault("window", WINDOW)
         options.setdefault("name", "test-worker")
+        worker = Worker(endpoint, dialer or DirectDialer(), **options)
 
         def target(ready: Callable[[], None]) -> int:
+            worker.ready = ready
             return worker.run()
 
-        worker = Worker(endpoint, dialer or DirectDialer(), **options)
         running = RunningWorker(target)
-        worker.ready = running.ready.set
         started.append((worker, running))
         return worker, running
 
@@ -698,3 +700,11 @@ def test_unknown_flows(stack: FakeStack, start_worker: StartWorker) -> None:
     rst = stack.expect(Cmd.RST, 24)  # the first answer is to the DATA
     assert rst.arg == 0
     assert worker.stats.resets_sent == 1
+
+
+def test_stop_before_run_still_says_bye(stack: FakeStack, endpoint: str) -> None:
+    worker = Worker(endpoint, DirectDialer(), name="early")
+    worker.stop()
+    assert worker.run() == 0
+    assert stack.expect(Cmd.HELLO).arg == 0
+    assert stack.expect(Cmd.BYE).arg == 0
