@@ -58,13 +58,14 @@ static void free_owned(void *data, void *hint)
     free(data);
 }
 
-int broker_send_owned(struct tunio_stack *s, int w, uint32_t flow, uint8_t *buf, size_t len)
+int broker_send_owned_cmd(struct tunio_stack *s, int w, uint8_t cmd, uint32_t flow, uint8_t *buf,
+                          size_t len)
 {
     if (w < 0 || w >= s->nworkers || !s->workers[w].alive || s->workers[w].doomed) {
         free(buf);
         return -ENOTCONN;
     }
-    int err = send_header(s, w, TUNIO_CMD_DATA, flow, 0, 1);
+    int err = send_header(s, w, cmd, flow, 0, 1);
     if (err) {
         free(buf);
     } else {
@@ -89,7 +90,7 @@ int broker_alive_workers(struct tunio_stack *s)
 }
 
 /* Least loaded first; ties go round-robin so equal workers share new flows evenly. */
-static int pick_worker(struct tunio_stack *s)
+int broker_pick_worker(struct tunio_stack *s)
 {
     int best = -1;
     for (int k = 0; k < s->nworkers; k++) {
@@ -117,10 +118,10 @@ static void reject_open(struct tunio_stack *s, const struct tunio_nat_open *o, i
 void broker_open_flows(struct tunio_stack *s)
 {
     struct tunio_nat_open *items;
-    size_t n = open_queue_take(&s->opens, &items);
+    size_t n = packet_queue_take(&s->opens, (void **)&items);
     for (size_t i = 0; i < n; i++) {
         const struct tunio_nat_open *o = &items[i];
-        int w = pick_worker(s);
+        int w = broker_pick_worker(s);
         struct flow *f = w >= 0 ? stack_flow_new(s, o->flow_id, o->entry, w) : NULL;
         if (!f) {
             /* No worker to dial: refuse at once rather than leave the app hanging. */
@@ -175,6 +176,7 @@ static void worker_lost(struct tunio_stack *s, int w, const char *why)
     tunio_log(TUNIO_LOG_WARNING, "worker %s lost (%s): resetting its %u flows", wk->name, why,
               wk->flows);
     reset_flows_of(s, w);
+    udp_worker_lost(s, w);
 }
 
 static void on_hello(struct tunio_stack *s, const uint8_t *id, size_t id_len,
@@ -184,6 +186,7 @@ static void on_hello(struct tunio_stack *s, const uint8_t *id, size_t id_len,
     if (w >= 0 && s->workers[w].alive) {
         /* A worker saying HELLO again has dropped its flows: drop ours too. */
         reset_flows_of(s, w);
+        udp_worker_lost(s, w);
     } else if (w < 0) {
         for (w = 0; w < s->nworkers && s->workers[w].alive; w++)
             ;
@@ -261,7 +264,8 @@ static void on_message(struct tunio_stack *s, zmq_msg_t *frames, int nframes)
         s->c.protocol_errors++; /* only the stack opens flows */
         break;
     default:
-        relay_on_message(s, w, &h, payload);
+        if (!udp_on_message(s, w, &h, payload))
+            relay_on_message(s, w, &h, payload);
         break;
     }
 }

@@ -194,6 +194,27 @@ size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap)
     return total;
 }
 
+size_t tunio_pkt_build_udp(const uint8_t src[16], uint16_t sport, const uint8_t dst[16],
+                           uint16_t dport, const uint8_t *payload, size_t len, uint8_t *out,
+                           size_t cap)
+{
+    size_t total = IPV4_MIN_HLEN + UDP_HLEN + len;
+    if (total > 0xffff || cap < total)
+        return 0;
+    build_ipv4(out, total, TUNIO_IPPROTO_UDP, src, dst);
+    uint8_t *uh = out + IPV4_MIN_HLEN;
+    put16(uh, sport);
+    put16(uh + 2, dport);
+    put16(uh + 4, (uint16_t)(UDP_HLEN + len));
+    put16(uh + 6, 0);
+    if (len)
+        memcpy(uh + UDP_HLEN, payload, len);
+    uint32_t sum = pseudo_sum(out, TUNIO_IPPROTO_UDP, UDP_HLEN + len);
+    uint16_t c = tunio_csum_finish(tunio_csum_add(sum, uh, UDP_HLEN + len));
+    put16(uh + 6, c ? c : 0xffff); /* 0 means "no checksum" in UDP over IPv4 */
+    return total;
+}
+
 size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
                                     size_t cap)
 {

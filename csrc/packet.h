@@ -64,6 +64,12 @@ size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap);
 size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
                                     size_t cap);
 
+/* Builds an IPv4/UDP packet from `src:sport` to `dst:dport` carrying `payload` into `out`.
+ * Returns its length, 0 if it does not fit. */
+size_t tunio_pkt_build_udp(const uint8_t src[16], uint16_t sport, const uint8_t dst[16],
+                           uint16_t dport, const uint8_t *payload, size_t len, uint8_t *out,
+                           size_t cap);
+
 /* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
  * right. Tests use it: the kernel does not check checksums of some packets we hand it. */
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p);

@@ -1,6 +1,7 @@
 /* TUN reader threads: one per queue. A flow's packets stay on one queue, so per-flow order is
  * kept; the only shared state is the NAT table and the queue of new flows for the loop thread. */
 #include <errno.h>
+#include <stdint.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
@@ -12,7 +13,7 @@
 
 #define READ_BATCH 64 /* packets per wakeup before checking the stop fd again */
 
-int open_queue_init(struct open_queue *q)
+int packet_queue_init(struct item_queue *q)
 {
     memset(q, 0, sizeof(*q));
     q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -21,24 +22,29 @@ int open_queue_init(struct open_queue *q)
     int err = pthread_mutex_init(&q->lock, NULL);
     if (err) {
         close(q->efd);
+        q->efd = -1;
         return -err;
     }
     return 0;
 }
 
-void open_queue_fini(struct open_queue *q)
+void packet_queue_fini(struct item_queue *q)
 {
     free(q->items);
     close(q->efd);
     pthread_mutex_destroy(&q->lock);
 }
 
-static int open_queue_push(struct open_queue *q, const struct tunio_nat_open *o)
+int packet_queue_push(struct item_queue *q, const void *item, size_t size, size_t max)
 {
     pthread_mutex_lock(&q->lock);
+    if (q->len >= max) {
+        pthread_mutex_unlock(&q->lock);
+        return -ENOBUFS;
+    }
     if (q->len == q->cap) {
         size_t cap = q->cap ? q->cap * 2 : 64;
-        struct tunio_nat_open *items = realloc(q->items, cap * sizeof(*items));
+        uint8_t *items = realloc(q->items, cap * size);
         if (!items) {
             pthread_mutex_unlock(&q->lock);
             return -ENOMEM;
@@ -46,7 +52,8 @@ static int open_queue_push(struct open_queue *q, const struct tunio_nat_open *o)
         q->items = items;
         q->cap = cap;
     }
-    q->items[q->len++] = *o;
+    memcpy(q->items + q->len * size, item, size);
+    q->len++;
     pthread_mutex_unlock(&q->lock);
     uint64_t one = 1;
     ssize_t w = write(q->efd, &one, sizeof(one));
@@ -54,7 +61,7 @@ static int open_queue_push(struct open_queue *q, const struct tunio_nat_open *o)
     return 0;
 }
 
-size_t open_queue_take(struct open_queue *q, struct tunio_nat_open **out)
+size_t packet_queue_take(struct item_queue *q, void **out)
 {
     uint64_t v;
     ssize_t r = read(q->efd, &v, sizeof(v));
@@ -73,10 +80,12 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t le
 {
     struct tunio_pkt p;
     int st = tunio_pkt_parse(&p, buf, len);
-    if (st == TUNIO_PKT_OK && p.proto != TUNIO_IPPROTO_TCP)
-        st = TUNIO_PKT_UNSUPPORTED; /* UDP and ICMP are carried by a later protocol layer */
     if (st != TUNIO_PKT_OK) {
         atomic_fetch_add_explicit(&s->c.drop[st], 1, memory_order_relaxed);
+        return;
+    }
+    if (p.proto == TUNIO_IPPROTO_UDP) {
+        udp_enqueue(s, &p);
         return;
     }
     struct tunio_nat_open open;
@@ -89,7 +98,7 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t le
         stack_tun_write(s, fd, reply, reply_len);
         break;
     case TUNIO_NAT_OPEN:
-        if (open_queue_push(&s->opens, &open) < 0) {
+        if (packet_queue_push(&s->opens, &open, sizeof(open), SIZE_MAX) < 0) {
             uint8_t out[TUNIO_TUN_BUF];
             size_t n;
             tunio_nat_reject(&s->nat, open.entry, open.flow_id, ENOMEM, tunio_now_ms(), out,

@@ -126,7 +126,7 @@ static int read_from_app(struct tunio_stack *s, struct flow *f)
         }
         int err;
         if ((size_t)n >= SMALL_DATA) {
-            err = broker_send_owned(s, f->worker, f->id, s->rbuf, (size_t)n);
+            err = broker_send_owned_cmd(s, f->worker, TUNIO_CMD_DATA, f->id, s->rbuf, (size_t)n);
             s->rbuf = NULL;
         } else {
             err = broker_send(s, f->worker, TUNIO_CMD_DATA, f->id, 0, s->rbuf, (size_t)n);

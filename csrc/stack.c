@@ -217,6 +217,8 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         s->cfg.reserve_ms = 60000;
     if (!s->cfg.heartbeat_ms)
         s->cfg.heartbeat_ms = 1000;
+    if (!s->cfg.udp_timeout_ms)
+        s->cfg.udp_timeout_ms = 60000;
     tunio_log_set_level(cfg->log_level ? cfg->log_level : TUNIO_LOG_INFO);
     s->n_tun = cfg->n_tun_fds;
     memcpy(s->tun_fds, cfg->tun_fds, sizeof(int) * (size_t)cfg->n_tun_fds);
@@ -239,9 +241,13 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     if ((err = tunio_nat_init(&s->nat, &nc)))
         goto fail;
     s->nat_ready = 1;
-    if ((err = open_queue_init(&s->opens)))
+    if ((err = packet_queue_init(&s->opens)))
         goto fail;
     s->opens_ready = 1;
+    s->udpq.efd = -1;
+    s->udp_out = malloc(TUNIO_TUN_BUF);
+    if (!s->udp_out || (err = udp_init(s)))
+        goto fail;
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     s->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -259,7 +265,8 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         goto fail;
     }
     if ((err = watch(s, s->listen_fd, TAG_LISTENER)) || (err = watch(s, s->router_fd, TAG_ROUTER)) ||
-        (err = watch(s, s->opens.efd, TAG_OPENS)) || (err = watch(s, s->stop_fd, TAG_STOP)) ||
+        (err = watch(s, s->opens.efd, TAG_OPENS)) || (err = watch(s, s->udpq.efd, TAG_UDPQ)) ||
+        (err = watch(s, s->stop_fd, TAG_STOP)) ||
         (err = watch(s, s->timer_fd, TAG_TIMER)))
         goto fail;
     tunio_log(TUNIO_LOG_DEBUG, "listener on port %u, NAT pool of %u addresses, endpoint %s",
@@ -295,8 +302,10 @@ void tunio_stack_free(struct tunio_stack *s)
         close(s->stop_fd);
     if (s->timer_fd >= 0)
         close(s->timer_fd);
+    udp_fini(s);
+    free(s->udp_out);
     if (s->opens_ready)
-        open_queue_fini(&s->opens);
+        packet_queue_fini(&s->opens);
     if (s->nat_ready)
         tunio_nat_fini(&s->nat);
     free(s->rbuf);
@@ -326,6 +335,7 @@ static void on_timer(struct tunio_stack *s)
     uint64_t now = tunio_now_ms();
     broker_tick(s, now);
     relay_tick(s, now);
+    udp_tick(s, now);
 }
 
 static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
@@ -337,6 +347,9 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
         break;
     case TAG_OPENS:
         broker_open_flows(s);
+        break;
+    case TAG_UDPQ:
+        udp_drain(s);
         break;
     case TAG_TIMER:
         on_timer(s);
@@ -428,4 +441,9 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
     o->protocol_errors = s->c.protocol_errors;
     o->bytes_to_workers = s->c.bytes_to_workers;
     o->bytes_from_workers = s->c.bytes_from_workers;
+    o->udp_sessions = s->udp_sessions;
+    o->udp_sessions_opened = s->c.udp_sessions_opened;
+    o->udp_to_workers = s->c.udp_to_workers;
+    o->udp_from_workers = s->c.udp_from_workers;
+    o->udp_dropped = atomic_load(&s->c.udp_dropped);
 }

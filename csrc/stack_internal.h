@@ -29,6 +29,7 @@ enum {
     TAG_OPENS,
     TAG_STOP,
     TAG_TIMER,
+    TAG_UDPQ,
     TAG_FLOW,
 };
 
@@ -73,13 +74,16 @@ struct worker {
     uint64_t capacity;
 };
 
-struct open_queue {
+/* Items handed from the reader threads to the loop thread, signalled by an eventfd. */
+struct item_queue {
     pthread_mutex_t lock;
-    struct tunio_nat_open *items;
+    uint8_t *items;
     size_t len;
     size_t cap;
     int efd; /* eventfd the loop watches */
 };
+
+struct udp_session;
 
 struct stack_counters {
     atomic_ullong packets_read;
@@ -94,6 +98,10 @@ struct stack_counters {
     uint64_t protocol_errors;
     uint64_t bytes_to_workers;
     uint64_t bytes_from_workers;
+    atomic_ullong udp_dropped;
+    uint64_t udp_sessions_opened;
+    uint64_t udp_to_workers;
+    uint64_t udp_from_workers;
 };
 
 struct reader {
@@ -111,8 +119,13 @@ struct tunio_stack {
     struct reader readers[TUNIO_MAX_QUEUES];
     struct tunio_nat nat;
     int nat_ready;
-    struct open_queue opens;
+    struct item_queue opens; /* struct tunio_nat_open */
     int opens_ready;
+    struct item_queue udpq;  /* datagrams read from the TUN */
+    struct udp_session **udp_tuple;
+    struct udp_session **udp_id;
+    uint32_t udp_sessions;
+    uint8_t *udp_out;        /* where reply packets are built */
     int listen_fd;
     uint16_t listen_port;
     int epfd;
@@ -145,22 +158,37 @@ void stack_tun_write(struct tunio_stack *s, int fd, const uint8_t *pkt, size_t l
 /* reader.c */
 int reader_start(struct tunio_stack *s, struct reader *r);
 void reader_join(struct reader *r);
-int open_queue_init(struct open_queue *q);
-void open_queue_fini(struct open_queue *q);
-/* Moves the queued new flows into `out` (caller frees); returns how many. */
-size_t open_queue_take(struct open_queue *q, struct tunio_nat_open **out);
+int packet_queue_init(struct item_queue *q);
+void packet_queue_fini(struct item_queue *q);
+/* Appends a copy of `item` (`size` bytes) unless `max` items wait already (-ENOBUFS). */
+int packet_queue_push(struct item_queue *q, const void *item, size_t size, size_t max);
+/* Moves the queued items into `*out` (caller frees); returns how many. */
+size_t packet_queue_take(struct item_queue *q, void **out);
 
 /* broker.c */
 int broker_send(struct tunio_stack *s, int worker, uint8_t cmd, uint32_t flow, uint64_t arg,
                 const void *payload, size_t len);
-/* Sends DATA whose bytes live in a malloc'd buffer, handed to ZeroMQ (freed by it). */
-int broker_send_owned(struct tunio_stack *s, int worker, uint32_t flow, uint8_t *buf, size_t len);
+/* Sends `cmd` whose payload lives in a malloc'd buffer, handed to ZeroMQ (freed by it). */
+int broker_send_owned_cmd(struct tunio_stack *s, int worker, uint8_t cmd, uint32_t flow,
+                          uint8_t *buf, size_t len);
+int broker_pick_worker(struct tunio_stack *s);
 void broker_drain(struct tunio_stack *s);
 void broker_open_flows(struct tunio_stack *s);
 void broker_tick(struct tunio_stack *s, uint64_t now);
 void broker_reap(struct tunio_stack *s);
 void broker_bye_all(struct tunio_stack *s);
 int broker_alive_workers(struct tunio_stack *s);
+
+/* udp.c */
+int udp_init(struct tunio_stack *s);
+void udp_fini(struct tunio_stack *s);
+void udp_enqueue(struct tunio_stack *s, const struct tunio_pkt *p); /* reader threads */
+void udp_drain(struct tunio_stack *s);
+/* Handles a message if it belongs to a UDP session (returns 1), else returns 0. */
+int udp_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_header *h,
+                   zmq_msg_t *payload);
+void udp_tick(struct tunio_stack *s, uint64_t now);
+void udp_worker_lost(struct tunio_stack *s, int worker);
 
 /* relay.c */
 void relay_accept(struct tunio_stack *s);

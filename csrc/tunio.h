@@ -19,6 +19,7 @@ struct tunio_config {
     uint32_t reserve_ms;     /* a NAT slot stays reserved this long after its flow ends */
     uint32_t heartbeat_ms;   /* heartbeat interval; a worker silent 3 intervals is dead */
     int log_level;           /* 10 debug, 20 info, 30 warning, 40 error */
+    uint32_t udp_timeout_ms; /* a UDP session idle this long is ended */
 };
 
 struct tunio_stats {
@@ -44,6 +45,11 @@ struct tunio_stats {
     uint64_t protocol_errors;
     uint64_t bytes_to_workers;
     uint64_t bytes_from_workers;
+    uint64_t udp_sessions;
+    uint64_t udp_sessions_opened;
+    uint64_t udp_to_workers;
+    uint64_t udp_from_workers;
+    uint64_t udp_dropped;
 };
 
 struct tunio_stack;

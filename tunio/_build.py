@@ -34,6 +34,7 @@ struct tunio_config {
     uint32_t reserve_ms;
     uint32_t heartbeat_ms;
     int log_level;
+    uint32_t udp_timeout_ms;
 };
 struct tunio_stats {
     uint64_t packets_read;
@@ -58,6 +59,11 @@ struct tunio_stats {
     uint64_t protocol_errors;
     uint64_t bytes_to_workers;
     uint64_t bytes_from_workers;
+    uint64_t udp_sessions;
+    uint64_t udp_sessions_opened;
+    uint64_t udp_to_workers;
+    uint64_t udp_from_workers;
+    uint64_t udp_dropped;
 };
 struct tunio_stack;
 int tunio_tun_open(const char *name, int queues, int *fds);
@@ -164,7 +170,3 @@ def _make_ffi() -> FFI:
 
 
 ffibuilder = _make_ffi()
-
-if __name__ == "__main__":
-    os.chdir(ROOT)
-    ffibuilder.compile(verbose=True)

@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send this network ('default' allowed) into the TUN; removed at exit (repeatable)",
     )
     parser.add_argument(
+        "--udp-timeout",
+        type=float,
+        default=60.0,
+        metavar="SEC",
+        help="end a UDP session after this many seconds without a datagram (default: 60)",
+    )
+    parser.add_argument(
         "--txqueuelen",
         type=int,
         default=10000,
@@ -200,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         runtime_dir=args.runtime_dir,
         routes=tuple(args.routes),
         connect_timeout=args.connect_timeout,
+        udp_timeout=args.udp_timeout,
         window=args.window,
         txqueuelen=args.txqueuelen,
         log_level=args.log_level,

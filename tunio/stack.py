@@ -56,6 +56,7 @@ class StackConfig:
     pool_size: int = 0
     reserve_timeout: float = 60.0
     heartbeat_interval: float = 1.0
+    udp_timeout: float = 60.0
 
 
 def open_tun(name: str, queues: int) -> list[int]:
@@ -102,6 +103,7 @@ class Stack:
         cfg.reserve_ms = int(config.reserve_timeout * 1000)
         cfg.heartbeat_ms = int(config.heartbeat_interval * 1000)
         cfg.log_level = _LEVELS.get(config.log_level.lower(), 20)
+        cfg.udp_timeout_ms = int(config.udp_timeout * 1000)
         out = ffi.new("struct tunio_stack **")
         rc = lib.tunio_stack_new(cfg, out)
         if rc < 0:

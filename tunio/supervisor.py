@@ -62,6 +62,7 @@ class Options:
     runtime_dir: str | None = None  # None: runtime.default_path(tun)
     routes: tuple[str, ...] = ()
     connect_timeout: float = 10.0
+    udp_timeout: float = 60.0
     window: int = 256 * 1024
     txqueuelen: int = 10000
     log_level: str = "info"
@@ -164,6 +165,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             )
     if not options.connect_timeout > 0:
         raise ConfigError(f"--connect-timeout {options.connect_timeout:g} must be above 0")
+    if not options.udp_timeout > 0:
+        raise ConfigError(f"--udp-timeout {options.udp_timeout:g} must be above 0")
     if not 1024 <= options.window <= 1 << 30:
         raise ConfigError(f"--window {options.window} is out of range: use 1024..{1 << 30}")
     if not 1 <= options.txqueuelen <= 1 << 20:
@@ -441,6 +444,7 @@ class Supervisor:
             # A held SYN must outlive the worker's own connect timeout.
             pending_timeout=max(15.0, opts.connect_timeout + 5.0),
             log_level=opts.log_level,
+            udp_timeout=opts.udp_timeout,
         )
         self._spawn_stack()
         self._await_ready([self._stack], "the stack")

@@ -133,7 +133,7 @@ def _malformed() -> dict[str, tuple[bytes, str]]:
         "short-tcp": (short_tcp, "drop_truncated"),
         "bad-data-offset": (bad_doff, "drop_bad_header"),
         "ipv6": (v6, "drop_unsupported"),
-        "udp": (packets.udp(APP, 5353, DST, 53, b"q"), "drop_unsupported"),
+        "icmp": (packets.ipv4(APP, DST, packets.ICMP, bytes(8)), "drop_unsupported"),
         "version-9": (bytes([0x95]) + bytes(30), "drop_bad_header"),
         # noise whose first nibble is neither 4 nor 6
         "noise": (bytes([0x0F]) + random.Random(7).randbytes(99), "drop_bad_header"),

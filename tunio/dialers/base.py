@@ -1,4 +1,5 @@
-"""What a dialer is: given a flow's destination (and source), return a connected TCP socket."""
+"""What a dialer is: given a flow's destination (and source), return a connected TCP socket, and
+for UDP (optionally) a datagram session."""
 
 from __future__ import annotations
 
@@ -27,6 +28,38 @@ class Dialer(Protocol):
         Raise OSError (or tunio.errors.DialError) whose errno is what the app should see:
         ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT, ...
         """
+        ...
+
+
+class DatagramSession(Protocol):
+    """One UDP association towards a destination, as a dialer made it (a connected UDP socket for
+    `direct`, a UDP ASSOCIATE relay for SOCKS5). The worker drives it from its event loop: it
+    waits for `fileno()` to be readable and then calls `recv()` until it returns None."""
+
+    def fileno(self) -> int:
+        """A descriptor that is readable when `recv()` may return a datagram."""
+        ...
+
+    def send(self, data: bytes | memoryview) -> bool:
+        """Send one datagram without blocking; False if it was dropped (a full buffer), as UDP
+        may. Raise OSError for an error the app should learn about (ECONNREFUSED, …)."""
+        ...
+
+    def recv(self) -> tuple[bytes, Address] | None:
+        """One waiting datagram and the address it came from, or None if none waits. Raise
+        OSError (errno ECONNREFUSED when the destination answered ICMP port unreachable, …)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class DatagramDialer(Protocol):
+    """A dialer that also carries UDP. Dialers without `dial_udp` carry TCP only: their UDP
+    sessions are refused (the app gets an ICMP error)."""
+
+    async def dial_udp(self, dst: Address, src: Address) -> DatagramSession:
+        """Return a session sending to `dst`; raise OSError with the errno the app should see."""
         ...
 
 
