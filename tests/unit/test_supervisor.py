@@ -55,6 +55,7 @@ class StackConfig:
     window: int = 256 * 1024
     pending_timeout: float = 15.0
     log_level: str = "info"
+    udp_timeout: float = 60.0
 
 def open_tun(name, queues):
     code = int(os.environ.get("FAKE_TUN_ERRNO", "0"))
