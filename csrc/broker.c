@@ -110,7 +110,8 @@ static void reject_open(struct tunio_stack *s, const struct tunio_nat_open *o, i
 {
     uint8_t out[256];
     size_t n = 0;
-    tunio_nat_reject(&s->nat, o->entry, o->flow_id, err, tunio_now_ms(), out, sizeof(out), &n);
+    tunio_nat_reject(stack_nat(s, o->version), o->entry, o->flow_id, err, tunio_now_ms(), out,
+                     sizeof(out), &n);
     if (n)
         stack_tun_write(s, -1, out, n);
 }
@@ -123,6 +124,8 @@ void broker_open_flows(struct tunio_stack *s)
         const struct tunio_nat_open *o = &items[i];
         int w = broker_pick_worker(s);
         struct flow *f = w >= 0 ? stack_flow_new(s, o->flow_id, o->entry, w) : NULL;
+        if (f)
+            f->version = o->version;
         if (!f) {
             /* No worker to dial: refuse at once rather than leave the app hanging. */
             s->c.no_worker++;
@@ -314,13 +317,16 @@ void broker_reap(struct tunio_stack *s)
 void broker_tick(struct tunio_stack *s, uint64_t now)
 {
     uint64_t limit = (uint64_t)s->cfg.heartbeat_ms * LIVENESS;
+    int beat = now - s->last_heartbeat >= s->cfg.heartbeat_ms;
+    if (beat)
+        s->last_heartbeat = now;
     for (int i = 0; i < s->nworkers; i++) {
         struct worker *w = &s->workers[i];
         if (!w->alive)
             continue;
         if (now - w->last_seen > limit)
             worker_lost(s, i, "no heartbeat");
-        else
+        else if (beat)
             broker_send(s, i, TUNIO_CMD_HEARTBEAT, 0, 0, NULL, 0);
     }
 }

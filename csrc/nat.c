@@ -32,18 +32,25 @@ struct tunio_nat_entry {
     uint16_t held_len;
 };
 
-static uint32_t ip4(const uint8_t a[16])
+/* The pool is consecutive in the low 32 bits of the address (bytes 0-3 of an IPv4 address as
+ * stored here, bytes 12-15 of an IPv6 one). */
+static uint32_t low32(const uint8_t *a)
 {
     return (uint32_t)a[0] << 24 | (uint32_t)a[1] << 16 | (uint32_t)a[2] << 8 | a[3];
 }
 
-static void set_ip4(uint8_t a[16], uint32_t v)
+static void set_low32(uint8_t *a, uint32_t v)
 {
-    memset(a, 0, 16);
     a[0] = (uint8_t)(v >> 24);
     a[1] = (uint8_t)(v >> 16);
     a[2] = (uint8_t)(v >> 8);
     a[3] = (uint8_t)v;
+}
+
+uint32_t tunio_nat_next_id(atomic_uint *counter)
+{
+    uint32_t id = atomic_fetch_add(counter, 1);
+    return id ? id : atomic_fetch_add(counter, 1); /* 0 is not a flow id; the counter wrapped */
 }
 
 static uint32_t tuple_hash(const uint8_t src[16], uint16_t sport, const uint8_t dst[16],
@@ -63,13 +70,17 @@ static uint32_t tuple_hash(const uint8_t src[16], uint16_t sport, const uint8_t 
     return h;
 }
 
-int tunio_nat_init(struct tunio_nat *nat, const struct tunio_nat_config *cfg)
+int tunio_nat_init(struct tunio_nat *nat, const struct tunio_nat_config *cfg,
+                   atomic_uint *next_flow_id)
 {
     memset(nat, 0, sizeof(*nat));
-    if (cfg->pool_count == 0 || cfg->pool_count > TUNIO_NAT_POOL_MAX)
+    if (cfg->pool_count == 0 || cfg->pool_count > TUNIO_NAT_POOL_MAX ||
+        (cfg->version != 4 && cfg->version != 6))
         return -EINVAL;
     nat->cfg = *cfg;
-    nat->pool_base_v4 = ip4(cfg->pool_base);
+    nat->next_flow_id = next_flow_id;
+    nat->low_off = cfg->version == 4 ? 0 : 12;
+    nat->pool_low = low32(cfg->pool_base + nat->low_off);
     nat->capacity = cfg->pool_count * TUNIO_NAT_PORTS;
     uint32_t nb = 1;
     while (nb < nat->capacity / 4)
@@ -79,7 +90,6 @@ int tunio_nat_init(struct tunio_nat *nat, const struct tunio_nat_config *cfg)
     nat->entries = calloc(nat->capacity, sizeof(*nat->entries));
     nat->buckets = calloc(nb, sizeof(*nat->buckets));
     nat->slots = calloc((size_t)cfg->pool_count * 65536u, sizeof(*nat->slots));
-    atomic_init(&nat->next_flow_id, 1);
     int err = -ENOMEM;
     if (!nat->entries || !nat->buckets || !nat->slots)
         goto fail;
@@ -207,9 +217,7 @@ static uint32_t new_entry(struct tunio_nat *nat, const struct tunio_pkt *p, uint
     e->port = port;
     e->state = ENTRY_PENDING;
     e->last_ms = now;
-    e->flow_id = atomic_fetch_add(&nat->next_flow_id, 1);
-    if (e->flow_id == 0) /* 0 is not a flow id; the counter wrapped */
-        e->flow_id = atomic_fetch_add(&nat->next_flow_id, 1);
+    e->flow_id = tunio_nat_next_id(nat->next_flow_id);
     memcpy(held, p->buf, p->len);
     e->held = held;
     e->held_len = (uint16_t)p->len;
@@ -224,7 +232,8 @@ static uint32_t new_entry(struct tunio_nat *nat, const struct tunio_pkt *p, uint
 
 static void pool_addr(const struct tunio_nat *nat, uint8_t index, uint8_t out[16])
 {
-    set_ip4(out, nat->pool_base_v4 + index);
+    memcpy(out, nat->cfg.pool_base, 16);
+    set_low32(out + nat->low_off, nat->pool_low + index);
 }
 
 static void to_listener(struct tunio_nat *nat, const struct tunio_nat_entry *e,
@@ -237,7 +246,12 @@ static void to_listener(struct tunio_nat *nat, const struct tunio_nat_entry *e,
 
 static int in_pool(const struct tunio_nat *nat, const uint8_t a[16], uint8_t *index)
 {
-    uint32_t off = ip4(a) - nat->pool_base_v4;
+    size_t lo = nat->low_off;
+    /* Every byte but the low 32 bits must be the pool's. */
+    if (memcmp(a, nat->cfg.pool_base, lo) ||
+        memcmp(a + lo + 4, nat->cfg.pool_base + lo + 4, 16 - lo - 4))
+        return 0;
+    uint32_t off = low32(a + lo) - nat->pool_low;
     if (off >= nat->cfg.pool_count)
         return 0;
     *index = (uint8_t)off;
@@ -372,14 +386,16 @@ int tunio_nat_release(struct tunio_nat *nat, uint32_t idx, uint32_t flow_id, uin
     return err;
 }
 
-/* ICMP codes a host or router sends for these dial errors (RFC 792, RFC 1812). */
-static int unreach_code(int err)
+int tunio_nat_icmp_code(int version, int err)
 {
+    /* The codes a host or router sends for these errors (RFC 792 and 1812; RFC 4443), chosen so
+     * that Linux maps them back to the same errno in the app. */
     switch (err) {
-    case ENETUNREACH: return 0;  /* net unreachable */
-    case EHOSTUNREACH: return 1; /* host unreachable */
+    case ENETUNREACH: return 0;                      /* net unreachable / no route */
+    case EHOSTUNREACH: return version == 4 ? 1 : 3;  /* host / address unreachable */
+    case ECONNREFUSED: return version == 4 ? 3 : 4;  /* port unreachable (UDP) */
     case EACCES:
-    case EPERM: return 13;       /* communication administratively prohibited */
+    case EPERM: return version == 4 ? 13 : 1;        /* administratively prohibited */
     default: return -1;
     }
 }
@@ -399,7 +415,7 @@ int tunio_nat_reject(struct tunio_nat *nat, uint32_t idx, uint32_t flow_id, int 
             e->last_ms = now;
         } else {
             if (e->held && tunio_pkt_parse(&p, e->held, e->held_len) == TUNIO_PKT_OK) {
-                int code = unreach_code(err);
+                int code = err == ECONNREFUSED ? -1 : tunio_nat_icmp_code(p.version, err);
                 *len = code >= 0 ? tunio_pkt_build_icmp_unreach(&p, (uint8_t)code, out, cap)
                                  : tunio_pkt_build_rst(&p, out, cap);
             }

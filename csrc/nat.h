@@ -21,9 +21,10 @@
 #define TUNIO_NAT_PORTS (65536u - TUNIO_NAT_PORT_MIN)
 
 struct tunio_nat_config {
+    uint8_t version;         /* 4 or 6: one table per address family */
     uint8_t listen_addr[16]; /* A */
     uint16_t listen_port;    /* L */
-    uint8_t pool_base[16];   /* first pool address; the pool is pool_count consecutive IPv4s */
+    uint8_t pool_base[16];   /* first pool address; the pool is pool_count consecutive ones */
     unsigned pool_count;
     uint32_t pending_ms;     /* a held SYN whose dial has no answer after this is dropped */
     uint32_t reserve_ms;     /* a slot stays unused this long after its flow ended (TIME_WAIT) */
@@ -65,7 +66,8 @@ struct tunio_nat_entry;
 struct tunio_nat {
     pthread_mutex_t lock;
     struct tunio_nat_config cfg;
-    uint32_t pool_base_v4;     /* host order */
+    size_t low_off;            /* where the address's low 32 bits are: 0 for IPv4, 12 for IPv6 */
+    uint32_t pool_low;         /* low 32 bits of the first pool address, host order */
     struct tunio_nat_entry *entries;
     uint32_t capacity;         /* entries the table can hold (= slots) */
     uint32_t used;             /* high-water mark of entries handed out */
@@ -75,14 +77,18 @@ struct tunio_nat {
     uint32_t bucket_mask;
     uint32_t *slots;           /* reverse map: (pool index, port) -> 1-based entry index */
     uint32_t cursor;           /* round-robin position in the slot space */
-    atomic_uint next_flow_id;
+    atomic_uint *next_flow_id; /* shared by every table and by UDP: one id space per stack */
     struct tunio_nat_counters n;
 };
 
-int tunio_nat_init(struct tunio_nat *nat, const struct tunio_nat_config *cfg);
+int tunio_nat_init(struct tunio_nat *nat, const struct tunio_nat_config *cfg,
+                   atomic_uint *next_flow_id);
+/* A fresh flow id (never 0) from the shared counter. */
+uint32_t tunio_nat_next_id(atomic_uint *counter);
 void tunio_nat_fini(struct tunio_nat *nat);
 
-/* Reader path: classifies and rewrites one packet read from the TUN (parsed ok, IPv4 TCP). */
+/* Reader path: classifies and rewrites one packet read from the TUN (parsed ok, TCP, of the
+ * table's address family). */
 enum tunio_nat_verdict tunio_nat_translate(struct tunio_nat *nat, struct tunio_pkt *p,
                                            uint64_t now, uint8_t *reply, size_t reply_cap,
                                            size_t *reply_len, struct tunio_nat_open *open);
@@ -103,5 +109,8 @@ void tunio_nat_close(struct tunio_nat *nat, uint32_t entry, uint32_t flow_id, ui
  * to `expired` (up to cap) so the loop can drop those flows. Returns the number written. */
 size_t tunio_nat_sweep(struct tunio_nat *nat, uint64_t now, uint32_t *expired, size_t cap);
 uint32_t tunio_nat_live(struct tunio_nat *nat);
+/* The ICMP (version 4) or ICMPv6 unreachable code that makes Linux report `err` to the app, or -1
+ * when there is none (a TCP refusal is a RST, not ICMP). */
+int tunio_nat_icmp_code(int version, int err);
 
 #endif

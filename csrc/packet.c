@@ -7,6 +7,7 @@
 #include "checksum.h"
 
 #define IPV4_MIN_HLEN 20u
+#define IPV6_HLEN 40u
 #define TCP_MIN_HLEN 20u
 #define UDP_HLEN 8u
 #define ICMP_QUOTE_MAX 64u /* payload bytes quoted after the IP header in an ICMP error */
@@ -73,6 +74,53 @@ static int parse_udp(struct tunio_pkt *p, const uint8_t *l4)
     return TUNIO_PKT_OK;
 }
 
+static int parse_l4(struct tunio_pkt *p)
+{
+    switch (p->proto) {
+    case TUNIO_IPPROTO_TCP: return parse_tcp(p, p->buf + p->l3_len);
+    case TUNIO_IPPROTO_UDP: return parse_udp(p, p->buf + p->l3_len);
+    default: return TUNIO_PKT_UNSUPPORTED;
+    }
+}
+
+/* IPv6: the fixed header, then the extension headers a packet may carry before its transport
+ * header. Hop-by-hop, routing and destination options are skipped; a fragment header means a
+ * fragment, which is not reassembled; anything else is not ours to carry. */
+static int parse_ipv6(struct tunio_pkt *p, size_t len)
+{
+    const uint8_t *buf = p->buf;
+    if (len < IPV6_HLEN)
+        return TUNIO_PKT_TRUNCATED;
+    size_t total = IPV6_HLEN + get16(buf + 4);
+    if (total > len)
+        return TUNIO_PKT_TRUNCATED;
+    uint8_t next = buf[6];
+    size_t off = IPV6_HLEN;
+    for (int hops = 0;; hops++) {
+        if (next == TUNIO_IPPROTO_TCP || next == TUNIO_IPPROTO_UDP ||
+            next == TUNIO_IPPROTO_ICMPV6)
+            break;
+        if (next == 44)
+            return TUNIO_PKT_FRAGMENT;
+        if ((next != 0 && next != 43 && next != 60) || hops == 8)
+            return TUNIO_PKT_UNSUPPORTED; /* ESP, AH, no next header, or a header chain too long */
+        if (off + 8 > total)
+            return TUNIO_PKT_TRUNCATED;
+        size_t ext = 8u + (size_t)buf[off + 1] * 8u;
+        if (off + ext > total)
+            return TUNIO_PKT_TRUNCATED;
+        next = buf[off];
+        off += ext;
+    }
+    p->len = total;
+    p->l3_len = off;
+    p->l4_len = total - off;
+    p->proto = next;
+    memcpy(p->src, buf + 8, 16);
+    memcpy(p->dst, buf + 24, 16);
+    return parse_l4(p);
+}
+
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len)
 {
     memset(p, 0, sizeof(*p));
@@ -80,8 +128,10 @@ int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len)
     if (len < 1)
         return TUNIO_PKT_TRUNCATED;
     p->version = buf[0] >> 4;
+    if (p->version == 6)
+        return parse_ipv6(p, len);
     if (p->version != 4)
-        return p->version == 6 ? TUNIO_PKT_UNSUPPORTED : TUNIO_PKT_BAD_HEADER;
+        return TUNIO_PKT_BAD_HEADER;
     if (len < IPV4_MIN_HLEN)
         return TUNIO_PKT_TRUNCATED;
     size_t hlen = (size_t)(buf[0] & 0x0f) * 4u;
@@ -99,11 +149,7 @@ int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len)
     p->proto = buf[9];
     memcpy(p->src, buf + 12, 4);
     memcpy(p->dst, buf + 16, 4);
-    switch (p->proto) {
-    case TUNIO_IPPROTO_TCP: return parse_tcp(p, buf + hlen);
-    case TUNIO_IPPROTO_UDP: return parse_udp(p, buf + hlen);
-    default: return TUNIO_PKT_UNSUPPORTED;
-    }
+    return parse_l4(p);
 }
 
 static size_t l4_csum_offset(const struct tunio_pkt *p)
@@ -117,24 +163,27 @@ void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t spor
     uint8_t *ip = p->buf;
     uint8_t *l4 = ip + p->l3_len;
     uint8_t *l4csum = ip + l4_csum_offset(p);
-    /* An UDP checksum of 0 means "none" and stays so. */
+    /* An IPv4 UDP checksum of 0 means "none" and stays so. */
     int fix_l4 = !(p->proto == TUNIO_IPPROTO_UDP && l4csum[0] == 0 && l4csum[1] == 0);
-    uint8_t old[12], new_[12];
-    memcpy(old, ip + 12, 8);
-    memcpy(new_, src, 4);
-    memcpy(new_ + 4, dst, 4);
-    put16(old + 8, get16(l4));
-    put16(old + 10, get16(l4 + 2));
-    put16(new_ + 8, sport);
-    put16(new_ + 10, dport);
-    tunio_csum_replace(ip + 10, old, new_, 8);
+    size_t alen = p->version == 4 ? 4u : 16u;
+    size_t aoff = p->version == 4 ? 12u : 8u; /* source, then destination, in both versions */
+    /* The words that change, old and new: both addresses, then both ports. */
+    uint8_t old[36], new_[36];
+    memcpy(old, ip + aoff, 2 * alen);
+    memcpy(new_, src, alen);
+    memcpy(new_ + alen, dst, alen);
+    memcpy(old + 2 * alen, l4, 4);
+    put16(new_ + 2 * alen, sport);
+    put16(new_ + 2 * alen + 2, dport);
+    if (p->version == 4)
+        tunio_csum_replace(ip + 10, old, new_, 8);
     if (fix_l4) {
-        tunio_csum_replace(l4csum, old, new_, 12);
+        tunio_csum_replace(l4csum, old, new_, 2 * alen + 4);
         if (p->proto == TUNIO_IPPROTO_UDP && l4csum[0] == 0 && l4csum[1] == 0)
             l4csum[0] = l4csum[1] = 0xff; /* a computed 0 is sent as all ones in UDP */
     }
-    memcpy(ip + 12, src, 4);
-    memcpy(ip + 16, dst, 4);
+    memcpy(ip + aoff, src, alen);
+    memcpy(ip + aoff + alen, dst, alen);
     put16(l4, sport);
     put16(l4 + 2, dport);
     memcpy(p->src, src, 16);
@@ -157,23 +206,57 @@ static void build_ipv4(uint8_t *out, size_t total, uint8_t proto, const uint8_t 
     put16(out + 10, tunio_csum_finish(tunio_csum_add(0, out, IPV4_MIN_HLEN)));
 }
 
+static void build_ipv6(uint8_t *out, size_t payload_len, uint8_t proto, const uint8_t src[16],
+                       const uint8_t dst[16])
+{
+    memset(out, 0, IPV6_HLEN);
+    out[0] = 0x60;
+    put16(out + 4, (uint16_t)payload_len);
+    out[6] = proto;
+    out[7] = 64;
+    memcpy(out + 8, src, 16);
+    memcpy(out + 24, dst, 16);
+}
+
+/* Writes an IP header of `version` for `l4len` transport bytes; returns the header length. */
+static size_t build_ip(int version, uint8_t *out, size_t l4len, uint8_t proto,
+                       const uint8_t src[16], const uint8_t dst[16])
+{
+    if (version == 6) {
+        build_ipv6(out, l4len, proto, src, dst);
+        return IPV6_HLEN;
+    }
+    build_ipv4(out, IPV4_MIN_HLEN + l4len, proto, src, dst);
+    return IPV4_MIN_HLEN;
+}
+
+/* The pseudo-header's sum (RFC 793 / RFC 8200 8.1), for a packet whose IP header is at `ip`. */
 static uint32_t pseudo_sum(const uint8_t *ip, uint8_t proto, size_t l4len)
 {
-    uint8_t ph[12];
-    memcpy(ph, ip + 12, 8);
-    ph[8] = 0;
-    ph[9] = proto;
-    put16(ph + 10, (uint16_t)l4len);
-    return tunio_csum_add(0, ph, sizeof(ph));
+    uint8_t ph[40];
+    size_t n;
+    if (ip[0] >> 4 == 6) {
+        memcpy(ph, ip + 8, 32);
+        put32(ph + 32, (uint32_t)l4len);
+        ph[36] = ph[37] = ph[38] = 0;
+        ph[39] = proto;
+        n = 40;
+    } else {
+        memcpy(ph, ip + 12, 8);
+        ph[8] = 0;
+        ph[9] = proto;
+        put16(ph + 10, (uint16_t)l4len);
+        n = 12;
+    }
+    return tunio_csum_add(0, ph, n);
 }
 
 size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap)
 {
-    const size_t total = IPV4_MIN_HLEN + TCP_MIN_HLEN;
+    const size_t total = (p->version == 6 ? IPV6_HLEN : IPV4_MIN_HLEN) + TCP_MIN_HLEN;
     if (p->proto != TUNIO_IPPROTO_TCP || (p->tcp_flags & TUNIO_TCP_RST) || cap < total)
         return 0;
-    build_ipv4(out, total, TUNIO_IPPROTO_TCP, p->dst, p->src);
-    uint8_t *th = out + IPV4_MIN_HLEN;
+    uint8_t *th = out + build_ip(p->version, out, TCP_MIN_HLEN, TUNIO_IPPROTO_TCP, p->dst, p->src);
     memset(th, 0, TCP_MIN_HLEN);
     put16(th, p->dport);
     put16(th + 2, p->sport);
@@ -194,15 +277,15 @@ size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap)
     return total;
 }
 
-size_t tunio_pkt_build_udp(const uint8_t src[16], uint16_t sport, const uint8_t dst[16],
-                           uint16_t dport, const uint8_t *payload, size_t len, uint8_t *out,
-                           size_t cap)
+size_t tunio_pkt_build_udp(int version, const uint8_t src[16], uint16_t sport,
+                           const uint8_t dst[16], uint16_t dport, const uint8_t *payload,
+                           size_t len, uint8_t *out, size_t cap)
 {
-    size_t total = IPV4_MIN_HLEN + UDP_HLEN + len;
-    if (total > 0xffff || cap < total)
+    size_t hlen = version == 6 ? IPV6_HLEN : IPV4_MIN_HLEN;
+    size_t total = hlen + UDP_HLEN + len;
+    if (UDP_HLEN + len > 0xffff || (version == 4 && total > 0xffff) || cap < total)
         return 0;
-    build_ipv4(out, total, TUNIO_IPPROTO_UDP, src, dst);
-    uint8_t *uh = out + IPV4_MIN_HLEN;
+    uint8_t *uh = out + build_ip(version, out, UDP_HLEN + len, TUNIO_IPPROTO_UDP, src, dst);
     put16(uh, sport);
     put16(uh + 2, dport);
     put16(uh + 4, (uint16_t)(UDP_HLEN + len));
@@ -211,36 +294,39 @@ size_t tunio_pkt_build_udp(const uint8_t src[16], uint16_t sport, const uint8_t 
         memcpy(uh + UDP_HLEN, payload, len);
     uint32_t sum = pseudo_sum(out, TUNIO_IPPROTO_UDP, UDP_HLEN + len);
     uint16_t c = tunio_csum_finish(tunio_csum_add(sum, uh, UDP_HLEN + len));
-    put16(uh + 6, c ? c : 0xffff); /* 0 means "no checksum" in UDP over IPv4 */
+    put16(uh + 6, c ? c : 0xffff); /* 0 means "no checksum" (and is not allowed over IPv6) */
     return total;
 }
 
 size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
                                     size_t cap)
 {
+    int v6 = p->version == 6;
     size_t quote = p->l3_len + (p->l4_len < ICMP_QUOTE_MAX ? p->l4_len : ICMP_QUOTE_MAX);
-    size_t total = IPV4_MIN_HLEN + 8u + quote;
+    size_t total = (v6 ? IPV6_HLEN : IPV4_MIN_HLEN) + 8u + quote;
     if (cap < total)
         return 0;
-    build_ipv4(out, total, TUNIO_IPPROTO_ICMP, p->dst, p->src);
-    uint8_t *ic = out + IPV4_MIN_HLEN;
+    uint8_t proto = v6 ? TUNIO_IPPROTO_ICMPV6 : TUNIO_IPPROTO_ICMP;
+    uint8_t *ic = out + build_ip(p->version, out, 8u + quote, proto, p->dst, p->src);
     memset(ic, 0, 8);
-    ic[0] = 3; /* destination unreachable */
+    ic[0] = v6 ? 1 : 3; /* destination unreachable */
     ic[1] = code;
     memcpy(ic + 8, p->buf, quote);
-    put16(ic + 2, tunio_csum_finish(tunio_csum_add(0, ic, 8u + quote)));
+    /* ICMPv6 sums the pseudo-header too (RFC 4443 2.3); ICMPv4 does not. */
+    uint32_t sum = v6 ? pseudo_sum(out, proto, 8u + quote) : 0;
+    put16(ic + 2, tunio_csum_finish(tunio_csum_add(sum, ic, 8u + quote)));
     return total;
 }
 
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p)
 {
-    if (tunio_csum_finish(tunio_csum_add(0, p->buf, p->l3_len)) != 0)
+    if (p->version == 4 && tunio_csum_finish(tunio_csum_add(0, p->buf, p->l3_len)) != 0)
         return -1;
     if (p->proto != TUNIO_IPPROTO_TCP && p->proto != TUNIO_IPPROTO_UDP)
         return 0;
     const uint8_t *l4 = p->buf + p->l3_len;
     if (p->proto == TUNIO_IPPROTO_UDP && l4[6] == 0 && l4[7] == 0)
-        return 0;
+        return p->version == 4 ? 0 : -1;
     uint32_t sum = pseudo_sum(p->buf, p->proto, p->l4_len);
     return tunio_csum_finish(tunio_csum_add(sum, l4, p->l4_len)) == 0 ? 0 : -1;
 }

@@ -9,6 +9,7 @@
 #define TUNIO_IPPROTO_ICMP 1
 #define TUNIO_IPPROTO_TCP 6
 #define TUNIO_IPPROTO_UDP 17
+#define TUNIO_IPPROTO_ICMPV6 58
 
 #define TUNIO_TCP_FIN 0x01
 #define TUNIO_TCP_SYN 0x02
@@ -30,9 +31,9 @@ enum tunio_pkt_status {
 struct tunio_pkt {
     uint8_t *buf;
     size_t len;       /* IP total length (trailing bytes beyond it are ignored) */
-    uint8_t version;  /* 4 */
+    uint8_t version;  /* 4 or 6 */
     uint8_t proto;    /* TUNIO_IPPROTO_* */
-    size_t l3_len;    /* IP header length */
+    size_t l3_len;    /* IP header length, IPv6 extension headers included */
     size_t l4_len;    /* bytes from the transport header to the end of the packet */
     uint8_t src[16];
     uint8_t dst[16];
@@ -49,8 +50,8 @@ struct tunio_pkt {
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);
 const char *tunio_pkt_status_name(int status);
 
-/* Rewrites source and destination address/port of a parsed IPv4 TCP or UDP packet in place and
- * updates the IP and transport checksums incrementally. Ports in host order. */
+/* Rewrites source and destination address/port of a parsed TCP or UDP packet in place and
+ * updates the checksums incrementally. Ports in host order. */
 void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t sport,
                        const uint8_t dst[16], uint16_t dport);
 
@@ -59,16 +60,17 @@ void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t spor
  * RST itself). */
 size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap);
 
-/* Builds an ICMP destination-unreachable (type 3, `code`) from p's destination to its source,
+/* Builds an ICMP (IPv4: type 3) or ICMPv6 (type 1) destination unreachable with `code` from
+ * p's destination to its source,
  * quoting p's IP header and the first bytes of its payload. Returns the length (0 on no room). */
 size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
                                     size_t cap);
 
-/* Builds an IPv4/UDP packet from `src:sport` to `dst:dport` carrying `payload` into `out`.
- * Returns its length, 0 if it does not fit. */
-size_t tunio_pkt_build_udp(const uint8_t src[16], uint16_t sport, const uint8_t dst[16],
-                           uint16_t dport, const uint8_t *payload, size_t len, uint8_t *out,
-                           size_t cap);
+/* Builds an IPv4 or IPv6 (`version`) UDP packet from `src:sport` to `dst:dport` carrying
+ * `payload` into `out`. Returns its length, 0 if it does not fit. */
+size_t tunio_pkt_build_udp(int version, const uint8_t src[16], uint16_t sport,
+                           const uint8_t dst[16], uint16_t dport, const uint8_t *payload,
+                           size_t len, uint8_t *out, size_t cap);
 
 /* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
  * right. Tests use it: the kernel does not check checksums of some packets we hand it. */

@@ -12,6 +12,7 @@
 #include "stack_internal.h"
 
 #define READ_BATCH 64 /* packets per wakeup before checking the stop fd again */
+#define REPLY_MAX 128 /* a RST or an ICMP error quoting a SYN */
 
 int packet_queue_init(struct item_queue *q)
 {
@@ -84,13 +85,24 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t le
         atomic_fetch_add_explicit(&s->c.drop[st], 1, memory_order_relaxed);
         return;
     }
+    struct family *fam = stack_family(s, p.version);
+    if (!fam->ready) {
+        /* An address family the TUN has no address of: nothing of ours can be there. */
+        atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_UNSUPPORTED], 1, memory_order_relaxed);
+        return;
+    }
     if (p.proto == TUNIO_IPPROTO_UDP) {
         udp_enqueue(s, &p);
         return;
     }
+    if (p.proto != TUNIO_IPPROTO_TCP) {
+        atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_UNSUPPORTED], 1, memory_order_relaxed);
+        return;
+    }
     struct tunio_nat_open open;
     size_t reply_len = 0;
-    switch (tunio_nat_translate(&s->nat, &p, tunio_now_ms(), reply, 128, &reply_len, &open)) {
+    switch (tunio_nat_translate(&fam->nat, &p, tunio_now_ms(), reply, REPLY_MAX, &reply_len,
+                                &open)) {
     case TUNIO_NAT_FORWARD:
         stack_tun_write(s, fd, buf, p.len);
         break;
@@ -101,7 +113,7 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t le
         if (packet_queue_push(&s->opens, &open, sizeof(open), SIZE_MAX) < 0) {
             uint8_t out[TUNIO_TUN_BUF];
             size_t n;
-            tunio_nat_reject(&s->nat, open.entry, open.flow_id, ENOMEM, tunio_now_ms(), out,
+            tunio_nat_reject(&fam->nat, open.entry, open.flow_id, ENOMEM, tunio_now_ms(), out,
                              sizeof(out), &n);
             if (n)
                 stack_tun_write(s, fd, out, n);
@@ -117,7 +129,7 @@ static void *reader_main(void *arg)
     struct reader *r = arg;
     struct tunio_stack *s = r->s;
     uint8_t *buf = malloc(TUNIO_TUN_BUF);
-    uint8_t reply[128];
+    uint8_t reply[REPLY_MAX];
     if (!buf) {
         tunio_log(TUNIO_LOG_ERROR, "reader: out of memory");
         return NULL;

@@ -23,7 +23,7 @@ static void end_flow(struct tunio_stack *s, struct flow *f)
         close(f->fd);
         f->fd = -1;
     }
-    tunio_nat_close(&s->nat, f->entry, f->id, tunio_now_ms());
+    tunio_nat_close(stack_nat(s, f->version), f->entry, f->id, tunio_now_ms());
     stack_flow_free(s, f);
 }
 
@@ -39,7 +39,7 @@ void relay_abort(struct tunio_stack *s, struct flow *f, int reason)
         /* The app's SYN is still held: answer it as a refused connect. */
         uint8_t out[256];
         size_t n = 0;
-        tunio_nat_reject(&s->nat, f->entry, f->id, ECONNREFUSED, tunio_now_ms(), out,
+        tunio_nat_reject(stack_nat(s, f->version), f->entry, f->id, ECONNREFUSED, tunio_now_ms(), out,
                          sizeof(out), &n);
         if (n)
             stack_tun_write(s, -1, out, n);
@@ -189,12 +189,13 @@ static void close_abortive(int fd)
     close(fd);
 }
 
-void relay_accept(struct tunio_stack *s)
+void relay_accept(struct tunio_stack *s, int version)
 {
+    struct family *fam = stack_family(s, version);
     for (;;) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
-        int fd = accept4(s->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        int fd = accept4(fam->listen_fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
@@ -208,10 +209,14 @@ void relay_accept(struct tunio_stack *s)
             const struct sockaddr_in *sin = (const struct sockaddr_in *)&ss;
             memcpy(addr, &sin->sin_addr, 4);
             port = ntohs(sin->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&ss;
+            memcpy(addr, &sin6->sin6_addr, 16);
+            port = ntohs(sin6->sin6_port);
         }
         uint32_t entry, id;
         struct flow *f = NULL;
-        if (tunio_nat_lookup_slot(&s->nat, addr, port, &entry, &id) == 0)
+        if (tunio_nat_lookup_slot(&fam->nat, addr, port, &entry, &id) == 0)
             f = stack_flow_find(s, id);
         if (!f || f->entry != entry || f->fd >= 0) {
             /* Its flow was reset meanwhile: the app gets a RST, not a silent hang. */
@@ -261,7 +266,8 @@ static void on_open_ok(struct tunio_stack *s, struct flow *f, uint64_t window)
     }
     uint8_t syn[TUNIO_TUN_BUF];
     size_t n;
-    if (tunio_nat_release(&s->nat, f->entry, f->id, tunio_now_ms(), syn, sizeof(syn), &n) < 0) {
+    if (tunio_nat_release(stack_nat(s, f->version), f->entry, f->id, tunio_now_ms(), syn,
+                          sizeof(syn), &n) < 0) {
         /* The app gave up meanwhile (the held SYN expired). */
         broker_send(s, f->worker, TUNIO_CMD_RST, f->id, ETIMEDOUT, NULL, 0);
         end_flow(s, f);
@@ -283,8 +289,8 @@ static void on_open_fail(struct tunio_stack *s, struct flow *f, int err)
         return;
     }
     s->c.dial_failed++;
-    if (tunio_nat_reject(&s->nat, f->entry, f->id, err, tunio_now_ms(), out, sizeof(out), &n) ==
-            0 &&
+    if (tunio_nat_reject(stack_nat(s, f->version), f->entry, f->id, err, tunio_now_ms(), out,
+                         sizeof(out), &n) == 0 &&
         n)
         stack_tun_write(s, -1, out, n);
     stack_flow_free(s, f);
@@ -331,13 +337,17 @@ void relay_on_message(struct tunio_stack *s, int worker, const struct tunio_wire
 void relay_tick(struct tunio_stack *s, uint64_t now)
 {
     uint32_t expired[1024];
-    size_t n = tunio_nat_sweep(&s->nat, now, expired, TUNIO_ARRAY_LEN(expired));
-    for (size_t i = 0; i < n; i++) {
-        /* The worker never answered: the app sees a silent timeout, the worker a RST. */
-        struct flow *f = stack_flow_find(s, expired[i]);
-        if (f) {
-            broker_send(s, f->worker, TUNIO_CMD_RST, f->id, ETIMEDOUT, NULL, 0);
-            stack_flow_free(s, f);
+    for (int v = 0; v < 2; v++) {
+        if (!s->fam[v].ready)
+            continue;
+        size_t n = tunio_nat_sweep(&s->fam[v].nat, now, expired, TUNIO_ARRAY_LEN(expired));
+        for (size_t i = 0; i < n; i++) {
+            /* The worker never answered: the app sees a silent timeout, the worker a RST. */
+            struct flow *f = stack_flow_find(s, expired[i]);
+            if (f) {
+                broker_send(s, f->worker, TUNIO_CMD_RST, f->id, ETIMEDOUT, NULL, 0);
+                stack_flow_free(s, f);
+            }
         }
     }
     for (uint32_t b = 0; b <= s->flow_mask; b++) {

@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/ip6.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -20,6 +21,7 @@
 #define LISTEN_BACKLOG 65535
 #define EVENTS_PER_WAIT 256
 #define BYE_LINGER_MS 500
+#define TICK_MS 250u
 
 const char *tunio_version(void)
 {
@@ -119,55 +121,111 @@ void stack_tun_write(struct tunio_stack *s, int fd, const uint8_t *pkt, size_t l
 
 /* ---- construction ---- */
 
-static int make_pool(const struct tunio_config *cfg, struct tunio_nat_config *nc)
+/* Takes the NAT pool from the top of the prefix (below A if A sits up there), in the low 32 bits
+ * of the address: the NAT table walks the pool there. */
+static int make_pool(const struct tunio_prefix *px, unsigned want, struct tunio_nat_config *nc)
 {
-    if (cfg->address_version != 4 || cfg->prefix_len > 30)
+    int bits = px->version == 4 ? 32 : 128;
+    if ((px->version != 4 && px->version != 6) || px->prefix_len > bits - 2)
         return -EINVAL;
-    uint32_t a = (uint32_t)cfg->address[0] << 24 | (uint32_t)cfg->address[1] << 16 |
-                 (uint32_t)cfg->address[2] << 8 | cfg->address[3];
-    uint32_t mask = cfg->prefix_len ? ~0u << (32 - cfg->prefix_len) : 0;
-    uint32_t net = a & mask, last = (net | ~mask) - 1; /* highest host address */
-    uint32_t hosts = last - net;                       /* host addresses but A */
-    unsigned want = cfg->pool_count ? cfg->pool_count : DEFAULT_POOL;
+    size_t off = px->version == 4 ? 0 : 12;
+    uint8_t top[16] = {0};
+    memcpy(top, px->address, px->version == 4 ? 4 : 16);
+    for (int bit = px->prefix_len; bit < bits; bit++)
+        top[bit / 8] |= (uint8_t)(0x80u >> (bit % 8)); /* every host bit set */
+    int low_host_bits = bits - px->prefix_len < 32 ? bits - px->prefix_len : 32;
+    uint32_t mask = low_host_bits == 32 ? 0 : ~0u << low_host_bits;
+    uint32_t a = (uint32_t)px->address[off] << 24 | (uint32_t)px->address[off + 1] << 16 |
+                 (uint32_t)px->address[off + 2] << 8 | px->address[off + 3];
+    uint32_t t = (uint32_t)top[off] << 24 | (uint32_t)top[off + 1] << 16 |
+                 (uint32_t)top[off + 2] << 8 | top[off + 3];
+    uint32_t first = (t & mask) + 1, last = t - 1; /* all-zero and all-one hosts left alone */
+    uint32_t hosts = last - first;                 /* host addresses but A */
+    if (want == 0)
+        want = DEFAULT_POOL;
     if (want > TUNIO_NAT_POOL_MAX)
         want = TUNIO_NAT_POOL_MAX;
     if (want > hosts)
         want = hosts;
-    if (want == 0)
-        return -EINVAL;
-    /* The pool is taken from the top of the prefix, below A if A sits up there. */
+    int a_in_top = !memcmp(px->address, top, off); /* same upper bytes as the top */
     uint32_t base = last - want + 1;
-    if (a >= base && a <= last)
+    if (a_in_top && a >= base && a <= last)
         base = a - want;
-    if (base <= net)
+    if (want == 0 || base < first)
         return -EINVAL;
+    nc->version = px->version;
     nc->pool_count = want;
-    memset(nc->pool_base, 0, 16);
-    nc->pool_base[0] = (uint8_t)(base >> 24);
-    nc->pool_base[1] = (uint8_t)(base >> 16);
-    nc->pool_base[2] = (uint8_t)(base >> 8);
-    nc->pool_base[3] = (uint8_t)base;
+    memcpy(nc->pool_base, top, 16);
+    nc->pool_base[off] = (uint8_t)(base >> 24);
+    nc->pool_base[off + 1] = (uint8_t)(base >> 16);
+    nc->pool_base[off + 2] = (uint8_t)(base >> 8);
+    nc->pool_base[off + 3] = (uint8_t)base;
+    memcpy(nc->listen_addr, px->address, 16);
+    if (px->version == 4)
+        memset(nc->listen_addr + 4, 0, 12);
     return 0;
 }
 
-static int bind_listener(struct tunio_stack *s)
+static int bind_listener(struct tunio_stack *s, const struct tunio_prefix *px, struct family *fam)
 {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    int v6 = px->version == 6;
+    int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons(s->cfg.listen_port)};
-    memcpy(&sin.sin_addr, s->cfg.address, 4);
-    socklen_t sl = sizeof(sin);
-    if (bind(fd, (struct sockaddr *)&sin, sizeof(sin)) < 0 || listen(fd, LISTEN_BACKLOG) < 0 ||
-        getsockname(fd, (struct sockaddr *)&sin, &sl) < 0) {
+    /* Bind even while the address is not (yet) on an interface: an IPv6 address may still be
+     * tentative, and tests drive the stack through socketpairs with no TUN at all. */
+    setsockopt(fd, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_FREEBIND : IP_FREEBIND, &one,
+               sizeof(one));
+    struct sockaddr_storage ss;
+    memset(&ss, 0, sizeof(ss));
+    socklen_t sl;
+    if (v6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons(s->cfg.listen_port);
+        memcpy(&sin6->sin6_addr, px->address, 16);
+        sl = sizeof(*sin6);
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+    } else {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons(s->cfg.listen_port);
+        memcpy(&sin->sin_addr, px->address, 4);
+        sl = sizeof(*sin);
+    }
+    if (bind(fd, (struct sockaddr *)&ss, sl) < 0 || listen(fd, LISTEN_BACKLOG) < 0 ||
+        getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
         int err = -errno;
         close(fd);
         return err;
     }
-    s->listen_fd = fd;
-    s->listen_port = ntohs(sin.sin_port);
+    fam->listen_fd = fd;
+    fam->listen_port = ntohs(v6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                : ((struct sockaddr_in *)&ss)->sin_port);
+    return 0;
+}
+
+static int setup_family(struct tunio_stack *s, const struct tunio_prefix *px)
+{
+    struct family *fam = stack_family(s, px->version);
+    if (fam->ready)
+        return -EINVAL; /* one prefix per family */
+    struct tunio_nat_config nc;
+    memset(&nc, 0, sizeof(nc));
+    int err = make_pool(px, s->cfg.pool_count, &nc);
+    if (err || (err = bind_listener(s, px, fam)))
+        return err;
+    nc.listen_port = fam->listen_port;
+    nc.pending_ms = s->cfg.pending_ms;
+    nc.reserve_ms = s->cfg.reserve_ms;
+    nc.silent_ms = s->cfg.reserve_ms;
+    if ((err = tunio_nat_init(&fam->nat, &nc, &s->next_flow_id)))
+        return err;
+    fam->ready = 1;
+    tunio_log(TUNIO_LOG_DEBUG, "IPv%d: listener on port %u, NAT pool of %u addresses",
+              px->version, fam->listen_port, nc.pool_count);
     return 0;
 }
 
@@ -202,12 +260,14 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
 {
     *out = NULL;
     if (!cfg->endpoint || cfg->n_tun_fds < 1 || cfg->n_tun_fds > TUNIO_MAX_QUEUES ||
-        cfg->window == 0)
+        cfg->window == 0 || cfg->n_prefixes < 1 || cfg->n_prefixes > 2)
         return -EINVAL;
     struct tunio_stack *s = calloc(1, sizeof(*s));
     if (!s)
         return -ENOMEM;
-    s->listen_fd = s->epfd = s->stop_fd = s->timer_fd = -1;
+    s->epfd = s->stop_fd = s->timer_fd = -1;
+    s->fam[0].listen_fd = s->fam[1].listen_fd = -1;
+    atomic_init(&s->next_flow_id, 1);
     s->cfg = *cfg;
     s->cfg.tun_fds = NULL;
     s->cfg.endpoint = NULL;
@@ -228,19 +288,9 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     s->flow_buckets = calloc(s->flow_mask + 1, sizeof(*s->flow_buckets));
     if (!s->endpoint || !s->flow_buckets)
         goto fail;
-    struct tunio_nat_config nc = {.listen_port = 0};
-    if ((err = make_pool(&s->cfg, &nc)))
-        goto fail;
-    if ((err = bind_listener(s)))
-        goto fail;
-    memcpy(nc.listen_addr, s->cfg.address, 16);
-    nc.listen_port = s->listen_port;
-    nc.pending_ms = s->cfg.pending_ms;
-    nc.reserve_ms = s->cfg.reserve_ms;
-    nc.silent_ms = s->cfg.reserve_ms;
-    if ((err = tunio_nat_init(&s->nat, &nc)))
-        goto fail;
-    s->nat_ready = 1;
+    for (int i = 0; i < cfg->n_prefixes; i++)
+        if ((err = setup_family(s, &cfg->prefixes[i])))
+            goto fail;
     if ((err = packet_queue_init(&s->opens)))
         goto fail;
     s->opens_ready = 1;
@@ -257,20 +307,23 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     }
     if ((err = bind_router(s)))
         goto fail;
-    struct itimerspec its = {.it_interval = {.tv_sec = s->cfg.heartbeat_ms / 1000,
-                                             .tv_nsec = (long)(s->cfg.heartbeat_ms % 1000) * 1000000L}};
+    /* The loop's tick: heartbeats go out every heartbeat_ms, expiries are checked every tick. */
+    uint32_t tick = s->cfg.heartbeat_ms < TICK_MS ? s->cfg.heartbeat_ms : TICK_MS;
+    struct itimerspec its = {.it_interval = {.tv_sec = tick / 1000,
+                                             .tv_nsec = (long)(tick % 1000) * 1000000L}};
     its.it_value = its.it_interval;
     if (timerfd_settime(s->timer_fd, 0, &its, NULL) < 0) {
         err = -errno;
         goto fail;
     }
-    if ((err = watch(s, s->listen_fd, TAG_LISTENER)) || (err = watch(s, s->router_fd, TAG_ROUTER)) ||
+    if ((s->fam[0].ready && (err = watch(s, s->fam[0].listen_fd, TAG_LISTENER4))) ||
+        (s->fam[1].ready && (err = watch(s, s->fam[1].listen_fd, TAG_LISTENER6))) ||
+        (err = watch(s, s->router_fd, TAG_ROUTER)) ||
         (err = watch(s, s->opens.efd, TAG_OPENS)) || (err = watch(s, s->udpq.efd, TAG_UDPQ)) ||
         (err = watch(s, s->stop_fd, TAG_STOP)) ||
         (err = watch(s, s->timer_fd, TAG_TIMER)))
         goto fail;
-    tunio_log(TUNIO_LOG_DEBUG, "listener on port %u, NAT pool of %u addresses, endpoint %s",
-              s->listen_port, nc.pool_count, s->endpoint);
+    tunio_log(TUNIO_LOG_DEBUG, "endpoint %s", s->endpoint);
     *out = s;
     return 0;
 fail:
@@ -294,8 +347,9 @@ void tunio_stack_free(struct tunio_stack *s)
         zmq_close(s->router);
     if (s->zctx)
         zmq_ctx_term(s->zctx);
-    if (s->listen_fd >= 0)
-        close(s->listen_fd);
+    for (int v = 0; v < 2; v++)
+        if (s->fam[v].listen_fd >= 0)
+            close(s->fam[v].listen_fd);
     if (s->epfd >= 0)
         close(s->epfd);
     if (s->stop_fd >= 0)
@@ -306,8 +360,9 @@ void tunio_stack_free(struct tunio_stack *s)
     free(s->udp_out);
     if (s->opens_ready)
         packet_queue_fini(&s->opens);
-    if (s->nat_ready)
-        tunio_nat_fini(&s->nat);
+    for (int v = 0; v < 2; v++)
+        if (s->fam[v].ready)
+            tunio_nat_fini(&s->fam[v].nat);
     free(s->rbuf);
     free(s->endpoint);
     free(s);
@@ -320,9 +375,10 @@ int tunio_stack_stop(struct tunio_stack *s)
     return write(s->stop_fd, &one, sizeof(one)) == sizeof(one) ? 0 : -errno;
 }
 
-int tunio_stack_listen_port(struct tunio_stack *s)
+int tunio_stack_listen_port(struct tunio_stack *s, int version)
 {
-    return s->listen_port;
+    struct family *fam = stack_family(s, version);
+    return fam->ready ? fam->listen_port : -EAFNOSUPPORT;
 }
 
 /* ---- the loop ---- */
@@ -342,8 +398,11 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
 {
     uint64_t tag = ev->data.u64 & 0xff;
     switch (tag) {
-    case TAG_LISTENER:
-        relay_accept(s);
+    case TAG_LISTENER4:
+        relay_accept(s, 4);
+        break;
+    case TAG_LISTENER6:
+        relay_accept(s, 6);
         break;
     case TAG_OPENS:
         broker_open_flows(s);
@@ -424,11 +483,16 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
     o->drop_bad_header = atomic_load(&s->c.drop[TUNIO_PKT_BAD_HEADER]);
     o->drop_fragment = atomic_load(&s->c.drop[TUNIO_PKT_FRAGMENT]);
     o->drop_unsupported = atomic_load(&s->c.drop[TUNIO_PKT_UNSUPPORTED]);
-    o->drop_reserved = atomic_load(&s->nat.n.drop_reserved);
-    o->drop_unknown = atomic_load(&s->nat.n.drop_unknown);
-    o->rst_unknown_flow = atomic_load(&s->nat.n.rst_sent);
-    o->nat_table_full = atomic_load(&s->nat.n.table_full);
-    o->nat_entries = tunio_nat_live(&s->nat);
+    for (int v = 0; v < 2; v++) {
+        struct tunio_nat *nat = &s->fam[v].nat;
+        if (!s->fam[v].ready)
+            continue;
+        o->drop_reserved += atomic_load(&nat->n.drop_reserved);
+        o->drop_unknown += atomic_load(&nat->n.drop_unknown);
+        o->rst_unknown_flow += atomic_load(&nat->n.rst_sent);
+        o->nat_table_full += atomic_load(&nat->n.table_full);
+        o->nat_entries += tunio_nat_live(nat);
+    }
     o->write_errors = atomic_load(&s->c.write_errors);
     /* Loop-thread counters: read without a lock; a stale value is fine for statistics. */
     o->flows_opened = s->c.flows_opened;

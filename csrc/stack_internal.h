@@ -24,7 +24,8 @@
 
 /* epoll tags: the low byte says what an event is for; flows carry their id above it. */
 enum {
-    TAG_LISTENER = 1,
+    TAG_LISTENER4 = 1,
+    TAG_LISTENER6,
     TAG_ROUTER,
     TAG_OPENS,
     TAG_STOP,
@@ -51,6 +52,7 @@ struct chunk {
 struct flow {
     uint32_t id;
     uint32_t entry;       /* NAT entry */
+    uint8_t version;      /* which family's NAT table holds the entry */
     int worker;           /* index in stack.workers */
     int fd;               /* accepted socket, -1 before accept */
     uint32_t flags;
@@ -104,6 +106,14 @@ struct stack_counters {
     uint64_t udp_from_workers;
 };
 
+/* One address family the stack carries: its listener and its NAT table. */
+struct family {
+    int ready;
+    struct tunio_nat nat;
+    int listen_fd;
+    uint16_t listen_port;
+};
+
 struct reader {
     struct tunio_stack *s;
     int fd;
@@ -117,8 +127,8 @@ struct tunio_stack {
     int tun_fds[TUNIO_MAX_QUEUES];
     int n_tun;
     struct reader readers[TUNIO_MAX_QUEUES];
-    struct tunio_nat nat;
-    int nat_ready;
+    struct family fam[2]; /* [0] IPv4, [1] IPv6 */
+    atomic_uint next_flow_id;
     struct item_queue opens; /* struct tunio_nat_open */
     int opens_ready;
     struct item_queue udpq;  /* datagrams read from the TUN */
@@ -126,8 +136,6 @@ struct tunio_stack {
     struct udp_session **udp_id;
     uint32_t udp_sessions;
     uint8_t *udp_out;        /* where reply packets are built */
-    int listen_fd;
-    uint16_t listen_port;
     int epfd;
     int stop_fd;
     int timer_fd;
@@ -144,11 +152,20 @@ struct tunio_stack {
     int nworkers;
     unsigned rr;
     int doomed; /* some worker is doomed */
+    uint64_t last_heartbeat;
     uint8_t *rbuf; /* read buffer, handed to ZeroMQ without a copy when large */
     struct stack_counters c;
 };
 
 /* stack.c */
+static inline struct family *stack_family(struct tunio_stack *s, int version)
+{
+    return &s->fam[version == 6];
+}
+static inline struct tunio_nat *stack_nat(struct tunio_stack *s, int version)
+{
+    return &s->fam[version == 6].nat;
+}
 struct flow *stack_flow_find(struct tunio_stack *s, uint32_t id);
 struct flow *stack_flow_new(struct tunio_stack *s, uint32_t id, uint32_t entry, int worker);
 void stack_flow_free(struct tunio_stack *s, struct flow *f);
@@ -191,7 +208,7 @@ void udp_tick(struct tunio_stack *s, uint64_t now);
 void udp_worker_lost(struct tunio_stack *s, int worker);
 
 /* relay.c */
-void relay_accept(struct tunio_stack *s);
+void relay_accept(struct tunio_stack *s, int version);
 void relay_event(struct tunio_stack *s, struct flow *f, uint32_t events);
 void relay_pump(struct tunio_stack *s, struct flow *f);
 void relay_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_header *h,

@@ -5,12 +5,18 @@
 
 #include <stdint.h>
 
+/* An address of the TUN device with its prefix: the stack carries that address family. */
+struct tunio_prefix {
+    uint8_t address[16];     /* A: the TUN's own address (IPv4 in the first 4 bytes) */
+    uint8_t version;         /* 4 or 6 */
+    uint8_t prefix_len;      /* NAT pool addresses are taken from the top of the prefix */
+};
+
 struct tunio_config {
     const int *tun_fds;      /* one fd per TUN queue, opened by the caller (or test socketpairs) */
     int n_tun_fds;
-    uint8_t address[16];     /* A: the TUN's own address; the listener binds here */
-    uint8_t address_version; /* 4 */
-    uint8_t prefix_len;      /* the TUN prefix; NAT pool addresses are taken from its top */
+    struct tunio_prefix prefixes[2]; /* at most one IPv4 and one IPv6 */
+    int n_prefixes;
     uint16_t listen_port;    /* 0: any free port */
     unsigned pool_count;     /* NAT pool addresses; 0: up to 16 */
     const char *endpoint;    /* ZeroMQ endpoint the ROUTER binds */
@@ -66,7 +72,8 @@ int tunio_stack_run(struct tunio_stack *s);
 int tunio_stack_stop(struct tunio_stack *s);
 void tunio_stack_free(struct tunio_stack *s);
 void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *out);
-int tunio_stack_listen_port(struct tunio_stack *s);
+/* The listener's port for IP `version`, or -EAFNOSUPPORT if that family is not carried. */
+int tunio_stack_listen_port(struct tunio_stack *s, int version);
 const char *tunio_version(void);
 
 #endif

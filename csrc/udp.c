@@ -18,6 +18,7 @@
 struct udp_session {
     uint32_t id;
     int worker;
+    uint8_t version;
     uint8_t src[16]; /* the app */
     uint8_t dst[16];
     uint16_t sport;
@@ -125,9 +126,8 @@ static struct udp_session *session_for(struct tunio_stack *s, const struct tunio
             s->c.no_worker++;
         return NULL;
     }
-    u->id = atomic_fetch_add(&s->nat.next_flow_id, 1);
-    if (!u->id)
-        u->id = atomic_fetch_add(&s->nat.next_flow_id, 1);
+    u->id = tunio_nat_next_id(&s->next_flow_id);
+    u->version = p->version;
     u->worker = w;
     memcpy(u->src, p->src, 16);
     memcpy(u->dst, p->dst, 16);
@@ -196,27 +196,17 @@ static void return_credit(struct tunio_stack *s, struct udp_session *u)
     }
 }
 
-/* ICMP codes for the errors a worker's UDP socket reports (RFC 792). */
-static int udp_icmp_code(int err)
-{
-    switch (err) {
-    case 0: return -1; /* an orderly end: nothing to tell the app */
-    case ENETUNREACH: return 0;
-    case EHOSTUNREACH: return 1;
-    case ECONNREFUSED: return 3; /* port unreachable */
-    default: return 13;          /* administratively prohibited */
-    }
-}
-
 static void tell_app(struct tunio_stack *s, const struct udp_session *u, int err)
 {
-    int code = udp_icmp_code(err);
+    if (err == 0)
+        return; /* an orderly end: nothing to tell the app */
+    int code = tunio_nat_icmp_code(u->version, err);
     if (code < 0)
-        return;
+        code = tunio_nat_icmp_code(u->version, EACCES); /* other failures: prohibited */
     /* ICMP quotes the offending datagram's headers; a header of the session's own tuple is
      * what the app's kernel matches its socket by. */
-    uint8_t orig[28], out[128];
-    size_t n = tunio_pkt_build_udp(u->src, u->sport, u->dst, u->dport, NULL, 0, orig,
+    uint8_t orig[48], out[160];
+    size_t n = tunio_pkt_build_udp(u->version, u->src, u->sport, u->dst, u->dport, NULL, 0, orig,
                                    sizeof(orig));
     struct tunio_pkt p;
     if (!n || tunio_pkt_parse(&p, orig, n) != TUNIO_PKT_OK)
@@ -242,11 +232,12 @@ int udp_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_he
         const uint8_t *data = zmq_msg_data(payload);
         size_t len = zmq_msg_size(payload);
         uint8_t *out = s->udp_out;
-        if (tunio_wire_decode_addr(data, len, &a) < 0 || a.version != 4) {
+        if (tunio_wire_decode_addr(data, len, &a) < 0 || a.version != u->version) {
             s->c.protocol_errors++;
             return 1;
         }
-        size_t n = tunio_pkt_build_udp(a.src, a.sport, a.dst, a.dport, data + TUNIO_WIRE_ADDR_LEN,
+        size_t n = tunio_pkt_build_udp(a.version, a.src, a.sport, a.dst, a.dport,
+                                       data + TUNIO_WIRE_ADDR_LEN,
                                        len - TUNIO_WIRE_ADDR_LEN, out, TUNIO_TUN_BUF);
         if (n) {
             stack_tun_write(s, -1, out, n);

@@ -1,24 +1,35 @@
 /* libFuzzer target: every packet the TUN can hand the stack goes through the parser, the NAT
  * translation and the answer builders, as a reader thread would do it. The table lives across
  * inputs, so sequences of packets (SYN, then segments of the same flow) are explored too. */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../csrc/nat.h"
 #include "../csrc/packet.h"
 
-static struct tunio_nat nat;
+static struct tunio_nat nat4, nat6;
+static atomic_uint next_id = 1;
 static int ready;
 static uint64_t now_ms;
 
 static void setup(void)
 {
-    struct tunio_nat_config cfg = {.listen_port = 4000, .pool_count = 2, .pending_ms = 50,
-                                   .reserve_ms = 100, .silent_ms = 100};
+    struct tunio_nat_config cfg = {.version = 4, .listen_port = 4000, .pool_count = 2,
+                                   .pending_ms = 50, .reserve_ms = 100, .silent_ms = 100};
     const uint8_t a[4] = {198, 18, 255, 1}, base[4] = {198, 18, 255, 252};
     memcpy(cfg.listen_addr, a, 4);
     memcpy(cfg.pool_base, base, 4);
-    if (tunio_nat_init(&nat, &cfg))
+    if (tunio_nat_init(&nat4, &cfg, &next_id))
+        abort();
+    /* fd00:18::1/64, pool at the top of the prefix */
+    const uint8_t a6[16] = {0xfd, 0, 0, 0x18, [15] = 1};
+    uint8_t base6[16] = {0xfd, 0, 0, 0x18, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
+                         0xff, 0xff, 0xff, 0xfd};
+    cfg.version = 6;
+    memcpy(cfg.listen_addr, a6, 16);
+    memcpy(cfg.pool_base, base6, 16);
+    if (tunio_nat_init(&nat6, &cfg, &next_id))
         abort();
     ready = 1;
 }
@@ -38,23 +49,28 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (tunio_pkt_parse(&p, buf, size) == TUNIO_PKT_OK) {
         tunio_pkt_verify_checksums(&p);
         tunio_pkt_build_icmp_unreach(&p, 1, out, sizeof(out));
+        struct tunio_nat *nat = p.version == 6 ? &nat6 : &nat4;
         if (p.proto == TUNIO_IPPROTO_TCP) {
             struct tunio_nat_open open;
-            enum tunio_nat_verdict v = tunio_nat_translate(&nat, &p, now_ms, reply, sizeof(reply),
+            enum tunio_nat_verdict v = tunio_nat_translate(nat, &p, now_ms, reply, sizeof(reply),
                                                            &rlen, &open);
             if (v == TUNIO_NAT_OPEN) {
                 /* Decide the dial from the input, so every outcome is reached. */
                 switch (size % 4) {
-                case 0: tunio_nat_release(&nat, open.entry, open.flow_id, now_ms, out, sizeof(out), &olen); break;
-                case 1: tunio_nat_reject(&nat, open.entry, open.flow_id, 111, now_ms, out, sizeof(out), &olen); break;
-                case 2: tunio_nat_reject(&nat, open.entry, open.flow_id, 113, now_ms, out, sizeof(out), &olen); break;
+                case 0: tunio_nat_release(nat, open.entry, open.flow_id, now_ms, out, sizeof(out), &olen); break;
+                case 1: tunio_nat_reject(nat, open.entry, open.flow_id, 111, now_ms, out, sizeof(out), &olen); break;
+                case 2: tunio_nat_reject(nat, open.entry, open.flow_id, 113, now_ms, out, sizeof(out), &olen); break;
                 default: break; /* left pending: the sweep expires it */
                 }
             }
+        } else if (p.proto == TUNIO_IPPROTO_UDP) {
+            tunio_pkt_build_udp(p.version, p.dst, p.dport, p.src, p.sport, p.buf + p.l3_len,
+                                p.l4_len, out, sizeof(out));
         }
     }
     uint32_t expired[64];
-    tunio_nat_sweep(&nat, now_ms, expired, 64);
+    tunio_nat_sweep(&nat4, now_ms, expired, 64);
+    tunio_nat_sweep(&nat6, now_ms, expired, 64);
     free(buf);
     return 0;
 }

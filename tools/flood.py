@@ -1,13 +1,32 @@
-"""flood: a TCP load generator and its server, for measuring a path byte-exactly.
+"""flood: a TCP and UDP load generator and its server, for measuring a path byte-exactly.
 
-  server: flood.py --serve HOST:PORT [--mode echo|sink|source] [--processes P] [--duration S]
+  server: flood.py --serve HOST:PORT [--mode echo|sink|source|udp-echo] [--processes P]
+                   [--duration S]
   client: flood.py --connect HOST:PORT --connections N --concurrency C --bytes B
                    [--mode echo|sink|source] [--processes P] [--timeout S] [--json]
+          flood.py --connect HOST:PORT --mode udp-echo --connections SESSIONS --datagrams N
+                   --size S [--rate R] [--linger S] [--processes P] [--timeout S] [--json]
+          flood.py --connect RESOLVER:53 --mode dns --name NAME [--qtype A] --connections Q
+                   --concurrency C [--rate R] [--query-timeout S] [--timeout S] [--json]
 
 Modes (the client checks every byte without trusting the server):
   echo    the client sends B bytes and half-closes; the server sends them back and closes.
   sink    the client sends B bytes and half-closes; the server answers with their SHA-256.
   source  the client asks for (seed, B); the server sends that stream, which the client rebuilds.
+
+UDP modes:
+  udp-echo  each of SESSIONS connected UDP sockets sends N datagrams of S bytes (at most R
+            datagrams/s over all, or as fast as it can with --rate 0); the server echoes each
+            one. The client counts what came back: lost, reordered (older than the newest seen
+            on its session), duplicated, corrupted ("verify"); a session is ok if all N came back
+            once, in order, byte-exact. Echoes still missing --linger seconds after the last
+            send are lost.
+  dns       Q queries for NAME (type --qtype) to a real resolver (there is no flood server for
+            it), at most C outstanding, one UDP socket per outstanding query; an answer is ok
+            with NOERROR and at least one record; unanswered after --query-timeout: lost.
+  Their JSON adds "datagrams_sent", "datagrams_received", "lost", "reordered",
+  "datagrams_per_s" (and "queries_per_s" for dns); "connections" counts sessions (udp-echo) or
+  queries (dns).
 
 Client and server must use the same --mode. The client exits 0 iff every connection was
 byte-exact; errors are counted by errno name (ECONNREFUSED, ...) or as timeout, verify (wrong
@@ -20,11 +39,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from flood_common import MODES, format_endpoint, parse_endpoint, raise_nofile_limit, resolve
+from flood_dns import QTYPES, DnsPlan, question, run_dns
+from flood_dns import summary as dns_summary
 from flood_run import Job, run
 from flood_server import serve
+from flood_udp import DGRAM_HEADER, MAX_DATAGRAM, human, run_udp_echo, serve_udp_echo
+
+UDP_MODES = ("udp-echo", "dns")
 
 
 def _positive(text: str) -> int:
@@ -51,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     role = p.add_mutually_exclusive_group(required=True)
     role.add_argument("--serve", metavar="HOST:PORT", help="run the server (port 0: any)")
     role.add_argument("--connect", metavar="HOST:PORT", help="run the client against a server")
-    p.add_argument("--mode", choices=MODES, default="echo")
+    p.add_argument("--mode", choices=MODES + UDP_MODES, default="echo")
     p.add_argument("--processes", type=_positive, default=1, help="processes (client or server)")
     p.add_argument("--duration", type=float, help="server: stop after this many seconds")
     p.add_argument("--connections", type=_positive, default=1, help="client: connections in all")
@@ -61,6 +86,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="client: bound on the whole run; unfinished connections fail")
     p.add_argument("--json", action="store_true", help="client: print one JSON object")
+    udp = p.add_argument_group("UDP modes (client)")
+    udp.add_argument("--datagrams", type=_positive, default=100, help="udp-echo: per session")
+    udp.add_argument("--size", type=int, default=1400, help="udp-echo: bytes per datagram")
+    udp.add_argument("--rate", type=float, default=1000.0,
+                     help="datagrams (udp-echo) or queries (dns) per second in all; 0: no limit")
+    udp.add_argument("--linger", type=float, default=2.0,
+                     help="udp-echo: seconds to wait for echoes after the last send")
+    udp.add_argument("--name", default="example.test", help="dns: the name to ask for")
+    udp.add_argument("--qtype", choices=sorted(QTYPES), default="A", help="dns: record type")
+    udp.add_argument("--query-timeout", type=float, default=1.0,
+                     help="dns: seconds before a query counts as lost")
     # Test hook: the server flips the byte at this stream offset, so the checks can fail.
     p.add_argument("--corrupt-at", type=int, default=-1, help=argparse.SUPPRESS)
     return p
@@ -93,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     if args.serve:
+        if args.mode == "dns":
+            parser.error("dns mode has no flood server: point the client at a resolver")
+        if args.mode == "udp-echo":
+            return serve_udp_echo(host, port, args.processes, duration=args.duration)
         return serve(host, port, args.mode, args.processes, duration=args.duration,
                      corrupt_at=args.corrupt_at)
     if port == 0:
@@ -102,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         family, addr = resolve(host, port)
     except OSError as exc:
         parser.error(f"cannot resolve {format_endpoint(host, port)}: {exc}")
+    if args.mode in UDP_MODES:
+        return _udp_client(parser, args, family, addr)
     job = Job(family, addr, args.mode, args.bytes, args.connections, args.concurrency,
               args.processes, args.timeout)
     try:
@@ -110,6 +152,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(json.dumps(summary) if args.json else _human(summary), flush=True)
     return 0 if summary["ok"] == job.connections else 1
+
+
+def _udp_client(parser: argparse.ArgumentParser, args: argparse.Namespace, family: int,
+                addr: tuple[str, int]) -> int:
+    if args.rate < 0:
+        parser.error("--rate must not be negative")
+    if args.mode == "udp-echo":
+        if not DGRAM_HEADER.size <= args.size <= MAX_DATAGRAM:
+            parser.error(f"--size must be {DGRAM_HEADER.size}..{MAX_DATAGRAM}")
+        summary = run_udp_echo(family, addr, sessions=args.connections,
+                               datagrams=args.datagrams, size=args.size, rate=args.rate,
+                               processes=args.processes, timeout=args.timeout,
+                               linger=args.linger)
+        clean = summary["ok"] == args.connections
+    else:
+        try:
+            question(args.name, args.qtype)
+        except ValueError as exc:
+            parser.error(str(exc))
+        plan = DnsPlan(family, addr, args.name, args.qtype, args.connections, args.concurrency,
+                       args.rate, args.query_timeout, time.monotonic() + args.timeout)
+        summary = dns_summary(plan, run_dns(plan))
+        clean = summary["ok"] == args.connections
+    print(json.dumps(summary) if args.json else human(summary), flush=True)
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

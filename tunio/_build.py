@@ -20,12 +20,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 
 CDEF = """
+struct tunio_prefix {
+    uint8_t address[16];
+    uint8_t version;
+    uint8_t prefix_len;
+};
 struct tunio_config {
     const int *tun_fds;
     int n_tun_fds;
-    uint8_t address[16];
-    uint8_t address_version;
-    uint8_t prefix_len;
+    struct tunio_prefix prefixes[2];
+    int n_prefixes;
     uint16_t listen_port;
     unsigned pool_count;
     const char *endpoint;
@@ -72,7 +76,7 @@ int tunio_stack_run(struct tunio_stack *s);
 int tunio_stack_stop(struct tunio_stack *s);
 void tunio_stack_free(struct tunio_stack *s);
 void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *out);
-int tunio_stack_listen_port(struct tunio_stack *s);
+int tunio_stack_listen_port(struct tunio_stack *s, int version);
 const char *tunio_version(void);
 
 /* internals, for tests */

@@ -30,6 +30,13 @@ def _mark(text: str) -> int:
         ) from None
 
 
+def _dialer_spec(specs: list[str] | None) -> str | tuple[str, ...]:
+    """One --dialer as itself, several as a chain (first hop first)."""
+    if not specs:
+        return "direct"
+    return specs[0] if len(specs) == 1 else tuple(specs)
+
+
 def _version() -> str:
     from importlib import metadata  # noqa: PLC0415
 
@@ -45,10 +52,12 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     """Options that tunio-run and tunio-worker share."""
     parser.add_argument(
         "--dialer",
-        default="direct",
+        action="append",
         metavar="SPEC",
-        help="how workers reach destinations: 'direct', or 'module:attr' naming a dialer, a "
-        "factory or an async dial function (default: direct)",
+        help="how workers reach destinations: 'direct', 'socks5://[user:pass@]host:port', "
+        "'http://[user:pass@]host:port' (HTTP CONNECT), or 'module:attr' naming a dialer, a "
+        "factory or an async dial function; repeat it for a chain of proxies, first hop first "
+        "(default: direct)",
     )
     parser.add_argument(
         "--egress-mark",
@@ -100,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--address",
-        default="198.18.0.1/24",
+        action="append",
+        dest="addresses",
         metavar="CIDR",
-        help="the TUN's IPv4 address and prefix; the rest of the prefix is used for address "
-        "translation (default: 198.18.0.1/24)",
+        help="the TUN's address and prefix; give it twice for one IPv4 and one IPv6 address. "
+        "The top of each prefix is used for address translation (default: 198.18.0.1/24)",
     )
     parser.add_argument(
         "--mtu", type=int, default=1500, metavar="N", help="MTU of the TUN device (default: 1500)"
@@ -185,6 +195,13 @@ def build_worker_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _addresses(given: list[str] | None) -> str | tuple[str, ...]:
+    """One --address stays a string (the library's usual form); two become a tuple."""
+    if not given:
+        return "198.18.0.1/24"
+    return given[0] if len(given) == 1 else tuple(given)
+
+
 def main(argv: list[str] | None = None) -> int:
     """tunio-run."""
     args = build_parser().parse_args(argv)
@@ -196,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
 
     options = Options(
         tun=args.tun,
-        address=args.address,
+        address=_addresses(args.addresses),
         mtu=args.mtu,
         queues=args.queues,
         workers=args.workers,
-        dialer=args.dialer,
+        dialer=_dialer_spec(args.dialer),
         egress_mark=args.egress_mark,
         egress_interface=args.egress_interface,
         endpoint=args.endpoint,
@@ -235,7 +252,9 @@ def worker_main(argv: list[str] | None = None) -> int:
         from tunio.dialers import load_dialer  # noqa: PLC0415
 
         dialer = load_dialer(
-            args.dialer, egress_mark=args.egress_mark, egress_interface=args.egress_interface
+            _dialer_spec(args.dialer),
+            egress_mark=args.egress_mark,
+            egress_interface=args.egress_interface,
         )
     except ConfigError as exc:
         log.error("%s", describe(exc))

@@ -42,12 +42,16 @@ def _check(rc: int, what: str, cls: type[OSError] = StackError) -> int:
     return rc
 
 
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
 @dataclass(frozen=True)
 class StackConfig:
-    """What the stack needs: the TUN queue fds, the TUN's address and the endpoint to bind."""
+    """What the stack needs: the TUN queue fds, the TUN's addresses (at most one IPv4 and one
+    IPv6, each with its prefix) and the endpoint to bind."""
 
     tun_fds: tuple[int, ...]
-    address: ipaddress.IPv4Interface
+    addresses: tuple[Interface, ...]
     endpoint: str
     window: int = 256 * 1024
     pending_timeout: float = 15.0
@@ -90,11 +94,13 @@ class Stack:
         endpoint = ffi.new("char[]", config.endpoint.encode())
         cfg.tun_fds = fds
         cfg.n_tun_fds = len(config.tun_fds)
-        packed = config.address.ip.packed
-        for i, b in enumerate(packed):
-            cfg.address[i] = b
-        cfg.address_version = config.address.version
-        cfg.prefix_len = config.address.network.prefixlen
+        for i, iface in enumerate(config.addresses):
+            px = cfg.prefixes[i]
+            for j, b in enumerate(iface.ip.packed):
+                px.address[j] = b
+            px.version = iface.version
+            px.prefix_len = iface.network.prefixlen
+        cfg.n_prefixes = len(config.addresses)
         cfg.listen_port = config.listen_port
         cfg.pool_count = config.pool_size
         cfg.endpoint = endpoint
@@ -111,14 +117,19 @@ class Stack:
             if -rc == errno.EADDRINUSE:
                 hint = " (is another tunio-run using this endpoint or address?)"
             elif -rc == errno.EADDRNOTAVAIL:
-                hint = f" ({config.address.ip} is not an address of this host: is the TUN up?)"
+                shown = ", ".join(str(a.ip) for a in config.addresses)
+                hint = f" ({shown}: not an address of this host yet: is the TUN up?)"
             raise StackError(-rc, f"cannot start the stack: {os.strerror(-rc)}{hint}")
         self._s: Any = out[0]
         self._lock = threading.Lock()
 
     @property
     def listen_port(self) -> int:
-        return int(self._lib.tunio_stack_listen_port(self._s))
+        """The listener's port for the first address's family."""
+        return self.listen_port_of(self.config.addresses[0].version)
+
+    def listen_port_of(self, version: int) -> int:
+        return _check(int(self._lib.tunio_stack_listen_port(self._s, version)), "listen port")
 
     def run(self) -> None:
         _check(self._lib.tunio_stack_run(self._s), "stack loop")

@@ -51,11 +51,12 @@ class Options:
     """Every option of tunio-run; the library takes a Dialer object where the CLI takes a spec."""
 
     tun: str = "tunio0"
-    address: str = "198.18.0.1/24"
+    # One IPv4 and/or one IPv6 address with its prefix (a string, or a tuple of them).
+    address: str | tuple[str, ...] = "198.18.0.1/24"
     mtu: int = 1500
     queues: int = field(default_factory=_cpu_count)
     workers: int = field(default_factory=_cpu_count)
-    dialer: Dialer | str = "direct"
+    dialer: Dialer | str | tuple[str, ...] = "direct"  # a tuple is a chain, first hop first
     egress_mark: int | None = None
     egress_interface: str | None = None
     endpoint: str | None = None  # None: ipc://<runtime dir>/stack.sock
@@ -72,18 +73,18 @@ class Options:
 class Plan:
     """Options checked and parsed: what the supervisor will set up."""
 
-    address: ipaddress.IPv4Interface
-    routes: tuple[str, ...]  # "default" or a network in CIDR form
+    addresses: tuple[Interface, ...]  # IPv4 first, then IPv6
+    routes: tuple[str, ...]  # "default" (IPv4), "::/0" (IPv6) or a network in CIDR form
     runtime_dir: Path
     endpoint: str | None
 
 
 # ---------------------------------------------------------------- validation (pure functions)
 
-_IPV6_LATER = "IPv6 arrives in a later release; use an IPv4 address for now"
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
-def parse_address(text: str) -> ipaddress.IPv4Interface:
+def parse_address(text: str) -> Interface:
     """The TUN's address with its prefix; it needs spare addresses in the prefix for NAT."""
     try:
         iface = ipaddress.ip_interface(text)
@@ -92,7 +93,14 @@ def parse_address(text: str) -> ipaddress.IPv4Interface:
             f"--address {text!r} is not an address with a prefix length (e.g. 198.18.0.1/24)"
         ) from None
     if isinstance(iface, ipaddress.IPv6Interface):
-        raise ConfigError(f"--address {text}: {_IPV6_LATER}")
+        if iface.network.prefixlen > 126:
+            raise ConfigError(
+                f"--address {text}: give a prefix of /126 or wider (e.g. /64): the stack uses "
+                "other addresses of the prefix for address translation"
+            )
+        if iface.ip == iface.network.network_address:
+            raise ConfigError(f"--address {text}: the prefix's first address cannot be used")
+        return iface
     if "/" not in text or iface.network.prefixlen > 30:
         raise ConfigError(
             f"--address {text}: give a prefix of /30 or wider (e.g. /24): the stack uses the "
@@ -104,7 +112,7 @@ def parse_address(text: str) -> ipaddress.IPv4Interface:
 
 
 def parse_route(text: str) -> str:
-    """'default' or a CIDR network routed into the TUN; IPv4 only for now."""
+    """'default' (every family the TUN has an address of) or a CIDR network routed into the TUN."""
     if text == "default":
         return text
     try:
@@ -115,9 +123,39 @@ def parse_route(text: str) -> str:
             loose = ipaddress.ip_network(text, strict=False)
         hint = f": did you mean {loose}?" if loose is not None else " (e.g. 10.0.0.0/8 or default)"
         raise ConfigError(f"--route {text!r} is not a network in CIDR form{hint}") from None
-    if isinstance(network, ipaddress.IPv6Network):
-        raise ConfigError(f"--route {text}: {_IPV6_LATER}")
-    return "default" if network.prefixlen == 0 else str(network)
+    if network.prefixlen == 0:
+        return "default" if network.version == 4 else "::/0"
+    return str(network)
+
+
+def parse_addresses(spec: str | tuple[str, ...]) -> tuple[Interface, ...]:
+    """At most one IPv4 and one IPv6 address, IPv4 first."""
+    texts = (spec,) if isinstance(spec, str) else spec
+    if not texts:
+        raise ConfigError("--address is required (e.g. 198.18.0.1/24, and/or fd00:18::1/64)")
+    parsed = [parse_address(t) for t in texts]
+    for version in (4, 6):
+        if sum(a.version == version for a in parsed) > 1:
+            raise ConfigError(f"--address: give at most one IPv{version} address")
+    return tuple(sorted(parsed, key=lambda a: a.version))
+
+
+def expand_routes(routes: tuple[str, ...], addresses: tuple[Interface, ...]) -> tuple[str, ...]:
+    """'default' means the default route of every family the TUN carries; a route of a family
+    the TUN has no address of could never be answered."""
+    versions = {a.version for a in addresses}
+    out: list[str] = []
+    for route in routes:
+        if route == "default":
+            out += [r for r, v in (("default", 4), ("::/0", 6)) if v in versions]
+        elif tundev.route_version(route) not in versions:
+            raise ConfigError(
+                f"--route {route}: the TUN has no IPv{tundev.route_version(route)} address "
+                "(add one with --address)"
+            )
+        else:
+            out.append(route)
+    return tuple(dict.fromkeys(out))
 
 
 def check_ifname(name: str, option: str) -> None:
@@ -137,8 +175,8 @@ def check_ifname(name: str, option: str) -> None:
 def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     """Check every option; ConfigError naming the first one that is wrong."""
     check_ifname(options.tun, "--tun")
-    address = parse_address(options.address)
-    routes = tuple(dict.fromkeys(parse_route(route) for route in options.routes))
+    addresses = parse_addresses(options.address)
+    routes = expand_routes(tuple(parse_route(route) for route in options.routes), addresses)
     if not 68 <= options.mtu <= 65535:
         raise ConfigError(f"--mtu {options.mtu} is out of range: use 68..65535")
     if not 1 <= options.queues <= MAX_QUEUES:
@@ -181,7 +219,9 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             f"--runtime-dir {runtime_dir} is too long for a unix socket path "
             f"({SUN_PATH_MAX} bytes at most with /{SOCKET_NAME}): pick a shorter one"
         )
-    return Plan(address=address, routes=routes, runtime_dir=runtime_dir, endpoint=options.endpoint)
+    return Plan(
+        addresses=addresses, routes=routes, runtime_dir=runtime_dir, endpoint=options.endpoint
+    )
 
 
 def next_backoff(previous: float, lifetime: float) -> float:
@@ -409,16 +449,18 @@ class Supervisor:
         existed = tundev.link_exists(opts.tun, self._sys_net)
         if existed:
             tundev.check_existing_link(opts.tun, self._sys_net)
-        has_address = tundev.check_address_free(opts.tun, plan.address)
+        held = [tundev.check_address_free(opts.tun, address) for address in plan.addresses]
         uplink = opts.egress_interface or self._default_interface()
         self._check_stop()
 
         self._fds = self._open_tun(opts.tun, opts.queues)
         undo.callback(self._close_tun, existed)
-        if not has_address:
-            tundev.add_address(opts.tun, plan.address)
+        for address, has_address in zip(plan.addresses, held, strict=True):
+            if has_address:
+                continue
+            tundev.add_address(opts.tun, address)
             if existed:  # a device we created takes its address with it
-                undo.callback(self._undo, "address", tundev.del_address, opts.tun, plan.address)
+                undo.callback(self._undo, "address", tundev.del_address, opts.tun, address)
         tundev.set_mtu(opts.tun, opts.mtu)
         tundev.set_txqueuelen(opts.tun, opts.txqueuelen)
         tundev.set_up(opts.tun)
@@ -438,7 +480,7 @@ class Supervisor:
 
         self._stack_config = StackConfig(
             tun_fds=tuple(self._fds),
-            address=plan.address,
+            addresses=plan.addresses,
             endpoint=self._endpoint,
             window=opts.window,
             # A held SYN must outlive the worker's own connect timeout.
@@ -455,7 +497,7 @@ class Supervisor:
         log.info(
             "tunio ready: tun=%s address=%s queues=%d workers=%d endpoint=%s",
             opts.tun,
-            plan.address,
+            ",".join(str(a) for a in plan.addresses),
             opts.queues,
             opts.workers,
             self._endpoint,
@@ -464,7 +506,7 @@ class Supervisor:
 
     def _load_dialer(self) -> Any:
         spec = self.options.dialer
-        if not isinstance(spec, str):
+        if not isinstance(spec, (str, tuple)):
             return spec
         from tunio.dialers import load_dialer  # noqa: PLC0415 - user code may be slow to import
 

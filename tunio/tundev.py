@@ -80,21 +80,29 @@ def check_existing_link(name: str, sys_net: str = SYS_NET) -> None:
         )
 
 
-def address_owner(address: ipaddress.IPv4Address) -> str | None:
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+def _family(version: int) -> str:
+    return "-6" if version == 6 else "-4"
+
+
+def address_owner(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """The interface that holds `address`, or None."""
-    for line in _ip("-o", "-4", "addr", "show").splitlines():
+    kind = "inet6" if address.version == 6 else "inet"
+    for line in _ip("-o", _family(address.version), "addr", "show").splitlines():
         # "2: eth0    inet 172.17.0.2/16 brd 172.17.255.255 scope global eth0\ ..."
         fields = line.split()
         if (
             len(fields) >= 4
-            and fields[2] == "inet"
-            and ipaddress.IPv4Interface(fields[3]).ip == address
+            and fields[2] == kind
+            and ipaddress.ip_interface(fields[3]).ip == address
         ):
             return fields[1].split("@", 1)[0]
     return None
 
 
-def check_address_free(name: str, address: ipaddress.IPv4Interface) -> bool:
+def check_address_free(name: str, address: Interface) -> bool:
     """True when `name` already holds `address`; ConfigError when another interface does."""
     owner = address_owner(address.ip)
     if owner is not None and owner != name:
@@ -104,12 +112,18 @@ def check_address_free(name: str, address: ipaddress.IPv4Interface) -> bool:
     return owner == name
 
 
-def add_address(name: str, address: ipaddress.IPv4Interface) -> None:
-    _ip("addr", "add", str(address), "dev", name)
+def add_address(name: str, address: Interface) -> None:
+    if address.version == 6:
+        # No duplicate address detection: the stack binds its listener to this address at once,
+        # and a tentative address cannot be bound; nothing else answers on a TUN anyway.
+        _ip("-6", "addr", "add", str(address), "dev", name, "nodad")
+    else:
+        _ip("addr", "add", str(address), "dev", name)
 
 
-def del_address(name: str, address: ipaddress.IPv4Interface) -> None:
-    _ip("addr", "del", str(address), "dev", name)
+def del_address(name: str, address: Interface) -> None:
+    family = ("-6",) if address.version == 6 else ()
+    _ip(*family, "addr", "del", str(address), "dev", name)
 
 
 def set_mtu(name: str, mtu: int) -> None:
@@ -124,13 +138,18 @@ def set_up(name: str) -> None:
     _ip("link", "set", "dev", name, "up")
 
 
+def route_version(destination: str) -> int:
+    """4 for "default" and IPv4 networks, 6 for IPv6 ones ("::/0" is IPv6's default)."""
+    return 6 if ":" in destination else 4
+
+
 def add_route(name: str, destination: str) -> None:
-    """Route `destination` ("default" or a CIDR) into the device."""
-    _ip("-4", "route", "add", destination, "dev", name)
+    """Route `destination` ("default", an IPv4 or an IPv6 CIDR) into the device."""
+    _ip(_family(route_version(destination)), "route", "add", destination, "dev", name)
 
 
 def del_route(name: str, destination: str) -> None:
-    _ip("-4", "route", "del", destination, "dev", name)
+    _ip(_family(route_version(destination)), "route", "del", destination, "dev", name)
 
 
 def delete_link(name: str) -> None:

@@ -5,6 +5,10 @@ watched by the loop) and every flow's outbound socket. Flow control is the proto
 scheme: we read from a destination only while the stack has given us credit, and we return credit
 to the stack only for bytes the destination has accepted, so memory per flow is bounded by the
 window in both directions.
+
+UDP sessions ride the same loop: the first DGRAM of a flow id opens one (through the dialer's
+`dial_udp`), replies go back as DGRAMs, and credit is counted in datagrams; a datagram either
+side has no credit for is dropped and counted, as a full queue drops UDP anywhere.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import signal
 import socket
@@ -19,14 +24,14 @@ import struct
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import cast
 
 import zmq
 
 from tunio import wire
-from tunio.dialers.base import Address, Dialer
+from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer
 from tunio.wire import Cmd
 
 log = logging.getLogger("tunio.worker")
@@ -41,6 +46,10 @@ DRAIN_BUDGET = 512
 IOV_MAX = 64
 #: how long a final BYE may take to leave when we stop on a signal
 BYE_LINGER_MS = 1000
+#: DGRAMs a side may send on a UDP session before it gets CREDIT (docs/protocol.md)
+UDP_WINDOW = 256
+#: datagrams read from one UDP session per wake-up before other sockets get their turn
+UDP_BUDGET = 64
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 
 _HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
@@ -63,6 +72,16 @@ class WorkerStats:
     resets_received: int = 0
     protocol_errors: int = 0
     sessions: int = 0
+    dial_failures: dict[str, int] = field(default_factory=dict)  # failed dials by errno name
+    udp_opens: int = 0  # UDP sessions opened (first DGRAM of a flow id)
+    udp_open_fail: int = 0
+    datagrams_to_stack: int = 0
+    datagrams_to_destination: int = 0
+    # datagrams dropped: replies without credit from the stack, DGRAMs beyond our window (or
+    # beyond the queue while dialing), and datagrams the destination socket would not take
+    datagrams_dropped_credit: int = 0
+    datagrams_dropped_window: int = 0
+    datagrams_dropped_send: int = 0
 
 
 def _errname(code: int) -> str:
@@ -108,6 +127,57 @@ class Flow:
         self.closed = False
 
 
+class UdpSession:
+    """One UDP session: the stack's flow id and the dialer's DatagramSession."""
+
+    __slots__ = (
+        "closed",
+        "credit",
+        "dial",
+        "dst",
+        "fd",
+        "fid",
+        "inflight",
+        "pending",
+        "reply_block",
+        "session",
+        "uncredited",
+        "version",
+    )
+
+    def __init__(self, fid: int, block: wire.AddressBlock) -> None:
+        self.fid = fid
+        self.dst = Address(str(block.dst), block.dst_port)
+        self.version = block.version
+        # replies normally come from the destination: their address block is made once
+        self.reply_block = wire.AddressBlock(
+            wire.IPPROTO_UDP, block.version, block.dst, block.dst_port, block.src, block.src_port
+        ).pack()
+        self.session: DatagramSession | None = None
+        self.fd = -1
+        self.dial: asyncio.Task[None] | None = None
+        self.pending: deque[wire.Payload] = deque()  # datagrams that came while dialing
+        self.credit = UDP_WINDOW  # replies we may still send to the stack
+        self.inflight = 0  # DGRAMs from the stack not yet returned as CREDIT
+        self.uncredited = 0  # of those, the ones we are done with (sent on or dropped)
+        self.closed = False
+
+    def block_from(self, src: Address) -> bytes:
+        """The address block of a reply that came from `src` (to the app)."""
+        if src is self.dst or src == self.dst:
+            return self.reply_block
+        try:
+            ip = ipaddress.ip_address(src.host)
+        except ValueError:
+            return self.reply_block  # a relay named no address: say it came from the destination
+        if ip.version != self.version:
+            return self.reply_block
+        app = wire.AddressBlock.unpack(self.reply_block)
+        return wire.AddressBlock(
+            wire.IPPROTO_UDP, self.version, ip, src.port, app.dst, app.dst_port
+        ).pack()
+
+
 class Worker:
     def __init__(
         self,
@@ -131,7 +201,12 @@ class Worker:
         self.timing = timing or Timing()
         self.stats = WorkerStats()
         self.flows: dict[int, Flow] = {}
+        self.udp: dict[int, UdpSession] = {}
+        self._udp_dialer: DatagramDialer | None = (
+            dialer if isinstance(dialer, DatagramDialer) else None
+        )
         self._credit_due: dict[int, Flow] = {}
+        self._udp_credit_due: dict[int, UdpSession] = {}
         self._outbox: deque[list[wire.Payload]] = deque()
         self._connected = False
         self._ready_called = False
@@ -232,7 +307,7 @@ class Worker:
                 log.warning(
                     "stack silent for %.1fs: dropping %d flows, saying HELLO again",
                     now - self._last_heard,
-                    len(self.flows),
+                    len(self.flows) + len(self.udp),
                 )
                 self._connected = False
                 self._drop_all()
@@ -324,7 +399,10 @@ class Worker:
             self._protocol_error(exc)
             return
         cmd = msg.cmd
-        if cmd is Cmd.DATA:
+        if cmd is Cmd.DGRAM:
+            assert msg.payload is not None
+            self._on_dgram(msg.flow, msg.payload)
+        elif cmd is Cmd.DATA:
             assert msg.payload is not None
             self._on_data(msg.flow, msg.payload)
         elif cmd is Cmd.CREDIT:
@@ -340,13 +418,14 @@ class Worker:
         elif cmd is Cmd.HELLO:
             self._on_hello(msg)
         elif cmd is Cmd.BYE:
-            log.info("stack said BYE (%s): closing %d flows", _errname(msg.arg), len(self.flows))
+            log.info(
+                "stack said BYE (%s): closing %d flows",
+                _errname(msg.arg),
+                len(self.flows) + len(self.udp),
+            )
             assert self._done is not None
             if not self._done.done():
                 self._done.set_result(False)
-        elif cmd is Cmd.DGRAM:
-            # UDP is not served yet: end the session so the stack does not keep it
-            self._send([wire.header(Cmd.RST, msg.flow, errno.EPROTONOSUPPORT)])
         else:  # OPEN_OK, OPEN_FAIL only travel towards the stack
             self._protocol_error(wire.RemoteProtocolError("direction", f"{cmd.name} to a worker"))
 
@@ -398,16 +477,19 @@ class Worker:
         flow.dial = self._loop.create_task(self._dial(flow, src))
 
     async def _dial(self, flow: Flow, src: Address) -> None:
+        why = ""  # the dialer's own words: which proxy, which credentials
         try:
             sock = await asyncio.wait_for(
                 self.dialer.dial(flow.dst, src), self.connect_timeout
             )
         except (asyncio.TimeoutError, TimeoutError):
             code = errno.ETIMEDOUT
+            why = f"no connection within {self.connect_timeout:g} s"
         except OSError as exc:
             if exc.errno is None:
                 log.warning("dial %s: %r has no errno; answering ECONNABORTED", flow.dst, exc)
             code = exc.errno or errno.ECONNABORTED
+            why = exc.strerror or ""
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -420,11 +502,13 @@ class Worker:
         if self.flows.get(flow.fid) is flow:
             del self.flows[flow.fid]
             flow.closed = True
-            self._open_failed(flow.fid, flow.dst, code)
+            self._open_failed(flow.fid, flow.dst, code, why)
 
-    def _open_failed(self, fid: int, dst: Address | None, code: int) -> None:
+    def _open_failed(self, fid: int, dst: Address | None, code: int, why: str = "") -> None:
         self.stats.open_fail += 1
-        log.info("flow %d: dial %s failed: %s", fid, dst, _errname(code))
+        name = _errname(code)
+        self.stats.dial_failures[name] = self.stats.dial_failures.get(name, 0) + 1
+        log.info("flow %d: dial %s failed: %s%s", fid, dst, name, f" ({why})" if why else "")
         self._send([wire.header(Cmd.OPEN_FAIL, fid, code)])
 
     def _dialed(self, flow: Flow, sock: socket.socket) -> None:
@@ -480,7 +564,10 @@ class Worker:
     def _on_credit(self, fid: int, amount: int) -> None:
         flow = self.flows.get(fid)
         if flow is None:
-            return  # late credit for a flow that has ended
+            udp = self.udp.get(fid)
+            if udp is not None:
+                udp.credit += amount
+            return  # else late credit for a flow that has ended
         flow.credit += amount
         if flow.sock is not None and not flow.fin_out and flow.credit > 0:
             self._start_reading(flow)
@@ -527,6 +614,8 @@ class Worker:
 
     def _send_credits(self) -> None:
         # Credit is batched per wake-up: one CREDIT per flow for everything written since.
+        if self._udp_credit_due:
+            self._send_udp_credits()
         if not self._credit_due:
             return
         due = self._credit_due
@@ -609,6 +698,10 @@ class Worker:
     def _on_rst(self, fid: int) -> None:
         flow = self.flows.get(fid)
         if flow is None:
+            udp = self.udp.get(fid)
+            if udp is not None:
+                self.stats.resets_received += 1
+                self._udp_free(udp)
             return  # never answer a RST with a RST
         self.stats.resets_received += 1
         self._free(flow, abortive=True)
@@ -659,6 +752,165 @@ class Worker:
     def _drop_all(self) -> None:
         for flow in list(self.flows.values()):
             self._free(flow, abortive=True)
+        for udp in list(self.udp.values()):
+            self._udp_free(udp)
+
+    # ---- UDP sessions ----------------------------------------------------------------------
+
+    def _on_dgram(self, fid: int, payload: wire.Payload) -> None:
+        udp = self.udp.get(fid)
+        if udp is None:
+            self._udp_open(fid, payload)
+            return
+        if udp.inflight >= UDP_WINDOW:
+            # beyond the window the stack was given: not ours to credit, so not counted in flight
+            self.stats.datagrams_dropped_window += 1
+            return
+        udp.inflight += 1
+        data = memoryview(payload)[wire.ADDRESS.size :]
+        session = udp.session
+        if session is None:
+            udp.pending.append(data)  # at most UDP_WINDOW: inflight bounds it
+            return
+        self._udp_send(udp, session, data)
+
+    def _udp_open(self, fid: int, payload: wire.Payload) -> None:
+        assert self._loop is not None
+        if fid in self.flows:
+            self._protocol_error(wire.RemoteProtocolError("flow", f"DGRAM on TCP flow {fid}"))
+            return
+        try:
+            block = wire.AddressBlock.unpack(payload)
+        except wire.ProtocolError as exc:
+            self._protocol_error(exc)
+            self._udp_refuse(fid, None, errno.EINVAL)
+            return
+        if block.proto != wire.IPPROTO_UDP:
+            why = f"DGRAM of IP protocol {block.proto}"
+            self._protocol_error(wire.RemoteProtocolError("address", why))
+            self._udp_refuse(fid, None, errno.EPROTONOSUPPORT)
+            return
+        udp = UdpSession(fid, block)
+        dialer = self._udp_dialer
+        if dialer is None:
+            self._udp_refuse(fid, udp.dst, errno.EPROTONOSUPPORT)
+            return
+        self.stats.udp_opens += 1
+        self.udp[fid] = udp
+        udp.inflight = 1
+        udp.pending.append(memoryview(payload)[wire.ADDRESS.size :])
+        src = Address(str(block.src), block.src_port)
+        udp.dial = self._loop.create_task(self._udp_dial(dialer, udp, src))
+
+    def _udp_refuse(self, fid: int, dst: Address | None, code: int) -> None:
+        self.stats.udp_open_fail += 1
+        self.stats.resets_sent += 1
+        log.info("udp session %d: to %s refused: %s", fid, dst, _errname(code))
+        self._send([wire.header(Cmd.RST, fid, code)])
+
+    async def _udp_dial(self, dialer: DatagramDialer, udp: UdpSession, src: Address) -> None:
+        try:
+            session = await asyncio.wait_for(dialer.dial_udp(udp.dst, src), self.connect_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            code = errno.ETIMEDOUT
+        except OSError as exc:
+            code = exc.errno or errno.ECONNABORTED
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("udp dial %s failed unexpectedly; answering ECONNABORTED", udp.dst)
+            code = errno.ECONNABORTED
+        else:
+            self._udp_dialed(udp, session)
+            return
+        udp.dial = None
+        if self.udp.get(udp.fid) is udp:
+            self._udp_free(udp)
+            self._udp_refuse(udp.fid, udp.dst, code)
+
+    def _udp_dialed(self, udp: UdpSession, session: DatagramSession) -> None:
+        assert self._loop is not None
+        udp.dial = None
+        if udp.closed or self.udp.get(udp.fid) is not udp:
+            session.close()  # reset while dialing
+            return
+        udp.session = session
+        udp.fd = session.fileno()
+        pending = udp.pending
+        while pending and not udp.closed:
+            self._udp_send(udp, session, pending.popleft())
+        if udp.closed:
+            return
+        self._loop.add_reader(udp.fd, self._udp_readable, udp)
+        # this ran as a task, not from the DEALER: the credit for the queue must not wait
+        self._send_udp_credits()
+
+    def _udp_send(self, udp: UdpSession, session: DatagramSession, data: wire.Payload) -> None:
+        try:
+            sent = session.send(data)
+        except OSError as exc:
+            self._udp_failed(udp, exc)
+            return
+        if sent:
+            self.stats.datagrams_to_destination += 1
+        else:
+            self.stats.datagrams_dropped_send += 1
+        # credit goes back for a dropped datagram too: the stack's window counts DGRAMs sent
+        udp.uncredited += 1
+        self._udp_credit_due[udp.fid] = udp
+
+    def _send_udp_credits(self) -> None:
+        due = self._udp_credit_due
+        self._udp_credit_due = {}
+        for fid, udp in due.items():
+            if udp.uncredited and not udp.closed:
+                self._send([wire.header(Cmd.CREDIT, fid, udp.uncredited)])
+                udp.inflight -= udp.uncredited
+                udp.uncredited = 0
+
+    def _udp_readable(self, udp: UdpSession) -> None:
+        session = udp.session
+        assert session is not None
+        for _ in range(UDP_BUDGET):
+            try:
+                got = session.recv()
+            except OSError as exc:
+                self._udp_failed(udp, exc)
+                return
+            if got is None:
+                return
+            data, src = got
+            if udp.credit <= 0:
+                self.stats.datagrams_dropped_credit += 1
+                continue
+            udp.credit -= 1
+            self.stats.datagrams_to_stack += 1
+            self._send([wire.header(Cmd.DGRAM, udp.fid, 0), udp.block_from(src) + data])
+
+    def _udp_failed(self, udp: UdpSession, exc: OSError) -> None:
+        code = exc.errno or errno.EIO
+        log.debug("udp session %d: %s: %s", udp.fid, udp.dst, _errname(code))
+        self._udp_free(udp)  # first: whoever hears the RST finds the session gone
+        self.stats.resets_sent += 1
+        self._send([wire.header(Cmd.RST, udp.fid, code)])
+
+    def _udp_free(self, udp: UdpSession) -> None:
+        if self.udp.get(udp.fid) is udp:
+            del self.udp[udp.fid]
+        self._udp_credit_due.pop(udp.fid, None)
+        udp.closed = True
+        udp.pending.clear()
+        if udp.dial is not None:
+            udp.dial.cancel()
+            udp.dial = None
+        session = udp.session
+        if session is not None:
+            udp.session = None
+            if udp.fd >= 0:
+                assert self._loop is not None
+                self._loop.remove_reader(udp.fd)
+                udp.fd = -1
+            session.close()
 
 
 def _abort(sock: socket.socket) -> None:

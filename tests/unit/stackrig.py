@@ -20,6 +20,8 @@ from tunio.testing import packets
 
 APP = "127.0.0.1"  # the app's source address is the TUN's own address, as with a real TUN
 DST = "127.0.0.2"  # the destination the app asked for
+APP6 = "fd00:18::1"  # the TUN's IPv6 address (bound with freebind: no interface needs it)
+DST6 = "fd00:99::2"
 WINDOW = 65536
 DEADLINE = 5.0
 
@@ -52,6 +54,8 @@ class Rig:
             if not sock.poll(int(left * 1000)):
                 continue
             msg = wire.decode([bytes(f) for f in sock.recv_multipart()])
+            if msg.cmd is wire.Cmd.HEARTBEAT:
+                self.send(wire.Cmd.HEARTBEAT, sock=sock)  # stay alive while the test reads
             if msg.cmd not in skip:
                 return msg
 
@@ -72,13 +76,15 @@ class Rig:
             assert time.monotonic() < end, f"{name} is {self.stack.stats()[name]}, not {value}"
             time.sleep(0.005)  # polling a counter the C side updates; the deadline bounds it
 
-    def syn(self, sport: int, dport: int = 8080, seq: int = 1000) -> bytes:
-        return packets.tcp(APP, sport, DST, dport, flags=packets.SYN, seq=seq,
+    def syn(self, sport: int, dport: int = 8080, seq: int = 1000, *, app: str = APP,
+            dst: str = DST) -> bytes:
+        return packets.tcp(app, sport, dst, dport, flags=packets.SYN, seq=seq,
                            options=packets.SYN_OPTIONS)
 
-    def open(self, sport: int, dport: int = 8080, seq: int = 1000) -> wire.Message:
+    def open(self, sport: int, dport: int = 8080, seq: int = 1000, *, app: str = APP,
+             dst: str = DST) -> wire.Message:
         """Writes a SYN and returns the OPEN it caused."""
-        self.write(self.syn(sport, dport, seq))
+        self.write(self.syn(sport, dport, seq, app=app, dst=dst))
         msg = self.recv()
         assert msg.cmd is wire.Cmd.OPEN
         return msg
@@ -92,12 +98,15 @@ class Rig:
 
 @contextmanager
 def stack_rig(tmp_path: Path, **overrides: float) -> Iterator[Rig]:
+    # The test's worker answers heartbeats only while it reads: a long interval keeps a loaded
+    # machine from declaring it dead; the test of dead workers sets a short one.
+    overrides.setdefault("heartbeat_interval", 30.0)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     os.set_blocking(theirs.fileno(), False)
     endpoint = f"ipc://{tmp_path}/stack.sock"
     cfg = StackConfig(
         tun_fds=(theirs.fileno(),),
-        address=ipaddress.IPv4Interface("127.0.0.1/8"),
+        addresses=(ipaddress.IPv4Interface("127.0.0.1/8"), ipaddress.IPv6Interface(f"{APP6}/64")),
         endpoint=endpoint,
         window=WINDOW,
         log_level="warning",
@@ -119,6 +128,7 @@ def stack_rig(tmp_path: Path, **overrides: float) -> Iterator[Rig]:
 
 
 def pool_of(stack_addr: str = "127.0.0.1/8") -> Callable[[str], bool]:
-    net = ipaddress.IPv4Interface(stack_addr).network
+    """Whether an address is one of the stack's 16 NAT addresses at the top of the prefix."""
+    net = ipaddress.ip_interface(stack_addr).network
     top = int(net.broadcast_address) - 1
-    return lambda a: top - 16 < int(ipaddress.IPv4Address(a)) <= top
+    return lambda a: top - 16 < int(ipaddress.ip_address(a)) <= top

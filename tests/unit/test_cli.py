@@ -36,8 +36,9 @@ def rundir(tmp_path: Path) -> list[str]:
     ("argv", "words"),
     [
         (["--address", "300.1.2.3/24"], "--address '300.1.2.3/24' is not an address"),
-        (["--address", "fd00::1/64"], "IPv6 arrives in a later release"),
-        (["--route", "fd00::/8"], "IPv6 arrives in a later release"),
+        (["--address", "fd00::1/127"], "give a prefix of /126 or wider"),
+        (["--address", "fd00::1/64", "--address", "fd01::1/64"], "at most one IPv6 address"),
+        (["--route", "fd00::/8"], "the TUN has no IPv6 address"),
         (["--route", "10.1.2.3/8"], "did you mean 10.0.0.0/8"),
         (["--dialer", "nonsense"], "nonsense"),
         (["--egress-mark", "0x100000000"], "--egress-mark 0x100000000 is out of range"),
@@ -60,9 +61,9 @@ def test_bad_option_exits_2_with_one_line(
 def test_config_errors_are_logged_as_error(
     rundir: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, line = _run(["--address", "fd00::1/64", *rundir], capsys)
+    code, line = _run(["--address", "fd00::1/127", *rundir], capsys)
     assert code == 2
-    assert " ERROR tunio-run: --address fd00::1/64: IPv6 arrives in a later release" in line
+    assert " ERROR tunio-run: --address fd00::1/127: give a prefix of /126 or wider" in line
     assert not (tmp_path / "rt").exists()
 
 

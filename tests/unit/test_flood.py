@@ -7,8 +7,10 @@ import json
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -211,3 +213,173 @@ def test_no_stray_processes_after_sigterm() -> None:
     port = int(addr.rsplit(":", 1)[1])
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
+
+
+# ---- UDP modes ---------------------------------------------------------------------------
+
+
+def assert_udp_exact(summary: dict[str, Any], sessions: int, datagrams: int, size: int) -> None:
+    total = sessions * datagrams
+    assert summary["mode"] == "udp-echo"
+    assert summary["connections"] == sessions
+    assert summary["ok"] == sessions
+    assert summary["failed"] == 0
+    assert summary["errors"] == {}
+    assert summary["datagrams_sent"] == total
+    assert summary["datagrams_received"] == total
+    assert summary["lost"] == 0
+    assert summary["reordered"] == 0
+    assert summary["duplicated"] == 0
+    assert summary["bytes_sent"] == summary["bytes_received"] == total * size
+    assert summary["datagrams_per_s"] > 0
+    lat = summary["latency_us"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+
+
+@pytest.mark.parametrize(("sessions", "datagrams", "size"), [(4, 500, 1400), (1, 50, 20),
+                                                               (2, 20, 65507)])
+def test_udp_echo_at_a_moderate_rate_is_exact(sessions: int, datagrams: int, size: int) -> None:
+    with flood_server("udp-echo") as addr:
+        rc, summary = run_client(addr, "--mode", "udp-echo", "--connections", str(sessions),
+                                 "--datagrams", str(datagrams), "--size", str(size),
+                                 "--rate", "5000")
+    assert rc == 0, summary
+    assert_udp_exact(summary, sessions, datagrams, size)
+    assert summary["rate"] == 5000
+
+
+def test_udp_echo_processes_and_ipv6() -> None:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    with flood_server("udp-echo", "--processes", "2", host="::1") as addr:
+        rc, summary = run_client(addr, "--mode", "udp-echo", "--connections", "5",
+                                 "--datagrams", "200", "--size", "512", "--rate", "4000",
+                                 "--processes", "2")
+    assert rc == 0, summary
+    assert_udp_exact(summary, 5, 200, 512)
+    assert summary["processes"] == 2
+
+
+def test_udp_burst_reports_loss_consistently() -> None:
+    with flood_server("udp-echo") as addr:
+        _, summary = run_client(addr, "--mode", "udp-echo", "--connections", "4",
+                                "--datagrams", "5000", "--size", "1400", "--rate", "0",
+                                "--linger", "0.5")
+    # loss is what a burst measures: not asserted, but it must add up
+    assert summary["datagrams_sent"] == 20000
+    assert summary["duplicated"] == 0
+    assert summary["errors"] == {}
+    assert summary["datagrams_received"] + summary["lost"] == 20000
+    assert summary["loss_ratio"] == round(summary["lost"] / 20000, 6)
+
+
+def test_udp_echo_to_a_closed_port_counts_econnrefused() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+    rc, summary = run_client(f"127.0.0.1:{port}", "--mode", "udp-echo", "--connections", "3",
+                             "--datagrams", "10", "--rate", "1000", "--linger", "0.2")
+    assert rc == 1
+    assert summary["ok"] == 0
+    assert summary["failed"] == 3
+    assert summary["datagrams_received"] == 0
+    assert summary["lost"] == 30
+    assert set(summary["errors"]) == {"ECONNREFUSED"}
+
+
+class TinyResolver:
+    """A loopback DNS responder on a thread: A records for `name`, NXDOMAIN for the rest."""
+
+    def __init__(self, name: bytes = b"\x07example\x04test\x00", *, silent: bool = False) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.addr = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.name = name
+        self.silent = silent
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + RUN_BOUND
+        while not self.stop and time.monotonic() < deadline:
+            try:
+                data, peer = self.sock.recvfrom(512)
+            except TimeoutError:
+                continue
+            if self.silent:
+                continue
+            qid, _flags = struct.unpack_from(">HH", data)
+            question = data[12:]
+            known = question[: len(self.name)].lower() == self.name
+            flags = 0x8180 if known else 0x8183  # QR RD RA, NOERROR or NXDOMAIN
+            answer = b""
+            if known:  # a pointer to the question's name, A IN, TTL 60, 192.0.2.1
+                answer = struct.pack(">HHHIH4s", 0xC00C, 1, 1, 60, 4, bytes([192, 0, 2, 1]))
+            head = struct.pack(">HHHHHH", qid, flags, 1, 1 if known else 0, 0, 0)
+            self.sock.sendto(head + question + answer, peer)
+
+    def close(self) -> None:
+        self.stop = True
+        self.thread.join(RUN_BOUND)
+        self.sock.close()
+
+
+@contextmanager
+def tiny_resolver(**kw: Any) -> Iterator[TinyResolver]:
+    resolver = TinyResolver(**kw)
+    try:
+        yield resolver
+    finally:
+        resolver.close()
+
+
+def test_dns_mode_counts_answers_and_rcodes() -> None:
+    with tiny_resolver() as resolver:
+        rc, summary = run_client(resolver.addr, "--mode", "dns", "--name", "Example.test",
+                                 "--connections", "500", "--concurrency", "8", "--rate", "0")
+        assert rc == 0, summary
+        assert summary["mode"] == "dns"
+        assert summary["ok"] == 500
+        assert summary["failed"] == 0
+        assert summary["lost"] == 0
+        assert summary["datagrams_sent"] == summary["datagrams_received"] == 500
+        assert summary["queries_per_s"] > 0
+        assert summary["latency_us"]["p50"] > 0
+        rc, summary = run_client(resolver.addr, "--mode", "dns", "--name", "other.test",
+                                 "--connections", "20", "--concurrency", "4")
+    assert rc == 1
+    assert summary["errors"] == {"NXDOMAIN": 20}
+
+
+def test_dns_mode_losses_and_refusals() -> None:
+    with tiny_resolver(silent=True) as resolver:
+        start = time.monotonic()
+        rc, summary = run_client(resolver.addr, "--mode", "dns", "--connections", "6",
+                                 "--concurrency", "3", "--query-timeout", "0.3")
+        assert time.monotonic() - start < 15
+    assert rc == 1
+    assert summary["lost"] == 6
+    assert summary["errors"] == {"timeout": 6}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as held:
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+    rc, summary = run_client(f"127.0.0.1:{port}", "--mode", "dns", "--connections", "4",
+                             "--concurrency", "2")
+    assert rc == 1
+    assert summary["errors"] == {"ECONNREFUSED": 4}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--connect", "127.0.0.1:9", "--mode", "udp-echo", "--size", "5"],
+    ["--connect", "127.0.0.1:9", "--mode", "dns", "--name", "a..b"],
+    ["--serve", "127.0.0.1:0", "--mode", "dns"],
+])
+def test_udp_modes_reject_bad_arguments(argv: list[str]) -> None:
+    bad = subprocess.run([sys.executable, str(FLOOD), *argv], capture_output=True,
+                         timeout=RUN_BOUND, check=False)
+    assert bad.returncode == 2, bad

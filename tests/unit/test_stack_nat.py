@@ -123,7 +123,7 @@ def _malformed() -> dict[str, tuple[bytes, str]]:
     frag = packets.ipv4(APP, DST, packets.TCP, good[20:], frag=0x2000)
     short_tcp = packets.ipv4(APP, DST, packets.TCP, good[20:30])
     bad_doff = good[:32] + bytes([0x20]) + good[33:]
-    v6 = bytes([0x60]) + bytes(39)
+    v6_no_next = bytes([0x60, 0, 0, 0, 0, 0, 59, 64]) + bytes(32)  # "no next header"
     return {
         "empty-ish": (b"\x45", "drop_truncated"),
         "truncated-ip": (good[:15], "drop_truncated"),
@@ -132,7 +132,9 @@ def _malformed() -> dict[str, tuple[bytes, str]]:
         "fragment": (frag, "drop_fragment"),
         "short-tcp": (short_tcp, "drop_truncated"),
         "bad-data-offset": (bad_doff, "drop_bad_header"),
-        "ipv6": (v6, "drop_unsupported"),
+        "ipv6-no-next-header": (v6_no_next, "drop_unsupported"),
+        "ipv6-truncated-extension": (bytes([0x60, 0, 0, 0, 0, 4, 0, 64]) + bytes(36),
+                                     "drop_truncated"),
         "icmp": (packets.ipv4(APP, DST, packets.ICMP, bytes(8)), "drop_unsupported"),
         "version-9": (bytes([0x95]) + bytes(30), "drop_bad_header"),
         # noise whose first nibble is neither 4 nor 6

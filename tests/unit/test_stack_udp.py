@@ -74,6 +74,10 @@ def test_credit_bounds_datagrams_in_flight(tmp_path: Path) -> None:
             i.to_bytes(2, "big") for i in range(256)]  # in order, none lost before the limit
         rig.wait_stat("udp_dropped", 44)
         rig.send(wire.Cmd.CREDIT, got[0].flow, 10)
+        # The credit and the next datagram take different paths into the stack: wait until the
+        # stack has handled the credit (DATA for no flow is answered after it, in order).
+        rig.send(wire.Cmd.DATA, 4242, 0, b"sync")
+        assert (rig.recv().cmd, 4242) == (wire.Cmd.RST, 4242)
         rig.write(packets.udp(APP, 40002, DST, 7, b"after"))
         assert bytes(rig.recv().payload or b"")[40:] == b"after"
 

@@ -29,8 +29,10 @@ from tunio.supervisor import (
     BACKOFF_MAX,
     Options,
     Supervisor,
+    expand_routes,
     next_backoff,
     parse_address,
+    parse_addresses,
     parse_route,
     validate,
 )
@@ -50,7 +52,7 @@ STATE = Path(os.environ["FAKE_STATE"])
 @dataclass(frozen=True)
 class StackConfig:
     tun_fds: tuple
-    address: object
+    addresses: tuple
     endpoint: str
     window: int = 256 * 1024
     pending_timeout: float = 15.0
@@ -78,7 +80,7 @@ def stack_main(config, status):
             peers.append(listener.accept()[0])
     threading.Thread(target=accept, daemon=True).start()
     with open(STATE / "stack.pids", "a") as f:
-        f.write(f"{os.getpid()} {len(config.tun_fds)} {config.address}\\n")
+        f.write(f"{os.getpid()} {len(config.tun_fds)} {config.addresses[0]}\\n")
     status.put(("stack-ready", os.getpid()))
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
     os.unlink(path)
@@ -310,7 +312,8 @@ def test_address_parsing() -> None:
         ("198.18.0.1/32", "prefix"),
         ("198.18.0.0/24", "network and broadcast"),
         ("nope", "not an address"),
-        ("fd00::1/64", "IPv6 arrives in a later release"),
+        ("fd00::1/127", "/126 or wider"),
+        ("fd00::/64", "first address"),
     ]:
         with pytest.raises(ConfigError, match=words):
             parse_address(bad)
@@ -322,8 +325,20 @@ def test_route_parsing() -> None:
     assert parse_route("10.0.0.0/8") == "10.0.0.0/8"
     with pytest.raises(ConfigError, match=r"did you mean 10\.0\.0\.0/8"):
         parse_route("10.0.0.1/8")
-    with pytest.raises(ConfigError, match="IPv6"):
-        parse_route("::/0")
+    assert parse_route("::/0") == "::/0"
+    assert parse_route("fd00:99::/32") == "fd00:99::/32"
+
+
+def test_addresses_and_default_routes_per_family() -> None:
+    v4v6 = parse_addresses(("fd00:18::1/64", "198.18.255.1/24"))
+    assert [a.version for a in v4v6] == [4, 6]
+    assert expand_routes(("default",), v4v6) == ("default", "::/0")
+    v6 = parse_addresses("fd00:18::1/64")
+    assert expand_routes(("default", "fd00:99::/32"), v6) == ("::/0", "fd00:99::/32")
+    with pytest.raises(ConfigError, match="no IPv4 address"):
+        expand_routes(("10.0.0.0/8",), v6)
+    with pytest.raises(ConfigError, match="at most one IPv4"):
+        parse_addresses(("198.18.0.1/24", "198.19.0.1/24"))
 
 
 def test_validate_names_the_bad_option(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The direct dialer: a plain outbound TCP connection from this host."""
+"""The direct dialer: a plain outbound TCP connection (or UDP socket) from this host."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import ipaddress
 import socket
 
 from tunio.dialers.base import Address
+from tunio.dialers.udp import SocketSession
 from tunio.errors import DialError
 
 # Not every Python names these; the values are Linux's.
 SO_MARK = getattr(socket, "SO_MARK", 36)
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+#: receive buffer asked for on UDP sessions (bytes)
+UDP_RCVBUF = 1 << 20
 
 
 class DirectDialer:
@@ -32,7 +35,8 @@ class DirectDialer:
     def __repr__(self) -> str:
         return f"DirectDialer(mark={self.mark!r}, interface={self.interface!r})"
 
-    async def dial(self, dst: Address, src: Address) -> socket.socket:  # noqa: ARG002
+    def _socket(self, dst: Address, kind: int) -> tuple[socket.socket, tuple[str, int]]:
+        """A non-blocking socket of `kind` for `dst`, with our mark and interface set."""
         try:
             ip = ipaddress.ip_address(dst.host)
         except ValueError:
@@ -40,22 +44,50 @@ class DirectDialer:
                 errno.EINVAL, f"direct dialer needs an IP literal, got {dst.host!r}"
             ) from None
         family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, kind)
         try:
             sock.setblocking(False)
             if self.mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             if self.interface is not None:
                 sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.interface.encode())
-            if self.nodelay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.get_running_loop().sock_connect(sock, (str(ip), dst.port))
         except OSError as exc:
             sock.close()
-            code = exc.errno if exc.errno is not None else errno.ECONNABORTED
-            raise DialError(code, f"{dst}: {exc.strerror or exc}") from exc
+            raise _dial_error(dst, exc) from exc
+        return sock, (str(ip), dst.port)
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:  # noqa: ARG002
+        sock, addr = self._socket(dst, socket.SOCK_STREAM)
+        try:
+            if self.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.get_running_loop().sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            raise _dial_error(dst, exc) from exc
         except BaseException:
             # cancelled (flow reset, timeout): the half-open socket must not leak
             sock.close()
             raise
         return sock
+
+    async def dial_udp(self, dst: Address, src: Address) -> SocketSession:  # noqa: ARG002
+        """A UDP socket connected to `dst`: connecting only picks a route and a source port, so
+        this does not wait; an unroutable destination fails here (EHOSTUNREACH, ENETUNREACH)."""
+        sock, addr = self._socket(dst, socket.SOCK_DGRAM)
+        try:
+            # A burst of replies waits here while the worker is busy with other flows: room for
+            # a full credit window of them (the kernel caps this at twice net.core.rmem_max).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RCVBUF)
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            raise _dial_error(dst, exc) from exc
+        return SocketSession(sock, dst)
+
+
+def _dial_error(dst: Address, exc: OSError) -> DialError:
+    if isinstance(exc, DialError):
+        return exc
+    code = exc.errno if exc.errno is not None else errno.ECONNABORTED
+    return DialError(code, f"{dst}: {exc.strerror or exc}")

@@ -31,6 +31,7 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -45,6 +46,7 @@ from tunio.testing.netns import netns_socket
 __all__ = [
     "APP_ADDRESS",
     "BLACKHOLE_ADDRESS",
+    "DNS_PORT",
     "EGRESS_MARK",
     "EGRESS_TABLE",
     "FLOOD_PORTS",
@@ -54,6 +56,7 @@ __all__ = [
     "SRV_ADDRESS",
     "TUN_ADDRESS",
     "TUN_NAME",
+    "UDP_ECHO_PORT",
     "UNREACHABLE_ADDRESS",
     "Lab",
     "LabError",
@@ -62,6 +65,8 @@ __all__ = [
     "alive",
     "created_lab_ids",
     "descendants",
+    "dns_query",
+    "dnsmasq_argv",
     "lab_namespaces",
     "leftover_processes",
     "pattern",
@@ -81,10 +86,15 @@ UNREACHABLE_ADDRESS = "198.18.9.1"
 EGRESS_MARK = 0x1
 EGRESS_TABLE = 100
 LAB_ENV = "TUNIO_LAB"  # inherited by every process a lab starts: how leftovers are found
+# `ip netns exec NS` bind-mounts each file of /etc/netns/NS/ over its namesake in /etc, so a
+# program run that way reads e.g. the namespace's own resolv.conf.
+NETNS_ETC = Path("/etc/netns")
 
 # Where the test servers listen on SERVER_ADDRESS (tests/vm/peers.py and tools/flood.py).
 PEER_PORTS = {"echo": 7, "sink-hash": 9, "source": 19, "rst": 5001, "halfclose": 5002}
 FLOOD_PORTS = {"echo": 7000, "sink": 7001, "source": 7002}
+UDP_ECHO_PORT = 7000  # tools/flood.py --mode udp-echo (UDP; the TCP echo shares the number)
+DNS_PORT = 53
 PATTERN_SEED = b"tunio test pattern"
 RECV_CHUNK = 256 * 1024
 
@@ -150,6 +160,27 @@ def recv_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(RECV_CHUNK):
         buf += chunk
     return bytes(buf)
+
+
+# ---------------------------------------------------------------- DNS
+
+
+def dns_query(name: str, qid: int = 0x7475) -> bytes:
+    """A DNS query (recursion desired) for the A record of `name`."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split("."))
+    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
+
+
+def dnsmasq_argv(*records: str, port: int = DNS_PORT) -> list[str]:
+    """dnsmasq (Debian: dnsmasq-base) serving only `records` (its options, e.g.
+    ``--address=/a.test/192.0.2.1``) on SERVER_ADDRESS, in the foreground, logging to stderr
+    (its ``started`` line says it is up), reading no configuration, hosts or resolv.conf."""
+    return [
+        "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file",
+        "--no-resolv", "--no-hosts", "--log-facility=-", "--user=root", "--group=root",
+        f"--listen-address={SERVER_ADDRESS}", "--bind-interfaces", f"--port={port}",
+        *records,
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- processes via /proc
@@ -461,6 +492,48 @@ class Lab:
             raise LabError(msg)
         return str(out)
 
+    @contextlib.contextmanager
+    def etc_file(self, ns: str, name: str, text: str) -> Iterator[Path]:
+        """`text` as /etc/`name` for programs started in `ns` from now on (e.g. resolv.conf).
+
+        Removed when the block ends (and at teardown at the latest).
+        """
+        if ns not in (self.app, self.srv) or "/" in name:
+            msg = f"not a file of this lab's namespaces: {ns}/{name}"
+            raise LabError(msg)
+        directory = NETNS_ETC / ns
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / name
+        path.write_text(text)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # other files of the namespace may remain
+                directory.rmdir()
+
+    def wait_for_dns(self, name: str, port: int = DNS_PORT, timeout: float = 15.0) -> None:
+        """Until a DNS server on SERVER_ADDRESS:`port` answers a query for `name`, asked over
+        the veth (a marked socket in the app namespace), so tunio need not be running."""
+        deadline = time.monotonic() + timeout
+        query = dns_query(name)
+        with self.open_socket(type=socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, EGRESS_MARK)
+            sock.connect((SERVER_ADDRESS, port))
+            while True:
+                # each try waits for an answer (a real event); tries repeat until the deadline
+                sock.settimeout(max(0.01, min(0.2, deadline - time.monotonic())))
+                sock.send(query)
+                try:
+                    answer = sock.recv(512)
+                except (TimeoutError, ConnectionRefusedError):
+                    answer = b""
+                if answer[:2] == query[:2]:
+                    return
+                if time.monotonic() >= deadline:
+                    msg = f"no DNS answer from {SERVER_ADDRESS}:{port} within {timeout:.0f} s"
+                    raise LabError(msg)
+
     def ip(self, ns: str, *args: str) -> str:
         """`ip -n ns args…`; its stdout (failures raise LabError)."""
         return _ip("-n", ns, *args).stdout
@@ -567,6 +640,8 @@ class Lab:
                         errors.append(f"ip netns delete {ns}: {proc.stderr.strip()}")
             if self.runtime_dir.exists():
                 shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            for ns in (self.app, self.srv):
+                shutil.rmtree(NETNS_ETC / ns, ignore_errors=True)
             left = [ns for ns in (self.app, self.srv) if ns in lab_namespaces()]
             if left:
                 errors.append(f"namespaces left behind: {left}")

@@ -8,7 +8,7 @@ import struct
 from dataclasses import dataclass
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
-TCP, UDP, ICMP = 6, 17, 1
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 
 # MSS 1460, SACK permitted, timestamps, window scale 7: what Linux puts on a SYN.
 SYN_OPTIONS = bytes.fromhex("020405b4" "0402" "080a0001e24000000000" "01" "030307")
@@ -24,7 +24,29 @@ def checksum(data: bytes) -> int:
 
 
 def _pseudo(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
+    if len(src) == 16:
+        return src + dst + struct.pack("!IxxxB", length, proto)
     return src + dst + struct.pack("!BBH", 0, proto, length)
+
+
+def _packed(addr: str) -> bytes:
+    return ipaddress.ip_address(addr).packed
+
+
+def ip(src: str, dst: str, proto: int, payload: bytes) -> bytes:
+    """An IPv4 or IPv6 packet, by the addresses' family."""
+    if ":" in src:
+        return ipv6(src, dst, proto, payload)
+    return ipv4(src, dst, proto, payload)
+
+
+def ipv6(src: str, dst: str, proto: int, payload: bytes, *, hop_limit: int = 64,
+         extensions: bytes = b"", first_next: int | None = None) -> bytes:
+    """`extensions`: extension headers put before the payload; `first_next` names the first."""
+    nxt = proto if first_next is None else first_next
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(extensions) + len(payload), nxt, hop_limit,
+                      _packed(src), _packed(dst))
+    return hdr + extensions + payload
 
 
 def ipv4(src: str, dst: str, proto: int, payload: bytes, *, ttl: int = 64, frag: int = 0x4000,
@@ -44,17 +66,17 @@ def tcp(src: str, sport: int, dst: str, dport: int, *, flags: int, seq: int = 10
     off = (20 + len(options)) // 4
     hdr = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, off << 4, flags, window, 0, 0)
     seg = hdr + options + payload
-    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    s, d = _packed(src), _packed(dst)
     csum = checksum(_pseudo(s, d, TCP, len(seg)) + seg)
     seg = seg[:16] + struct.pack("!H", csum) + seg[18:]
-    return ipv4(src, dst, TCP, seg)
+    return ip(src, dst, TCP, seg)
 
 
 def udp(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
     seg = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    s, d = _packed(src), _packed(dst)
     csum = checksum(_pseudo(s, d, UDP, len(seg)) + seg) or 0xFFFF
-    return ipv4(src, dst, UDP, seg[:6] + struct.pack("!H", csum) + seg[8:])
+    return ip(src, dst, UDP, seg[:6] + struct.pack("!H", csum) + seg[8:])
 
 
 @dataclass(frozen=True)
@@ -76,7 +98,27 @@ class Parsed:
     checksums_ok: bool = False
 
 
+def _parse_ipv6(pkt: bytes) -> Parsed:
+    """The fixed header only: the packets the stack writes carry no extension headers."""
+    plen, proto = struct.unpack_from("!HB", pkt, 4)
+    src = str(ipaddress.IPv6Address(pkt[8:24]))
+    dst = str(ipaddress.IPv6Address(pkt[24:40]))
+    l4 = pkt[40 : 40 + plen]
+    ok = checksum(_pseudo(pkt[8:24], pkt[24:40], proto, len(l4)) + l4) == 0
+    if proto == TCP:
+        sport, dport, seq, ack, off, flags = struct.unpack_from("!HHIIBB", l4)
+        hlen = (off >> 4) * 4
+        return Parsed(src, dst, proto, sport, dport, flags, seq, ack, l4[20:hlen], l4[hlen:],
+                      checksums_ok=ok)
+    if proto == ICMPV6:
+        return Parsed(src, dst, proto, payload=l4[8:], icmp_type=l4[0], icmp_code=l4[1],
+                      checksums_ok=ok)
+    return Parsed(src, dst, proto, payload=l4, checksums_ok=ok)
+
+
 def parse(pkt: bytes) -> Parsed:
+    if pkt[0] >> 4 == 6:
+        return _parse_ipv6(pkt)
     ihl = (pkt[0] & 0x0F) * 4
     total = struct.unpack_from("!H", pkt, 2)[0]
     proto = pkt[9]
