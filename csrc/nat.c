@@ -415,7 +415,11 @@ int tunio_nat_reject(struct tunio_nat *nat, uint32_t idx, uint32_t flow_id, int 
             e->last_ms = now;
         } else {
             if (e->held && tunio_pkt_parse(&p, e->held, e->held_len) == TUNIO_PKT_OK) {
-                int code = err == ECONNREFUSED ? -1 : tunio_nat_icmp_code(p.version, err);
+                /* Unreachable errors become ICMP as a router would send them; a refusal, and a
+                 * refusal by policy (EACCES: a proxy's rules or credentials), become a RST. */
+                int code = err == ENETUNREACH || err == EHOSTUNREACH
+                               ? tunio_nat_icmp_code(p.version, err)
+                               : -1;
                 *len = code >= 0 ? tunio_pkt_build_icmp_unreach(&p, (uint8_t)code, out, cap)
                                  : tunio_pkt_build_rst(&p, out, cap);
             }

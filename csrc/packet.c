@@ -10,6 +10,7 @@
 #define IPV6_HLEN 40u
 #define TCP_MIN_HLEN 20u
 #define UDP_HLEN 8u
+#define ICMP_ECHO_HLEN 8u
 #define ICMP_QUOTE_MAX 64u /* payload bytes quoted after the IP header in an ICMP error */
 
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
@@ -74,11 +75,30 @@ static int parse_udp(struct tunio_pkt *p, const uint8_t *l4)
     return TUNIO_PKT_OK;
 }
 
+/* ICMP echo requests are carried (a worker pings for the app); their identifier stands in for
+ * the source port, so they key sessions like UDP. Other ICMP messages are not ours to carry. */
+static int parse_icmp(struct tunio_pkt *p, const uint8_t *l4)
+{
+    if (p->l4_len < ICMP_ECHO_HLEN)
+        return TUNIO_PKT_TRUNCATED;
+    uint8_t echo = p->proto == TUNIO_IPPROTO_ICMP ? TUNIO_ICMP_ECHO : TUNIO_ICMPV6_ECHO;
+    if (l4[0] != echo || l4[1] != 0)
+        return TUNIO_PKT_UNSUPPORTED;
+    p->sport = get16(l4 + 4);
+    p->dport = 0;
+    p->payload_len = p->l4_len;
+    return TUNIO_PKT_OK;
+}
+
 static int parse_l4(struct tunio_pkt *p)
 {
     switch (p->proto) {
     case TUNIO_IPPROTO_TCP: return parse_tcp(p, p->buf + p->l3_len);
     case TUNIO_IPPROTO_UDP: return parse_udp(p, p->buf + p->l3_len);
+    case TUNIO_IPPROTO_ICMP:
+        return p->version == 4 ? parse_icmp(p, p->buf + p->l3_len) : TUNIO_PKT_UNSUPPORTED;
+    case TUNIO_IPPROTO_ICMPV6:
+        return p->version == 6 ? parse_icmp(p, p->buf + p->l3_len) : TUNIO_PKT_UNSUPPORTED;
     default: return TUNIO_PKT_UNSUPPORTED;
     }
 }
@@ -295,6 +315,31 @@ size_t tunio_pkt_build_udp(int version, const uint8_t src[16], uint16_t sport,
     uint32_t sum = pseudo_sum(out, TUNIO_IPPROTO_UDP, UDP_HLEN + len);
     uint16_t c = tunio_csum_finish(tunio_csum_add(sum, uh, UDP_HLEN + len));
     put16(uh + 6, c ? c : 0xffff); /* 0 means "no checksum" (and is not allowed over IPv6) */
+    return total;
+}
+
+size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16],
+                            const uint8_t dst[16], uint16_t id, uint16_t seq,
+                            const uint8_t *data, size_t len, uint8_t *out, size_t cap)
+{
+    size_t hlen = version == 6 ? IPV6_HLEN : IPV4_MIN_HLEN;
+    size_t total = hlen + ICMP_ECHO_HLEN + len;
+    if (total > 0xffff || cap < total)
+        return 0;
+    uint8_t proto = version == 6 ? TUNIO_IPPROTO_ICMPV6 : TUNIO_IPPROTO_ICMP;
+    uint8_t *ic = out + build_ip(version, out, ICMP_ECHO_HLEN + len, proto, src, dst);
+    if (version == 6)
+        ic[0] = reply ? TUNIO_ICMPV6_ECHO_REPLY : TUNIO_ICMPV6_ECHO;
+    else
+        ic[0] = reply ? TUNIO_ICMP_ECHO_REPLY : TUNIO_ICMP_ECHO;
+    ic[1] = 0;
+    put16(ic + 2, 0);
+    put16(ic + 4, id);
+    put16(ic + 6, seq);
+    if (len)
+        memcpy(ic + ICMP_ECHO_HLEN, data, len);
+    uint32_t sum = version == 6 ? pseudo_sum(out, proto, ICMP_ECHO_HLEN + len) : 0;
+    put16(ic + 2, tunio_csum_finish(tunio_csum_add(sum, ic, ICMP_ECHO_HLEN + len)));
     return total;
 }
 

@@ -11,6 +11,11 @@
 #define TUNIO_IPPROTO_UDP 17
 #define TUNIO_IPPROTO_ICMPV6 58
 
+#define TUNIO_ICMP_ECHO_REPLY 0
+#define TUNIO_ICMP_ECHO 8
+#define TUNIO_ICMPV6_ECHO 128
+#define TUNIO_ICMPV6_ECHO_REPLY 129
+
 #define TUNIO_TCP_FIN 0x01
 #define TUNIO_TCP_SYN 0x02
 #define TUNIO_TCP_RST 0x04
@@ -37,8 +42,8 @@ struct tunio_pkt {
     size_t l4_len;    /* bytes from the transport header to the end of the packet */
     uint8_t src[16];
     uint8_t dst[16];
-    uint16_t sport;   /* host order */
-    uint16_t dport;
+    uint16_t sport;   /* host order; an ICMP echo's identifier */
+    uint16_t dport;   /* 0 for an ICMP echo */
     /* TCP only */
     uint8_t tcp_flags;
     uint32_t seq;
@@ -71,6 +76,11 @@ size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uin
 size_t tunio_pkt_build_udp(int version, const uint8_t src[16], uint16_t sport,
                            const uint8_t dst[16], uint16_t dport, const uint8_t *payload,
                            size_t len, uint8_t *out, size_t cap);
+
+/* Builds an ICMP / ICMPv6 echo request (reply = 0) or reply (reply = 1) carrying `data`. */
+size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16],
+                            const uint8_t dst[16], uint16_t id, uint16_t seq,
+                            const uint8_t *data, size_t len, uint8_t *out, size_t cap);
 
 /* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
  * right. Tests use it: the kernel does not check checksums of some packets we hand it. */

@@ -91,12 +91,8 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t le
         atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_UNSUPPORTED], 1, memory_order_relaxed);
         return;
     }
-    if (p.proto == TUNIO_IPPROTO_UDP) {
-        udp_enqueue(s, &p);
-        return;
-    }
     if (p.proto != TUNIO_IPPROTO_TCP) {
-        atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_UNSUPPORTED], 1, memory_order_relaxed);
+        udp_enqueue(s, &p); /* UDP, and ICMP echo requests: datagram sessions */
         return;
     }
     struct tunio_nat_open open;

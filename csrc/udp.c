@@ -1,5 +1,6 @@
-/* UDP sessions. Readers queue the datagrams they read (bounded, copied); the loop thread owns the
- * session table: it picks a worker for a new (app, destination) pair, forwards DGRAMs within the
+/* Datagram sessions: UDP, and ICMP echo (a worker pings for the app, keyed by the echo's
+ * identifier in place of a source port). Readers queue the datagrams they read (bounded,
+ * copied); the loop thread owns the session table: it picks a worker for a new (app, destination) pair, forwards DGRAMs within the
  * session's credit, builds the IP/UDP packets of the replies, turns a worker's RST(errno) into
  * the ICMP error the app would have got directly, and expires idle sessions. */
 #include <errno.h>
@@ -19,6 +20,7 @@ struct udp_session {
     uint32_t id;
     int worker;
     uint8_t version;
+    uint8_t proto; /* UDP, ICMP or ICMPv6 */
     uint8_t src[16]; /* the app */
     uint8_t dst[16];
     uint16_t sport;
@@ -46,6 +48,7 @@ int udp_init(struct tunio_stack *s)
 
 static uint32_t tuple_hash(const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport)
 {
+    /* The protocol is not hashed: an echo's dport is 0, which no UDP datagram has. */
     uint32_t h = 2166136261u;
     for (int i = 0; i < 16; i++)
         h = (h ^ src[i] ^ (uint32_t)dst[i] << 8) * 16777619u;
@@ -116,8 +119,8 @@ static struct udp_session *session_for(struct tunio_stack *s, const struct tunio
 {
     uint32_t b = tuple_hash(p->src, p->sport, p->dst, p->dport);
     for (struct udp_session *u = s->udp_tuple[b]; u; u = u->by_tuple)
-        if (u->sport == p->sport && u->dport == p->dport && !memcmp(u->src, p->src, 16) &&
-            !memcmp(u->dst, p->dst, 16))
+        if (u->sport == p->sport && u->dport == p->dport && u->proto == p->proto &&
+            !memcmp(u->src, p->src, 16) && !memcmp(u->dst, p->dst, 16))
             return u;
     int w = broker_pick_worker(s);
     struct udp_session *u = w >= 0 ? calloc(1, sizeof(*u)) : NULL;
@@ -128,6 +131,7 @@ static struct udp_session *session_for(struct tunio_stack *s, const struct tunio
     }
     u->id = tunio_nat_next_id(&s->next_flow_id);
     u->version = p->version;
+    u->proto = p->proto;
     u->worker = w;
     memcpy(u->src, p->src, 16);
     memcpy(u->dst, p->dst, 16);
@@ -156,19 +160,21 @@ static void forward(struct tunio_stack *s, uint8_t *pkt, size_t len)
         atomic_fetch_add_explicit(&s->c.udp_dropped, 1, memory_order_relaxed);
         return;
     }
-    /* The address block and the datagram go out as one payload frame: build it in place. */
-    size_t n = p.payload_len;
+    /* The address block and the datagram go out as one payload frame: build it in place. For an
+     * echo the "datagram" is the whole ICMP message (type, code, checksum, id, sequence, data). */
+    int udp = p.proto == TUNIO_IPPROTO_UDP;
+    size_t n = udp ? p.payload_len : p.l4_len;
     uint8_t *msg = malloc(TUNIO_WIRE_ADDR_LEN + n);
     if (!msg) {
         atomic_fetch_add_explicit(&s->c.udp_dropped, 1, memory_order_relaxed);
         return;
     }
-    struct tunio_wire_addr a = {.proto = TUNIO_IPPROTO_UDP, .version = p.version,
+    struct tunio_wire_addr a = {.proto = p.proto, .version = p.version,
                                 .sport = p.sport, .dport = p.dport};
     memcpy(a.src, p.src, 16);
     memcpy(a.dst, p.dst, 16);
     tunio_wire_encode_addr(msg, &a);
-    memcpy(msg + TUNIO_WIRE_ADDR_LEN, pkt + p.l3_len + 8, n);
+    memcpy(msg + TUNIO_WIRE_ADDR_LEN, pkt + p.l3_len + (udp ? 8 : 0), n);
     if (broker_send_owned_cmd(s, u->worker, TUNIO_CMD_DGRAM, u->id, msg,
                               TUNIO_WIRE_ADDR_LEN + n) == 0) {
         u->credit--;
@@ -206,8 +212,11 @@ static void tell_app(struct tunio_stack *s, const struct udp_session *u, int err
     /* ICMP quotes the offending datagram's headers; a header of the session's own tuple is
      * what the app's kernel matches its socket by. */
     uint8_t orig[48], out[160];
-    size_t n = tunio_pkt_build_udp(u->version, u->src, u->sport, u->dst, u->dport, NULL, 0, orig,
-                                   sizeof(orig));
+    size_t n = u->proto == TUNIO_IPPROTO_UDP
+                   ? tunio_pkt_build_udp(u->version, u->src, u->sport, u->dst, u->dport, NULL, 0,
+                                         orig, sizeof(orig))
+                   : tunio_pkt_build_echo(u->version, 0, u->src, u->dst, u->sport, 0, NULL, 0,
+                                          orig, sizeof(orig));
     struct tunio_pkt p;
     if (!n || tunio_pkt_parse(&p, orig, n) != TUNIO_PKT_OK)
         return;
@@ -236,9 +245,21 @@ int udp_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_he
             s->c.protocol_errors++;
             return 1;
         }
-        size_t n = tunio_pkt_build_udp(a.version, a.src, a.sport, a.dst, a.dport,
-                                       data + TUNIO_WIRE_ADDR_LEN,
-                                       len - TUNIO_WIRE_ADDR_LEN, out, TUNIO_TUN_BUF);
+        const uint8_t *body = data + TUNIO_WIRE_ADDR_LEN;
+        size_t blen = len - TUNIO_WIRE_ADDR_LEN;
+        size_t n;
+        if (u->proto == TUNIO_IPPROTO_UDP) {
+            n = tunio_pkt_build_udp(a.version, a.src, a.sport, a.dst, a.dport, body, blen, out,
+                                    TUNIO_TUN_BUF);
+        } else if (blen >= 8) {
+            /* An echo reply: the app's own identifier goes back in (a ping socket's kernel
+             * chose its own for the worker), the sequence number and data as they came. */
+            uint16_t seq = (uint16_t)(body[6] << 8 | body[7]);
+            n = tunio_pkt_build_echo(u->version, 1, a.src, u->src, u->sport, seq, body + 8,
+                                     blen - 8, out, TUNIO_TUN_BUF);
+        } else {
+            n = 0;
+        }
         if (n) {
             stack_tun_write(s, -1, out, n);
             s->c.udp_from_workers++;

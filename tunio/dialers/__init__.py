@@ -4,25 +4,45 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
-from tunio.dialers.base import Address, Dialer, DialFunction, FunctionDialer
+from tunio.dialers.base import (
+    Address,
+    DatagramDialer,
+    DatagramSession,
+    Dialer,
+    DialFunction,
+    FunctionDialer,
+)
 from tunio.dialers.direct import DirectDialer
+from tunio.dialers.http import HttpDialer
+from tunio.dialers.proxy import ProxyDialer
+from tunio.dialers.socks5 import Socks5Dialer
 from tunio.errors import ConfigError
 
 __all__ = [
     "Address",
+    "DatagramDialer",
+    "DatagramSession",
     "DialFunction",
     "Dialer",
     "DirectDialer",
     "FunctionDialer",
+    "HttpDialer",
+    "ProxyDialer",
+    "Socks5Dialer",
     "load_dialer",
 ]
 
 _ACCEPTED = (
-    "expected 'direct' or 'module:attr' (a Dialer, a zero-argument factory of one, "
-    "or an async function (dst, src) -> socket)"
+    "expected 'direct', 'socks5://[user:pass@]host:port', 'http://[user:pass@]host:port' or "
+    "'module:attr' (a Dialer, a zero-argument factory of one, or an async function "
+    "(dst, src) -> socket)"
 )
+
+#: URL schemes of the built-in proxy dialers
+PROXIES: dict[str, type[ProxyDialer]] = {"socks5": Socks5Dialer, "http": HttpDialer}
 
 
 def _is_dialer(obj: object) -> bool:
@@ -46,20 +66,49 @@ def _from_object(obj: object, spec: str) -> Dialer:
 
 
 def load_dialer(
-    spec: str | Dialer,
+    spec: str | Sequence[str] | Dialer,
     *,
     egress_mark: int | None = None,
     egress_interface: str | None = None,
 ) -> Dialer:
     """Turn a dialer specification into a Dialer.
 
-    The egress mark and interface apply to the direct dialer; a user's dialer gets its own
+    A list of specifications is a chain: each proxy URL after the first is reached through the
+    dialers before it (`["socks5://a:1080", "http://b:3128"]` asks a for a tunnel to b, and b
+    for one to the destination). The egress mark and interface apply to the first hop's own
+    connections (the direct dialer's, or the first proxy's); a user's dialer gets its own
     settings from its own code.
     """
-    if not isinstance(spec, str):
-        if _is_dialer(spec):
-            return spec
-        raise ConfigError(f"dialer {spec!r}: {_ACCEPTED}")
+    if isinstance(spec, str):
+        return _load_one(spec, None, egress_mark, egress_interface)
+    if isinstance(spec, Sequence):
+        if not spec:
+            raise ConfigError(f"an empty dialer chain: {_ACCEPTED}")
+        dialer: Dialer | None = None
+        for item in spec:
+            if not isinstance(item, str):
+                raise ConfigError(f"dialer chain entry {item!r}: {_ACCEPTED}")
+            dialer = _load_one(item, dialer, egress_mark, egress_interface)
+        assert dialer is not None
+        return dialer
+    if _is_dialer(spec):
+        return spec
+    raise ConfigError(f"dialer {spec!r}: {_ACCEPTED}")
+
+
+def _load_one(
+    spec: str, via: Dialer | None, egress_mark: int | None, egress_interface: str | None
+) -> Dialer:
+    scheme, colon_slashes, _ = spec.partition("://")
+    if colon_slashes and scheme in PROXIES:
+        return PROXIES[scheme].from_url(spec, via=via, mark=egress_mark, interface=egress_interface)
+    if via is not None:
+        raise ConfigError(
+            f"dialer {spec!r} cannot follow another dialer in a chain: only proxy URLs "
+            "(socks5://, http://) can"
+        )
+    if colon_slashes:
+        raise ConfigError(f"unknown dialer {spec!r}: {_ACCEPTED}")
     if spec == "direct":
         return DirectDialer(mark=egress_mark, interface=egress_interface)
     module_name, sep, attr = spec.partition(":")

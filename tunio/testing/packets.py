@@ -79,6 +79,18 @@ def udp(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
     return ip(src, dst, UDP, seg[:6] + struct.pack("!H", csum) + seg[8:])
 
 
+def echo(src: str, dst: str, ident: int, seq: int, data: bytes = b"", *,
+         reply: bool = False) -> bytes:
+    """An ICMP (IPv4) or ICMPv6 echo request, or reply."""
+    v6 = ":" in src
+    kind = (129 if reply else 128) if v6 else (0 if reply else 8)
+    msg = struct.pack("!BBHHH", kind, 0, 0, ident, seq) + data
+    proto = ICMPV6 if v6 else ICMP
+    pseudo = _pseudo(_packed(src), _packed(dst), proto, len(msg)) if v6 else b""
+    msg = msg[:2] + struct.pack("!H", checksum(pseudo + msg)) + msg[4:]
+    return ip(src, dst, proto, msg)
+
+
 @dataclass(frozen=True)
 class Parsed:
     """The fields of an IPv4 packet the tests look at, and whether its checksums are right."""
@@ -86,8 +98,8 @@ class Parsed:
     src: str
     dst: str
     proto: int
-    sport: int = 0
-    dport: int = 0
+    sport: int = 0  # ICMP: the echo identifier
+    dport: int = 0  # ICMP: the echo sequence number
     flags: int = 0
     seq: int = 0
     ack: int = 0
@@ -111,8 +123,9 @@ def _parse_ipv6(pkt: bytes) -> Parsed:
         return Parsed(src, dst, proto, sport, dport, flags, seq, ack, l4[20:hlen], l4[hlen:],
                       checksums_ok=ok)
     if proto == ICMPV6:
-        return Parsed(src, dst, proto, payload=l4[8:], icmp_type=l4[0], icmp_code=l4[1],
-                      checksums_ok=ok)
+        ident, seq = struct.unpack_from("!HH", l4, 4)
+        return Parsed(src, dst, proto, ident, seq, payload=l4[8:], icmp_type=l4[0],
+                      icmp_code=l4[1], checksums_ok=ok)
     return Parsed(src, dst, proto, payload=l4, checksums_ok=ok)
 
 
@@ -134,6 +147,7 @@ def parse(pkt: bytes) -> Parsed:
                       checksums_ok=ok)
     if proto == ICMP:
         ok = ok and checksum(l4) == 0
-        return Parsed(src, dst, proto, payload=l4[8:], icmp_type=l4[0], icmp_code=l4[1],
-                      checksums_ok=ok)
+        ident, seq = struct.unpack_from("!HH", l4, 4)  # an echo's; rest-of-header otherwise
+        return Parsed(src, dst, proto, ident, seq, payload=l4[8:], icmp_type=l4[0],
+                      icmp_code=l4[1], checksums_ok=ok)
     return Parsed(src, dst, proto, payload=l4, checksums_ok=ok)

@@ -1,0 +1,150 @@
+"""What SOCKS5 and HTTP CONNECT dialers share: reaching the proxy, and their URLs.
+
+A proxy dialer reaches its proxy through another dialer, `via`: by default a direct dialer with
+the egress mark and interface (the proxy connection must not loop back into the TUN either), or
+the previous proxy of a chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+from dataclasses import dataclass
+from typing import ClassVar
+from urllib.parse import unquote, urlsplit
+
+from tunio.dialers.base import Address, Dialer
+from tunio.dialers.direct import DirectDialer
+from tunio.errors import ConfigError, DialError
+
+
+def is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ProxyURL:
+    scheme: str  # "socks5" or "http"
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_proxy_url(spec: str, schemes: tuple[str, ...]) -> ProxyURL:
+    """`scheme://[user:pass@]host:port` (IPv6 hosts in brackets; user and password %-encoded)."""
+    try:
+        url = urlsplit(spec)
+        port = url.port
+    except ValueError as exc:
+        raise ConfigError(f"dialer {spec!r}: {exc}") from None
+    if url.scheme not in schemes:
+        raise ConfigError(f"dialer {spec!r}: the scheme must be one of {', '.join(schemes)}")
+    if not url.hostname or port is None:
+        raise ConfigError(f"dialer {spec!r}: give the proxy as {url.scheme}://host:port")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ConfigError(f"dialer {spec!r}: a proxy URL has no path, query or fragment")
+    username = unquote(url.username) if url.username is not None else None
+    password = unquote(url.password) if url.password is not None else None
+    if username is not None and password is None:
+        raise ConfigError(f"dialer {spec!r}: give the password too (user:password@)")
+    return ProxyURL(url.scheme, url.hostname, port, username, password)
+
+
+class ProxyDialer:
+    """Base of the proxy dialers: subclasses speak their handshake on the proxy connection."""
+
+    scheme: ClassVar[str]
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        via: Dialer | None = None,
+        mark: int | None = None,
+        interface: str | None = None,
+    ) -> None:
+        if (username is None) != (password is None):
+            raise ConfigError(f"{self.scheme} proxy {host}:{port}: give both username and password")
+        self.proxy = Address(host, port)
+        self.username = username
+        self.password = password
+        self.via: Dialer = via if via is not None else DirectDialer(mark=mark, interface=interface)
+        self.name = f"{self.scheme} proxy {self.proxy}"
+
+    @classmethod
+    def from_url(
+        cls,
+        spec: str,
+        *,
+        via: Dialer | None = None,
+        mark: int | None = None,
+        interface: str | None = None,
+    ) -> ProxyDialer:
+        url = parse_proxy_url(spec, (cls.scheme,))
+        return cls(
+            url.host,
+            url.port,
+            username=url.username,
+            password=url.password,
+            via=via,
+            mark=mark,
+            interface=interface,
+        )
+
+    def __repr__(self) -> str:
+        user = f"{self.username}:***@" if self.username is not None else ""
+        return f"{type(self).__name__}({self.scheme}://{user}{self.proxy}, via={self.via!r})"
+
+    async def handshake(self, sock: socket.socket, dst: Address) -> None:
+        """Ask the proxy, over `sock`, for a tunnel to `dst`; DialError if it says no."""
+        raise NotImplementedError
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        sock = await self.connect_proxy(src)
+        try:
+            await self.handshake(sock, dst)
+        except OSError as exc:
+            sock.close()
+            raise self.error(exc) from exc
+        except BaseException:
+            sock.close()  # cancelled (flow reset, timeout): the proxy connection must not leak
+            raise
+        return sock
+
+    async def connect_proxy(self, src: Address) -> socket.socket:
+        """A connection to the proxy itself, made by `via`."""
+        target = self.proxy
+        if isinstance(self.via, DirectDialer) and not is_ip(target.host):
+            target = await self._resolve(target)
+        try:
+            return await self.via.dial(target, src)
+        except OSError as exc:
+            raise self.error(exc, "cannot reach it: ") from exc
+
+    async def _resolve(self, target: Address) -> Address:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise DialError(
+                errno.EHOSTUNREACH, f"{self.name}: cannot resolve {target.host!r}: {exc}"
+            ) from exc
+        return Address(str(infos[0][4][0]), target.port)
+
+    def error(self, exc: OSError, prefix: str = "") -> DialError:
+        """`exc` as a DialError whose message names this proxy (once)."""
+        code = exc.errno if exc.errno is not None else errno.ECONNABORTED
+        text = exc.strerror or str(exc)
+        if isinstance(exc, DialError) and text.startswith(self.name):
+            return exc
+        return DialError(code, f"{self.name}: {prefix}{text}")
