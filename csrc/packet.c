@@ -197,7 +197,15 @@ void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t spor
     put16(new_ + 2 * alen + 2, dport);
     if (p->version == 4)
         tunio_csum_replace(ip + 10, old, new_, 8);
-    if (fix_l4) {
+    if (fix_l4 && p->partial_csum) {
+        /* The field holds the pseudo-header's sum, not complemented, and the ports are summed
+         * later with the rest of the segment: only the addresses change it. */
+        l4csum[0] = (uint8_t)~l4csum[0];
+        l4csum[1] = (uint8_t)~l4csum[1];
+        tunio_csum_replace(l4csum, old, new_, 2 * alen);
+        l4csum[0] = (uint8_t)~l4csum[0];
+        l4csum[1] = (uint8_t)~l4csum[1];
+    } else if (fix_l4) {
         tunio_csum_replace(l4csum, old, new_, 2 * alen + 4);
         if (p->proto == TUNIO_IPPROTO_UDP && l4csum[0] == 0 && l4csum[1] == 0)
             l4csum[0] = l4csum[1] = 0xff; /* a computed 0 is sent as all ones in UDP */
@@ -210,6 +218,18 @@ void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t spor
     memcpy(p->dst, dst, 16);
     p->sport = sport;
     p->dport = dport;
+}
+
+int tunio_pkt_complete_csum(struct tunio_pkt *p, size_t start, size_t offset)
+{
+    if (start < p->l3_len || start >= p->len || offset + 2 > p->len - start)
+        return -1;
+    uint8_t *field = p->buf + start + offset;
+    uint16_t c = tunio_csum_finish(tunio_csum_add(0, p->buf + start, p->len - start));
+    field[0] = (uint8_t)(c >> 8);
+    field[1] = (uint8_t)c;
+    p->partial_csum = 0;
+    return 0;
 }
 
 static void build_ipv4(uint8_t *out, size_t total, uint8_t proto, const uint8_t src[16],

@@ -50,6 +50,10 @@ struct tunio_pkt {
     uint32_t ack;
     size_t tcp_hlen;
     size_t payload_len;
+    /* The transport checksum field holds only the pseudo-header's sum, to be completed by
+     * whoever sends the packet on (a virtio-net header's NEEDS_CSUM): a rewrite then changes
+     * just that sum. Set by the caller after parsing. */
+    uint8_t partial_csum;
 };
 
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);
@@ -59,6 +63,10 @@ const char *tunio_pkt_status_name(int status);
  * updates the checksums incrementally. Ports in host order. */
 void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t sport,
                        const uint8_t dst[16], uint16_t dport);
+
+/* Completes a partial checksum in software: sums from `start` to the end of the packet and
+ * stores the result at start + offset. -1 if those offsets do not fit the packet. */
+int tunio_pkt_complete_csum(struct tunio_pkt *p, size_t start, size_t offset);
 
 /* Builds, into `out` (at least 40 bytes), the RST a closed port would send in answer to the TCP
  * packet `p`, with addresses swapped. Returns its length, or 0 if `p` must not be answered (it is a

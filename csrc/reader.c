@@ -76,11 +76,18 @@ size_t packet_queue_take(struct item_queue *q, void **out)
     return n;
 }
 
-static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t len,
+/* The virtio-net header's fields we use (linux/virtio_net.h; little-endian on the x86/arm
+ * hosts a TUN device runs on, as the kernel's own tun_vnet_hdr does for non-legacy headers). */
+#define VNET_F_NEEDS_CSUM 1
+
+static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+
+static void handle_packet(struct tunio_stack *s, int fd, uint8_t *frame, size_t n,
                           uint8_t *reply)
 {
+    size_t h = s->vnet_len;
     struct tunio_pkt p;
-    int st = tunio_pkt_parse(&p, buf, len);
+    int st = n < h ? TUNIO_PKT_TRUNCATED : tunio_pkt_parse(&p, frame + h, n - h);
     if (st != TUNIO_PKT_OK) {
         atomic_fetch_add_explicit(&s->c.drop[st], 1, memory_order_relaxed);
         return;
@@ -95,24 +102,36 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *buf, size_t le
         udp_enqueue(s, &p); /* UDP, and ICMP echo requests: datagram sessions */
         return;
     }
+    if (h && (frame[0] & VNET_F_NEEDS_CSUM)) {
+        p.partial_csum = 1;
+        /* A SYN may be held, copied and injected later without this header: complete its
+         * checksum now. Other segments go back with their header and stay partial. */
+        if ((p.tcp_flags & TUNIO_TCP_SYN) &&
+            tunio_pkt_complete_csum(&p, le16(frame + 6), le16(frame + 8)) == 0)
+            frame[0] &= (uint8_t)~VNET_F_NEEDS_CSUM;
+    }
     struct tunio_nat_open open;
     size_t reply_len = 0;
     switch (tunio_nat_translate(&fam->nat, &p, tunio_now_ms(), reply, REPLY_MAX, &reply_len,
                                 &open)) {
     case TUNIO_NAT_FORWARD:
-        stack_tun_write(s, fd, buf, p.len);
+        /* Written back with its own virtio-net header: a 64 KB segment stays one. */
+        if (write(fd, frame, h + p.len) == (ssize_t)(h + p.len))
+            atomic_fetch_add_explicit(&s->c.packets_written, 1, memory_order_relaxed);
+        else
+            atomic_fetch_add_explicit(&s->c.write_errors, 1, memory_order_relaxed);
         break;
     case TUNIO_NAT_REPLY:
         stack_tun_write(s, fd, reply, reply_len);
         break;
     case TUNIO_NAT_OPEN:
         if (packet_queue_push(&s->opens, &open, sizeof(open), SIZE_MAX) < 0) {
-            uint8_t out[TUNIO_TUN_BUF];
-            size_t n;
+            uint8_t out[256];
+            size_t len;
             tunio_nat_reject(&fam->nat, open.entry, open.flow_id, ENOMEM, tunio_now_ms(), out,
-                             sizeof(out), &n);
-            if (n)
-                stack_tun_write(s, fd, out, n);
+                             sizeof(out), &len);
+            if (len)
+                stack_tun_write(s, fd, out, len);
         }
         break;
     case TUNIO_NAT_DROP:

@@ -20,7 +20,8 @@
 #define TUNIO_MAX_QUEUES 64
 #define TUNIO_MAX_WORKERS 256
 #define TUNIO_READ_CHUNK (128u * 1024u)
-#define TUNIO_TUN_BUF 65536u
+#define TUNIO_VNET_HLEN 10u /* struct virtio_net_hdr */
+#define TUNIO_TUN_BUF (65536u + TUNIO_VNET_HLEN)
 
 /* epoll tags: the low byte says what an event is for; flows carry their id above it. */
 enum {
@@ -126,6 +127,7 @@ struct tunio_stack {
     char *endpoint;
     int tun_fds[TUNIO_MAX_QUEUES];
     int n_tun;
+    size_t vnet_len; /* bytes of virtio-net header before each packet on the queues: 0 or 10 */
     struct reader readers[TUNIO_MAX_QUEUES];
     struct family fam[2]; /* [0] IPv4, [1] IPv6 */
     atomic_uint next_flow_id;

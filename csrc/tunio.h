@@ -26,6 +26,7 @@ struct tunio_config {
     uint32_t heartbeat_ms;   /* heartbeat interval; a worker silent 3 intervals is dead */
     int log_level;           /* 10 debug, 20 info, 30 warning, 40 error */
     uint32_t udp_timeout_ms; /* a UDP session idle this long is ended */
+    int vnet;                /* the queues were opened with virtio-net headers (offloads) */
 };
 
 struct tunio_stats {
@@ -60,9 +61,10 @@ struct tunio_stats {
 
 struct tunio_stack;
 
-/* Opens `queues` queues of the multi-queue TUN device `name` (created if absent, non-persistent),
- * with offloads explicitly off. Writes the fds to `fds`. */
-int tunio_tun_open(const char *name, int queues, int *fds);
+/* Opens `queues` queues of the multi-queue TUN device `name` (created if absent, non-persistent).
+ * `vnet`: with virtio-net headers and TSO/checksum offload; else offloads explicitly off.
+ * Writes the fds to `fds`. */
+int tunio_tun_open(const char *name, int queues, int vnet, int *fds);
 
 /* Binds the listener and the ROUTER, so that on return workers can connect. */
 int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out);

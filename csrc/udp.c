@@ -292,8 +292,10 @@ void udp_tick(struct tunio_stack *s, uint64_t now)
         while (u) {
             struct udp_session *next = u->by_id;
             if (now - u->last_ms >= s->cfg.udp_timeout_ms) {
-                broker_send(s, u->worker, TUNIO_CMD_RST, u->id, 0, NULL, 0);
-                session_free(s, u);
+                int worker = u->worker;
+                uint32_t id = u->id;
+                session_free(s, u); /* gone before the worker hears of it */
+                broker_send(s, worker, TUNIO_CMD_RST, id, 0, NULL, 0);
             } else {
                 return_credit(s, u);
             }

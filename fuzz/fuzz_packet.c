@@ -48,6 +48,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     now_ms += 7;
     if (tunio_pkt_parse(&p, buf, size) == TUNIO_PKT_OK) {
         tunio_pkt_verify_checksums(&p);
+        if (size & 4) { /* as if a virtio-net header said NEEDS_CSUM, with offsets from the input */
+            p.partial_csum = 1;
+            if (size & 8)
+                tunio_pkt_complete_csum(&p, p.l3_len + (data[0] & 7), data[size - 1] & 31);
+        }
         tunio_pkt_build_icmp_unreach(&p, 1, out, sizeof(out));
         struct tunio_nat *nat = p.version == 6 ? &nat6 : &nat4;
         if (p.proto == TUNIO_IPPROTO_TCP) {

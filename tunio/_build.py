@@ -39,6 +39,7 @@ struct tunio_config {
     uint32_t heartbeat_ms;
     int log_level;
     uint32_t udp_timeout_ms;
+    int vnet;
 };
 struct tunio_stats {
     uint64_t packets_read;
@@ -70,7 +71,7 @@ struct tunio_stats {
     uint64_t udp_dropped;
 };
 struct tunio_stack;
-int tunio_tun_open(const char *name, int queues, int *fds);
+int tunio_tun_open(const char *name, int queues, int vnet, int *fds);
 int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out);
 int tunio_stack_run(struct tunio_stack *s);
 int tunio_stack_stop(struct tunio_stack *s);
@@ -96,9 +97,13 @@ struct tunio_pkt {
     uint32_t ack;
     size_t tcp_hlen;
     size_t payload_len;
+    uint8_t partial_csum;
 };
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p);
+void tunio_pkt_rewrite(struct tunio_pkt *p, const uint8_t src[16], uint16_t sport,
+                       const uint8_t dst[16], uint16_t dport);
+int tunio_pkt_complete_csum(struct tunio_pkt *p, size_t start, size_t offset);
 struct tunio_wire_header {
     uint8_t version;
     uint8_t cmd;

@@ -156,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="send this network ('default' allowed) into the TUN; removed at exit (repeatable)",
     )
     parser.add_argument(
+        "--no-offload",
+        dest="offload",
+        action="store_false",
+        help="read the TUN packet by packet, without TSO and checksum offload (slower; for "
+        "kernels or setups where virtio-net headers misbehave)",
+    )
+    parser.add_argument(
         "--udp-timeout",
         type=float,
         default=60.0,
@@ -225,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         routes=tuple(args.routes),
         connect_timeout=args.connect_timeout,
         udp_timeout=args.udp_timeout,
+        offload=args.offload,
         window=args.window,
         txqueuelen=args.txqueuelen,
         log_level=args.log_level,

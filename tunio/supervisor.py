@@ -64,6 +64,7 @@ class Options:
     routes: tuple[str, ...] = ()
     connect_timeout: float = 10.0
     udp_timeout: float = 60.0
+    offload: bool = True  # TSO and checksum offload on the TUN (virtio-net headers)
     window: int = 256 * 1024
     txqueuelen: int = 10000
     log_level: str = "info"
@@ -453,7 +454,7 @@ class Supervisor:
         uplink = opts.egress_interface or self._default_interface()
         self._check_stop()
 
-        self._fds = self._open_tun(opts.tun, opts.queues)
+        self._fds = self._open_tun(opts.tun, opts.queues, opts.offload)
         undo.callback(self._close_tun, existed)
         for address, has_address in zip(plan.addresses, held, strict=True):
             if has_address:
@@ -487,6 +488,7 @@ class Supervisor:
             pending_timeout=max(15.0, opts.connect_timeout + 5.0),
             log_level=opts.log_level,
             udp_timeout=opts.udp_timeout,
+            offload=opts.offload,
         )
         self._spawn_stack()
         self._await_ready([self._stack], "the stack")
@@ -523,11 +525,11 @@ class Supervisor:
             log.debug("no default route interface: %s", describe(exc))
             return None
 
-    def _open_tun(self, name: str, queues: int) -> list[int]:
+    def _open_tun(self, name: str, queues: int, offload: bool) -> list[int]:
         from tunio.stack import open_tun  # noqa: PLC0415
 
         try:
-            return list(open_tun(name, queues))
+            return list(open_tun(name, queues, offload=offload))
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.EACCES):
                 raise TunError(

@@ -58,8 +58,9 @@ class StackConfig:
     pending_timeout: float = 15.0
     log_level: str = "info"
     udp_timeout: float = 60.0
+    offload: bool = False
 
-def open_tun(name, queues):
+def open_tun(name, queues, offload=False):
     code = int(os.environ.get("FAKE_TUN_ERRNO", "0"))
     if code:
         raise OSError(code, os.strerror(code))
