@@ -234,11 +234,15 @@ static int setup_family(struct tunio_stack *s, const struct tunio_prefix *px)
     return 0;
 }
 
-static int bind_router(struct tunio_stack *s)
+static int bind_router(struct tunio_stack *s, const struct tunio_config *cfg)
 {
     s->zctx = zmq_ctx_new();
     if (!s->zctx)
         return -zmq_errno();
+    int err;
+    /* The ZAP handler must exist before the ROUTER binds, or early workers are let in. */
+    if (cfg->curve_secret && (err = zap_init(s, cfg->curve_clients ? cfg->curve_clients : "")))
+        return err;
     s->router = zmq_socket(s->zctx, ZMQ_ROUTER);
     if (!s->router)
         return -zmq_errno();
@@ -248,8 +252,15 @@ static int bind_router(struct tunio_stack *s)
     if (zmq_setsockopt(s->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(s->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
-        zmq_setsockopt(s->router, ZMQ_LINGER, &linger, sizeof(linger)) ||
-        zmq_bind(s->router, s->endpoint) ||
+        zmq_setsockopt(s->router, ZMQ_LINGER, &linger, sizeof(linger)))
+        return -zmq_errno();
+    if (cfg->curve_secret &&
+        (zmq_setsockopt(s->router, ZMQ_CURVE_SERVER, &one, sizeof(one)) ||
+         zmq_setsockopt(s->router, ZMQ_CURVE_SECRETKEY, cfg->curve_secret,
+                        strlen(cfg->curve_secret)) ||
+         zmq_setsockopt(s->router, ZMQ_ZAP_DOMAIN, "tunio", 5)))
+        return -zmq_errno();
+    if (zmq_bind(s->router, s->endpoint) ||
         zmq_getsockopt(s->router, ZMQ_FD, &s->router_fd, &fl))
         return -zmq_errno();
     return 0;
@@ -311,7 +322,7 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         err = -errno;
         goto fail;
     }
-    if ((err = bind_router(s)))
+    if ((err = bind_router(s, cfg)))
         goto fail;
     /* The loop's tick: heartbeats go out every heartbeat_ms, expiries are checked every tick. */
     uint32_t tick = s->cfg.heartbeat_ms < TICK_MS ? s->cfg.heartbeat_ms : TICK_MS;
@@ -325,6 +336,7 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     if ((s->fam[0].ready && (err = watch(s, s->fam[0].listen_fd, TAG_LISTENER4))) ||
         (s->fam[1].ready && (err = watch(s, s->fam[1].listen_fd, TAG_LISTENER6))) ||
         (err = watch(s, s->router_fd, TAG_ROUTER)) ||
+        (s->zap && (err = watch(s, s->zap_fd, TAG_ZAP))) ||
         (err = watch(s, s->opens.efd, TAG_OPENS)) || (err = watch(s, s->udpq.efd, TAG_UDPQ)) ||
         (err = watch(s, s->stop_fd, TAG_STOP)) ||
         (err = watch(s, s->timer_fd, TAG_TIMER)))
@@ -351,6 +363,7 @@ void tunio_stack_free(struct tunio_stack *s)
     }
     if (s->router)
         zmq_close(s->router);
+    zap_fini(s);
     if (s->zctx)
         zmq_ctx_term(s->zctx);
     for (int v = 0; v < 2; v++)
@@ -416,6 +429,9 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
     case TAG_UDPQ:
         udp_drain(s);
         break;
+    case TAG_ZAP:
+        zap_drain(s);
+        break;
     case TAG_TIMER:
         on_timer(s);
         break;
@@ -466,6 +482,7 @@ int tunio_stack_run(struct tunio_stack *s)
             dispatch(s, &events[i]);
             broker_reap(s);
         }
+        zap_drain(s);
         if (router_readable(s) && !atomic_load(&s->stopping)) {
             /* One batch, then the sockets have their turn (epoll_wait with timeout 0). */
             broker_drain(s);

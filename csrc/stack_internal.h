@@ -32,6 +32,7 @@ enum {
     TAG_STOP,
     TAG_TIMER,
     TAG_UDPQ,
+    TAG_ZAP,
     TAG_FLOW,
 };
 
@@ -144,6 +145,10 @@ struct tunio_stack {
     void *zctx;
     void *router;
     int router_fd;
+    void *zap;          /* ZAP handler, with CURVE only */
+    int zap_fd;
+    uint8_t *zap_keys;  /* allowed worker public keys, 32 bytes each */
+    size_t zap_nkeys;
     atomic_int stopping;
     /* flows, by id */
     struct flow **flow_buckets;
@@ -197,6 +202,11 @@ void broker_tick(struct tunio_stack *s, uint64_t now);
 void broker_reap(struct tunio_stack *s);
 void broker_bye_all(struct tunio_stack *s);
 int broker_alive_workers(struct tunio_stack *s);
+
+/* zap.c */
+int zap_init(struct tunio_stack *s, const char *clients);
+void zap_drain(struct tunio_stack *s);
+void zap_fini(struct tunio_stack *s);
 
 /* udp.c */
 int udp_init(struct tunio_stack *s);

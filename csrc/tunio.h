@@ -27,6 +27,8 @@ struct tunio_config {
     int log_level;           /* 10 debug, 20 info, 30 warning, 40 error */
     uint32_t udp_timeout_ms; /* a UDP session idle this long is ended */
     int vnet;                /* the queues were opened with virtio-net headers (offloads) */
+    const char *curve_secret;  /* z85 secret key of the stack: CURVE on the endpoint; NULL: off */
+    const char *curve_clients; /* z85 public keys of the workers allowed in (with CURVE) */
 };
 
 struct tunio_stats {

@@ -21,6 +21,7 @@ struct udp_session {
     int worker;
     uint8_t version;
     uint8_t proto; /* UDP, ICMP or ICMPv6 */
+    uint16_t last_seq; /* ICMP: the last echo's sequence number, quoted in errors */
     uint8_t src[16]; /* the app */
     uint8_t dst[16];
     uint16_t sport;
@@ -175,6 +176,8 @@ static void forward(struct tunio_stack *s, uint8_t *pkt, size_t len)
     memcpy(a.dst, p.dst, 16);
     tunio_wire_encode_addr(msg, &a);
     memcpy(msg + TUNIO_WIRE_ADDR_LEN, pkt + p.l3_len + (udp ? 8 : 0), n);
+    if (!udp)
+        u->last_seq = (uint16_t)(pkt[p.l3_len + 6] << 8 | pkt[p.l3_len + 7]);
     if (broker_send_owned_cmd(s, u->worker, TUNIO_CMD_DGRAM, u->id, msg,
                               TUNIO_WIRE_ADDR_LEN + n) == 0) {
         u->credit--;
@@ -215,8 +218,8 @@ static void tell_app(struct tunio_stack *s, const struct udp_session *u, int err
     size_t n = u->proto == TUNIO_IPPROTO_UDP
                    ? tunio_pkt_build_udp(u->version, u->src, u->sport, u->dst, u->dport, NULL, 0,
                                          orig, sizeof(orig))
-                   : tunio_pkt_build_echo(u->version, 0, u->src, u->dst, u->sport, 0, NULL, 0,
-                                          orig, sizeof(orig));
+                   : tunio_pkt_build_echo(u->version, 0, u->src, u->dst, u->sport, u->last_seq,
+                                          NULL, 0, orig, sizeof(orig));
     struct tunio_pkt p;
     if (!n || tunio_pkt_parse(&p, orig, n) != TUNIO_PKT_OK)
         return;
@@ -251,14 +254,16 @@ int udp_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_he
         if (u->proto == TUNIO_IPPROTO_UDP) {
             n = tunio_pkt_build_udp(a.version, a.src, a.sport, a.dst, a.dport, body, blen, out,
                                     TUNIO_TUN_BUF);
-        } else if (blen >= 8) {
+        } else if (blen >= 8 && body[1] == 0 &&
+                   body[0] == (u->version == 6 ? TUNIO_ICMPV6_ECHO_REPLY : TUNIO_ICMP_ECHO_REPLY)) {
             /* An echo reply: the app's own identifier goes back in (a ping socket's kernel
              * chose its own for the worker), the sequence number and data as they came. */
             uint16_t seq = (uint16_t)(body[6] << 8 | body[7]);
             n = tunio_pkt_build_echo(u->version, 1, a.src, u->src, u->sport, seq, body + 8,
                                      blen - 8, out, TUNIO_TUN_BUF);
         } else {
-            n = 0;
+            n = 0; /* only echo replies answer an echo: anything else a dialer sent is dropped */
+            s->c.protocol_errors++;
         }
         if (n) {
             stack_tun_write(s, -1, out, n);

@@ -15,6 +15,7 @@ from tunio.testing import packets  # noqa: E402  (after the path is set)
 
 def packet_seeds() -> list[bytes]:
     a, d = "198.18.255.1", "198.18.0.10"
+    a6, d6 = "fd00:18::1", "fd00:18:0:1::10"
     listener = (a, 4000)
     pool = "198.18.255.252"
     return [
@@ -27,6 +28,18 @@ def packet_seeds() -> list[bytes]:
         packets.udp(a, 5353, d, 53, b"\x12\x34" + bytes(10)),
         packets.ipv4(a, d, packets.ICMP, bytes([8, 0, 0, 0, 0, 1, 0, 1]) + b"ping"),
         packets.ipv4(a, d, packets.TCP, bytes(24), frag=0x2000),
+        packets.echo(a, d, 0x4242, 1, b"ping"),
+        # IPv6: a SYN, a UDP datagram, an echo, and a SYN behind hop-by-hop and destination
+        # options headers, and a fragment
+        packets.tcp(a6, 40000, d6, 80, flags=packets.SYN, options=packets.SYN_OPTIONS),
+        packets.udp(a6, 5353, d6, 53, b"\x12\x34" + bytes(10)),
+        packets.echo(a6, d6, 7, 1, b"ping6"),
+        packets.ipv6(a6, d6, packets.TCP,
+                     packets.tcp(a6, 40001, d6, 81, flags=packets.SYN)[40:],
+                     extensions=bytes([60, 0, 1, 4, 0, 0, 0, 0, packets.TCP, 0, 1, 4, 0, 0, 0, 0]),
+                     first_next=0),
+        packets.ipv6(a6, d6, packets.TCP, bytes(20),
+                     extensions=bytes([packets.TCP, 0, 0, 1, 0, 0, 0, 7]), first_next=44),
     ]
 
 

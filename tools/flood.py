@@ -6,6 +6,7 @@
                    [--mode echo|sink|source] [--processes P] [--timeout S] [--json]
           flood.py --connect HOST:PORT --mode udp-echo --connections SESSIONS --datagrams N
                    --size S [--rate R] [--linger S] [--processes P] [--timeout S] [--json]
+          flood.py --connect HOST:PORT --mode rr --requests N --bytes B [--timeout S] [--json]
           flood.py --connect RESOLVER:53 --mode dns --name NAME [--qtype A] --connections Q
                    --concurrency C [--rate R] [--query-timeout S] [--timeout S] [--json]
 
@@ -28,6 +29,10 @@ UDP modes:
   "datagrams_per_s" (and "queries_per_s" for dns); "connections" counts sessions (udp-echo) or
   queries (dns).
 
+rr (request/response): one connection sends B bytes and waits for their echo, N times (after a
+few untimed exchanges); latency_us is per exchange, "requests_per_s" is added. It talks to the
+echo server (`--serve … --mode rr` is the same as `--mode echo`).
+
 Client and server must use the same --mode. The client exits 0 iff every connection was
 byte-exact; errors are counted by errno name (ECONNREFUSED, ...) or as timeout, verify (wrong
 bytes), eof (too few) and excess (too many). --concurrency is per process.
@@ -45,11 +50,13 @@ from typing import Any
 from flood_common import MODES, format_endpoint, parse_endpoint, raise_nofile_limit, resolve
 from flood_dns import QTYPES, DnsPlan, question, run_dns
 from flood_dns import summary as dns_summary
+from flood_rr import run_rr
 from flood_run import Job, run
 from flood_server import serve
 from flood_udp import DGRAM_HEADER, MAX_DATAGRAM, human, run_udp_echo, serve_udp_echo
 
 UDP_MODES = ("udp-echo", "dns")
+RR_MODE = "rr"
 
 
 def _positive(text: str) -> int:
@@ -76,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     role = p.add_mutually_exclusive_group(required=True)
     role.add_argument("--serve", metavar="HOST:PORT", help="run the server (port 0: any)")
     role.add_argument("--connect", metavar="HOST:PORT", help="run the client against a server")
-    p.add_argument("--mode", choices=MODES + UDP_MODES, default="echo")
+    p.add_argument("--mode", choices=(*MODES, RR_MODE, *UDP_MODES), default="echo")
     p.add_argument("--processes", type=_positive, default=1, help="processes (client or server)")
     p.add_argument("--duration", type=float, help="server: stop after this many seconds")
     p.add_argument("--connections", type=_positive, default=1, help="client: connections in all")
@@ -86,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=60.0,
                    help="client: bound on the whole run; unfinished connections fail")
     p.add_argument("--json", action="store_true", help="client: print one JSON object")
+    p.add_argument("--requests", type=_positive, default=1000,
+                   help="rr: timed request/response exchanges")
     udp = p.add_argument_group("UDP modes (client)")
     udp.add_argument("--datagrams", type=_positive, default=100, help="udp-echo: per session")
     udp.add_argument("--size", type=int, default=1400, help="udp-echo: bytes per datagram")
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("dns mode has no flood server: point the client at a resolver")
         if args.mode == "udp-echo":
             return serve_udp_echo(host, port, args.processes, duration=args.duration)
-        return serve(host, port, args.mode, args.processes, duration=args.duration,
+        mode = "echo" if args.mode == RR_MODE else args.mode
+        return serve(host, port, mode, args.processes, duration=args.duration,
                      corrupt_at=args.corrupt_at)
     if port == 0:
         parser.error("--connect needs a port")
@@ -146,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         return _udp_client(parser, args, family, addr)
     job = Job(family, addr, args.mode, args.bytes, args.connections, args.concurrency,
               args.processes, args.timeout)
+    if args.mode == RR_MODE:
+        summary = run_rr(job, args.requests)
+        print(json.dumps(summary) if args.json else _human(summary), flush=True)
+        return 0 if summary["ok"] == args.requests else 1
     try:
         summary = run(job)
     except KeyboardInterrupt:

@@ -40,6 +40,8 @@ struct tunio_config {
     int log_level;
     uint32_t udp_timeout_ms;
     int vnet;
+    const char *curve_secret;
+    const char *curve_clients;
 };
 struct tunio_stats {
     uint64_t packets_read;

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from tunio import logs
@@ -82,9 +83,9 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--window",
         type=int,
-        default=256 * 1024,
+        default=1024 * 1024,
         metavar="BYTES",
-        help="flow-control window per flow and direction (default: 262144)",
+        help="flow-control window per flow and direction (default: 1048576)",
     )
     parser.add_argument(
         "--log-level",
@@ -156,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send this network ('default' allowed) into the TUN; removed at exit (repeatable)",
     )
     parser.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="CURVE keys for a tcp:// endpoint, made if FILE does not exist (then FILE.worker "
+        "is what the worker hosts need); default: a new pair per run in the runtime directory",
+    )
+    parser.add_argument(
         "--no-offload",
         dest="offload",
         action="store_false",
@@ -198,6 +205,11 @@ def build_worker_parser() -> argparse.ArgumentParser:
         default=f"{socket.gethostname()}-{os.getpid()}",
         help="name this worker gives the stack (default: <host>-<pid>)",
     )
+    parser.add_argument(
+        "--keys",
+        metavar="FILE",
+        help="CURVE keys for a tcp:// endpoint: the FILE.worker written by tunio-run --keys FILE",
+    )
     _add_worker_options(parser)
     return parser
 
@@ -233,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_timeout=args.connect_timeout,
         udp_timeout=args.udp_timeout,
         offload=args.offload,
+        keys=args.keys,
         window=args.window,
         txqueuelen=args.txqueuelen,
         log_level=args.log_level,
@@ -258,7 +271,16 @@ def worker_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         from tunio.dialers import load_dialer  # noqa: PLC0415
+        from tunio.keys import WorkerKeys, load_worker  # noqa: PLC0415
 
+        keys: WorkerKeys | None = None
+        if args.endpoint.startswith("tcp://"):
+            if not args.keys:
+                raise ConfigError(
+                    "a tcp:// endpoint needs --keys FILE: the FILE.worker that tunio-run wrote "
+                    "next to its --keys file"
+                )
+            keys = load_worker(Path(args.keys))
         dialer = load_dialer(
             _dialer_spec(args.dialer),
             egress_mark=args.egress_mark,
@@ -275,6 +297,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         name=args.name,
         window=args.window,
         connect_timeout=args.connect_timeout,
+        keys=keys,
     )
 
 

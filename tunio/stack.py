@@ -53,7 +53,7 @@ class StackConfig:
     tun_fds: tuple[int, ...]
     addresses: tuple[Interface, ...]
     endpoint: str
-    window: int = 256 * 1024
+    window: int = 1024 * 1024
     pending_timeout: float = 15.0
     log_level: str = "info"
     listen_port: int = 0
@@ -63,6 +63,9 @@ class StackConfig:
     udp_timeout: float = 60.0
     # The TUN queues were opened with offloads (virtio-net headers): must match open_tun().
     offload: bool = False
+    # CURVE on the endpoint (tcp://): the stack's Z85 secret key and the worker keys let in.
+    curve_secret: str | None = None
+    curve_clients: tuple[str, ...] = ()
 
 
 def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
@@ -116,6 +119,12 @@ class Stack:
         cfg.log_level = _LEVELS.get(config.log_level.lower(), 20)
         cfg.udp_timeout_ms = int(config.udp_timeout * 1000)
         cfg.vnet = int(config.offload)
+        curve_secret = curve_clients = ffi.NULL
+        if config.curve_secret is not None:
+            curve_secret = ffi.new("char[]", config.curve_secret.encode())
+            curve_clients = ffi.new("char[]", " ".join(config.curve_clients).encode())
+        cfg.curve_secret = curve_secret
+        cfg.curve_clients = curve_clients
         out = ffi.new("struct tunio_stack **")
         rc = lib.tunio_stack_new(cfg, out)
         if rc < 0:

@@ -9,6 +9,7 @@ import errno
 import ipaddress
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from tunio.runtime import SOCKET_NAME, RuntimeDir, default_path
 
 if TYPE_CHECKING:
     from tunio.dialers import Dialer
+    from tunio.keys import StackKeys, WorkerKeys
     from tunio.stack import StackConfig
 
 log = logging.getLogger("tunio.supervisor")
@@ -65,7 +67,9 @@ class Options:
     connect_timeout: float = 10.0
     udp_timeout: float = 60.0
     offload: bool = True  # TSO and checksum offload on the TUN (virtio-net headers)
-    window: int = 256 * 1024
+    # CURVE keys for a tcp:// endpoint; None: <runtime dir>/keys, made anew for each run.
+    keys: str | None = None
+    window: int = 1024 * 1024
     txqueuelen: int = 10000
     log_level: str = "info"
 
@@ -252,6 +256,15 @@ def describe(exc: BaseException) -> str:
 PR_SET_NAME = 15  # prctl(2)
 
 
+def raise_fd_limit() -> None:
+    """Each flow holds a descriptor in the stack and one in a worker: take the hard limit, so a
+    default soft limit of 1,024 does not cap the flows far below what the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def set_process_name(name: str) -> None:
     """Names the process in `ps`, `top` and /proc/PID/comm, so operators (and tests) can tell the
     stack from the workers: forked children otherwise all show tunio-run's command line."""
@@ -287,6 +300,7 @@ def worker_entry(
     connect_timeout: float,
     status: Any,
     close_fds: tuple[int, ...],
+    keys: WorkerKeys | None = None,
 ) -> None:
     """Process target of a local worker: serve flows until the stack says BYE."""
     _child_reset(close_fds, f"tunio-{name}")
@@ -299,6 +313,7 @@ def worker_entry(
         window=window,
         connect_timeout=connect_timeout,
         ready=lambda: status.put(("worker-ready", name)),
+        keys=keys,
     )
     sys.exit(code)
 
@@ -363,6 +378,7 @@ class Supervisor:
         self._stack_config: StackConfig | None = None
         self._dialer: Any = None
         self._endpoint = ""
+        self._keys: StackKeys | None = None
         self._socket: Path | None = None  # the ipc socket file in our runtime directory
         self._stack_error: str | None = None
 
@@ -379,6 +395,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime)."""
+        raise_fd_limit()  # inherited by the stack and the workers
         try:
             with self._signals(), contextlib.ExitStack() as undo:
                 try:
@@ -444,6 +461,13 @@ class Supervisor:
         undo.callback(self._undo, "runtime directory", rundir.release)
         rundir.acquire()
         self._endpoint = plan.endpoint or rundir.endpoint
+        if self._endpoint.startswith("tcp://"):
+            # Workers on other hosts: CURVE, and only workers holding our worker key get in.
+            from tunio.keys import load_or_create  # noqa: PLC0415
+
+            keys_path = Path(opts.keys) if opts.keys else plan.runtime_dir / "keys"
+            self._keys = load_or_create(keys_path)
+            log.info("workers on other hosts need %s.worker (tunio-worker --keys)", keys_path)
         self._socket = rundir.socket_path if plan.endpoint is None else None
 
         tundev.check_tun_device(self._tun_path)
@@ -489,6 +513,8 @@ class Supervisor:
             log_level=opts.log_level,
             udp_timeout=opts.udp_timeout,
             offload=opts.offload,
+            curve_secret=self._keys.secret if self._keys else None,
+            curve_clients=(self._keys.worker.public,) if self._keys else (),
         )
         self._spawn_stack()
         self._await_ready([self._stack], "the stack")
@@ -599,6 +625,7 @@ class Supervisor:
                 "name": child.name,
                 "window": self.options.window,
                 "connect_timeout": self.options.connect_timeout,
+                "keys": self._keys.worker if self._keys else None,
                 "status": self._status,
                 # Workers have no use for the TUN queues: they must not keep the device alive.
                 "close_fds": (*self._inherited_fds(), *self._fds),

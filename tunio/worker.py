@@ -7,8 +7,9 @@ to the stack only for bytes the destination has accepted, so memory per flow is 
 window in both directions.
 
 UDP sessions ride the same loop: the first DGRAM of a flow id opens one (through the dialer's
-`dial_udp`), replies go back as DGRAMs, and credit is counted in datagrams; a datagram either
-side has no credit for is dropped and counted, as a full queue drops UDP anywhere.
+`dial_udp`, or `dial_ping` for an ICMP echo session), replies go back as DGRAMs, and credit is
+counted in datagrams; a datagram either side has no credit for is dropped and counted, as a full
+queue drops UDP anywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
+import select
 import signal
 import socket
 import struct
@@ -31,7 +34,8 @@ from typing import cast
 import zmq
 
 from tunio import wire
-from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer
+from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
+from tunio.keys import WorkerKeys
 from tunio.wire import Cmd
 
 log = logging.getLogger("tunio.worker")
@@ -50,9 +54,23 @@ BYE_LINGER_MS = 1000
 UDP_WINDOW = 256
 #: datagrams read from one UDP session per wake-up before other sockets get their turn
 UDP_BUDGET = 64
+#: reads from one destination per wake-up before the other flows get their turn
+READ_BUDGET = 4
+#: socket events taken from the flows' epoll per wake-up
+EVENT_BUDGET = 512
 _LINGER_ABORT = struct.pack("ii", 1, 0)
+# Flow sockets sit in the worker's own epoll, edge-triggered, registered once for everything:
+# no epoll_ctl per message, and readiness is tracked in the Flow (`readable`).
+_FLOW_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_HUP_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_HEADER = wire.HEADER
+_DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
 
 _HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
+#: IP protocols a DGRAM session may carry: UDP, and ICMP / ICMPv6 echo (docs/protocol.md)
+_DGRAM_PROTOS = frozenset({wire.IPPROTO_UDP, 1, 58})
 
 
 @dataclass(frozen=True)
@@ -93,6 +111,7 @@ class Flow:
 
     __slots__ = (
         "closed",
+        "connecting",
         "credit",
         "dial",
         "dst",
@@ -100,13 +119,14 @@ class Flow:
         "fid",
         "fin_in",
         "fin_out",
+        "hup",
         "queue",
         "queued",
-        "reading",
+        "readable",
         "shut",
         "sock",
+        "timer",
         "uncredited",
-        "writing",
     )
 
     def __init__(self, fid: int, credit: int, dst: Address) -> None:
@@ -115,9 +135,11 @@ class Flow:
         self.sock: socket.socket | None = None
         self.fd = -1
         self.dial: asyncio.Task[None] | None = None
+        self.connecting: socket.socket | None = None  # dialed without a task, not yet connected
+        self.timer: asyncio.TimerHandle | None = None  # that dial's timeout
         self.credit = credit  # bytes we may still send to the stack
-        self.reading = False
-        self.writing = False
+        self.readable = False  # an input edge came and the socket was not read empty since
+        self.hup = False  # the destination's EOF (or an error) is waiting behind any data
         self.queue: deque[wire.Payload] = deque()  # stack's bytes not yet accepted by the socket
         self.queued = 0
         self.uncredited = 0  # bytes written to the destination, not yet returned as CREDIT
@@ -151,7 +173,7 @@ class UdpSession:
         self.version = block.version
         # replies normally come from the destination: their address block is made once
         self.reply_block = wire.AddressBlock(
-            wire.IPPROTO_UDP, block.version, block.dst, block.dst_port, block.src, block.src_port
+            block.proto, block.version, block.dst, block.dst_port, block.src, block.src_port
         ).pack()
         self.session: DatagramSession | None = None
         self.fd = -1
@@ -174,7 +196,7 @@ class UdpSession:
             return self.reply_block
         app = wire.AddressBlock.unpack(self.reply_block)
         return wire.AddressBlock(
-            wire.IPPROTO_UDP, self.version, ip, src.port, app.dst, app.dst_port
+            app.proto, self.version, ip, src.port, app.dst, app.dst_port
         ).pack()
 
 
@@ -186,12 +208,13 @@ class Worker:
         *,
         name: str,
         capacity: int = 0,
-        window: int = 256 * 1024,
+        window: int = 1024 * 1024,
         connect_timeout: float = 10.0,
         ready: Callable[[], None] | None = None,
         timing: Timing | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.keys: WorkerKeys | None = None  # CURVE keys for a tcp:// stack
         self.dialer = dialer
         self.name = name
         self.capacity = capacity
@@ -205,6 +228,7 @@ class Worker:
         self._udp_dialer: DatagramDialer | None = (
             dialer if isinstance(dialer, DatagramDialer) else None
         )
+        self._ping_dialer: PingDialer | None = dialer if isinstance(dialer, PingDialer) else None
         self._credit_due: dict[int, Flow] = {}
         self._udp_credit_due: dict[int, UdpSession] = {}
         self._outbox: deque[list[wire.Payload]] = deque()
@@ -219,6 +243,14 @@ class Worker:
         self._zsock: zmq.Socket[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._stop_requested = False
+        self._epoll: select.epoll | None = None  # every TCP flow's socket, edge-triggered
+        self._by_fd: dict[int, Flow] = {}  # what is in it
+        self._more: dict[int, Flow] = {}  # flows with input and credit left after their turn
+        self._more_scheduled = False
+        # a dialer that can start a connect without a task (see _on_open)
+        self._start_connect: Callable[[Address, Address], socket.socket] | None = getattr(
+            dialer, "start_connect", None
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -244,11 +276,17 @@ class Worker:
         zsock.setsockopt(zmq.LINGER, 0)
         zsock.setsockopt(zmq.SNDHWM, HWM)
         zsock.setsockopt(zmq.RCVHWM, HWM)
+        if self.keys is not None:  # a tcp:// stack: CURVE, and the stack checks our key
+            zsock.curve_serverkey = self.keys.stack_public.encode()
+            zsock.curve_publickey = self.keys.public.encode()
+            zsock.curve_secretkey = self.keys.secret.encode()
         self._zsock = zsock
         zfd = cast(int, zsock.getsockopt(zmq.FD))
         signals = self._install_signals(loop)
         said_bye = False
+        epoll = self._epoll = select.epoll()
         try:
+            loop.add_reader(epoll.fileno(), self._on_events)
             zsock.connect(self.endpoint)
             loop.add_reader(zfd, self._drain)
             self._last_heard = loop.time()
@@ -265,6 +303,9 @@ class Worker:
                 loop.remove_signal_handler(sig)
             loop.remove_reader(zfd)
             self._drop_all()
+            loop.remove_reader(epoll.fileno())
+            epoll.close()
+            self._epoll = None
             if said_bye:
                 self._flush_outbox()
             zsock.close(linger=BYE_LINGER_MS if said_bye else 0)
@@ -389,6 +430,24 @@ class Worker:
                 self._last_heard = self._loop.time()
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
+        # The data path (DATA, CREDIT, FIN) well-formed: parsed here without building a Message;
+        # anything else, malformed ones included, takes wire.decode and its checks.
+        head = frames[0].buffer
+        if len(head) == _HEADER.size:
+            version, code, _reserved, fid, arg = _HEADER.unpack_from(head)
+            if version == wire.VERSION and fid:
+                if len(frames) == 2:
+                    if code == _DATA:
+                        payload = frames[1].buffer
+                        if len(payload):
+                            self._on_data(fid, payload)
+                            return
+                elif code == _CREDIT:
+                    self._on_credit(fid, arg)
+                    return
+                elif code == _FIN:
+                    self._on_fin(fid)
+                    return
         try:
             msg = wire.decode(frames)
         except wire.VersionError as exc:
@@ -474,7 +533,74 @@ class Worker:
         flow = Flow(fid, msg.arg, dst)
         self.flows[fid] = flow
         src = Address(str(block.src), block.src_port)
-        flow.dial = self._loop.create_task(self._dial(flow, src))
+        if self._start_connect is not None:
+            self._dial_nowait(flow, src, self._start_connect)
+        else:
+            flow.dial = self._loop.create_task(self._dial(flow, src))
+
+    def _dial_nowait(
+        self, flow: Flow, src: Address, start: Callable[[Address, Address], socket.socket]
+    ) -> None:
+        """Dial without a task: the connect in flight waits in our epoll like any flow socket,
+        and its timeout is one timer (a dial is most of what a short connection costs)."""
+        assert self._loop is not None
+        assert self._epoll is not None
+        try:
+            sock = start(flow.dst, src)
+        except OSError as exc:
+            del self.flows[flow.fid]
+            flow.closed = True
+            self._open_failed(flow.fid, flow.dst, exc.errno or errno.ECONNABORTED,
+                              exc.strerror or "")  # fmt: skip
+            return
+        flow.connecting = sock
+        flow.fd = sock.fileno()
+        self._by_fd[flow.fd] = flow
+        self._epoll.register(flow.fd, _FLOW_EVENTS)
+        flow.timer = self._loop.call_later(self.connect_timeout, self._dial_timeout, flow)
+
+    def _dial_timeout(self, flow: Flow) -> None:
+        flow.timer = None
+        if flow.connecting is not None and not flow.closed:
+            self._dial_ended(flow, errno.ETIMEDOUT,
+                             f"no connection within {self.connect_timeout:g} s")  # fmt: skip
+
+    def _dial_ended(self, flow: Flow, code: int, why: str = "") -> None:
+        """A task-less dial failed: forget the socket, answer OPEN_FAIL."""
+        sock = flow.connecting
+        assert sock is not None
+        self._unregister(flow)
+        flow.connecting = None
+        sock.close()
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        if self.flows.get(flow.fid) is flow:
+            del self.flows[flow.fid]
+        flow.closed = True
+        self._open_failed(flow.fid, flow.dst, code, why)
+
+    def _connect_done(self, flow: Flow) -> None:
+        """A task-less dial's socket became writable: connected, or failed."""
+        sock = flow.connecting
+        assert sock is not None
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._dial_ended(flow, code, os.strerror(code))
+            return
+        flow.connecting = None
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        self._dialed(flow, sock)
+
+    def _unregister(self, flow: Flow) -> None:
+        if flow.fd >= 0 and self._by_fd.get(flow.fd) is flow:
+            del self._by_fd[flow.fd]
+            if self._epoll is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(flow.fd)
+        self._more.pop(flow.fid, None)
 
     async def _dial(self, flow: Flow, src: Address) -> None:
         why = ""  # the dialer's own words: which proxy, which credentials
@@ -519,47 +645,96 @@ class Worker:
             return
         sock.setblocking(False)
         flow.sock = sock
-        flow.fd = sock.fileno()
+        if flow.fd < 0:  # dialed by a task: not in our epoll yet
+            assert self._epoll is not None
+            flow.fd = sock.fileno()
+            self._by_fd[flow.fd] = flow
+            # registering reports what is already there (input that came with the connect)
+            self._epoll.register(flow.fd, _FLOW_EVENTS)
         self.stats.open_ok += 1
         self._send([wire.header(Cmd.OPEN_OK, flow.fid, self.window)])
         if flow.credit > 0:
             self._start_reading(flow)
 
+    # ---- flow sockets ----------------------------------------------------------------------
+
+    def _on_events(self) -> None:
+        assert self._epoll is not None
+        by_fd = self._by_fd
+        for fd, ev in self._epoll.poll(0, EVENT_BUDGET):
+            flow = by_fd.get(fd)
+            if flow is None:
+                continue
+            if flow.connecting is not None:
+                if not ev & _OUT_EVENTS:
+                    continue
+                self._connect_done(flow)
+                if flow.sock is None:
+                    continue
+            if ev & _IN_EVENTS:
+                flow.readable = True
+                if ev & _HUP_EVENTS:
+                    flow.hup = True
+                if flow.credit > 0 and not flow.fin_out:
+                    self._on_readable(flow)
+            if ev & _OUT_EVENTS and flow.queue and not flow.closed:
+                self._on_writable(flow)
+        self._send_credits()
+
     # ---- destination -> stack --------------------------------------------------------------
 
     def _start_reading(self, flow: Flow) -> None:
-        if not flow.reading:
-            assert self._loop is not None
-            flow.reading = True
-            self._loop.add_reader(flow.fd, self._on_readable, flow)
+        # edge-triggered: read now only if input is known to be waiting; else its edge will come
+        if flow.readable and flow.sock is not None and not flow.fin_out:
+            self._on_readable(flow)
 
     def _stop_reading(self, flow: Flow) -> None:
-        if flow.reading:
-            assert self._loop is not None
-            flow.reading = False
-            self._loop.remove_reader(flow.fd)
+        self._more.pop(flow.fid, None)
 
     def _on_readable(self, flow: Flow) -> None:
-        assert flow.sock is not None
-        try:
-            data = flow.sock.recv(min(flow.credit, CHUNK))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._destination_failed(flow, exc)
-            return
-        if not data:
-            self._stop_reading(flow)
-            flow.fin_out = True
-            self._send([wire.header(Cmd.FIN, flow.fid, 0)])
-            self._maybe_finish(flow)
-            return
-        size = len(data)
-        flow.credit -= size
-        self.stats.bytes_to_stack += size
-        self._send([wire.header(Cmd.DATA, flow.fid, 0), data])
-        if flow.credit <= 0:
-            self._stop_reading(flow)
+        sock = flow.sock
+        assert sock is not None
+        for _ in range(READ_BUDGET):
+            want = min(flow.credit, CHUNK)
+            try:
+                data = sock.recv(want)
+            except (BlockingIOError, InterruptedError):
+                flow.readable = False
+                return
+            except OSError as exc:
+                self._destination_failed(flow, exc)
+                return
+            if not data:
+                flow.readable = False
+                self._stop_reading(flow)
+                flow.fin_out = True
+                self._send([wire.header(Cmd.FIN, flow.fid, 0)])
+                self._maybe_finish(flow)
+                return
+            size = len(data)
+            flow.credit -= size
+            self.stats.bytes_to_stack += size
+            self._send([wire.header(Cmd.DATA, flow.fid, 0), data])
+            if size < want and not flow.hup:
+                # a short read emptied the socket; whatever comes later brings a new edge (an
+                # EOF already waiting brought none of its own: `hup` keeps us reading to it)
+                flow.readable = False
+                return
+            if flow.credit <= 0:
+                return  # still readable: CREDIT resumes it
+        # input left after this flow's turn: the other sockets go first
+        self._more[flow.fid] = flow
+        if not self._more_scheduled:
+            assert self._loop is not None
+            self._more_scheduled = True
+            self._loop.call_soon(self._read_more)
+
+    def _read_more(self) -> None:
+        self._more_scheduled = False
+        more, self._more = self._more, {}
+        for flow in more.values():
+            if not flow.closed and flow.credit > 0:
+                self._start_reading(flow)
 
     def _on_credit(self, fid: int, amount: int) -> None:
         flow = self.flows.get(fid)
@@ -626,16 +801,11 @@ class Worker:
                 flow.uncredited = 0
 
     def _start_writing(self, flow: Flow) -> None:
-        if not flow.writing:
-            assert self._loop is not None
-            flow.writing = True
-            self._loop.add_writer(flow.fd, self._on_writable, flow)
+        """Nothing to do: a send that fell short leaves the socket waiting for room, and the
+        room brings an output edge (_on_events writes the queue then)."""
 
     def _stop_writing(self, flow: Flow) -> None:
-        if flow.writing:
-            assert self._loop is not None
-            flow.writing = False
-            self._loop.remove_writer(flow.fd)
+        """Nothing to do: output edges for an empty queue are ignored."""
 
     def _on_writable(self, flow: Flow) -> None:
         assert flow.sock is not None
@@ -737,10 +907,15 @@ class Worker:
         if flow.dial is not None:
             flow.dial.cancel()
             flow.dial = None
+        if flow.timer is not None:
+            flow.timer.cancel()
+            flow.timer = None
+        self._unregister(flow)  # before the close: the fd number may be reused at once
+        if flow.connecting is not None:
+            _abort(flow.connecting)  # reset while dialing: the destination sees a reset
+            flow.connecting = None
         sock = flow.sock
         if sock is not None:
-            self._stop_reading(flow)
-            self._stop_writing(flow)
             flow.sock = None
             if abortive:
                 _abort(sock)
@@ -785,13 +960,16 @@ class Worker:
             self._protocol_error(exc)
             self._udp_refuse(fid, None, errno.EINVAL)
             return
-        if block.proto != wire.IPPROTO_UDP:
+        if block.proto not in _DGRAM_PROTOS:
             why = f"DGRAM of IP protocol {block.proto}"
             self._protocol_error(wire.RemoteProtocolError("address", why))
             self._udp_refuse(fid, None, errno.EPROTONOSUPPORT)
             return
         udp = UdpSession(fid, block)
-        dialer = self._udp_dialer
+        # ICMP echo (proto 1/58) is a session like UDP's, opened by the dialer's dial_ping
+        dialer: DatagramDialer | PingDialer | None = (
+            self._udp_dialer if block.proto == wire.IPPROTO_UDP else self._ping_dialer
+        )
         if dialer is None:
             self._udp_refuse(fid, udp.dst, errno.EPROTONOSUPPORT)
             return
@@ -808,9 +986,17 @@ class Worker:
         log.info("udp session %d: to %s refused: %s", fid, dst, _errname(code))
         self._send([wire.header(Cmd.RST, fid, code)])
 
-    async def _udp_dial(self, dialer: DatagramDialer, udp: UdpSession, src: Address) -> None:
+    async def _udp_dial(
+        self, dialer: DatagramDialer | PingDialer, udp: UdpSession, src: Address
+    ) -> None:
+        # the reply block's first byte is the session's IP protocol
+        opening = (
+            dialer.dial_udp(udp.dst, src)
+            if isinstance(dialer, DatagramDialer) and udp.reply_block[0] == wire.IPPROTO_UDP
+            else cast(PingDialer, dialer).dial_ping(udp.dst, src)
+        )
         try:
-            session = await asyncio.wait_for(dialer.dial_udp(udp.dst, src), self.connect_timeout)
+            session = await asyncio.wait_for(opening, self.connect_timeout)
         except (asyncio.TimeoutError, TimeoutError):
             code = errno.ETIMEDOUT
         except OSError as exc:
@@ -927,11 +1113,14 @@ def run_worker(
     *,
     name: str,
     capacity: int = 0,
-    window: int = 256 * 1024,
+    window: int = 1024 * 1024,
     connect_timeout: float = 10.0,
     ready: Callable[[], None] | None = None,
+    keys: WorkerKeys | None = None,
 ) -> int:
-    """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0."""
+    """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
+
+    `keys`: CURVE keys for a tcp:// endpoint (tunio.keys)."""
     worker = Worker(
         endpoint,
         dialer,
@@ -941,4 +1130,5 @@ def run_worker(
         connect_timeout=connect_timeout,
         ready=ready,
     )
+    worker.keys = keys
     return worker.run()

@@ -124,7 +124,7 @@ def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> 
         "tunio0",
         "198.18.0.1/24",
         1500,
-        262144,
+        1048576,
     )
     assert (options.txqueuelen, options.connect_timeout, options.dialer) == (10000, 10.0, "direct")
 

@@ -383,3 +383,23 @@ def test_udp_modes_reject_bad_arguments(argv: list[str]) -> None:
     bad = subprocess.run([sys.executable, str(FLOOD), *argv], capture_output=True,
                          timeout=RUN_BOUND, check=False)
     assert bad.returncode == 2, bad
+
+
+def test_rr_counts_exchanges_and_latency() -> None:
+    with flood_server("echo") as addr:
+        code, summary = run_client(addr, "--mode", "rr", "--requests", "200", "--bytes", "100")
+    assert code == 0, summary
+    assert summary["mode"] == "rr"
+    assert summary["failed"] == 0
+    assert summary["bytes_sent"] == summary["bytes_received"] == 200 * 100
+    lat = summary["latency_us"]
+    assert 0 < lat["p50"] <= lat["p99"] <= lat["max"]
+
+
+def test_rr_detects_a_corrupted_echo() -> None:
+    with flood_server("echo", "--corrupt-at", "150") as addr:
+        code, summary = run_client(addr, "--mode", "rr", "--requests", "5", "--bytes", "100")
+    assert code == 1
+    # the second exchange comes back wrong; the connection is not trusted after that
+    assert summary["failed"] >= 1
+    assert "verify" in summary["errors"], summary["errors"]

@@ -53,12 +53,26 @@ def test_unreachable_ping_gets_icmp_unreachable(tmp_path: Path) -> None:
     with stack_rig(tmp_path) as rig:
         rig.write(packets.echo(APP, DST, 0x0101, 1))
         msg = rig.recv()
+        rig.write(packets.echo(APP, DST, 0x0101, 2))
+        rig.recv()
         rig.send(wire.Cmd.RST, msg.flow, errno.EHOSTUNREACH)
         icmp = rig.read()
         assert icmp.checksums_ok
         assert (icmp.icmp_type, icmp.icmp_code) == (3, 1)
         quoted = icmp.payload
         assert (quoted[9], quoted[20]) == (packets.ICMP, 8)  # quotes an echo request
+        assert quoted[24:28] == b"\x01\x01\x00\x02"  # its identifier and the last sequence
+
+
+def test_a_worker_s_non_echo_reply_is_dropped(tmp_path: Path) -> None:
+    with stack_rig(tmp_path) as rig:
+        rig.write(packets.echo(APP, DST, 0x0202, 1))
+        msg = rig.recv()
+        ip = ipaddress.ip_address
+        back = wire.AddressBlock(packets.ICMP, 4, ip(DST), 0, ip(APP), 0x0202).pack()
+        rig.send(wire.Cmd.DGRAM, msg.flow, 0, back + bytes([3, 1, 0, 0, 0, 0, 0, 0]))
+        assert rig.probe().sport == 9  # nothing was built from it
+        assert rig.stack.stats()["protocol_errors"] == 1
 
 
 def test_other_icmp_messages_are_not_carried(tmp_path: Path) -> None:

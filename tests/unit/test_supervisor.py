@@ -59,6 +59,8 @@ class StackConfig:
     log_level: str = "info"
     udp_timeout: float = 60.0
     offload: bool = False
+    curve_secret: object = None
+    curve_clients: tuple = ()
 
 def open_tun(name, queues, offload=False):
     code = int(os.environ.get("FAKE_TUN_ERRNO", "0"))
@@ -93,7 +95,8 @@ from pathlib import Path
 
 STATE = Path(os.environ["FAKE_STATE"])
 
-def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=0.0, ready=None):
+def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=0.0, ready=None,
+               keys=None):
     if name in os.environ.get("FAKE_WORKER_FAIL", "").split(","):
         return 3
     wake_r, wake_w = os.pipe()

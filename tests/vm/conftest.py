@@ -7,17 +7,24 @@ Tests that leave tunio-run as they found it share one lab per module (`lab`, `se
 from __future__ import annotations
 
 import signal
+import socket
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 import pytest
 
 from tunio.testing.netlab import (
+    BLACKHOLE_ADDRESS,
+    BLACKHOLE_ADDRESS6,
     FLOOD_PORTS,
     PEER_PORTS,
     SERVER_ADDRESS,
+    SERVER_ADDRESS6,
+    UNREACHABLE_ADDRESS,
+    UNREACHABLE_ADDRESS6,
     Lab,
     LineReader,
     TunioProcess,
@@ -33,6 +40,29 @@ CONNECT_TIMEOUT = 2.0  # tunio-run --connect-timeout in the shared lab (the dial
 
 class TestTimeLimitError(Exception):
     """A test ran past TEST_TIME_LIMIT."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """One IP version of the lab: the addresses a test needs and the socket family."""
+
+    name: str
+    af: socket.AddressFamily
+    server: str  # where the test servers listen (on the srv namespace's lo)
+    blackhole: str  # dropped silently in the srv namespace: a dial times out
+    unreachable: str  # unreachable for the workers: EHOSTUNREACH
+
+
+IPV4 = Family("ipv4", socket.AF_INET, SERVER_ADDRESS, BLACKHOLE_ADDRESS, UNREACHABLE_ADDRESS)
+IPV6 = Family("ipv6", socket.AF_INET6, SERVER_ADDRESS6, BLACKHOLE_ADDRESS6, UNREACHABLE_ADDRESS6)
+FAMILIES = (IPV4, IPV6)
+
+
+@pytest.fixture(params=FAMILIES, ids=[f.name for f in FAMILIES])
+def family(request: pytest.FixtureRequest) -> Family:
+    """Runs a test once over IPv4 and once over IPv6."""
+    fam: Family = request.param
+    return fam
 
 
 @pytest.fixture(autouse=True)
@@ -52,18 +82,19 @@ def _time_limit() -> Iterator[None]:
 
 
 def start_servers(lab: Lab) -> dict[str, LineReader]:
-    """Every peers.py mode on its port of SERVER_ADDRESS in the srv namespace."""
+    """Every peers.py mode on its port in the srv namespace, for both families at once: each
+    listens on [::] with IPV6_V6ONLY off, so it serves SERVER_ADDRESS and SERVER_ADDRESS6 (TCP
+    answers from the address it was reached at, whatever the listener is bound to)."""
     return {
-        mode: lab.serve([sys.executable, str(PEERS), mode, "--listen", f"{SERVER_ADDRESS}:{port}"])
+        mode: lab.serve([sys.executable, str(PEERS), mode, "--listen", f"[::]:{port}"])
         for mode, port in PEER_PORTS.items()
     }
 
 
-def start_flood_server(lab: Lab, mode: str) -> LineReader:
+def start_flood_server(lab: Lab, mode: str, host: str = SERVER_ADDRESS) -> LineReader:
     port = FLOOD_PORTS[mode]
-    return lab.serve(
-        [sys.executable, str(FLOOD), "--serve", f"{SERVER_ADDRESS}:{port}", "--mode", mode]
-    )
+    endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return lab.serve([sys.executable, str(FLOOD), "--serve", endpoint, "--mode", mode])
 
 
 def _close_lab(lab: Lab) -> None:
@@ -85,6 +116,8 @@ def servers(lab: Lab) -> dict[str, LineReader]:
 
 @pytest.fixture(scope="module")
 def flood_echo(lab: Lab) -> LineReader:
+    """The flood echo server on SERVER_ADDRESS and on SERVER_ADDRESS6 (the IPv4 one's log)."""
+    start_flood_server(lab, "echo", SERVER_ADDRESS6)
     return start_flood_server(lab, "echo")
 
 

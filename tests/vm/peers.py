@@ -4,8 +4,10 @@ Run one per process (in the lab's srv namespace)::
 
     python tests/vm/peers.py MODE --listen HOST:PORT
 
-It prints ``listening HOST:PORT`` on stdout once the socket listens, serves each connection on
-its own thread, and runs until SIGTERM/SIGINT. Modes:
+HOST may be IPv6 in brackets; ``[::]`` serves IPv4 too (IPV6_V6ONLY off), which is how the
+lab's peers answer on both server addresses. It prints ``listening HOST:PORT`` on stdout once
+the socket listens, serves each connection on its own thread, and runs until SIGTERM/SIGINT.
+Modes:
 
 - ``echo``: sends back what it reads; shuts down its write side after the client's EOF.
 - ``sink-hash``: reads to EOF, then answers ``<sha256 hex> <byte count>\\n`` and closes.
@@ -140,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as lsock:
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # [::] serves IPv4 too (as v4-mapped addresses)
+            lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         lsock.bind((host, port))
         lsock.listen(1024)
         bound = lsock.getsockname()
-        say(f"listening {bound[0]}:{bound[1]}")
+        say(f"listening {f'[{bound[0]}]' if ':' in bound[0] else bound[0]}:{bound[1]}")
         while True:
             conn, _ = lsock.accept()
             threading.Thread(target=handle, args=(conn, args.mode, args), daemon=True).start()

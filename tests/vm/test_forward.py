@@ -1,7 +1,7 @@
 """The forwarder, end to end: bulk transfers both ways and many concurrent connections.
 
 The app is this test: its sockets live in the lab's app namespace, whose only route to the
-server (198.18.0.10) is tunio's TUN device.
+server (198.18.0.10, fd00:18::10) is tunio's TUN device. Every test runs over IPv4 and IPv6.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import sys
 import threading
 from pathlib import Path
 
+from tests.vm.conftest import Family
 from tunio.testing.netlab import (
     FLOOD_PORTS,
     PEER_PORTS,
-    SERVER_ADDRESS,
     Lab,
     LineReader,
     TunioProcess,
@@ -28,9 +28,9 @@ FLOOD = Path(__file__).resolve().parents[2] / "tools" / "flood.py"
 BULK = 64 << 20  # bytes each way
 
 
-def test_upload_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess) -> None:
+def test_upload_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess, family: Family) -> None:
     data = pattern(BULK)
-    with lab.connect(PEER_PORTS["sink-hash"], timeout=60.0) as sock:
+    with lab.connect(PEER_PORTS["sink-hash"], family.server, timeout=60.0) as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         reply = recv_all(sock).decode()
@@ -38,8 +38,8 @@ def test_upload_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess) -> None:
     assert tunio.running()
 
 
-def test_download_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess) -> None:
-    with lab.connect(PEER_PORTS["source"], timeout=60.0) as sock:
+def test_download_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess, family: Family) -> None:
+    with lab.connect(PEER_PORTS["source"], family.server, timeout=60.0) as sock:
         sock.sendall(f"{BULK}\n".encode())
         data = recv_all(sock)
     assert len(data) == BULK
@@ -47,11 +47,11 @@ def test_download_64mib_is_byte_exact(lab: Lab, tunio: TunioProcess) -> None:
     assert tunio.running()
 
 
-def test_both_directions_at_once(lab: Lab, tunio: TunioProcess) -> None:
+def test_both_directions_at_once(lab: Lab, tunio: TunioProcess, family: Family) -> None:
     # Echo while still sending: each direction's credit must keep flowing independently.
     size = 16 << 20
     data = pattern(size)
-    with lab.connect(PEER_PORTS["echo"], timeout=60.0) as sock:
+    with lab.connect(PEER_PORTS["echo"], family.server, timeout=60.0) as sock:
         errors: list[BaseException] = []
 
         def send() -> None:
@@ -72,12 +72,13 @@ def test_both_directions_at_once(lab: Lab, tunio: TunioProcess) -> None:
 
 
 def test_500_concurrent_connections_are_byte_exact(
-    lab: Lab, tunio: TunioProcess, flood_echo: LineReader
+    lab: Lab, tunio: TunioProcess, flood_echo: LineReader, family: Family
 ) -> None:
-    del flood_echo
+    del flood_echo  # it listens on both families' server addresses
+    server = f"[{family.server}]" if family.af == socket.AF_INET6 else family.server
     argv = [
         sys.executable, str(FLOOD),
-        "--connect", f"{SERVER_ADDRESS}:{FLOOD_PORTS['echo']}",
+        "--connect", f"{server}:{FLOOD_PORTS['echo']}",
         "--mode", "echo",
         "--connections", "500",
         "--concurrency", "500",

@@ -1,4 +1,5 @@
-"""Half-close in each direction and resets in each direction, through tunio."""
+"""Half-close in each direction and resets in each direction, through tunio, over IPv4 and
+IPv6 (the test peers listen on both: tests/vm/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import struct
 
 import pytest
 
+from tests.vm.conftest import Family
 from tunio.testing.netlab import (
     PEER_PORTS,
     Lab,
@@ -24,13 +26,13 @@ HALFCLOSE_BYTES = 1 << 20  # what peers.py halfclose sends first (its default --
 
 
 def test_client_half_close_server_still_replies(
-    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader]
+    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader], family: Family
 ) -> None:
     # The app shuts down its write side; the server must see EOF, and its answer, sent only
     # after that EOF, must still reach the app.
     del servers
     size = 3 << 20
-    with lab.connect(PEER_PORTS["sink-hash"], timeout=30.0) as sock:
+    with lab.connect(PEER_PORTS["sink-hash"], family.server, timeout=30.0) as sock:
         sock.sendall(pattern(size))
         sock.shutdown(socket.SHUT_WR)
         reply = recv_all(sock).decode()
@@ -39,14 +41,14 @@ def test_client_half_close_server_still_replies(
 
 
 def test_server_half_close_client_still_sends(
-    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader]
+    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader], family: Family
 ) -> None:
     # The server sends its part and shuts down its write side at once; the app must see EOF
     # after exactly those bytes and still be able to send, and the server must get it all.
     reader = servers["halfclose"]
     mark = len(reader.lines)
     size = 2 << 20
-    with lab.connect(PEER_PORTS["halfclose"], timeout=30.0) as sock:
+    with lab.connect(PEER_PORTS["halfclose"], family.server, timeout=30.0) as sock:
         assert recv_all(sock) == pattern(HALFCLOSE_BYTES)  # EOF came after these bytes
         sock.sendall(pattern(size))  # the other direction is still open
         sock.shutdown(socket.SHUT_WR)
@@ -64,10 +66,10 @@ def _read_then_write(sock: socket.socket) -> None:
 
 
 def test_server_reset_reaches_the_client(
-    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader]
+    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader], family: Family
 ) -> None:
     del servers
-    with lab.connect(PEER_PORTS["rst"], timeout=15.0) as sock:
+    with lab.connect(PEER_PORTS["rst"], family.server, timeout=15.0) as sock:
         sock.sendall(b"please reset\n")
         with pytest.raises(ConnectionResetError) as info:
             _read_then_write(sock)
@@ -76,11 +78,11 @@ def test_server_reset_reaches_the_client(
 
 
 def test_client_reset_reaches_the_server(
-    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader]
+    lab: Lab, tunio: TunioProcess, servers: dict[str, LineReader], family: Family
 ) -> None:
     reader = servers["echo"]
     mark = len(reader.lines)
-    with lab.connect(PEER_PORTS["echo"], timeout=15.0) as sock:
+    with lab.connect(PEER_PORTS["echo"], family.server, timeout=15.0) as sock:
         sock.sendall(b"ping")
         assert recv_exact(sock, 4) == b"ping"  # the flow is established end to end
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

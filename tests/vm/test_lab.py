@@ -15,13 +15,18 @@ import pytest
 
 from tunio.testing.netlab import (
     APP_ADDRESS,
+    APP_ADDRESS6,
     BLACKHOLE_ADDRESS,
+    BLACKHOLE_ADDRESS6,
     EGRESS_MARK,
     FLOOD_PORTS,
     PEER_PORTS,
     SERVER_ADDRESS,
+    SERVER_ADDRESS6,
     SRV_ADDRESS,
+    SRV_ADDRESS6,
     UNREACHABLE_ADDRESS,
+    UNREACHABLE_ADDRESS6,
     Lab,
     LabError,
     LineReader,
@@ -215,3 +220,31 @@ def test_netns_sockets_from_many_threads(lab: Lab) -> None:
     app_ino = os.stat(netns_path(lab.app)).st_ino
     srv_ino = os.stat(netns_path(lab.srv)).st_ino
     assert sorted(inodes) == sorted([app_ino, srv_ino] * 8)
+
+
+def test_ipv6_twin_of_the_topology(lab: Lab, servers: dict[str, LineReader]) -> None:
+    """The IPv6 set-up mirrors the IPv4 one: marked traffic leaves over the veth, unmarked
+    traffic has no route before tunio, the unreachable and blackholed nets behave."""
+    del servers  # they listen on [::], so on SERVER_ADDRESS6 too
+    table = lab.ip(lab.app, "-6", "route", "show", "table", "100")
+    assert "unreachable default" in table
+    assert "unreachable fd00:18:9::/48" in table
+    assert f"fd00:18::/32 via {SRV_ADDRESS6} dev {lab.veth_app}" in table
+    assert f"100:\tfrom all fwmark {EGRESS_MARK:#x} lookup 100" in lab.ip(lab.app, "-6", "rule")
+    assert "blackhole fd00:18:3::/48" in lab.ip(lab.srv, "-6", "route", "show")
+    assert f"{SERVER_ADDRESS6}/128" in lab.ip(lab.srv, "-6", "addr", "show", "dev", "lo")
+    veth = lab.ip(lab.app, "-6", "addr", "show", "dev", lab.veth_app)
+    assert "noprefixroute" in veth
+    assert "tentative" not in veth  # no duplicate address detection to wait for
+    with lab.connect(PEER_PORTS["source"], SERVER_ADDRESS6, mark=EGRESS_MARK) as sock:
+        assert sock.getsockname()[0] == APP_ADDRESS6
+        sock.sendall(b"4321\n")
+        assert recv_all(sock) == pattern(4321)
+    with pytest.raises(OSError, match=r".") as unmarked:
+        lab.connect(PEER_PORTS["echo"], SERVER_ADDRESS6, timeout=5.0)
+    assert unmarked.value.errno == errno.ENETUNREACH
+    with pytest.raises(OSError, match=r".") as unreachable:
+        lab.connect(80, UNREACHABLE_ADDRESS6, mark=EGRESS_MARK, timeout=5.0)
+    assert unreachable.value.errno == errno.EHOSTUNREACH
+    with pytest.raises(TimeoutError):
+        lab.connect(80, BLACKHOLE_ADDRESS6, mark=EGRESS_MARK, timeout=1.0)

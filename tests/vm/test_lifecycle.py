@@ -12,6 +12,8 @@ import pytest
 
 from tunio.testing.netlab import (
     PEER_PORTS,
+    SERVER_ADDRESS,
+    SERVER_ADDRESS6,
     TUN_NAME,
     Lab,
     LineReader,
@@ -24,6 +26,12 @@ from tunio.testing.netlab import (
 )
 
 FLOWS = 8  # with two workers and least-loaded placement, each worker holds some
+# flows go to the workers in turn: pairs of each family give each worker flows of both
+SERVERS = (SERVER_ADDRESS, SERVER_ADDRESS6)
+
+
+def _server(i: int) -> str:
+    return SERVERS[(i // 2) % 2]
 RESET_DEADLINE = 15.0  # liveness is 3 s of silence; leave room for a loaded machine
 MESSAGE = pattern(1000)
 
@@ -61,7 +69,10 @@ def test_killed_worker_resets_its_flows_and_others_carry_on(
     del fresh_servers
     tunio = fresh_lab.start_tunio()
     victim = _worker_pids(tunio, 2, 10.0)[0]
-    flows = [fresh_lab.connect(PEER_PORTS["echo"], timeout=RESET_DEADLINE) for _ in range(FLOWS)]
+    flows = [
+        fresh_lab.connect(PEER_PORTS["echo"], _server(i), timeout=RESET_DEADLINE)
+        for i in range(FLOWS)
+    ]
     try:
         for sock in flows:
             _echo_once(sock)  # every flow is established through some worker
@@ -76,8 +87,8 @@ def test_killed_worker_resets_its_flows_and_others_carry_on(
     assert outcomes.count("ok") >= 1, outcomes
     assert tunio.running(), tunio.log.text
     # New flows are served (by the surviving worker or the restarted one) ...
-    for _ in range(FLOWS):
-        with fresh_lab.connect(PEER_PORTS["echo"], timeout=RESET_DEADLINE) as sock:
+    for i in range(FLOWS):
+        with fresh_lab.connect(PEER_PORTS["echo"], _server(i), timeout=RESET_DEADLINE) as sock:
             _echo_once(sock)
     # ... and the dead worker was replaced.
     assert victim not in _worker_pids(tunio, 2, 20.0)
@@ -91,8 +102,9 @@ def test_sigterm_stops_everything_and_cleans_up(
     lab = fresh_lab
     rules_before = lab.ip(lab.app, "rule", "show")
     tunio = lab.start_tunio()
-    with lab.connect(PEER_PORTS["echo"]) as sock:
-        _echo_once(sock)
+    for server in SERVERS:
+        with lab.connect(PEER_PORTS["echo"], server) as sock:
+            _echo_once(sock)
     children = tunio.children()
     assert children, "tunio-run has no child processes"
     assert TUN_NAME in lab.ip(lab.app, "link", "show")
@@ -105,6 +117,7 @@ def test_sigterm_stops_everything_and_cleans_up(
     assert set(leftover_processes([lab.id])) - ours == set()
     assert TUN_NAME not in lab.ip(lab.app, "link", "show")
     assert TUN_NAME not in lab.ip(lab.app, "route", "show", "table", "all")
+    assert TUN_NAME not in lab.ip(lab.app, "-6", "route", "show", "table", "all")
     assert lab.ip(lab.app, "rule", "show") == rules_before
     assert not tunio.socket_path.exists()
     assert not tunio.runtime_dir.exists()

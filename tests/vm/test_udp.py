@@ -1,7 +1,10 @@
 """UDP and DNS through tunio, end to end: app namespace -> TUN -> stack -> worker -> server.
 
-Servers in the srv namespace: tools/flood.py's udp-echo on UDP 198.18.0.10:7000, the TCP test
-peers, and dnsmasq (a real DNS server) on 198.18.0.10:53 with a few static records.
+Servers in the srv namespace: tools/flood.py's udp-echo on UDP 198.18.0.10:7000 and
+[fd00:18::10]:7000, the TCP test peers, and dnsmasq (a real DNS server) on 198.18.0.10:53 and
+[fd00:18::10]:53 with a few static records. The UDP servers are bound to the server addresses,
+not to a wildcard: a wildcard-bound UDP socket would answer from whatever address the route
+picks (the srv veth's), and the app's connected socket would rightly ignore that.
 
 About garbage: the stack takes packets from the kernel's TUN device, whose UDP checksums the
 kernel computed (or left for offload), so it does not verify them: a well-formed packet with a
@@ -28,12 +31,13 @@ from typing import Any
 
 import pytest
 
-from tests.vm.conftest import CONNECT_TIMEOUT, FLOOD
+from tests.vm.conftest import CONNECT_TIMEOUT, FLOOD, Family
 from tunio.testing.netlab import (
     APP_ADDRESS,
     DNS_PORT,
     PEER_PORTS,
     SERVER_ADDRESS,
+    SERVER_ADDRESS6,
     TUN_ADDRESS,
     TUN_NAME,
     UDP_ECHO_PORT,
@@ -75,6 +79,9 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def udp_echo(lab: Lab) -> LineReader:
+    """The UDP echo server on SERVER_ADDRESS and on SERVER_ADDRESS6 (the IPv4 one's log)."""
+    lab.serve([sys.executable, str(FLOOD), "--serve", f"[{SERVER_ADDRESS6}]:{UDP_ECHO_PORT}",
+               "--mode", "udp-echo"])
     return lab.serve([sys.executable, str(FLOOD), "--serve", f"{SERVER_ADDRESS}:{UDP_ECHO_PORT}",
                       "--mode", "udp-echo"])
 
@@ -105,8 +112,9 @@ def flood(lab: Lab, *args: str, timeout: float = 120.0) -> tuple[int, dict[str, 
 
 
 def udp_flood(lab: Lab, sessions: int, datagrams: int, size: int, rate: float,
-              linger: float = 2.0) -> tuple[int, dict[str, Any]]:
-    return flood(lab, "--connect", f"{SERVER_ADDRESS}:{UDP_ECHO_PORT}", "--mode", "udp-echo",
+              linger: float = 2.0, server: str = SERVER_ADDRESS) -> tuple[int, dict[str, Any]]:
+    host = f"[{server}]" if ":" in server else server
+    return flood(lab, "--connect", f"{host}:{UDP_ECHO_PORT}", "--mode", "udp-echo",
                  "--connections", str(sessions), "--datagrams", str(datagrams),
                  "--size", str(size), "--rate", str(rate), "--linger", str(linger),
                  "--timeout", "90")
@@ -133,10 +141,11 @@ def echo_exact(sock: socket.socket, payloads: list[bytes]) -> None:
 
 
 def test_10000_datagrams_echo_without_loss_or_reordering(
-    lab: Lab, tunio: TunioProcess, udp_echo: LineReader
+    lab: Lab, tunio: TunioProcess, udp_echo: LineReader, family: Family
 ) -> None:
     del tunio, udp_echo
-    rc, summary = udp_flood(lab, sessions=4, datagrams=2500, size=512, rate=2000)
+    rc, summary = udp_flood(lab, sessions=4, datagrams=2500, size=512, rate=2000,
+                            server=family.server)
     assert summary["datagrams_sent"] == 10000
     assert summary["lost"] == 0, summary
     assert summary["reordered"] == 0, summary
@@ -144,7 +153,8 @@ def test_10000_datagrams_echo_without_loss_or_reordering(
     assert summary["errors"] == {}, summary
     assert summary["datagrams_received"] == 10000
     assert rc == 0
-    print(f"udp echo 10,000 x 512 B at 2,000/s: latency {summary['latency_us']}")
+    print(f"udp echo ({family.name}) 10,000 x 512 B at 2,000/s: "
+          f"latency {summary['latency_us']}")
 
 
 def test_a_burst_reports_its_loss(lab: Lab, tunio: TunioProcess, udp_echo: LineReader) -> None:
@@ -180,12 +190,12 @@ def test_small_and_empty_datagrams(
 
 
 def test_closed_port_gives_econnrefused_on_a_connected_socket(
-    lab: Lab, tunio: TunioProcess
+    lab: Lab, tunio: TunioProcess, family: Family
 ) -> None:
     del tunio
-    with lab.open_socket(type=socket.SOCK_DGRAM) as sock:
+    with lab.open_socket(family=family.af, type=socket.SOCK_DGRAM) as sock:
         sock.settimeout(REPLY_TIMEOUT)
-        sock.connect((SERVER_ADDRESS, 7999))  # nothing listens there
+        sock.connect((family.server, 7999))  # nothing listens there
         sock.send(b"anyone?")
         with pytest.raises(ConnectionRefusedError):
             sock.recv(100)
@@ -289,8 +299,9 @@ def test_garbage_udp_leaves_live_flows_untouched(
 # ---- DNS ---------------------------------------------------------------------------------
 
 
-def dig(lab: Lab, name: str, qtype: str, *extra: str) -> list[str]:
-    out = lab.run(lab.app, ["dig", f"@{SERVER_ADDRESS}", name, qtype, "+short", "+time=3",
+def dig(lab: Lab, name: str, qtype: str, *extra: str,
+        server: str = SERVER_ADDRESS) -> list[str]:
+    out = lab.run(lab.app, ["dig", f"@{server}", name, qtype, "+short", "+time=3",
                             "+tries=2", *extra], timeout=30)
     return sorted(line for line in out.splitlines() if line.strip())
 
@@ -304,6 +315,20 @@ def test_dig_through_tunio(
     for (name, qtype), expected in RECORDS.items():
         assert dig(lab, name, qtype, *extra) == expected, (name, qtype, transport)
     assert dig(lab, "missing.tunio.test", "A", *extra) == []
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+def test_dig_over_ipv6_through_tunio(
+    lab: Lab, tunio: TunioProcess, dns: LineReader, transport: str
+) -> None:
+    """The same resolver asked over IPv6 (dig @fd00:18::10): A and AAAA records both."""
+    del tunio, dns
+    extra = ["+tcp"] if transport == "tcp" else ["+notcp"]
+    for qtype, expected in (("A", ["198.51.100.8"]), ("AAAA", ["2001:db8::8"])):
+        got = dig(lab, "h.tunio.test", qtype, *extra, server=SERVER_ADDRESS6)
+        assert got == expected, (qtype, transport)
+    assert dig(lab, "a.tunio.test", "A", *extra, server=SERVER_ADDRESS6) == ["198.51.100.7"]
+    assert dig(lab, "missing.tunio.test", "AAAA", *extra, server=SERVER_ADDRESS6) == []
 
 
 GETADDRINFO = """

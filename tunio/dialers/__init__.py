@@ -14,6 +14,7 @@ from tunio.dialers.base import (
     Dialer,
     DialFunction,
     FunctionDialer,
+    PingDialer,
 )
 from tunio.dialers.direct import DirectDialer
 from tunio.dialers.http import HttpDialer
@@ -30,6 +31,7 @@ __all__ = [
     "DirectDialer",
     "FunctionDialer",
     "HttpDialer",
+    "PingDialer",
     "ProxyDialer",
     "Socks5Dialer",
     "load_dialer",

@@ -63,6 +63,19 @@ class DatagramDialer(Protocol):
         ...
 
 
+@runtime_checkable
+class PingDialer(Protocol):
+    """A dialer that also carries ICMP echo (ping). A session's `send()` takes one whole ICMP
+    echo request message as the stack delivers it (type, code, checksum, identifier, sequence,
+    data) and its `recv()` returns whole echo reply messages; the identifier on the wire is the
+    session's own (the stack puts the app's back). Dialers without `dial_ping` refuse pings."""
+
+    async def dial_ping(self, dst: Address, src: Address) -> DatagramSession:
+        """Return an echo session to `dst` (port 0); raise OSError with the errno the app
+        should see (EACCES when pings are not permitted, EHOSTUNREACH, ...)."""
+        ...
+
+
 DialFunction = Callable[[Address, Address], Awaitable[socket.socket]]
 
 

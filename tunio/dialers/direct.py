@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 
 from tunio.dialers.base import Address
+from tunio.dialers.ping import PingSession, open_ping
 from tunio.dialers.udp import SocketSession
 from tunio.errors import DialError
 
@@ -71,6 +73,26 @@ class DirectDialer:
             raise
         return sock
 
+    def start_connect(self, dst: Address, src: Address) -> socket.socket:  # noqa: ARG002
+        """`dial` without the coroutine: a non-blocking socket whose connect has started.
+
+        The worker waits for it to become writable itself and reads SO_ERROR (a task and a
+        future per connection are most of what dialing costs in Python). Raises DialError if
+        the connect fails at once (EHOSTUNREACH, ENETUNREACH, ...).
+        """
+        sock, addr = self._socket(dst, socket.SOCK_STREAM)
+        try:
+            if self.nodelay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rc = sock.connect_ex(addr)
+        except OSError as exc:
+            sock.close()
+            raise _dial_error(dst, exc) from exc
+        if rc not in (0, errno.EINPROGRESS):
+            sock.close()
+            raise _dial_error(dst, OSError(rc, os.strerror(rc)))
+        return sock
+
     async def dial_udp(self, dst: Address, src: Address) -> SocketSession:  # noqa: ARG002
         """A UDP socket connected to `dst`: connecting only picks a route and a source port, so
         this does not wait; an unroutable destination fails here (EHOSTUNREACH, ENETUNREACH)."""
@@ -84,6 +106,11 @@ class DirectDialer:
             sock.close()
             raise _dial_error(dst, exc) from exc
         return SocketSession(sock, dst)
+
+    async def dial_ping(self, dst: Address, src: Address) -> PingSession:  # noqa: ARG002
+        """An ICMP echo session to `dst` from this host (tunio/dialers/ping.py): a ping socket,
+        or a raw one for a process with CAP_NET_RAW; EACCES if neither is allowed."""
+        return open_ping(dst, mark=self.mark, interface=self.interface)
 
 
 def _dial_error(dst: Address, exc: OSError) -> DialError:

@@ -12,9 +12,23 @@ Topology (every address lives inside the lab's own namespaces)::
         unreachable 198.18.9.0/24
         unreachable default
 
+IPv6 runs in parallel, every address a ULA inside the lab::
+
+      tun0 fd00:18:255::1/64 (tunio-run)                    lo  fd00:18::10/128
+      tva<id> fd00:19::1/64 noprefixroute nodad  ==veth==   tvs<id> fd00:19::2/64 nodad
+      main table: default dev tun0 (tunio-run)              default via fd00:19::1
+      fwmark 0x1 -> table 100:                              blackhole fd00:18:3::/48
+        fd00:19::/64 dev tva<id>                            forwarding=1
+        fd00:18::/32 via fd00:19::2
+        unreachable fd00:18:9::/48
+        unreachable default
+
 The app's own traffic can only leave through the TUN (the veth address has no prefix route);
 the workers mark theirs (``--egress-mark 0x1``) and leave over the veth. ``198.18.3.1`` drops
-silently (a dial timeout), ``198.18.9.1`` is unreachable for the workers (EHOSTUNREACH).
+silently (a dial timeout), ``198.18.9.1`` is unreachable for the workers (EHOSTUNREACH);
+``fd00:18:3::1`` and ``fd00:18:9::1`` are their IPv6 twins. Duplicate address detection is off on
+the veths (the addresses are usable at once, nothing waits for a tentative address to settle),
+and ``net.ipv4.ping_group_range`` in the app namespace lets the workers use ping sockets.
 
 `Lab` tears everything down on exit, also when the body raised or was interrupted: the
 processes it started (and any process that inherited its ``TUNIO_LAB`` marker), then both
@@ -45,7 +59,9 @@ from tunio.testing.netns import netns_socket
 
 __all__ = [
     "APP_ADDRESS",
+    "APP_ADDRESS6",
     "BLACKHOLE_ADDRESS",
+    "BLACKHOLE_ADDRESS6",
     "DNS_PORT",
     "EGRESS_MARK",
     "EGRESS_TABLE",
@@ -53,11 +69,15 @@ __all__ = [
     "LAB_ENV",
     "PEER_PORTS",
     "SERVER_ADDRESS",
+    "SERVER_ADDRESS6",
     "SRV_ADDRESS",
+    "SRV_ADDRESS6",
     "TUN_ADDRESS",
+    "TUN_ADDRESS6",
     "TUN_NAME",
     "UDP_ECHO_PORT",
     "UNREACHABLE_ADDRESS",
+    "UNREACHABLE_ADDRESS6",
     "Lab",
     "LabError",
     "LineReader",
@@ -67,6 +87,7 @@ __all__ = [
     "descendants",
     "dns_query",
     "dnsmasq_argv",
+    "family_of",
     "lab_namespaces",
     "leftover_processes",
     "pattern",
@@ -83,6 +104,14 @@ SRV_ADDRESS = "198.19.0.2"
 SERVER_ADDRESS = "198.18.0.10"
 BLACKHOLE_ADDRESS = "198.18.3.1"
 UNREACHABLE_ADDRESS = "198.18.9.1"
+TUN_ADDRESS6 = "fd00:18:255::1/64"
+APP_ADDRESS6 = "fd00:19::1"
+SRV_ADDRESS6 = "fd00:19::2"
+SERVER_ADDRESS6 = "fd00:18::10"
+BLACKHOLE_ADDRESS6 = "fd00:18:3::1"
+UNREACHABLE_ADDRESS6 = "fd00:18:9::1"
+# every group may open ping sockets in the app namespace (the workers' ICMP echo path)
+PING_GROUP_RANGE = "0 2147483647"
 EGRESS_MARK = 0x1
 EGRESS_TABLE = 100
 LAB_ENV = "TUNIO_LAB"  # inherited by every process a lab starts: how leftovers are found
@@ -171,16 +200,26 @@ def dns_query(name: str, qid: int = 0x7475) -> bytes:
     return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0\0\1\0\1"
 
 
-def dnsmasq_argv(*records: str, port: int = DNS_PORT) -> list[str]:
+def dnsmasq_argv(
+    *records: str,
+    port: int = DNS_PORT,
+    addresses: Sequence[str] = (SERVER_ADDRESS, SERVER_ADDRESS6),
+) -> list[str]:
     """dnsmasq (Debian: dnsmasq-base) serving only `records` (its options, e.g.
-    ``--address=/a.test/192.0.2.1``) on SERVER_ADDRESS, in the foreground, logging to stderr
-    (its ``started`` line says it is up), reading no configuration, hosts or resolv.conf."""
+    ``--address=/a.test/192.0.2.1``) on `addresses` (SERVER_ADDRESS and SERVER_ADDRESS6), in the
+    foreground, logging to stderr (its ``started`` line says it is up), reading no
+    configuration, hosts or resolv.conf."""
     return [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--pid-file",
         "--no-resolv", "--no-hosts", "--log-facility=-", "--user=root", "--group=root",
-        f"--listen-address={SERVER_ADDRESS}", "--bind-interfaces", f"--port={port}",
+        *(f"--listen-address={a}" for a in addresses), "--bind-interfaces", f"--port={port}",
         *records,
     ]  # fmt: skip
+
+
+def family_of(host: str) -> socket.AddressFamily:
+    """AF_INET6 for an IPv6 literal (it has a colon), AF_INET otherwise."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 # ---------------------------------------------------------------- processes via /proc
@@ -414,6 +453,8 @@ class Lab:
         # Made directly inside the namespaces: the host never sees the veth pair.
         _ip("-n", app, "link", "add", va, "type", "veth", "peer", "name", vs, "netns", srv)
         for ns, dev in ((app, va), (srv, vs)):
+            # before the link is up: no address of it (link-local included) is ever tentative
+            self._sysctl(ns, f"net.ipv6.conf.{dev}.accept_dad=0")
             _ip("-n", ns, "link", "set", "lo", "up")
             _ip("-n", ns, "link", "set", dev, "up")
 
@@ -435,6 +476,27 @@ class Lab:
         _ip("-n", srv, "route", "add", "default", "via", APP_ADDRESS)
         _ip("-n", srv, "route", "add", "blackhole", "198.18.3.0/24")
         self._sysctl(srv, "net.ipv4.ip_forward=1")
+        self._build_ipv6()
+
+    def _build_ipv6(self) -> None:
+        """The IPv6 twin of the IPv4 set-up above (see the module's docstring)."""
+        app, srv, va, vs = self.app, self.srv, self.veth_app, self.veth_srv
+        _ip("-n", app, "-6", "addr", "add", f"{APP_ADDRESS6}/64", "dev", va,
+            "noprefixroute", "nodad")  # fmt: skip
+        mark, table = f"{EGRESS_MARK:#x}", str(EGRESS_TABLE)
+        _ip("-n", app, "-6", "rule", "add", "fwmark", mark, "lookup", table, "pref", table)
+        _ip("-n", app, "-6", "route", "add", "fd00:19::/64", "dev", va, "table", table)
+        _ip("-n", app, "-6", "route", "add", "fd00:18::/32", "via", SRV_ADDRESS6, "dev", va,
+            "table", table)  # fmt: skip
+        _ip("-n", app, "-6", "route", "add", "unreachable", "fd00:18:9::/48", "table", table)
+        _ip("-n", app, "-6", "route", "add", "unreachable", "default", "table", table)
+        self._sysctl(app, f"net.ipv4.ping_group_range={PING_GROUP_RANGE}")
+
+        _ip("-n", srv, "-6", "addr", "add", f"{SRV_ADDRESS6}/64", "dev", vs, "nodad")
+        _ip("-n", srv, "-6", "addr", "add", f"{SERVER_ADDRESS6}/128", "dev", "lo")
+        _ip("-n", srv, "-6", "route", "add", "default", "via", APP_ADDRESS6)
+        _ip("-n", srv, "-6", "route", "add", "blackhole", "fd00:18:3::/48")
+        self._sysctl(srv, "net.ipv6.conf.all.forwarding=1")
 
     def _sysctl(self, ns: str, *settings: str) -> None:
         proc = subprocess.run(
@@ -560,8 +622,9 @@ class Lab:
         """A TCP connection made from `ns` (the app's by default), as the app would make it.
 
         `timeout` stays set on the returned socket; `mark` sets SO_MARK before connecting.
+        An IPv6 `host` (one with a colon) gets an IPv6 socket.
         """
-        sock = self.open_socket(ns)
+        sock = self.open_socket(ns, family_of(host))
         try:
             if mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
@@ -601,6 +664,7 @@ class Lab:
             sys.executable, "-m", "tunio.cli",
             "--tun", TUN_NAME,
             "--address", TUN_ADDRESS,
+            "--address", TUN_ADDRESS6,
             "--route", "default",
             "--egress-mark", f"{EGRESS_MARK:#x}",
             "--queues", "2",

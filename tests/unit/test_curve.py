@@ -1,0 +1,113 @@
+"""Workers over tcp:// with CURVE: only a worker holding the stack's worker key is let in, and
+the key files are private."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from tunio import keys, wire
+from tunio.dialers import DirectDialer
+from tunio.errors import ConfigError
+from tunio.stack import Stack, StackConfig
+from tunio.worker import run_worker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def curve_stack(tmp_path: Path) -> Iterator[tuple[Stack, str, keys.StackKeys]]:
+    k = keys.load_or_create(tmp_path / "keys")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    os.set_blocking(b.fileno(), False)
+    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    stack = Stack(StackConfig(
+        tun_fds=(b.fileno(),), addresses=(ipaddress.IPv4Interface("127.0.0.1/8"),),
+        endpoint=endpoint, log_level="error", heartbeat_interval=30.0,
+        curve_secret=k.secret, curve_clients=(k.worker.public,),
+    ))  # fmt: skip
+    thread = threading.Thread(target=stack.run)
+    thread.start()
+    try:
+        yield stack, endpoint, k
+    finally:
+        stack.stop()
+        thread.join()
+        stack.close()
+        a.close()
+        b.close()
+
+
+def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
+            client: tuple[bytes, bytes] | None, server_public: str) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if client is not None:
+        sock.curve_serverkey = server_public.encode()
+        sock.curve_publickey, sock.curve_secretkey = client
+    sock.connect(endpoint)
+    sock.send_multipart(wire.encode(wire.Message(wire.Cmd.HELLO, payload=b"w")))
+    return sock
+
+
+def test_only_the_worker_key_gets_in(curve_stack: tuple[Stack, str, keys.StackKeys]) -> None:
+    stack, endpoint, k = curve_stack
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        stranger = _dealer(ctx, endpoint, zmq.curve_keypair(), k.public)
+        plain = _dealer(ctx, endpoint, None, k.public)
+        good = _dealer(ctx, endpoint, (k.worker.public.encode(), k.worker.secret.encode()),
+                       k.public)
+        assert good.poll(5000), "the worker with the worker key got no answer"
+        assert wire.decode(good.recv_multipart()).cmd is wire.Cmd.HELLO
+        # The others' handshakes started first and were refused; nothing reached them.
+        assert not stranger.poll(500)
+        assert not plain.poll(10)
+        assert stack.stats()["workers"] == 1
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_tunio_worker_serves_a_curve_stack(curve_stack: tuple[Stack, str, keys.StackKeys]) -> None:
+    stack, endpoint, k = curve_stack
+    ready = threading.Event()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(run_worker(
+        endpoint, DirectDialer(), name="remote", ready=ready.set, keys=k.worker)))
+    thread.start()
+    try:
+        assert ready.wait(10), "the worker was not let in"
+        assert stack.stats()["workers"] == 1
+    finally:
+        stack.stop()  # the stack says BYE: the worker returns
+        thread.join(10)
+    assert result == [0]
+
+
+def test_key_files_are_private_and_stable(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    first = keys.load_or_create(path)
+    worker_file = tmp_path / "keys.worker"
+    for p in (path, worker_file):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    assert "stack-secret" not in worker_file.read_text()
+    assert first.secret not in worker_file.read_text()
+    assert keys.load_or_create(path) == first
+    assert keys.load_worker(worker_file) == first.worker
+    worker_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        keys.load_worker(worker_file)
+    with pytest.raises(ConfigError, match="cannot create it"):
+        keys.load_or_create(tmp_path / "no-such-dir" / "keys")
