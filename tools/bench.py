@@ -32,6 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import write_report  # noqa: E402
+
 from tunio.testing.netlab import SERVER_ADDRESS, SRV_ADDRESS, Lab, TunioProcess  # noqa: E402
 
 IPERF_PORT = 5201
@@ -311,18 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print()
     print(goals)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {
-        "started": started,
-        "seconds": time.time() - started,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "results": results,
-        "targets": goal_json,
-    }
-    (args.out / f"bench-{stamp}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"bench-{stamp}.txt").write_text(text + "\n\n" + goals + "\n")
-    png = args.out / f"bench-{stamp}.png"
+    stem = write_report(args, "bench", started, text + "\n\n" + goals, results=results,
+                        targets=goal_json)
+    png = stem.with_suffix(".png")
     if chart(results, png):
         print(f"\nwrote {png.with_suffix('.json')} and {png}")
     else:

@@ -22,6 +22,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import write_report  # noqa: E402
+
 from tests.vm.proxies import add_proxy_address, start_dante, start_tinyproxy  # noqa: E402
 from tunio.testing.netlab import SERVER_ADDRESS, Lab  # noqa: E402
 
@@ -162,16 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         results["http"] = through(lab, args, tinyproxy.url("http"))
     text = table(results)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {
-        "started": started,
-        "seconds": time.time() - started,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "results": results,
-    }
-    (args.out / f"dialers-{stamp}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"dialers-{stamp}.txt").write_text(text + "\n")
+    write_report(args, "dialers", started, text, results=results)
     return 0
 
 

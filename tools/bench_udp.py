@@ -28,6 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_report import write_report  # noqa: E402
+
 from tunio.testing.netlab import (  # noqa: E402
     DNS_PORT,
     SERVER_ADDRESS,
@@ -151,16 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             results[f"tunio workers={n}"] = through_tunio(lab, args, n)
     text = table(results, args)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = {
-        "started": started,
-        "seconds": time.time() - started,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "results": results,
-    }
-    (args.out / f"bench-udp-{stamp}.json").write_text(json.dumps(report, indent=2))
-    (args.out / f"bench-udp-{stamp}.txt").write_text(text + "\n")
+    write_report(args, "bench-udp", started, text, results=results)
     return 0
 
 
