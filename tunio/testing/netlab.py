@@ -533,8 +533,14 @@ class Lab:
         extra = kw.pop("env", None)
         kw.setdefault("stdin", subprocess.DEVNULL)
         kw.setdefault("start_new_session", True)  # a signal to the test's group leaves it alone
+        env = self.env(extra)
+        if argv[0] != sys.executable:
+            # A sanitizer runtime preloaded for the tests (make asan) is for our own Python,
+            # which loads the instrumented stack; other programs (dnsmasq, iperf3, the
+            # proxies) run as they are.
+            env.pop("LD_PRELOAD", None)
         proc: subprocess.Popen[Any] = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *argv], env=self.env(extra), **kw
+            ["ip", "netns", "exec", ns, *argv], env=env, **kw
         )
         self.processes.append(proc)
         return proc
