@@ -50,7 +50,7 @@ venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip 'setuptools>=68' wheel
+	$(PIP) install -q --upgrade pip 'setuptools>=77' wheel
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
