@@ -662,6 +662,7 @@ class Supervisor:
                 self._stack.ready = True
                 if self.ready.is_set():
                     log.info("stack restarted (pid %s)", value)
+                    self._rejoin_workers()
             elif kind == "stack-error":
                 self._stack_error = str(value)
                 log.error("stack: %s", value)
@@ -674,6 +675,16 @@ class Supervisor:
                             log.info("%s restarted (pid %s)", child.name, pid)
             else:
                 log.warning("unexpected status message %r", message)
+
+    def _rejoin_workers(self) -> None:
+        """A new stack does not know the running workers: they would only say HELLO again once
+        its silence has lasted three heartbeats, and new flows are refused until then. Restart
+        them now; supervision brings them back at once."""
+        running = [c for c in self._workers if c.process is not None and c.process.exitcode is None]
+        if running:
+            log.info("restarting %d worker(s) so they join the new stack", len(running))
+        for child in running:
+            child.process.terminate()
 
     def _await_ready(self, children: list[_Child], what: str) -> None:
         end = time.monotonic() + self._startup_deadline

@@ -558,6 +558,10 @@ def test_dead_stack_is_restarted(world: World, logwatch: LogWatch) -> None:
     logwatch.wait_for(lambda m: m.startswith("stack exited with signal SIGKILL"))
     logwatch.wait_for(lambda m: m.startswith("stack restarted"))
     assert len(world.pids("stack")) == 2
+    # the worker is restarted with it, so it joins the new stack at once
+    logwatch.wait_for(lambda m: m.startswith("restarting 1 worker(s) so they join the new stack"))
+    logwatch.wait_for(lambda m: m.startswith("worker-0 restarted"))
+    assert len(world.pids("worker-0")) == 2
     assert running.stop() == 0
     assert world.ip_calls()[-1] == f"link del dev {TUN}"  # we created it: it goes
     assert not world.runtime.exists()

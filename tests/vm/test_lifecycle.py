@@ -95,6 +95,34 @@ def test_killed_worker_resets_its_flows_and_others_carry_on(
     assert tunio.stop() == 0, tunio.log.text
 
 
+def test_killed_stack_is_restarted_and_old_flows_are_reset(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    del fresh_servers
+    tunio = fresh_lab.start_tunio()
+    [stack] = [p for p in tunio.children() if "tunio-stack" in process_title(p)]
+    old = fresh_lab.connect(PEER_PORTS["echo"], SERVER_ADDRESS, timeout=RESET_DEADLINE)
+    try:
+        _echo_once(old)
+        start = len(tunio.log.lines)
+        os.kill(stack, signal.SIGKILL)
+        tunio.log.wait_for(r"stack restarted", RESET_DEADLINE, start)
+        tunio.log.wait_for(r"restarting 2 worker\(s\) so they join the new stack",
+                           RESET_DEADLINE, start)
+        # The new stack has no NAT state for the old flow: its next segment gets a RST.
+        assert _outcome(old) == "reset"
+    finally:
+        old.close()
+    # New flows are served once the restarted workers have joined the new stack.
+    _worker_pids(tunio, 2, RESET_DEADLINE)
+    tunio.log.wait_for(r"worker-1 restarted", RESET_DEADLINE, start)
+    tunio.log.wait_for(r"worker-0 restarted", RESET_DEADLINE, start)
+    for server in SERVERS:
+        with fresh_lab.connect(PEER_PORTS["echo"], server, timeout=RESET_DEADLINE) as sock:
+            _echo_once(sock)
+    assert tunio.stop() == 0, tunio.log.text
+
+
 def test_sigterm_stops_everything_and_cleans_up(
     fresh_lab: Lab, fresh_servers: dict[str, LineReader]
 ) -> None:
