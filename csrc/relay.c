@@ -126,8 +126,16 @@ static int read_from_app(struct tunio_stack *s, struct flow *f)
         }
         int err;
         if ((size_t)n >= SMALL_DATA) {
-            err = broker_send_owned_cmd(s, f->worker, TUNIO_CMD_DATA, f->id, s->rbuf, (size_t)n);
+            /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
+             * flow holds in flight stays close to the bytes it sent. */
+            uint8_t *buf = s->rbuf;
+            if ((size_t)n < TUNIO_READ_CHUNK / 2) {
+                uint8_t *smaller = realloc(buf, (size_t)n);
+                if (smaller)
+                    buf = smaller;
+            }
             s->rbuf = NULL;
+            err = broker_send_owned_cmd(s, f->worker, TUNIO_CMD_DATA, f->id, buf, (size_t)n);
         } else {
             err = broker_send(s, f->worker, TUNIO_CMD_DATA, f->id, 0, s->rbuf, (size_t)n);
         }

@@ -19,7 +19,8 @@
 
 #define TUNIO_MAX_QUEUES 64
 #define TUNIO_MAX_WORKERS 256
-#define TUNIO_READ_CHUNK (128u * 1024u)
+/* Bytes read from an app socket per DATA: half the default window, so two are in flight. */
+#define TUNIO_READ_CHUNK (512u * 1024u)
 #define TUNIO_VNET_HLEN 10u /* struct virtio_net_hdr */
 #define TUNIO_TUN_BUF (65536u + TUNIO_VNET_HLEN)
 

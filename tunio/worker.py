@@ -41,7 +41,7 @@ from tunio.wire import Cmd
 log = logging.getLogger("tunio.worker")
 
 #: largest read from a destination in one go (one DATA message)
-CHUNK = 256 * 1024
+CHUNK = 512 * 1024  # per read from a destination: half the default window
 #: ZeroMQ high-water marks in messages: credits bound memory, these are only a safety net
 HWM = 1_000_000
 #: messages handled per wake-up before other sockets get their turn
