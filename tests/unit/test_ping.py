@@ -15,10 +15,8 @@ import ipaddress
 import logging
 import os
 import select
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.unit.test_worker import DEADLINE, SKIP, FakeStack, RunningWorker
+from tests.unit.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio import wire
 from tunio.dialers import Address, DirectDialer, PingDialer
 from tunio.dialers import ping as ping_mod
@@ -247,20 +245,6 @@ def test_no_permission_at_all_fails_with_eacces_and_one_hint(
 # ---- through the worker ------------------------------------------------------------------
 
 APP_V4, APP_V6 = "198.18.255.9", "fd00::9"
-
-
-@pytest.fixture
-def endpoint() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="tunio-p")
-    yield f"ipc://{directory}/stack.sock"
-    shutil.rmtree(directory)
-
-
-@pytest.fixture
-def stack(endpoint: str) -> Iterator[FakeStack]:
-    fake = FakeStack(endpoint)
-    yield fake
-    fake.close()
 
 
 @pytest.fixture

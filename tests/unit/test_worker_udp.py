@@ -7,10 +7,8 @@ import errno
 import ipaddress
 import os
 import select
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_worker import DEADLINE, SKIP, FakeStack, RunningWorker
+from tests.unit.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio import wire
 from tunio.dialers import Address, DirectDialer
 from tunio.dialers.base import DatagramDialer
@@ -135,20 +133,6 @@ def open_fds() -> int:
 
 
 # ---- fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def endpoint() -> Iterator[str]:
-    directory = tempfile.mkdtemp(prefix="tunio-u")
-    yield f"ipc://{directory}/stack.sock"
-    shutil.rmtree(directory)
-
-
-@pytest.fixture
-def stack(endpoint: str) -> Iterator[FakeStack]:
-    fake = FakeStack(endpoint)
-    yield fake
-    fake.close()
 
 
 StartWorker = Callable[..., Worker]
