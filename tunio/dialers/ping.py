@@ -28,6 +28,7 @@ import socket
 import struct
 
 from tunio.dialers.base import Address
+from tunio.dialers.udp import send_or_drop
 from tunio.errors import DialError
 
 log = logging.getLogger("tunio.dialers.ping")
@@ -48,9 +49,6 @@ ECHO_HEADER = 8
 SOL_RAW = 255
 ICMP_FILTER = 1
 ICMP6_FILTER = 1
-
-# Sending fails for reasons that drop one echo, as a busy link would; these errnos say so.
-_DROPPED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EMSGSIZE})
 
 _SYSCTL_HINT = (
     "ICMP echo (ping) through tunio is refused: this worker may open neither a ping socket "
@@ -111,13 +109,7 @@ class PingSession:
             struct.pack_into("!HH", msg, 2, 0, self.ident)
             if self.family == socket.AF_INET:  # the kernel sums ICMPv6 itself
                 struct.pack_into("!H", msg, 2, checksum(msg))
-        try:
-            self.sock.send(msg)
-        except OSError as exc:
-            if exc.errno in _DROPPED or isinstance(exc, InterruptedError):
-                return False
-            raise
-        return True
+        return send_or_drop(lambda: self.sock.send(msg))  # a full buffer drops one echo
 
     def recv(self) -> tuple[bytes, Address] | None:
         """The next echo reply from the destination (a whole ICMP message), or None."""

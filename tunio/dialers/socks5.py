@@ -16,6 +16,7 @@ from tunio.dialers import _stream
 from tunio.dialers.base import Address
 from tunio.dialers.direct import SO_BINDTODEVICE, SO_MARK, DirectDialer
 from tunio.dialers.proxy import ProxyDialer
+from tunio.dialers.udp import send_or_drop
 from tunio.errors import DialError
 
 log = logging.getLogger("tunio.dialers.socks5")
@@ -46,7 +47,6 @@ REPLIES: dict[int, tuple[int, str]] = {
 #: a UDP datagram's payload at most, plus the largest header (a 255-byte domain name)
 MAX_DATAGRAM = 65535
 MAX_UDP_HEADER = 4 + 1 + 255 + 2
-_DROPPED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EMSGSIZE})
 
 
 def encode_address(addr: Address) -> bytes:
@@ -239,13 +239,7 @@ class Socks5Session:
         return self.sock.fileno()
 
     def send(self, data: bytes | memoryview) -> bool:
-        try:
-            self.sock.sendmsg([self.header, data])
-        except OSError as exc:
-            if exc.errno in _DROPPED or isinstance(exc, InterruptedError):
-                return False
-            raise
-        return True
+        return send_or_drop(lambda: self.sock.sendmsg([self.header, data]))
 
     def recv(self) -> tuple[bytes, Address] | None:
         while True:

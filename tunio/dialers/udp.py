@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+from collections.abc import Callable
 
 from tunio.dialers.base import Address
 
@@ -13,6 +14,18 @@ MAX_DATAGRAM = 65535
 # A datagram the kernel will not take right now is dropped, as UDP may; these errnos say so.
 # EMSGSIZE too: one oversized datagram must not end the whole session.
 _DROPPED = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.EMSGSIZE})
+
+
+def send_or_drop(send: Callable[[], object]) -> bool:
+    """Runs one non-blocking datagram send: False if the datagram was dropped (the errnos
+    above, or an interrupted call); any other error is raised for the session to end on."""
+    try:
+        send()
+    except OSError as exc:
+        if exc.errno in _DROPPED or isinstance(exc, InterruptedError):
+            return False
+        raise
+    return True
 
 
 class SocketSession:
@@ -36,13 +49,7 @@ class SocketSession:
         return self.sock.fileno()
 
     def send(self, data: bytes | memoryview) -> bool:
-        try:
-            self.sock.send(data)
-        except OSError as exc:
-            if exc.errno in _DROPPED or isinstance(exc, InterruptedError):
-                return False
-            raise
-        return True
+        return send_or_drop(lambda: self.sock.send(data))
 
     def recv(self) -> tuple[bytes, Address] | None:
         try:
