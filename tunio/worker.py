@@ -602,25 +602,27 @@ class Worker:
                     self._epoll.unregister(flow.fd)
         self._more.pop(flow.fid, None)
 
+    def _dial_failure(self, exc: Exception, what: str) -> tuple[int, str]:
+        """The errno the app sees for a failed dial (TCP or datagram), and the dialer's own
+        words (which proxy, which credentials) for the log line."""
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return errno.ETIMEDOUT, f"no connection within {self.connect_timeout:g} s"
+        if isinstance(exc, OSError):
+            if exc.errno is None:
+                log.warning("%s: %r has no errno; answering ECONNABORTED", what, exc)
+            return exc.errno or errno.ECONNABORTED, exc.strerror or ""
+        log.error("%s failed unexpectedly; answering ECONNABORTED", what, exc_info=exc)
+        return errno.ECONNABORTED, ""
+
     async def _dial(self, flow: Flow, src: Address) -> None:
-        why = ""  # the dialer's own words: which proxy, which credentials
         try:
             sock = await asyncio.wait_for(
                 self.dialer.dial(flow.dst, src), self.connect_timeout
             )
-        except (asyncio.TimeoutError, TimeoutError):
-            code = errno.ETIMEDOUT
-            why = f"no connection within {self.connect_timeout:g} s"
-        except OSError as exc:
-            if exc.errno is None:
-                log.warning("dial %s: %r has no errno; answering ECONNABORTED", flow.dst, exc)
-            code = exc.errno or errno.ECONNABORTED
-            why = exc.strerror or ""
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("dial %s failed unexpectedly; answering ECONNABORTED", flow.dst)
-            code = errno.ECONNABORTED
+        except Exception as exc:  # every failure becomes an errno for the app
+            code, why = self._dial_failure(exc, f"dial {flow.dst}")
         else:
             self._dialed(flow, sock)
             return
@@ -997,15 +999,10 @@ class Worker:
         )
         try:
             session = await asyncio.wait_for(opening, self.connect_timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            code = errno.ETIMEDOUT
-        except OSError as exc:
-            code = exc.errno or errno.ECONNABORTED
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("udp dial %s failed unexpectedly; answering ECONNABORTED", udp.dst)
-            code = errno.ECONNABORTED
+        except Exception as exc:  # every failure becomes an errno for the app
+            code, _ = self._dial_failure(exc, f"udp dial {udp.dst}")
         else:
             self._udp_dialed(udp, session)
             return
