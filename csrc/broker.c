@@ -106,16 +106,6 @@ int broker_pick_worker(struct tunio_stack *s)
     return best;
 }
 
-static void reject_open(struct tunio_stack *s, const struct tunio_nat_open *o, int err)
-{
-    uint8_t out[256];
-    size_t n = 0;
-    tunio_nat_reject(stack_nat(s, o->version), o->entry, o->flow_id, err, tunio_now_ms(), out,
-                     sizeof(out), &n);
-    if (n)
-        stack_tun_write(s, -1, out, n);
-}
-
 void broker_open_flows(struct tunio_stack *s)
 {
     struct tunio_nat_open *items;
@@ -131,7 +121,7 @@ void broker_open_flows(struct tunio_stack *s)
             s->c.no_worker++;
             if (tunio_log_enabled(TUNIO_LOG_DEBUG) || s->c.no_worker == 1)
                 tunio_log(TUNIO_LOG_WARNING, "no worker available: new flows are refused");
-            reject_open(s, o, ECONNREFUSED);
+            stack_reject(s, -1, o->version, o->entry, o->flow_id, ECONNREFUSED);
             continue;
         }
         struct tunio_wire_addr a = {.proto = o->proto, .version = o->version,

@@ -125,14 +125,8 @@ static void handle_packet(struct tunio_stack *s, int fd, uint8_t *frame, size_t 
         stack_tun_write(s, fd, reply, reply_len);
         break;
     case TUNIO_NAT_OPEN:
-        if (packet_queue_push(&s->opens, &open, sizeof(open), SIZE_MAX) < 0) {
-            uint8_t out[256];
-            size_t len;
-            tunio_nat_reject(&fam->nat, open.entry, open.flow_id, ENOMEM, tunio_now_ms(), out,
-                             sizeof(out), &len);
-            if (len)
-                stack_tun_write(s, fd, out, len);
-        }
+        if (packet_queue_push(&s->opens, &open, sizeof(open), SIZE_MAX) < 0)
+            stack_reject(s, fd, open.version, open.entry, open.flow_id, ENOMEM);
         break;
     case TUNIO_NAT_DROP:
         break;

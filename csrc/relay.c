@@ -37,12 +37,7 @@ void relay_abort(struct tunio_stack *s, struct flow *f, int reason)
         setsockopt(f->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
     } else if (!(f->flags & FLOW_OPEN_OK)) {
         /* The app's SYN is still held: answer it as a refused connect. */
-        uint8_t out[256];
-        size_t n = 0;
-        tunio_nat_reject(stack_nat(s, f->version), f->entry, f->id, ECONNREFUSED, tunio_now_ms(), out,
-                         sizeof(out), &n);
-        if (n)
-            stack_tun_write(s, -1, out, n);
+        stack_reject(s, -1, f->version, f->entry, f->id, ECONNREFUSED);
     }
     /* Released but not yet accepted: the accept finds no flow and closes abortively. */
     end_flow(s, f);
@@ -289,18 +284,13 @@ static void on_open_ok(struct tunio_stack *s, struct flow *f, uint64_t window)
 
 static void on_open_fail(struct tunio_stack *s, struct flow *f, int err)
 {
-    uint8_t out[256];
-    size_t n = 0;
     if (f->flags & FLOW_OPEN_OK) {
         s->c.protocol_errors++; /* a dial cannot fail after it succeeded */
         relay_abort(s, f, err);
         return;
     }
     s->c.dial_failed++;
-    if (tunio_nat_reject(stack_nat(s, f->version), f->entry, f->id, err, tunio_now_ms(), out,
-                         sizeof(out), &n) == 0 &&
-        n)
-        stack_tun_write(s, -1, out, n);
+    stack_reject(s, -1, f->version, f->entry, f->id, err);
     stack_flow_free(s, f);
 }
 

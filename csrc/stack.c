@@ -124,6 +124,17 @@ void stack_tun_write(struct tunio_stack *s, int fd, const uint8_t *pkt, size_t l
         atomic_fetch_add_explicit(&s->c.write_errors, 1, memory_order_relaxed);
 }
 
+void stack_reject(struct tunio_stack *s, int fd, int version, uint32_t entry, uint32_t flow_id,
+                  int err)
+{
+    uint8_t out[256]; /* a RST, or an ICMP error quoting the SYN's headers */
+    size_t n = 0;
+    if (tunio_nat_reject(stack_nat(s, version), entry, flow_id, err, tunio_now_ms(), out,
+                         sizeof(out), &n) == 0 &&
+        n)
+        stack_tun_write(s, fd, out, n);
+}
+
 /* ---- construction ---- */
 
 /* Takes the NAT pool from the top of the prefix (below A if A sits up there), in the low 32 bits

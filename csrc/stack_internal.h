@@ -177,6 +177,10 @@ static inline struct tunio_nat *stack_nat(struct tunio_stack *s, int version)
 struct flow *stack_flow_find(struct tunio_stack *s, uint32_t id);
 struct flow *stack_flow_new(struct tunio_stack *s, uint32_t id, uint32_t entry, int worker);
 void stack_flow_free(struct tunio_stack *s, struct flow *f);
+/* Answers a held SYN as a direct connect failing with `err` would have been answered (see
+ * tunio_nat_reject), through queue fd `fd` (-1: the first queue). */
+void stack_reject(struct tunio_stack *s, int fd, int version, uint32_t entry, uint32_t flow_id,
+                  int err);
 /* Writes a packet into the TUN device through queue fd `fd` (-1: the first queue). */
 void stack_tun_write(struct tunio_stack *s, int fd, const uint8_t *pkt, size_t len);
 
