@@ -32,6 +32,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_cost import CpuMeter, per_unit  # noqa: E402
+from bench_floor import describe as describe_floor  # noqa: E402
+from bench_floor import measure as measure_floor  # noqa: E402
 from bench_report import write_report  # noqa: E402
 
 from tunio.testing.netlab import SERVER_ADDRESS, SRV_ADDRESS, Lab, TunioProcess  # noqa: E402
@@ -88,15 +91,27 @@ def round_trip(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def measure(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, float]:
+def measure(lab: Lab, port: int, args: argparse.Namespace, meter: CpuMeter) -> dict[str, float]:
+    """The figures, and what the short connections and the 8 flows cost in CPU: µs per
+    connection and CPU-seconds per GB, for the machine and for each of the meter's groups."""
+    before = meter.snapshot()
     short = flood(lab, port, args)
+    per_conn = per_unit(meter.spent(before, meter.snapshot()), short["connections"], 1e6,
+                        "cpu_us_per_conn")  # fmt: skip
     rr = round_trip(lab, port, args)
+    one = iperf(lab, 1, args.seconds)
+    before = meter.snapshot()
+    eight = iperf(lab, 8, args.seconds)
+    gigabytes = eight * args.seconds / 8
+    per_gb = per_unit(meter.spent(before, meter.snapshot()), gigabytes, 1, "cpu_s_per_gb")
     return {
-        "gbps_1_flow": iperf(lab, 1, args.seconds),
-        "gbps_8_flows": iperf(lab, 8, args.seconds),
+        "gbps_1_flow": one,
+        "gbps_8_flows": eight,
         "conn_per_s": float(short["conn_per_s"]),
         "rr_p50_us": float(rr["latency_us"]["p50"]),
         "rr_p99_us": float(rr["latency_us"]["p99"]),
+        **per_conn,
+        **per_gb,
     }
 
 
@@ -161,7 +176,8 @@ def plain_path(lab: Lab, args: argparse.Namespace) -> dict[str, float]:
     route = [f"{SERVER_ADDRESS}/32", "via", SRV_ADDRESS, "dev", lab.veth_app, "onlink"]
     lab.ip(lab.app, "route", "add", *route)
     try:
-        return median_of(args.repeat, lambda: measure(lab, ECHO_BASE_PORT, args))
+        meter = CpuMeter()
+        return median_of(args.repeat, lambda: measure(lab, ECHO_BASE_PORT, args, meter))
     finally:
         lab.ip(lab.app, "route", "del", *route)
 
@@ -173,7 +189,10 @@ def through_tunio(lab: Lab, args: argparse.Namespace, workers: int, index: int) 
     tunio = lab.start_tunio(extra)
     try:
         port = ECHO_BASE_PORT + index
-        result = median_of(args.repeat, lambda: measure(lab, port, args))
+        workers_pids = tunio.workers()
+        stack = [pid for pid in tunio.children() if pid not in workers_pids]
+        meter = CpuMeter({"stack": stack, "workers": workers_pids})
+        result = median_of(args.repeat, lambda: measure(lab, port, args, meter))
         if args.idle:
             result.update(idle_memory(lab, tunio, IDLE_BASE_PORT + index, args.idle))
         return result
@@ -200,6 +219,35 @@ def table(results: dict[str, dict[str, float]]) -> str:
                 f"{r['conn_per_s'] / plain['conn_per_s']:>9.2f}"
                 f"{'+' + format(r['rr_p50_us'] - plain['rr_p50_us'], '.0f'):>10}"
             )
+    return "\n".join(rows)
+
+
+GROUPS = ("all", "stack", "workers", "other")
+
+
+def _cells(r: dict[str, float], prefix: str, widths: tuple[int, ...], scale: float) -> str:
+    values = [r.get(f"{prefix}_{group}") for group in GROUPS]
+    return "".join(f"{'' if v is None else f'{v * scale:.0f}':>{w}}"
+                   for v, w in zip(values, widths, strict=True))  # fmt: skip
+
+
+def cost_table(results: dict[str, dict[str, float]]) -> str:
+    """CPU per short connection and per GB (8 flows), whole machine and split by process. On a
+    machine where every path is CPU-bound, plain's cost over tunio's is the ratio tunio can
+    reach; "other" is the traffic generators, the servers and interrupt-context kernel work."""
+    plain = results[PLAIN]
+    rows = [f"{'CPU cost':<20}{'µs/conn':>9}{'stack':>7}{'workers':>8}{'other':>7}"
+            f"{'CPU ms/GB':>11}{'stack':>7}{'workers':>8}{'other':>7}"
+            f"{'plain/tunio':>14}"]  # fmt: skip
+    for name, r in results.items():
+        if "cpu_us_per_conn_all" not in r or "cpu_s_per_gb_all" not in r:
+            continue
+        ratios = "" if name == PLAIN else (
+            f"{plain['cpu_us_per_conn_all'] / r['cpu_us_per_conn_all']:.2f} / "
+            f"{plain['cpu_s_per_gb_all'] / r['cpu_s_per_gb_all']:.2f}"
+        )
+        rows.append(f"{name:<20}{_cells(r, 'cpu_us_per_conn', (9, 7, 8, 7), 1)}"
+                    f"{_cells(r, 'cpu_s_per_gb', (11, 7, 8, 7), 1000)}{ratios:>14}")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -309,12 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         for i, n in enumerate(args.workers, start=1):
             results[f"tunio workers={n}"] = through_tunio(lab, args, n, i)
     text = table(results)
+    floor = measure_floor(args.requests)
+    text += "\n\n" + cost_table(results) + "\n\n" + describe_floor(floor)
     goals, goal_json = targets(results)
     print(text)
     print()
     print(goals)
     stem = write_report(args, "bench", started, text + "\n\n" + goals, results=results,
-                        targets=goal_json)
+                        targets=goal_json, floor=floor)
     png = stem.with_suffix(".png")
     if chart(results, png):
         print(f"\nwrote {png.with_suffix('.json')} and {png}")

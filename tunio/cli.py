@@ -261,7 +261,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     multiprocess.current_process().name = f"tunio-worker {args.name}"
     from tunio.errors import ConfigError  # noqa: PLC0415
-    from tunio.supervisor import describe  # noqa: PLC0415
+    from tunio.supervisor import describe, keep_freed_memory  # noqa: PLC0415
 
     if not args.endpoint.startswith(("ipc://", "tcp://")):
         log.error("--endpoint %r: use ipc://PATH or tcp://HOST:PORT", args.endpoint)
@@ -291,6 +291,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         return 2
     from tunio.worker import run_worker  # noqa: PLC0415
 
+    keep_freed_memory()
     return run_worker(
         args.endpoint,
         dialer,
