@@ -58,14 +58,14 @@ static void free_owned(void *data, void *hint)
     free(data);
 }
 
-int broker_send_owned_cmd(struct tunio_stack *s, int w, uint8_t cmd, uint32_t flow, uint8_t *buf,
-                          size_t len)
+int broker_send_owned_cmd(struct tunio_stack *s, int w, uint8_t cmd, uint32_t flow, uint64_t arg,
+                          uint8_t *buf, size_t len)
 {
     if (w < 0 || w >= s->nworkers || !s->workers[w].alive || s->workers[w].doomed) {
         free(buf);
         return -ENOTCONN;
     }
-    int err = send_header(s, w, cmd, flow, 0, 1);
+    int err = send_header(s, w, cmd, flow, arg, 1);
     if (err) {
         free(buf);
     } else {

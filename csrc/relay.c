@@ -16,6 +16,16 @@
 #define SMALL_DATA 16384u        /* below this a DATA payload is copied; above, handed over */
 #define ACCEPT_TIMEOUT_MS 10000u /* a released SYN must be accepted within this */
 
+/* Credit for bytes written to the app is held back and carried on the flow's next DATA (its arg)
+ * until it reaches a quarter of the window, while the flow can still carry it (the app has not
+ * ended its side): a request/response exchange then costs one message each way instead of two.
+ * The worker can never be stalled by it: with nothing queued here, what we hold back is under a
+ * quarter of the window, so it has three quarters left to send. */
+static int credit_due(const struct tunio_stack *s, const struct flow *f)
+{
+    return f->uncredited && (f->uncredited >= s->cfg.window / 4 || (f->flags & FLOW_APP_EOF));
+}
+
 static void end_flow(struct tunio_stack *s, struct flow *f)
 {
     if (f->fd >= 0) {
@@ -87,7 +97,7 @@ static int flush_to_app(struct tunio_stack *s, struct flow *f)
     }
     f->queued -= written;
     f->uncredited += written;
-    if (f->uncredited) {
+    if (credit_due(s, f)) {
         broker_send(s, f->worker, TUNIO_CMD_CREDIT, f->id, f->uncredited, NULL, 0);
         f->uncredited = 0;
     }
@@ -98,7 +108,9 @@ static int flush_to_app(struct tunio_stack *s, struct flow *f)
     return 0;
 }
 
-/* Reads from the app while there is credit, sends DATA. 0, or -1 if the flow ended. */
+/* Reads from the app while there is credit, sends DATA (carrying held-back credit), and FIN at
+ * the app's end of input (with any credit held back sent first: no DATA will carry it now). 0, or
+ * -1 if the flow ended. */
 static int read_from_app(struct tunio_stack *s, struct flow *f)
 {
     while ((f->flags & FLOW_READABLE) && !(f->flags & FLOW_APP_EOF) && f->credit > 0) {
@@ -116,10 +128,15 @@ static int read_from_app(struct tunio_stack *s, struct flow *f)
         }
         if (n == 0) {
             f->flags |= FLOW_APP_EOF;
+            if (f->uncredited) {
+                broker_send(s, f->worker, TUNIO_CMD_CREDIT, f->id, f->uncredited, NULL, 0);
+                f->uncredited = 0;
+            }
             broker_send(s, f->worker, TUNIO_CMD_FIN, f->id, 0, NULL, 0);
             return 0;
         }
         int err;
+        uint64_t credit = f->uncredited; /* what we held back rides along */
         if ((size_t)n >= SMALL_DATA) {
             /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
              * flow holds in flight stays close to the bytes it sent. */
@@ -130,14 +147,16 @@ static int read_from_app(struct tunio_stack *s, struct flow *f)
                     buf = smaller;
             }
             s->rbuf = NULL;
-            err = broker_send_owned_cmd(s, f->worker, TUNIO_CMD_DATA, f->id, buf, (size_t)n);
+            err = broker_send_owned_cmd(s, f->worker, TUNIO_CMD_DATA, f->id, credit, buf,
+                                        (size_t)n);
         } else {
-            err = broker_send(s, f->worker, TUNIO_CMD_DATA, f->id, 0, s->rbuf, (size_t)n);
+            err = broker_send(s, f->worker, TUNIO_CMD_DATA, f->id, credit, s->rbuf, (size_t)n);
         }
         if (err) {
             relay_abort(s, f, -err);
             return -1;
         }
+        f->uncredited = 0;
         f->credit -= (uint64_t)n;
         s->c.bytes_to_workers += (uint64_t)n;
     }
@@ -234,7 +253,7 @@ static void on_data(struct tunio_stack *s, struct flow *f, zmq_msg_t *payload)
 {
     size_t len = zmq_msg_size(payload);
     if (!(f->flags & FLOW_OPEN_OK) || (f->flags & FLOW_WORKER_FIN) ||
-        f->queued + len > s->cfg.window) {
+        f->queued + f->uncredited + len > s->cfg.window) {
         /* DATA before OPEN_OK, after FIN, or beyond the window we granted. */
         s->c.protocol_errors++;
         broker_send(s, f->worker, TUNIO_CMD_RST, f->id, EPROTO, NULL, 0);
@@ -313,6 +332,7 @@ void relay_on_message(struct tunio_stack *s, int worker, const struct tunio_wire
         on_open_fail(s, f, h->arg > 4095 ? ECONNREFUSED : (int)h->arg);
         break;
     case TUNIO_CMD_DATA:
+        f->credit += h->arg; /* credit the worker carried along: see credit_due */
         on_data(s, f, payload);
         break;
     case TUNIO_CMD_CREDIT:

@@ -60,7 +60,7 @@ struct flow {
     int fd;               /* accepted socket, -1 before accept */
     uint32_t flags;
     uint64_t credit;      /* bytes we may still send to the worker */
-    uint64_t uncredited;  /* bytes written to the app and not yet returned as CREDIT */
+    uint64_t uncredited;  /* bytes written to the app and not yet returned (CREDIT, or DATA's arg) */
     uint64_t queued;      /* bytes held for the app */
     struct chunk *head;
     struct chunk *tail;
@@ -199,7 +199,7 @@ int broker_send(struct tunio_stack *s, int worker, uint8_t cmd, uint32_t flow, u
                 const void *payload, size_t len);
 /* Sends `cmd` whose payload lives in a malloc'd buffer, handed to ZeroMQ (freed by it). */
 int broker_send_owned_cmd(struct tunio_stack *s, int worker, uint8_t cmd, uint32_t flow,
-                          uint8_t *buf, size_t len);
+                          uint64_t arg, uint8_t *buf, size_t len);
 int broker_pick_worker(struct tunio_stack *s);
 void broker_drain(struct tunio_stack *s);
 void broker_open_flows(struct tunio_stack *s);

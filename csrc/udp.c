@@ -178,7 +178,7 @@ static void forward(struct tunio_stack *s, uint8_t *pkt, size_t len)
     memcpy(msg + TUNIO_WIRE_ADDR_LEN, pkt + p.l3_len + (udp ? 8 : 0), n);
     if (!udp)
         u->last_seq = (uint16_t)(pkt[p.l3_len + 6] << 8 | pkt[p.l3_len + 7]);
-    if (broker_send_owned_cmd(s, u->worker, TUNIO_CMD_DGRAM, u->id, msg,
+    if (broker_send_owned_cmd(s, u->worker, TUNIO_CMD_DGRAM, u->id, 0, msg,
                               TUNIO_WIRE_ADDR_LEN + n) == 0) {
         u->credit--;
         u->last_ms = tunio_now_ms();

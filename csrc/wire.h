@@ -7,7 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TUNIO_WIRE_VERSION 1
+#define TUNIO_WIRE_VERSION 2
 #define TUNIO_WIRE_HEADER_LEN 16
 #define TUNIO_WIRE_ADDR_LEN 40
 #define TUNIO_WIRE_NAME_MAX 64

@@ -1,4 +1,4 @@
-"""Sans-I/O codec of the stack <-> worker protocol, version 1 (see docs/protocol.md).
+"""Sans-I/O codec of the stack <-> worker protocol, version 2 (see docs/protocol.md).
 
 No sockets here: `encode` turns a `Message` into ZeroMQ frames and `decode` turns frames back into
 a `Message`. Payload frames are passed through untouched (a memoryview over a zmq.Frame stays a
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeAlias, Union
 if TYPE_CHECKING:
     import zmq
 
-VERSION = 1
+VERSION = 2
 
 #: version, command, reserved, flow, arg
 HEADER = struct.Struct(">BBHIQ")
@@ -53,7 +53,7 @@ class Cmd(enum.IntEnum):
 
 
 class ProtocolError(ValueError):
-    """A message breaks protocol v1. `rule` names the broken rule (see tests/golden)."""
+    """A message breaks the protocol. `rule` names the broken rule (see tests/golden)."""
 
     def __init__(self, rule: str, detail: str) -> None:
         super().__init__(f"{rule}: {detail}")

@@ -142,7 +142,7 @@ class Flow:
         self.hup = False  # the destination's EOF (or an error) is waiting behind any data
         self.queue: deque[wire.Payload] = deque()  # stack's bytes not yet accepted by the socket
         self.queued = 0
-        self.uncredited = 0  # bytes written to the destination, not yet returned as CREDIT
+        self.uncredited = 0  # bytes written to the destination, not yet returned (CREDIT, DATA)
         self.fin_in = False  # the stack said FIN
         self.fin_out = False  # the destination said EOF and we sent FIN
         self.shut = False  # shutdown(SHUT_WR) done
@@ -229,7 +229,13 @@ class Worker:
             dialer if isinstance(dialer, DatagramDialer) else None
         )
         self._ping_dialer: PingDialer | None = dialer if isinstance(dialer, PingDialer) else None
-        self._credit_due: dict[int, Flow] = {}
+        self._credit_due: dict[int, Flow] = {}  # flows holding a quarter window of credit
+        # Credit below this is held back and carried on the flow's next DATA (its arg), while
+        # the flow can still carry it (we have not sent FIN): a request/response exchange then
+        # costs one message each way, not two. The stack is never stalled by it: with nothing
+        # queued here, what we hold is under a quarter of the window, so it has three quarters
+        # left to send.
+        self._credit_due_at = max(1, window // 4)
         self._udp_credit_due: dict[int, UdpSession] = {}
         self._outbox: deque[list[wire.Payload]] = deque()
         self._connected = False
@@ -440,6 +446,8 @@ class Worker:
                     if code == _DATA:
                         payload = frames[1].buffer
                         if len(payload):
+                            if arg:  # credit the stack carried along
+                                self._on_credit(fid, arg)
                             self._on_data(fid, payload)
                             return
                 elif code == _CREDIT:
@@ -463,6 +471,8 @@ class Worker:
             self._on_dgram(msg.flow, msg.payload)
         elif cmd is Cmd.DATA:
             assert msg.payload is not None
+            if msg.arg:
+                self._on_credit(msg.flow, msg.arg)
             self._on_data(msg.flow, msg.payload)
         elif cmd is Cmd.CREDIT:
             self._on_credit(msg.flow, msg.arg)
@@ -710,13 +720,17 @@ class Worker:
                 flow.readable = False
                 self._stop_reading(flow)
                 flow.fin_out = True
+                if flow.uncredited:  # no DATA will carry it now
+                    self._send([wire.header(Cmd.CREDIT, flow.fid, flow.uncredited)])
+                    flow.uncredited = 0
                 self._send([wire.header(Cmd.FIN, flow.fid, 0)])
                 self._maybe_finish(flow)
                 return
             size = len(data)
             flow.credit -= size
             self.stats.bytes_to_stack += size
-            self._send([wire.header(Cmd.DATA, flow.fid, 0), data])
+            self._send([wire.header(Cmd.DATA, flow.fid, flow.uncredited), data])
+            flow.uncredited = 0  # carried along
             if size < want and not flow.hup:
                 # a short read emptied the socket; whatever comes later brings a new edge (an
                 # EOF already waiting brought none of its own: `hup` keeps us reading to it)
@@ -787,10 +801,11 @@ class Worker:
     def _written(self, flow: Flow, size: int) -> None:
         flow.uncredited += size
         self.stats.bytes_to_destination += size
-        self._credit_due[flow.fid] = flow
+        if flow.uncredited >= self._credit_due_at or flow.fin_out:
+            self._credit_due[flow.fid] = flow
 
     def _send_credits(self) -> None:
-        # Credit is batched per wake-up: one CREDIT per flow for everything written since.
+        # Credit due is batched per wake-up: one CREDIT per flow for everything written since.
         if self._udp_credit_due:
             self._send_udp_credits()
         if not self._credit_due:

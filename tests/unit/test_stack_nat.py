@@ -200,10 +200,10 @@ def test_other_protocol_version_gets_bye(tmp_path: Path) -> None:
         peer = rig.ctx.socket(__import__("zmq").DEALER)
         peer.linger = 0
         peer.connect(rig.endpoint)
-        peer.send_multipart([bytes([2, 1]) + bytes(14), b"future-worker"])
+        peer.send_multipart([bytes([wire.VERSION + 1, 1]) + bytes(14), b"future-worker"])
         assert peer.poll(5000)
         frames = peer.recv_multipart()
-        assert frames[0][:2] == bytes([1, wire.Cmd.BYE])
+        assert frames[0][:2] == bytes([wire.VERSION, wire.Cmd.BYE])
         assert int.from_bytes(frames[0][8:16], "big") == errno.EPROTONOSUPPORT
         assert rig.stack.stats()["protocol_errors"] == 1
         peer.close()

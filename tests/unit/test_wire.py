@@ -34,7 +34,7 @@ def block_of(address: dict[str, Any]) -> AddressBlock:
 
 
 def test_golden_file_covers_the_protocol() -> None:
-    assert GOLDEN["protocol_version"] == wire.VERSION == 1
+    assert GOLDEN["protocol_version"] == wire.VERSION == 2
     assert {v["cmd"] for v in MESSAGES} == {c.name for c in Cmd}
     opens = [v for v in MESSAGES if v["cmd"] == "OPEN"]
     assert {v["address"]["version"] for v in opens} == {4, 6}
@@ -105,7 +105,7 @@ def test_invalid_address_blocks_are_rejected(vector: dict[str, Any]) -> None:
 
 def test_version_is_checked_before_header_size() -> None:
     with pytest.raises(wire.VersionError):
-        wire.decode([b"\x02" + bytes(30)])
+        wire.decode([bytes([wire.VERSION + 1]) + bytes(30)])
 
 
 SESSION = {Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE}
