@@ -117,7 +117,8 @@ def measure(lab: Lab, port: int, args: argparse.Namespace, meter: CpuMeter) -> d
 
 def median_of(runs: int, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
     samples = [fn() for _ in range(runs)]
-    return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+    common = set(samples[0]).intersection(*samples[1:])  # a thread may come or go between runs
+    return {k: statistics.median(s[k] for s in samples) for k in samples[0] if k in common}
 
 
 def rss_kib(pids: list[int]) -> int:
@@ -191,7 +192,7 @@ def through_tunio(lab: Lab, args: argparse.Namespace, workers: int, index: int) 
         port = ECHO_BASE_PORT + index
         workers_pids = tunio.workers()
         stack = [pid for pid in tunio.children() if pid not in workers_pids]
-        meter = CpuMeter({"stack": stack, "workers": workers_pids})
+        meter = CpuMeter({"stack": stack, "workers": workers_pids}, threads_of=stack[0])
         result = median_of(args.repeat, lambda: measure(lab, port, args, meter))
         if args.idle:
             result.update(idle_memory(lab, tunio, IDLE_BASE_PORT + index, args.idle))
@@ -248,6 +249,25 @@ def cost_table(results: dict[str, dict[str, float]]) -> str:
         )
         rows.append(f"{name:<20}{_cells(r, 'cpu_us_per_conn', (9, 7, 8, 7), 1)}"
                     f"{_cells(r, 'cpu_s_per_gb', (11, 7, 8, 7), 1000)}{ratios:>14}")  # fmt: skip
+    return "\n".join(rows)
+
+
+THREAD = "cpu_s_per_gb_thread:"
+
+
+def stack_threads(results: dict[str, dict[str, float]]) -> str:
+    """CPU per GB (8 flows) of each stack thread, and the Gbit/s at which the busiest one would
+    fill a core on its own: where the stack process's own limit is, whatever the machine."""
+    rows = []
+    for name, r in results.items():
+        threads = {k[len(THREAD):]: v for k, v in r.items() if k.startswith(THREAD) and v > 0}
+        if not threads:
+            continue
+        busiest = max(threads, key=lambda t: threads[t])
+        cells = ", ".join(f"{t} {v * 1000:.0f}" for t, v in sorted(threads.items()))
+        ceiling = 8 / threads[busiest]
+        rows.append(f"{name}: stack threads, CPU ms per GB (8 flows): {cells}\n"
+                    f"  busiest: {busiest}, one core at {ceiling:.0f} Gbit/s")  # fmt: skip
     return "\n".join(rows)
 
 
@@ -358,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             results[f"tunio workers={n}"] = through_tunio(lab, args, n, i)
     text = table(results)
     floor = measure_floor(args.requests)
-    text += "\n\n" + cost_table(results) + "\n\n" + describe_floor(floor)
+    text += "\n\n" + cost_table(results) + "\n\n" + stack_threads(results)
+    text += "\n\n" + describe_floor(floor)
     goals, goal_json = targets(results)
     print(text)
     print()

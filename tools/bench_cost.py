@@ -24,43 +24,73 @@ def machine_busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / _TICK
 
 
-def process_cpu_s(pid: int) -> float:
-    """CPU-seconds of `pid` and all its threads, user + system (0 if it is gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
+def _stat_cpu_s(stat: str) -> float:
     # the command name may hold spaces and parentheses: the fields start after the last ')'
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime (fields 14 and 15)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU-seconds of `pid` and all its threads, user + system (0 if it is gone)."""
+    try:
+        return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return 0.0
+
+
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU-seconds of each thread of `pid`, by thread name (threads of one name are summed);
+    empty if the process is gone."""
+    out: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue  # the thread ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        out[name] = out.get(name, 0.0) + _stat_cpu_s(stat)
+    return out
 
 
 @dataclass(frozen=True)
 class Snapshot:
     machine: float
     groups: dict[str, float]
+    threads: dict[str, float]
 
 
 class CpuMeter:
     """Snapshots of CPU time for named groups of processes, e.g. {"stack": [pid],
     "workers": [pid, pid]}; `spent` gives CPU-seconds per group between two snapshots, with
     "all" for the whole machine and "other" for what no group spent (the traffic generators,
-    the servers, and kernel work done in interrupt context)."""
+    the servers, and kernel work done in interrupt context). With `threads_of`, also each
+    thread of that process by name, as "thread:<name>": which thread of the stack would be the
+    first to fill a core."""
 
-    def __init__(self, groups: Mapping[str, Iterable[int]] | None = None) -> None:
+    def __init__(
+        self, groups: Mapping[str, Iterable[int]] | None = None, threads_of: int | None = None
+    ) -> None:
         self.groups = {name: list(pids) for name, pids in (groups or {}).items()}
+        self.threads_of = threads_of
 
     def snapshot(self) -> Snapshot:
         per_group = {
             name: sum(process_cpu_s(pid) for pid in pids) for name, pids in self.groups.items()
         }
-        return Snapshot(machine_busy_s(), per_group)
+        threads = thread_cpu_s(self.threads_of) if self.threads_of is not None else {}
+        return Snapshot(machine_busy_s(), per_group, threads)
 
     def spent(self, before: Snapshot, after: Snapshot) -> dict[str, float]:
         out = {"all": after.machine - before.machine}
         for name in self.groups:
             out[name] = after.groups[name] - before.groups[name]
         out["other"] = out["all"] - sum(out[name] for name in self.groups)
+        for name, seconds in after.threads.items():
+            out[f"thread:{name}"] = max(0.0, seconds - before.threads.get(name, 0.0))
         return out
 
 

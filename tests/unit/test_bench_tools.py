@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,12 +13,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from bench_cost import CpuMeter, machine_busy_s, per_unit, process_cpu_s
+from bench_cost import CpuMeter, machine_busy_s, per_unit, process_cpu_s, thread_cpu_s
 from bench_floor import unix_rtt, zmq_rtt
 
 from tunio.supervisor import keep_freed_memory, set_process_name
 
 BURN_S = 0.2  # CPU-seconds to burn for a measurable difference (ticks are 10 ms)
+
+
+def set_thread_name(name: str) -> None:
+    """Names the calling thread (as the stack names its readers)."""
+    Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(name)
 
 
 def _burn(seconds: float) -> None:
@@ -78,6 +84,27 @@ def test_meter_splits_the_machine_into_groups_and_other() -> None:
     assert set(spent) == {"all", "me", "other"}
     assert spent["me"] >= BURN_S * 0.8
     assert spent["other"] == pytest.approx(spent["all"] - spent["me"])
+
+
+def test_threads_are_counted_by_name() -> None:
+    done, release = threading.Event(), threading.Event()
+
+    def named() -> None:
+        set_thread_name("bench-burner")
+        _burn(BURN_S)
+        done.set()
+        release.wait(30)  # alive until it has been counted
+
+    meter = CpuMeter(threads_of=os.getpid())
+    before = meter.snapshot()
+    thread = threading.Thread(target=named)
+    thread.start()
+    assert done.wait(30)
+    spent = meter.spent(before, meter.snapshot())
+    release.set()
+    thread.join()
+    assert spent["thread:bench-burner"] >= BURN_S * 0.8
+    assert thread_cpu_s(os.getpid())  # the main thread at least
 
 
 def test_per_unit_scales_and_names() -> None:
