@@ -25,6 +25,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from typing import cast
 
 import zmq
 
-from tunio import wire
+from tunio import ports, wire
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
 from tunio.keys import WorkerKeys
 from tunio.wire import Cmd
@@ -58,6 +59,8 @@ UDP_BUDGET = 64
 READ_BUDGET = 4
 #: socket events taken from the flows' epoll per wake-up
 EVENT_BUDGET = 512
+#: seconds between two warnings that the local ports are used up (see tunio.ports)
+PORT_WARNING_INTERVAL = 60.0
 _LINGER_ABORT = struct.pack("ii", 1, 0)
 # Flow sockets sit in the worker's own epoll, edge-triggered, registered once for everything:
 # no epoll_ctl per message, and readiness is tracked in the Flow (`readable`).
@@ -229,6 +232,7 @@ class Worker:
             dialer if isinstance(dialer, DatagramDialer) else None
         )
         self._ping_dialer: PingDialer | None = dialer if isinstance(dialer, PingDialer) else None
+        self._next_port_warning = 0.0  # see _open_failed
         self._credit_due: dict[int, Flow] = {}  # flows holding a quarter window of credit
         # Credit below this is held back and carried on the flow's next DATA (its arg), while
         # the flow can still carry it (we have not sent FIN): a request/response exchange then
@@ -647,6 +651,11 @@ class Worker:
         name = _errname(code)
         self.stats.dial_failures[name] = self.stats.dial_failures.get(name, 0) + 1
         log.info("flow %d: dial %s failed: %s%s", fid, dst, name, f" ({why})" if why else "")
+        if code == errno.EADDRNOTAVAIL:
+            now = time.monotonic()
+            if now >= self._next_port_warning:  # once a minute at most: it comes in floods
+                self._next_port_warning = now + PORT_WARNING_INTERVAL
+                log.warning("worker %s: %s", self.name, ports.no_port_hint())
         self._send([wire.header(Cmd.OPEN_FAIL, fid, code)])
 
     def _dialed(self, flow: Flow, sock: socket.socket) -> None:

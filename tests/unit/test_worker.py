@@ -296,6 +296,21 @@ def test_dialer_errors_become_errnos(
     assert stack.expect(Cmd.OPEN_FAIL, 5).arg == code
 
 
+def test_no_local_port_is_one_warning_with_the_hint(
+    stack: FakeStack, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, running = start_worker(RaisingDialer(OSError(errno.EADDRNOTAVAIL, "no port")))
+    stack.handshake(running)
+    with caplog.at_level("WARNING", logger="tunio.worker"):
+        for fid in (5, 6, 7):  # a flood of them: one line
+            stack.open(fid, 9)
+            assert stack.expect(Cmd.OPEN_FAIL, fid).arg == errno.EADDRNOTAVAIL
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "TIME_WAIT" in warnings[0]
+    assert "net.ipv4.tcp_tw_reuse" in warnings[0]
+
+
 class HangingDialer:
     def __init__(self) -> None:
         self.started = threading.Event()
