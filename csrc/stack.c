@@ -471,6 +471,11 @@ static int router_readable(struct tunio_stack *s)
 int tunio_stack_run(struct tunio_stack *s)
 {
     int err = 0;
+    /* The calling thread is the loop while this runs: named so, like the readers, for top -H and
+     * per-thread profiles; its own name comes back at the end. */
+    char caller_name[16] = "";
+    pthread_getname_np(pthread_self(), caller_name, sizeof(caller_name));
+    pthread_setname_np(pthread_self(), "tunio-loop");
     for (int i = 0; i < s->n_tun; i++) {
         s->readers[i].fd = s->tun_fds[i];
         if ((err = reader_start(s, &s->readers[i]))) {
@@ -505,6 +510,8 @@ int tunio_stack_run(struct tunio_stack *s)
 out:
     for (int i = 0; i < s->n_tun; i++)
         reader_join(&s->readers[i]);
+    if (caller_name[0])
+        pthread_setname_np(pthread_self(), caller_name);
     return err;
 }
 

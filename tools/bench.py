@@ -7,7 +7,8 @@ then through tunio with each --workers count (1 and 2 by default):
   * tools/flood.py: 2,000 short connections (connect, 100 B each way, close), 50 at a time
     (conn/s);
   * tools/flood.py --mode rr: round-trip time of a 100-byte echo on one persistent connection
-    (p50/p99 µs; "added" is tunio's p50 minus the plain path's);
+    (p50/p99 µs; "added" is tunio's p50 minus the plain path's), and exchanges per second with
+    8 such connections at once (rr x8: a loaded gateway);
   * through tunio only: 10,000 idle connections held open (tools/bench_idle.py), and what they
     add to the resident memory (VmRSS) of the stack and worker processes, per connection.
 
@@ -50,6 +51,7 @@ PLAIN = "plain veth"
 TARGETS = (("gbps_1_flow", 1, 0.5), ("gbps_8_flows", 2, 0.6), ("conn_per_s", 2, 0.5))
 ADDED_LATENCY_TARGET_US = 60.0
 IDLE_TARGET_KIB = 20.0
+RR_CLIENTS = 8  # connections doing request/response at once, for the loaded figure
 
 
 def iperf(lab: Lab, streams: int, seconds: int) -> float:
@@ -91,6 +93,28 @@ def round_trip(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def loaded_round_trips(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, float]:
+    """RR_CLIENTS connections doing 100-byte exchanges at once, as a loaded gateway sees them:
+    exchanges per second in all, and the median of their p50s."""
+    argv = [sys.executable, FLOOD, "--connect", f"{SERVER_ADDRESS}:{port}", "--mode", "rr",
+            "--requests", str(args.requests), "--bytes", "100", "--timeout", "30", "--json"]
+    procs = [lab.popen(lab.app, argv, stdout=subprocess.PIPE, text=True)
+             for _ in range(RR_CLIENTS)]  # fmt: skip
+    outs: list[dict[str, Any]] = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        outs.append(json.loads(out) if out else {"requests_per_s": 0.0, "latency_us": {}})
+    p50s = [float(o["latency_us"].get("p50", 0.0)) for o in outs]
+    return {
+        "rr_loaded_per_s": sum(float(o["requests_per_s"]) for o in outs),
+        "rr_loaded_p50_us": statistics.median(p50s),
+    }
+
+
 def measure(lab: Lab, port: int, args: argparse.Namespace, meter: CpuMeter) -> dict[str, float]:
     """The figures, and what the short connections and the 8 flows cost in CPU: µs per
     connection and CPU-seconds per GB, for the machine and for each of the meter's groups."""
@@ -99,6 +123,7 @@ def measure(lab: Lab, port: int, args: argparse.Namespace, meter: CpuMeter) -> d
     per_conn = per_unit(meter.spent(before, meter.snapshot()), short["connections"], 1e6,
                         "cpu_us_per_conn")  # fmt: skip
     rr = round_trip(lab, port, args)
+    loaded = loaded_round_trips(lab, port, args)
     one = iperf(lab, 1, args.seconds)
     before = meter.snapshot()
     eight = iperf(lab, 8, args.seconds)
@@ -110,6 +135,7 @@ def measure(lab: Lab, port: int, args: argparse.Namespace, meter: CpuMeter) -> d
         "conn_per_s": float(short["conn_per_s"]),
         "rr_p50_us": float(rr["latency_us"]["p50"]),
         "rr_p99_us": float(rr["latency_us"]["p99"]),
+        **loaded,
         **per_conn,
         **per_gb,
     }
@@ -197,6 +223,13 @@ def through_tunio(lab: Lab, args: argparse.Namespace, workers: int, index: int) 
         if args.idle:
             result.update(idle_memory(lab, tunio, IDLE_BASE_PORT + index, args.idle))
         return result
+    except Exception:
+        # what tunio said about it: its warnings and its counters at exit
+        tunio.stop()
+        said = [line for line in tunio.log.lines
+                if " WARNING " in line or " ERROR " in line or "statistics" in line]  # fmt: skip
+        print("tunio-run's log:\n" + "\n".join(said[-40:]), file=sys.stderr)
+        raise
     finally:
         tunio.stop()
 
@@ -204,21 +237,22 @@ def through_tunio(lab: Lab, args: argparse.Namespace, workers: int, index: int) 
 def table(results: dict[str, dict[str, float]]) -> str:
     plain = results[PLAIN]
     head = (f"{'path':<20}{'1 flow Gbit/s':>14}{'8 flows Gbit/s':>15}{'conn/s':>9}"
-            f"{'rr p50 µs':>10}{'rr p99 µs':>10}{'idle KiB/conn':>14}")  # fmt: skip
+            f"{'rr p50 µs':>10}{'rr p99 µs':>10}{'rr x8 /s':>10}{'idle KiB/conn':>14}")  # fmt: skip
     rows = [head]
     for name, r in results.items():
         idle = r.get("idle_kib_per_conn")
         rows.append(
             f"{name:<20}{r['gbps_1_flow']:>14.2f}{r['gbps_8_flows']:>15.2f}"
             f"{r['conn_per_s']:>9.0f}{r['rr_p50_us']:>10.0f}{r['rr_p99_us']:>10.0f}"
-            f"{'' if idle is None else f'{idle:.1f}':>14}"
+            f"{r['rr_loaded_per_s']:>10.0f}{'' if idle is None else f'{idle:.1f}':>14}"
         )
         if name != PLAIN:
             rows.append(
                 f"{'  ratio to plain':<20}{r['gbps_1_flow'] / plain['gbps_1_flow']:>14.2f}"
                 f"{r['gbps_8_flows'] / plain['gbps_8_flows']:>15.2f}"
                 f"{r['conn_per_s'] / plain['conn_per_s']:>9.2f}"
-                f"{'+' + format(r['rr_p50_us'] - plain['rr_p50_us'], '.0f'):>10}"
+                f"{'+' + format(r['rr_p50_us'] - plain['rr_p50_us'], '.0f'):>10}{'':>10}"
+                f"{r['rr_loaded_per_s'] / plain['rr_loaded_per_s']:>10.2f}"
             )
     return "\n".join(rows)
 
@@ -313,7 +347,8 @@ def chart(results: dict[str, dict[str, float]], path: Path) -> bool:
     except ImportError:
         return False
     plain = results[PLAIN]
-    metrics = [("gbps_1_flow", "1 flow"), ("gbps_8_flows", "8 flows"), ("conn_per_s", "conn/s")]
+    metrics = [("gbps_1_flow", "1 flow"), ("gbps_8_flows", "8 flows"), ("conn_per_s", "conn/s"),
+               ("rr_loaded_per_s", "rr x8 /s")]
     fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 2]})
     names = [n for n in results if n != PLAIN]
     width = 0.8 / max(1, len(names))

@@ -210,7 +210,7 @@ def stack_main(config: StackConfig, status: _StatusQueue) -> None:
         pass
     stack.stop()
     thread.join()
-    log.debug("stack statistics: %s", stack.stats())
+    log.info("stack statistics: %s", stack.stats())
     stack.close()
     if ipc is not None:
         ipc.unlink(missing_ok=True)
