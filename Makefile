@@ -110,7 +110,7 @@ FUZZ_TARGETS := packet wire
 fuzz: venv
 	mkdir -p build/fuzz
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_packet fuzz/fuzz_packet.c csrc/packet.c csrc/nat.c \
-		csrc/checksum.c csrc/log.c -lpthread
+		csrc/reasm.c csrc/checksum.c csrc/log.c -lpthread
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_wire fuzz/fuzz_wire.c csrc/wire.c
 	$(PY) fuzz/seeds.py build/fuzz
 	for t in $(FUZZ_TARGETS); do \

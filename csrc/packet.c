@@ -105,7 +105,7 @@ static int parse_l4(struct tunio_pkt *p)
 
 /* IPv6: the fixed header, then the extension headers a packet may carry before its transport
  * header. Hop-by-hop, routing and destination options are skipped; a fragment header means a
- * fragment, which is not reassembled; anything else is not ours to carry. */
+ * fragment, for the reassembler (reasm.c); anything else is not ours to carry. */
 static int parse_ipv6(struct tunio_pkt *p, size_t len)
 {
     const uint8_t *buf = p->buf;

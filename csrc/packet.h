@@ -27,7 +27,8 @@ enum tunio_pkt_status {
     TUNIO_PKT_OK = 0,
     TUNIO_PKT_TRUNCATED,   /* shorter than its headers say */
     TUNIO_PKT_BAD_HEADER,  /* impossible header lengths or fields */
-    TUNIO_PKT_FRAGMENT,    /* IPv4 fragment: not reassembled */
+    TUNIO_PKT_FRAGMENT,    /* a fragment: for the reassembler (reasm.c); as a drop counter,
+                            * the datagrams it discards */
     TUNIO_PKT_UNSUPPORTED, /* IP version or protocol the stack does not carry (yet) */
 };
 

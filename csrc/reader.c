@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "reasm.h"
 #include "stack_internal.h"
 
 #define READ_BATCH 64 /* packets per wakeup before checking the stop fd again */
@@ -83,12 +84,39 @@ size_t packet_queue_take(struct item_queue *q, void **out)
 
 static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
 
-static void handle_packet(struct tunio_stack *s, int fd, uint8_t *frame, size_t n,
-                          uint8_t *reply)
+static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *frame, size_t n,
+                          uint8_t *reply, int reassembled);
+
+/* A fragment: held until its datagram is whole, which then goes the way of any packet. */
+static void handle_fragment(struct tunio_stack *s, struct reader *r, uint8_t *frame, size_t n,
+                            uint8_t *reply)
 {
+    size_t h = s->vnet_len;
+    uint8_t *whole = NULL;
+    size_t len = 0;
+    int res = r->reasm ? tunio_reasm_add(r->reasm, frame + h, n - h, tunio_now_ms(), &whole, &len)
+                       : TUNIO_REASM_DISCARDED;
+    unsigned gone = (r->reasm ? tunio_reasm_take_discarded(r->reasm) : 0) +
+                    (res == TUNIO_REASM_DISCARDED);
+    if (gone)
+        atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_FRAGMENT], gone, memory_order_relaxed);
+    if (res == TUNIO_REASM_DONE) {
+        memset(whole - h, 0, h); /* a virtio-net header saying nothing: no offload */
+        handle_packet(s, r, whole - h, h + len, reply, 1);
+    }
+}
+
+static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *frame, size_t n,
+                          uint8_t *reply, int reassembled)
+{
+    int fd = r->fd;
     size_t h = s->vnet_len;
     struct tunio_pkt p;
     int st = n < h ? TUNIO_PKT_TRUNCATED : tunio_pkt_parse(&p, frame + h, n - h);
+    if (st == TUNIO_PKT_FRAGMENT && !reassembled) {
+        handle_fragment(s, r, frame, n, reply);
+        return;
+    }
     if (st != TUNIO_PKT_OK) {
         atomic_fetch_add_explicit(&s->c.drop[st], 1, memory_order_relaxed);
         return;
@@ -140,6 +168,7 @@ static void *reader_main(void *arg)
     struct tunio_stack *s = r->s;
     uint8_t *buf = malloc(TUNIO_TUN_BUF);
     uint8_t reply[REPLY_MAX];
+    r->reasm = tunio_reasm_new(); /* without it, fragments are dropped as before */
     if (!buf) {
         tunio_log(TUNIO_LOG_ERROR, "reader: out of memory");
         return NULL;
@@ -168,10 +197,12 @@ static void *reader_main(void *arg)
             if (n == 0)
                 break;
             atomic_fetch_add_explicit(&s->c.packets_read, 1, memory_order_relaxed);
-            handle_packet(s, r->fd, buf, (size_t)n, reply);
+            handle_packet(s, r, buf, (size_t)n, reply, 0);
         }
     }
     free(buf);
+    tunio_reasm_free(r->reasm);
+    r->reasm = NULL;
     return NULL;
 }
 

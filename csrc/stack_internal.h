@@ -117,8 +117,11 @@ struct family {
     uint16_t listen_port;
 };
 
+struct tunio_reasm;
+
 struct reader {
     struct tunio_stack *s;
+    struct tunio_reasm *reasm; /* this queue's fragments (reasm.c) */
     int fd;
     pthread_t thread;
     int started;

@@ -1,14 +1,18 @@
 /* libFuzzer target: every packet the TUN can hand the stack goes through the parser, the NAT
- * translation and the answer builders, as a reader thread would do it. The table lives across
- * inputs, so sequences of packets (SYN, then segments of the same flow) are explored too. */
+ * translation and the answer builders, as a reader thread would do it; fragments go through the
+ * reassembler, and a datagram it completes takes the same path. The tables live across inputs,
+ * so sequences of packets (SYN, then segments of the same flow; fragments of one datagram) are
+ * explored too. */
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "../csrc/nat.h"
 #include "../csrc/packet.h"
+#include "../csrc/reasm.h"
 
 static struct tunio_nat nat4, nat6;
+static struct tunio_reasm *reasm;
 static atomic_uint next_id = 1;
 static int ready;
 static uint64_t now_ms;
@@ -31,8 +35,12 @@ static void setup(void)
     memcpy(cfg.pool_base, base6, 16);
     if (tunio_nat_init(&nat6, &cfg, &next_id))
         abort();
+    if (!(reasm = tunio_reasm_new()))
+        abort();
     ready = 1;
 }
+
+static void handle(uint8_t *buf, size_t size, int reassembled);
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -42,16 +50,37 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         return 0;
     uint8_t *buf = malloc(size ? size : 1);
     memcpy(buf, data, size);
+    now_ms += (size & 16) ? 4000 : 7; /* now and then a jump, so held fragments expire */
+    handle(buf, size, 0);
+    uint32_t expired[64];
+    tunio_nat_sweep(&nat4, now_ms, expired, 64);
+    tunio_nat_sweep(&nat6, now_ms, expired, 64);
+    tunio_reasm_take_discarded(reasm);
+    free(buf);
+    return 0;
+}
+
+static void handle(uint8_t *buf, size_t size, int reassembled)
+{
     struct tunio_pkt p;
     uint8_t reply[128], out[65536];
     size_t rlen, olen;
-    now_ms += 7;
-    if (tunio_pkt_parse(&p, buf, size) == TUNIO_PKT_OK) {
+    int st = tunio_pkt_parse(&p, buf, size);
+    if (st == TUNIO_PKT_FRAGMENT && !reassembled) {
+        uint8_t *whole;
+        size_t len;
+        if (tunio_reasm_add(reasm, buf, size, now_ms, &whole, &len) == TUNIO_REASM_DONE) {
+            memset(whole - TUNIO_REASM_ROOM, 0, TUNIO_REASM_ROOM); /* the room is writable */
+            handle(whole, len, 1);
+        }
+        return;
+    }
+    if (st == TUNIO_PKT_OK) {
         tunio_pkt_verify_checksums(&p);
         if (size & 4) { /* as if a virtio-net header said NEEDS_CSUM, with offsets from the input */
             p.partial_csum = 1;
             if (size & 8)
-                tunio_pkt_complete_csum(&p, p.l3_len + (data[0] & 7), data[size - 1] & 31);
+                tunio_pkt_complete_csum(&p, p.l3_len + (buf[0] & 7), buf[size - 1] & 31);
         }
         tunio_pkt_build_icmp_unreach(&p, 1, out, sizeof(out));
         struct tunio_nat *nat = p.version == 6 ? &nat6 : &nat4;
@@ -73,9 +102,4 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                                 p.l4_len, out, sizeof(out));
         }
     }
-    uint32_t expired[64];
-    tunio_nat_sweep(&nat4, now_ms, expired, 64);
-    tunio_nat_sweep(&nat6, now_ms, expired, 64);
-    free(buf);
-    return 0;
 }

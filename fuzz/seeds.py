@@ -4,6 +4,7 @@ and golden protocol frames, so the fuzzers start from the shapes the stack reall
 from __future__ import annotations
 
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -40,7 +41,24 @@ def packet_seeds() -> list[bytes]:
                      first_next=0),
         packets.ipv6(a6, d6, packets.TCP, bytes(20),
                      extensions=bytes([packets.TCP, 0, 0, 1, 0, 0, 0, 7]), first_next=44),
+        # the two fragments of one UDP datagram per family: fed in a row they reassemble
+        *v4_halves(a, d),
+        *v6_halves(a6, d6),
     ]
+
+
+def v4_halves(a: str, d: str) -> list[bytes]:
+    body = packets.udp(a, 5354, d, 53, bytes(range(40)))[20:]
+    return [packets.ipv4(a, d, packets.UDP, body[:24], frag=0x2000, ident=77),
+            packets.ipv4(a, d, packets.UDP, body[24:], frag=3, ident=77)]
+
+
+def v6_halves(a6: str, d6: str) -> list[bytes]:
+    body = packets.udp(a6, 5354, d6, 53, bytes(range(40)))[40:]
+    first = struct.pack("!BBHI", packets.UDP, 0, 1, 77)
+    last = struct.pack("!BBHI", packets.UDP, 0, 24, 77)
+    return [packets.ipv6(a6, d6, packets.UDP, body[:24], extensions=first, first_next=44),
+            packets.ipv6(a6, d6, packets.UDP, body[24:], extensions=last, first_next=44)]
 
 
 def wire_seeds() -> list[bytes]:

@@ -85,7 +85,8 @@ def test_extension_headers_are_skipped_and_kept(tmp_path: Path) -> None:
         assert ipaddress.IPv6Address(dst) == ipaddress.IPv6Address(APP6)
 
 
-def test_ipv6_fragments_are_dropped(tmp_path: Path) -> None:
+def test_ipv6_fragment_not_8_byte_aligned_is_dropped(tmp_path: Path) -> None:
+    # more fragments follow a 20-byte one: no datagram can be made of it (reasm.c)
     with stack_rig(tmp_path) as rig:
         seg = packets.tcp(APP6, 41004, DST6, 447, flags=packets.SYN)[40:]
         frag = bytes([packets.TCP, 0, 0, 1, 0, 0, 0, 7])  # offset 0, more fragments

@@ -130,7 +130,7 @@ def _malformed() -> dict[str, tuple[bytes, str]]:
         "truncated-ip": (good[:15], "drop_truncated"),
         "bad-ihl": (bad_ihl, "drop_bad_header"),
         "total-length-beyond-read": (long_total, "drop_truncated"),
-        "fragment": (frag, "drop_fragment"),
+        "fragment-not-8-byte-aligned": (frag, "drop_fragment"),  # more follow, 20 bytes
         "short-tcp": (short_tcp, "drop_truncated"),
         "bad-data-offset": (bad_doff, "drop_bad_header"),
         "ipv6-no-next-header": (v6_no_next, "drop_unsupported"),

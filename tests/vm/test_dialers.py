@@ -212,8 +212,8 @@ def test_udp_through_dante(
     lab: Lab, proxies: dict[str, Proxy], run_tunio: list[TunioProcess], name: str
 ) -> None:
     tunio = start(lab, run_tunio, url(proxies, name))
-    # up to what one packet through the TUN carries (the stack does not reassemble fragments);
-    # with the SOCKS5 header the relay's datagrams are larger and the veth fragments them
+    # up to what one packet through the TUN carries; with the SOCKS5 header the relay's
+    # datagrams are larger and the veth fragments them
     payloads = [pattern(n) for n in (1, 512, UDP_MTU_PAYLOAD)]
     assert udp_echo(lab, payloads) == payloads
     assert tunio.running()

@@ -194,7 +194,8 @@ def malformed_ipv6(udp_port: int, tcp_port: int, rng: random.Random) -> list[byt
         v6(UDP, live_udp, bytes([UDP, 200]) + PAD8, HOP_BY_HOP),
         # a chain whose last header is cut short
         v6(UDP, b"", options_header(DEST_OPTS) + bytes([UDP, 3]) + PAD8, HOP_BY_HOP),
-        # fragments: a first one (more follow) and a later one; there is no reassembly
+        # fragments that never make a datagram: a first one whose length is not a multiple of 8
+        # (more follow), a later one whose start never comes, a first one of a TCP RST
         v6(UDP, first_udp, fragment_header(UDP, 0, True), FRAGMENT),
         v6(UDP, live_udp, fragment_header(UDP, 8, False), FRAGMENT),
         v6(TCP, live_rst, fragment_header(TCP, 0, True), FRAGMENT),

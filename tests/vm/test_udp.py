@@ -182,6 +182,19 @@ def test_large_datagrams_are_byte_exact(
     assert summary["bytes_received"] == 500 * size
 
 
+@pytest.mark.parametrize("size", [MTU_PAYLOAD + 1, 4000, 30000, 65507 - 40])
+def test_datagrams_larger_than_the_mtu_are_reassembled(
+    lab: Lab, tunio: TunioProcess, udp_echo: LineReader, family: Family, size: int
+) -> None:
+    """The app's kernel sends them as fragments; the stack reassembles them, the worker sends
+    each whole, and the echo comes back whole (largest: what fits an IPv6 packet too)."""
+    del tunio, udp_echo
+    with lab.open_socket(family=family.af, type=socket.SOCK_DGRAM) as sock:
+        sock.settimeout(REPLY_TIMEOUT)
+        sock.connect((family.server, UDP_ECHO_PORT))
+        echo_exact(sock, [pattern(size), bytes(reversed(pattern(size)))])
+
+
 def test_small_and_empty_datagrams(
     tunio: TunioProcess, udp_echo: LineReader, app_udp: socket.socket
 ) -> None:
