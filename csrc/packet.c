@@ -115,13 +115,28 @@ static int parse_ipv6(struct tunio_pkt *p, size_t len)
     if (total > len)
         return TUNIO_PKT_TRUNCATED;
     uint8_t next = buf[6];
-    size_t off = IPV6_HLEN;
+    size_t off = IPV6_HLEN, next_at = 6;
     for (int hops = 0;; hops++) {
         if (next == TUNIO_IPPROTO_TCP || next == TUNIO_IPPROTO_UDP ||
             next == TUNIO_IPPROTO_ICMPV6)
             break;
-        if (next == 44)
+        if (next == 44) {
+            /* A fragment header cut short leaves a fragment with no payload: discarded. */
+            int whole_header = off + 8 <= total;
+            p->len = total;
+            p->l3_len = off;
+            p->proto = whole_header ? buf[off] : 0;
+            memcpy(p->src, buf + 8, 16);
+            memcpy(p->dst, buf + 24, 16);
+            p->frag_data = whole_header ? off + 8 : total;
+            if (whole_header) {
+                p->frag_offset = get16(buf + off + 2) & 0xfff8u;
+                p->frag_more = buf[off + 3] & 1u;
+                p->frag_id = (uint32_t)get16(buf + off + 4) << 16 | get16(buf + off + 6);
+            }
+            p->frag_next_at = next_at;
             return TUNIO_PKT_FRAGMENT;
+        }
         if ((next != 0 && next != 43 && next != 60) || hops == 8)
             return TUNIO_PKT_UNSUPPORTED; /* ESP, AH, no next header, or a header chain too long */
         if (off + 8 > total)
@@ -129,6 +144,7 @@ static int parse_ipv6(struct tunio_pkt *p, size_t len)
         size_t ext = 8u + (size_t)buf[off + 1] * 8u;
         if (off + ext > total)
             return TUNIO_PKT_TRUNCATED;
+        next_at = off;
         next = buf[off];
         off += ext;
     }
@@ -161,14 +177,19 @@ int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len)
     if (hlen > len || total > len)
         return TUNIO_PKT_TRUNCATED;
     uint16_t frag = get16(buf + 6);
-    if (frag & 0x3fff) /* MF set or a non-zero offset */
-        return TUNIO_PKT_FRAGMENT;
     p->len = total;
     p->l3_len = hlen;
     p->l4_len = total - hlen;
     p->proto = buf[9];
     memcpy(p->src, buf + 12, 4);
     memcpy(p->dst, buf + 16, 4);
+    if (frag & 0x3fff) { /* MF set or a non-zero offset */
+        p->frag_data = hlen;
+        p->frag_offset = (size_t)(frag & 0x1fff) * 8u;
+        p->frag_more = (frag & 0x2000) != 0;
+        p->frag_id = get16(buf + 4);
+        return TUNIO_PKT_FRAGMENT;
+    }
     return parse_l4(p);
 }
 

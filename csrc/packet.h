@@ -55,6 +55,14 @@ struct tunio_pkt {
      * whoever sends the packet on (a virtio-net header's NEEDS_CSUM): a rewrite then changes
      * just that sum. Set by the caller after parsing. */
     uint8_t partial_csum;
+    /* A fragment (TUNIO_PKT_FRAGMENT), for the reassembler: src, dst, proto (IPv6: the fragment
+     * header's next header), len and l3_len (the header a reassembled datagram keeps: IPv4's, or
+     * IPv6's with the extension headers before the fragment header) are set, and these. */
+    size_t frag_data;    /* where this fragment's payload starts (len if it has none) */
+    size_t frag_offset;  /* where that payload goes in the datagram's payload */
+    size_t frag_next_at; /* IPv6: the next-header byte that names the fragment header */
+    uint32_t frag_id;
+    uint8_t frag_more;   /* more fragments follow */
 };
 
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);

@@ -88,13 +88,13 @@ static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *fram
                           uint8_t *reply, int reassembled);
 
 /* A fragment: held until its datagram is whole, which then goes the way of any packet. */
-static void handle_fragment(struct tunio_stack *s, struct reader *r, uint8_t *frame, size_t n,
-                            uint8_t *reply)
+static void handle_fragment(struct tunio_stack *s, struct reader *r,
+                            const struct tunio_pkt *fragment, uint8_t *reply)
 {
     size_t h = s->vnet_len;
     uint8_t *whole = NULL;
     size_t len = 0;
-    int res = r->reasm ? tunio_reasm_add(r->reasm, frame + h, n - h, tunio_now_ms(), &whole, &len)
+    int res = r->reasm ? tunio_reasm_add(r->reasm, fragment, tunio_now_ms(), &whole, &len)
                        : TUNIO_REASM_DISCARDED;
     unsigned gone = (r->reasm ? tunio_reasm_take_discarded(r->reasm) : 0) +
                     (res == TUNIO_REASM_DISCARDED);
@@ -114,7 +114,7 @@ static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *fram
     struct tunio_pkt p;
     int st = n < h ? TUNIO_PKT_TRUNCATED : tunio_pkt_parse(&p, frame + h, n - h);
     if (st == TUNIO_PKT_FRAGMENT && !reassembled) {
-        handle_fragment(s, r, frame, n, reply);
+        handle_fragment(s, r, &p, reply);
         return;
     }
     if (st != TUNIO_PKT_OK) {

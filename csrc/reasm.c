@@ -14,7 +14,6 @@
 #define PAYLOAD_MAX 65535u       /* fragment offsets are 13 bits of 8-byte blocks */
 #define BLOCKS (PAYLOAD_MAX / 8u + 1u)
 #define IPV6_HLEN 40u
-#define IPPROTO_FRAGMENT 44u
 
 struct slot {
     int used;
@@ -36,85 +35,10 @@ struct tunio_reasm {
     unsigned discarded;
 };
 
-/* What one fragment says about itself. */
-struct frag {
-    uint8_t version, proto;
-    const uint8_t *src, *dst;
-    uint32_t id;
-    size_t offset;         /* of its payload in the datagram's payload */
-    int more;              /* more fragments follow */
-    const uint8_t *data;   /* its payload */
-    size_t data_len;
-    size_t head_len;       /* the header a reassembled packet keeps (from offset 0) */
-    size_t next_at;        /* IPv6: the next-header byte that names the fragment header */
-};
-
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
-static uint32_t get32(const uint8_t *p) { return (uint32_t)get16(p) << 16 | get16(p + 2); }
 static void put16(uint8_t *p, uint16_t v)
 {
     p[0] = (uint8_t)(v >> 8);
     p[1] = (uint8_t)v;
-}
-
-static int parse_v4(const uint8_t *pkt, size_t len, struct frag *f)
-{
-    if (len < 20)
-        return -1;
-    size_t hl = (size_t)(pkt[0] & 0x0f) * 4u;
-    size_t total = get16(pkt + 2);
-    if (hl < 20 || total < hl || total > len)
-        return -1;
-    uint16_t fo = get16(pkt + 6);
-    f->version = 4;
-    f->proto = pkt[9];
-    f->src = pkt + 12;
-    f->dst = pkt + 16;
-    f->id = get16(pkt + 4);
-    f->offset = (size_t)(fo & 0x1fff) * 8u;
-    f->more = (fo & 0x2000) != 0;
-    f->data = pkt + hl;
-    f->data_len = total - hl;
-    f->head_len = hl;
-    f->next_at = 0;
-    return 0;
-}
-
-static int parse_v6(const uint8_t *pkt, size_t len, struct frag *f)
-{
-    if (len < IPV6_HLEN)
-        return -1;
-    size_t total = IPV6_HLEN + get16(pkt + 4);
-    if (total > len)
-        return -1;
-    size_t next_at = 6, off = IPV6_HLEN;
-    uint8_t next = pkt[6];
-    /* Hop-by-hop, routing and destination options may come before the fragment header. */
-    for (int hops = 0; next != IPPROTO_FRAGMENT; hops++) {
-        if ((next != 0 && next != 43 && next != 60) || hops == 8 || off + 8 > total)
-            return -1;
-        size_t ext = 8u + (size_t)pkt[off + 1] * 8u;
-        if (off + ext > total)
-            return -1;
-        next_at = off;
-        next = pkt[off];
-        off += ext;
-    }
-    if (off + 8 > total || off > HEAD_MAX - TUNIO_REASM_ROOM)
-        return -1;
-    uint16_t fo = get16(pkt + off + 2);
-    f->version = 6;
-    f->proto = pkt[off];
-    f->src = pkt + 8;
-    f->dst = pkt + 24;
-    f->id = get32(pkt + off + 4);
-    f->offset = (size_t)(fo & 0xfff8);
-    f->more = fo & 1;
-    f->data = pkt + off + 8;
-    f->data_len = total - off - 8;
-    f->head_len = off;
-    f->next_at = next_at;
-    return 0;
 }
 
 struct tunio_reasm *tunio_reasm_new(void) { return calloc(1, sizeof(struct tunio_reasm)); }
@@ -142,16 +66,16 @@ static void release(struct slot *s)
     memset(s->seen, 0, sizeof(s->seen));
 }
 
-static int same(const struct slot *s, const struct frag *f)
+/* Addresses are compared whole: the parser zero-fills the rest of an IPv4 one. */
+static int same(const struct slot *s, const struct tunio_pkt *f)
 {
-    size_t alen = f->version == 4 ? 4 : 16;
-    return s->used && s->version == f->version && s->proto == f->proto && s->id == f->id &&
-           memcmp(s->src, f->src, alen) == 0 && memcmp(s->dst, f->dst, alen) == 0;
+    return s->used && s->version == f->version && s->proto == f->proto && s->id == f->frag_id &&
+           memcmp(s->src, f->src, 16) == 0 && memcmp(s->dst, f->dst, 16) == 0;
 }
 
 /* The slot for `f`'s datagram: its own, or a new one (expired ones freed first, and the oldest
  * pushed out if none is left). NULL only if memory runs out. */
-static struct slot *slot_for(struct tunio_reasm *r, const struct frag *f, uint64_t now)
+static struct slot *slot_for(struct tunio_reasm *r, const struct tunio_pkt *f, uint64_t now)
 {
     struct slot *free_slot = NULL, *oldest = NULL;
     for (size_t i = 0; i < TUNIO_REASM_SLOTS; i++) {
@@ -175,13 +99,12 @@ static struct slot *slot_for(struct tunio_reasm *r, const struct frag *f, uint64
     }
     if (!s->buf && !(s->buf = malloc(HEAD_MAX + PAYLOAD_MAX)))
         return NULL;
-    size_t alen = f->version == 4 ? 4 : 16;
     s->used = 1;
     s->version = f->version;
     s->proto = f->proto;
-    s->id = f->id;
-    memcpy(s->src, f->src, alen);
-    memcpy(s->dst, f->dst, alen);
+    s->id = f->frag_id;
+    memcpy(s->src, f->src, 16);
+    memcpy(s->dst, f->dst, 16);
     s->expires_ms = now + TUNIO_REASM_TIMEOUT_MS;
     return s;
 }
@@ -209,41 +132,38 @@ static int seen_from(const struct slot *s, size_t end)
 
 static int discard(struct slot *s)
 {
-    if (s)
-        release(s);
+    release(s);
     return TUNIO_REASM_DISCARDED;
 }
 
-int tunio_reasm_add(struct tunio_reasm *r, const uint8_t *pkt, size_t len, uint64_t now_ms,
+int tunio_reasm_add(struct tunio_reasm *r, const struct tunio_pkt *f, uint64_t now_ms,
                     uint8_t **out, size_t *out_len)
 {
-    struct frag f;
-    if (len < 1 || ((pkt[0] >> 4) == 4 ? parse_v4(pkt, len, &f) : (pkt[0] >> 4) == 6
-                                                                        ? parse_v6(pkt, len, &f)
-                                                                        : -1) < 0)
+    size_t data_len = f->len - f->frag_data;
+    /* Every fragment but the last carries a multiple of 8 bytes, and none is empty; the kept
+     * header must fit in front of the payload area. */
+    if (data_len == 0 || (f->frag_more && data_len % 8u) ||
+        f->frag_offset + data_len > PAYLOAD_MAX || f->l3_len > HEAD_MAX - TUNIO_REASM_ROOM)
         return TUNIO_REASM_DISCARDED;
-    /* Every fragment but the last carries a multiple of 8 bytes, and none is empty. */
-    if (f.data_len == 0 || (f.more && f.data_len % 8u) || f.offset + f.data_len > PAYLOAD_MAX)
-        return TUNIO_REASM_DISCARDED;
-    struct slot *s = slot_for(r, &f, now_ms);
+    struct slot *s = slot_for(r, f, now_ms);
     if (!s)
         return TUNIO_REASM_DISCARDED;
-    size_t end = f.offset + f.data_len;
-    if (!f.more) {
+    size_t end = f->frag_offset + data_len;
+    if (!f->frag_more) {
         if ((s->total && s->total != end) || seen_from(s, end))
             return discard(s); /* two different ends, or data past the end */
         s->total = end;
     } else if (s->total && end > s->total) {
         return discard(s);
     }
-    if (mark(s, f.offset, f.data_len) < 0)
+    if (mark(s, f->frag_offset, data_len) < 0)
         return discard(s); /* overlap (or a duplicate): RFC 5722 */
-    memcpy(s->buf + HEAD_MAX + f.offset, f.data, f.data_len);
-    s->have += f.data_len;
-    if (f.offset == 0) {
-        memcpy(s->buf + HEAD_MAX - f.head_len, pkt, f.head_len);
-        s->head_len = f.head_len;
-        s->next_at = f.next_at;
+    memcpy(s->buf + HEAD_MAX + f->frag_offset, f->buf + f->frag_data, data_len);
+    s->have += data_len;
+    if (f->frag_offset == 0) {
+        memcpy(s->buf + HEAD_MAX - f->l3_len, f->buf, f->l3_len);
+        s->head_len = f->l3_len;
+        s->next_at = f->frag_next_at;
     }
     if (!s->total || s->have != s->total || !s->head_len)
         return TUNIO_REASM_HELD;

@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "packet.h"
+
 #define TUNIO_REASM_SLOTS 16         /* datagrams being reassembled at once, per reader */
 #define TUNIO_REASM_TIMEOUT_MS 30000 /* an incomplete datagram is discarded after this */
 #define TUNIO_REASM_ROOM 16          /* writable bytes before a finished packet (a vnet header) */
@@ -27,9 +29,9 @@ enum {
                                  * call, with TUNIO_REASM_ROOM writable bytes before it */
 };
 
-/* Takes one fragment: a whole IPv4 or IPv6 packet of `len` bytes that tunio_pkt_parse called a
- * fragment. Returns one of the above. */
-int tunio_reasm_add(struct tunio_reasm *r, const uint8_t *pkt, size_t len, uint64_t now_ms,
+/* Takes one fragment, as tunio_pkt_parse described it (it returned TUNIO_PKT_FRAGMENT).
+ * Returns one of the above. */
+int tunio_reasm_add(struct tunio_reasm *r, const struct tunio_pkt *fragment, uint64_t now_ms,
                     uint8_t **out, size_t *out_len);
 
 /* Other datagrams discarded since the last call to this: expired, or pushed out of a full table. */

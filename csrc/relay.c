@@ -26,6 +26,15 @@ static int credit_due(const struct tunio_stack *s, const struct flow *f)
     return f->uncredited && (f->uncredited >= s->cfg.window / 4 || (f->flags & FLOW_APP_EOF));
 }
 
+/* Sends the credit held back for `f` now, as CREDIT. */
+static void return_credit(struct tunio_stack *s, struct flow *f)
+{
+    if (f->uncredited) {
+        broker_send(s, f->worker, TUNIO_CMD_CREDIT, f->id, f->uncredited, NULL, 0);
+        f->uncredited = 0;
+    }
+}
+
 static void end_flow(struct tunio_stack *s, struct flow *f)
 {
     if (f->fd >= 0) {
@@ -97,10 +106,8 @@ static int flush_to_app(struct tunio_stack *s, struct flow *f)
     }
     f->queued -= written;
     f->uncredited += written;
-    if (credit_due(s, f)) {
-        broker_send(s, f->worker, TUNIO_CMD_CREDIT, f->id, f->uncredited, NULL, 0);
-        f->uncredited = 0;
-    }
+    if (credit_due(s, f))
+        return_credit(s, f);
     if (!f->head && (f->flags & FLOW_WORKER_FIN) && !(f->flags & FLOW_APP_SHUT)) {
         shutdown(f->fd, SHUT_WR);
         f->flags |= FLOW_APP_SHUT;
@@ -128,10 +135,7 @@ static int read_from_app(struct tunio_stack *s, struct flow *f)
         }
         if (n == 0) {
             f->flags |= FLOW_APP_EOF;
-            if (f->uncredited) {
-                broker_send(s, f->worker, TUNIO_CMD_CREDIT, f->id, f->uncredited, NULL, 0);
-                f->uncredited = 0;
-            }
+            return_credit(s, f); /* no DATA will carry it now */
             broker_send(s, f->worker, TUNIO_CMD_FIN, f->id, 0, NULL, 0);
             return 0;
         }

@@ -69,7 +69,7 @@ static void handle(uint8_t *buf, size_t size, int reassembled)
     if (st == TUNIO_PKT_FRAGMENT && !reassembled) {
         uint8_t *whole;
         size_t len;
-        if (tunio_reasm_add(reasm, buf, size, now_ms, &whole, &len) == TUNIO_REASM_DONE) {
+        if (tunio_reasm_add(reasm, &p, now_ms, &whole, &len) == TUNIO_REASM_DONE) {
             memset(whole - TUNIO_REASM_ROOM, 0, TUNIO_REASM_ROOM); /* the room is writable */
             handle(whole, len, 1);
         }

@@ -81,23 +81,22 @@ def flood(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def rr_argv(port: int, args: argparse.Namespace) -> list[str]:
+    """tools/flood.py: 100-byte request/response exchanges on one connection."""
+    return [sys.executable, FLOOD, "--connect", f"{SERVER_ADDRESS}:{port}", "--mode", "rr",
+            "--requests", str(args.requests), "--bytes", "100", "--timeout", "30", "--json"]
+
+
 def round_trip(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, Any]:
     """Latency of 100-byte request/response exchanges on one connection."""
-    out = lab.run(
-        lab.app,
-        [sys.executable, FLOOD, "--connect", f"{SERVER_ADDRESS}:{port}", "--mode", "rr",
-         "--requests", str(args.requests), "--bytes", "100", "--timeout", "30", "--json"],
-        timeout=60,
-    )  # fmt: skip
-    result: dict[str, Any] = json.loads(out)
+    result: dict[str, Any] = json.loads(lab.run(lab.app, rr_argv(port, args), timeout=60))
     return result
 
 
 def loaded_round_trips(lab: Lab, port: int, args: argparse.Namespace) -> dict[str, float]:
     """RR_CLIENTS connections doing 100-byte exchanges at once, as a loaded gateway sees them:
     exchanges per second in all, and the median of their p50s."""
-    argv = [sys.executable, FLOOD, "--connect", f"{SERVER_ADDRESS}:{port}", "--mode", "rr",
-            "--requests", str(args.requests), "--bytes", "100", "--timeout", "30", "--json"]
+    argv = rr_argv(port, args)
     procs = [lab.popen(lab.app, argv, stdout=subprocess.PIPE, text=True)
              for _ in range(RR_CLIENTS)]  # fmt: skip
     outs: list[dict[str, Any]] = []
@@ -214,6 +213,7 @@ def through_tunio(lab: Lab, args: argparse.Namespace, workers: int, index: int) 
     if args.window:
         extra += ["--window", str(args.window)]
     tunio = lab.start_tunio(extra)
+    failed = True
     try:
         port = ECHO_BASE_PORT + index
         workers_pids = tunio.workers()
@@ -222,16 +222,14 @@ def through_tunio(lab: Lab, args: argparse.Namespace, workers: int, index: int) 
         result = median_of(args.repeat, lambda: measure(lab, port, args, meter))
         if args.idle:
             result.update(idle_memory(lab, tunio, IDLE_BASE_PORT + index, args.idle))
+        failed = False
         return result
-    except Exception:
-        # what tunio said about it: its warnings and its counters at exit
-        tunio.stop()
-        said = [line for line in tunio.log.lines
-                if " WARNING " in line or " ERROR " in line or "statistics" in line]  # fmt: skip
-        print("tunio-run's log:\n" + "\n".join(said[-40:]), file=sys.stderr)
-        raise
     finally:
         tunio.stop()
+        if failed:  # what tunio said about it: its warnings and its counters at exit
+            marks = (" WARNING ", " ERROR ", "statistics")
+            said = [line for line in tunio.log.lines if any(m in line for m in marks)]
+            print("tunio-run's log:\n" + "\n".join(said[-40:]), file=sys.stderr)
 
 
 def table(results: dict[str, dict[str, float]]) -> str:

@@ -100,6 +100,11 @@ struct tunio_pkt {
     size_t tcp_hlen;
     size_t payload_len;
     uint8_t partial_csum;
+    size_t frag_data;
+    size_t frag_offset;
+    size_t frag_next_at;
+    uint32_t frag_id;
+    uint8_t frag_more;
 };
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p);

@@ -450,9 +450,7 @@ class Worker:
                     if code == _DATA:
                         payload = frames[1].buffer
                         if len(payload):
-                            if arg:  # credit the stack carried along
-                                self._on_credit(fid, arg)
-                            self._on_data(fid, payload)
+                            self._on_data(fid, payload, arg)
                             return
                 elif code == _CREDIT:
                     self._on_credit(fid, arg)
@@ -475,9 +473,7 @@ class Worker:
             self._on_dgram(msg.flow, msg.payload)
         elif cmd is Cmd.DATA:
             assert msg.payload is not None
-            if msg.arg:
-                self._on_credit(msg.flow, msg.arg)
-            self._on_data(msg.flow, msg.payload)
+            self._on_data(msg.flow, msg.payload, msg.arg)
         elif cmd is Cmd.CREDIT:
             self._on_credit(msg.flow, msg.arg)
         elif cmd is Cmd.OPEN:
@@ -729,9 +725,7 @@ class Worker:
                 flow.readable = False
                 self._stop_reading(flow)
                 flow.fin_out = True
-                if flow.uncredited:  # no DATA will carry it now
-                    self._send([wire.header(Cmd.CREDIT, flow.fid, flow.uncredited)])
-                    flow.uncredited = 0
+                self._return_credit(flow)  # no DATA will carry it now
                 self._send([wire.header(Cmd.FIN, flow.fid, 0)])
                 self._maybe_finish(flow)
                 return
@@ -774,7 +768,9 @@ class Worker:
 
     # ---- stack -> destination --------------------------------------------------------------
 
-    def _on_data(self, fid: int, payload: wire.Payload) -> None:
+    def _on_data(self, fid: int, payload: wire.Payload, credit: int = 0) -> None:
+        if credit:  # credit the stack carried along (DATA's arg)
+            self._on_credit(fid, credit)
         flow = self.flows.get(fid)
         if flow is None:
             self.stats.resets_sent += 1
@@ -821,10 +817,15 @@ class Worker:
             return
         due = self._credit_due
         self._credit_due = {}
-        for fid, flow in due.items():
-            if flow.uncredited and not flow.closed:
-                self._send([wire.header(Cmd.CREDIT, fid, flow.uncredited)])
-                flow.uncredited = 0
+        for flow in due.values():
+            if not flow.closed:
+                self._return_credit(flow)
+
+    def _return_credit(self, flow: Flow) -> None:
+        """Sends the credit held back for `flow` now, as CREDIT."""
+        if flow.uncredited:
+            self._send([wire.header(Cmd.CREDIT, flow.fid, flow.uncredited)])
+            flow.uncredited = 0
 
     def _start_writing(self, flow: Flow) -> None:
         """Nothing to do: a send that fell short leaves the socket waiting for room, and the
@@ -920,9 +921,7 @@ class Worker:
         if flow.fin_in and flow.fin_out and flow.shut:
             # the stack learns that all it sent was written only from the credit: send it now,
             # not at the end of this wake-up, when the flow is gone
-            if flow.uncredited:
-                self._send([wire.header(Cmd.CREDIT, flow.fid, flow.uncredited)])
-                flow.uncredited = 0
+            self._return_credit(flow)
             self._free(flow, abortive=False)
 
     def _free(self, flow: Flow, *, abortive: bool) -> None:

@@ -37,31 +37,29 @@ class ProtocolWorker:
     def send(self, cmd: Cmd, flow: int = 0, arg: int = 0, payload: bytes | None = None) -> None:
         self.sock.send_multipart(wire.encode(Message(cmd, flow, arg, payload)))
 
-    def recv(self) -> Message:
-        """The next message that is not a heartbeat (heartbeats are answered)."""
-        end = time.monotonic() + DEADLINE
-        while True:
-            left = end - time.monotonic()
-            assert left > 0, "no message from the stack in time"
+    def _next(self, until: float) -> Message | None:
+        """The next message that is not a heartbeat (heartbeats are answered), or None when
+        none came by the monotonic time `until`."""
+        while (left := until - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000)):
                 continue
             msg = wire.decode([bytes(f) for f in self.sock.recv_multipart()])
-            if msg.cmd is Cmd.HEARTBEAT:
-                self.send(Cmd.HEARTBEAT)
-                continue
-            return msg
+            if msg.cmd is not Cmd.HEARTBEAT:
+                return msg
+            self.send(Cmd.HEARTBEAT)
+        return None
+
+    def recv(self) -> Message:
+        msg = self._next(time.monotonic() + DEADLINE)
+        assert msg is not None, "no message from the stack in time"
+        return msg
 
     def silent(self, seconds: float) -> list[Message]:
         """Whatever non-heartbeat messages come within `seconds`."""
+        until = time.monotonic() + seconds
         got = []
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            if self.sock.poll(int(left * 1000)):
-                msg = wire.decode([bytes(f) for f in self.sock.recv_multipart()])
-                if msg.cmd is Cmd.HEARTBEAT:
-                    self.send(Cmd.HEARTBEAT)
-                else:
-                    got.append(msg)
+        while (msg := self._next(until)) is not None:
+            got.append(msg)
         return got
 
 
