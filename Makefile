@@ -11,11 +11,14 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?= -q
 
-# Debian packages the build and the tests need (the C stack links libzmq; `ip` builds the lab).
-APT_PACKAGES := build-essential pkg-config libzmq3-dev iproute2 iperf3 python3-dev python3-venv \
-	clang libclang-rt-14-dev dnsmasq-base bind9-dnsutils iputils-ping
+# Debian packages: the libraries and headers the build needs, and the package of every program
+# that tunio, the tests, the demo and the benchmarks run (tools/programs.txt, one list for all).
+PROGRAMS_LIST := tools/programs.txt
+BUILD_PACKAGES := libzmq3-dev python3-dev python3-venv libclang-rt-14-dev
+PROGRAM_PACKAGES := $(shell awk '{ sub(/\#.*/, "") } NF >= 2 { print $$2 }' $(PROGRAMS_LIST) | sort -u)
+APT_PACKAGES := $(BUILD_PACKAGES) $(PROGRAM_PACKAGES)
 
-.PHONY: help setup apt venv build test test-unit test-vm lint demo clean distclean asan fuzz bench bench-udp
+.PHONY: help setup apt print-packages venv build test test-unit test-vm lint demo clean distclean asan fuzz bench bench-udp
 
 help:
 	@echo "make setup      install Debian packages (if missing), create $(VENV), install tunio"
@@ -30,6 +33,9 @@ help:
 setup: apt venv
 
 # Installs only what is missing, so `make setup` is quick and harmless on a ready machine.
+# The proxies and the DNS server are for the lab, which starts its own inside namespaces: their
+# packages must not start a system-wide service on install. A policy-rc.d that says 101 ("action
+# forbidden") holds them back; it is ours only for the install, and only if none was there.
 apt:
 	@missing=""; \
 	for p in $(APT_PACKAGES); do \
@@ -42,8 +48,18 @@ apt:
 		fi; \
 		echo "installing:$$missing"; \
 		apt-get update; \
+		hook=/usr/sbin/policy-rc.d; \
+		if [ ! -e "$$hook" ]; then \
+			printf '#!/bin/sh\nexit 101\n' > "$$hook"; chmod 755 "$$hook"; \
+			trap 'rm -f "$$hook"' EXIT; \
+		fi; \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; \
 	fi
+
+# The packages `make setup` installs, one a line (tests/unit/test_programs.py compares them with
+# tools/programs.txt).
+print-packages:
+	@printf '%s\n' $(APT_PACKAGES)
 
 # Reinstalled when the packaging files change; `build` recompiles the C stack every time.
 venv: $(VENV)/.installed

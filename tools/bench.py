@@ -37,8 +37,7 @@ from bench_cost import CpuMeter, per_unit  # noqa: E402
 from bench_floor import describe as describe_floor  # noqa: E402
 from bench_floor import measure as measure_floor  # noqa: E402
 from bench_report import write_report  # noqa: E402
-
-from tunio.testing.netlab import SERVER_ADDRESS, SRV_ADDRESS, Lab, TunioProcess  # noqa: E402
+from lab.netlab import SERVER_ADDRESS, SRV_ADDRESS, Lab, TunioProcess  # noqa: E402
 
 IPERF_PORT = 5201
 ECHO_BASE_PORT = 7100  # short connections and rr: one port per configuration

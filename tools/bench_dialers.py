@@ -23,9 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_report import write_report  # noqa: E402
-
-from tests.vm.proxies import add_proxy_address, start_dante, start_tinyproxy  # noqa: E402
-from tunio.testing.netlab import SERVER_ADDRESS, Lab  # noqa: E402
+from lab.netlab import SERVER_ADDRESS, Lab  # noqa: E402
+from lab.proxies import add_proxy_address, start_dante, start_tinyproxy  # noqa: E402
 
 IPERF_PORT = 5201
 ECHO_PORT = 7000

@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench_report import write_report  # noqa: E402
-
-from tunio.testing.netlab import (  # noqa: E402
+from lab.netlab import (  # noqa: E402
     DNS_PORT,
     SERVER_ADDRESS,
     SRV_ADDRESS,

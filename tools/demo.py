@@ -22,7 +22,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from tunio.testing.netlab import (  # noqa: E402 - after the path set-up above
+from lab.netlab import (  # noqa: E402 - after the path set-up above
     FLOOD_PORTS,
     SERVER_ADDRESS,
     TUN_ADDRESS,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.fakestack import FakeStack
+from tunio.testing.fakestack import FakeStack
 
 
 @pytest.fixture

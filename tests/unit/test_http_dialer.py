@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.unit.proxyfakes import Handler, read_all, run, with_server
 from tunio.dialers import Address, HttpDialer
 from tunio.dialers.http import errno_for
 from tunio.errors import DialError
+from tunio.testing.proxyfakes import Handler, read_all, run, with_server
 
 SRC = Address("198.18.255.7", 40000)
 DST = Address("192.0.2.1", 443)

@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.unit.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio import wire
 from tunio.dialers import Address, DirectDialer, PingDialer
 from tunio.dialers import ping as ping_mod
 from tunio.dialers.ping import PingSession, checksum
 from tunio.errors import DialError
+from tunio.testing.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio.wire import AddressBlock, Cmd
 from tunio.worker import Worker
 

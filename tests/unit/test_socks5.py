@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from tests.unit.proxyfakes import Handler, read_all, run, with_server
 from tunio.dialers import Address, HttpDialer, Socks5Dialer, load_dialer
 from tunio.dialers.socks5 import REPLIES, Socks5Session, decode_address, encode_address
 from tunio.errors import ConfigError, DialError
+from tunio.testing.proxyfakes import Handler, read_all, run, with_server
 
 SRC = Address("198.18.255.7", 40000)
 DST = Address("192.0.2.1", 80)

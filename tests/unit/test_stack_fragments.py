@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.stackrig import APP, APP6, DST, DST6, Rig, stack_rig
 from tunio import wire
 from tunio.testing import packets
+from tunio.testing.stackrig import APP, APP6, DST, DST6, Rig, stack_rig
 
 MF = 0x2000  # IPv4: more fragments
 

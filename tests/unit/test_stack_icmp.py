@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.stackrig import APP, APP6, DST, DST6, stack_rig
 from tunio import wire
 from tunio.testing import packets
+from tunio.testing.stackrig import APP, APP6, DST, DST6, stack_rig
 
 
 @pytest.mark.parametrize(("app", "dst", "proto", "echo_type", "reply"),

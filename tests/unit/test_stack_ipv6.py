@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.stackrig import APP6, DST6, WINDOW, pool_of, stack_rig
 from tunio import wire
 from tunio.testing import packets
+from tunio.testing.stackrig import APP6, DST6, WINDOW, pool_of, stack_rig
 
 in_pool = pool_of(f"{APP6}/64")
 

@@ -9,8 +9,8 @@ import threading
 import time
 from pathlib import Path
 
-from tests.unit.stackrig import DEADLINE, stack_rig
 from tunio.stack import Stack, StackConfig
+from tunio.testing.stackrig import DEADLINE, stack_rig
 
 
 def thread_names() -> dict[int, str]:

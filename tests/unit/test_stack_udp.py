@@ -7,9 +7,9 @@ import errno
 import ipaddress
 from pathlib import Path
 
-from tests.unit.stackrig import APP, DST, stack_rig
 from tunio import wire
 from tunio.testing import packets
+from tunio.testing.stackrig import APP, DST, stack_rig
 
 
 def _reply_block(sport: int, dport: int) -> bytes:

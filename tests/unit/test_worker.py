@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from tests.unit.fakestack import DEADLINE, SKIP, WINDOW, FakeStack, RunningWorker
 from tunio import wire
 from tunio.dialers import Address, Dialer, DirectDialer
+from tunio.testing.fakestack import DEADLINE, SKIP, WINDOW, FakeStack, RunningWorker
 from tunio.wire import Cmd, Message
 from tunio.worker import Timing, Worker, run_worker
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.unit.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio import wire
 from tunio.dialers import Address, DirectDialer
 from tunio.dialers.base import DatagramDialer
 from tunio.dialers.udp import SocketSession
+from tunio.testing.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio.wire import AddressBlock, Cmd, Message
 from tunio.worker import UDP_WINDOW, UdpSession, Worker
 

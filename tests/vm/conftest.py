@@ -15,8 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
-
-from tunio.testing.netlab import (
+from lab.netlab import (
     BLACKHOLE_ADDRESS,
     BLACKHOLE_ADDRESS6,
     FLOOD_PORTS,
@@ -31,7 +30,7 @@ from tunio.testing.netlab import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-PEERS = Path(__file__).resolve().with_name("peers.py")
+PEERS = REPO / "tools" / "lab" / "peers.py"
 FLOOD = REPO / "tools" / "flood.py"
 
 TEST_TIME_LIMIT = 240  # seconds: no single test may take longer, whatever hangs

@@ -7,15 +7,15 @@ import errno
 import time
 
 import pytest
-
-from tests.vm.conftest import Family
-from tunio.testing.netlab import (
+from lab.netlab import (
     PEER_PORTS,
     Lab,
     TunioProcess,
     pattern,
     recv_exact,
 )
+
+from tests.vm.conftest import Family
 
 CLOSED_PORT = 1  # nothing listens there in the srv namespace
 APP_CONNECT_TIMEOUT = 6.0  # longer than tunio's --connect-timeout (2 s in the shared lab)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
+from lab.netlab import SERVER_ADDRESS, Lab, TunioProcess
 
 from tunio import wire
-from tunio.testing.netlab import SERVER_ADDRESS, Lab, TunioProcess
 from tunio.wire import Cmd, Message
 
 PORT = 4242  # nothing listens there: the test is the worker, it never dials

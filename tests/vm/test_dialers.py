@@ -22,21 +22,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
-from tests.vm.conftest import REPO, start_servers
-from tests.vm.proxies import (
-    PROXY_ADDRESS,
-    UDP_ECHO_PORT,
-    USER,
-    Proxy,
-    add_proxy_address,
-    start_dante,
-    start_tinyproxy,
-)
-from tunio.testing.netlab import (
+from lab.netlab import (
     PEER_PORTS,
     SERVER_ADDRESS,
     UNREACHABLE_ADDRESS,
@@ -47,13 +35,24 @@ from tunio.testing.netlab import (
     recv_all,
     recv_exact,
 )
+from lab.proxies import (
+    PROXY_ADDRESS,
+    UDP_ECHO_PORT,
+    USER,
+    Proxy,
+    add_proxy_address,
+    start_dante,
+    start_tinyproxy,
+)
 
-pytestmark = pytest.mark.vm
+from tests.vm.conftest import REPO, start_servers
+
+pytestmark = [pytest.mark.vm, pytest.mark.needs("danted", "tinyproxy", "openssl", "unshare")]
 
 CLOSED_PORT = 1
 UDP_MTU_PAYLOAD = 1500 - 20 - 8
 BIG = 4 << 20  # bytes each way in the byte-exact transfers
-PROXIES_PY = Path(__file__).resolve().with_name("proxies.py")
+PROXIES_PY = REPO / "tools" / "lab" / "proxies.py"
 EXAMPLES = REPO / "examples"
 
 

@@ -12,8 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from tests.vm.conftest import Family
-from tunio.testing.netlab import (
+from lab.netlab import (
     FLOOD_PORTS,
     PEER_PORTS,
     Lab,
@@ -23,6 +22,8 @@ from tunio.testing.netlab import (
     pattern_sha256,
     recv_all,
 )
+
+from tests.vm.conftest import Family
 
 FLOOD = Path(__file__).resolve().parents[2] / "tools" / "flood.py"
 BULK = 64 << 20  # bytes each way

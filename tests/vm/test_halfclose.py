@@ -9,9 +9,7 @@ import socket
 import struct
 
 import pytest
-
-from tests.vm.conftest import Family
-from tunio.testing.netlab import (
+from lab.netlab import (
     PEER_PORTS,
     Lab,
     LineReader,
@@ -21,6 +19,8 @@ from tunio.testing.netlab import (
     recv_all,
     recv_exact,
 )
+
+from tests.vm.conftest import Family
 
 HALFCLOSE_BYTES = 1 << 20  # what peers.py halfclose sends first (its default --bytes)
 

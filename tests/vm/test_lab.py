@@ -12,8 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from tunio.testing.netlab import (
+from lab.netlab import (
     APP_ADDRESS,
     APP_ADDRESS6,
     BLACKHOLE_ADDRESS,
@@ -36,7 +35,7 @@ from tunio.testing.netlab import (
     pattern_sha256,
     recv_all,
 )
-from tunio.testing.netns import netns_path, netns_socket, run_in_netns
+from lab.netns import netns_path, netns_socket, run_in_netns
 
 SIOCGSKNS = 0x894C  # ioctl: a new fd for the network namespace a socket belongs to
 

@@ -9,8 +9,7 @@ import socket
 import time
 
 import pytest
-
-from tunio.testing.netlab import (
+from lab.netlab import (
     PEER_PORTS,
     SERVER_ADDRESS,
     SERVER_ADDRESS6,

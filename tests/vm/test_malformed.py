@@ -14,10 +14,7 @@ import struct
 import sys
 
 import pytest
-
-from tests.vm.conftest import FLOOD
-from tunio.testing import packets
-from tunio.testing.netlab import (
+from lab.netlab import (
     PEER_PORTS,
     SERVER_ADDRESS,
     SERVER_ADDRESS6,
@@ -33,7 +30,10 @@ from tunio.testing.netlab import (
     recv_all,
     recv_exact,
 )
-from tunio.testing.netns import netns_socket
+from lab.netns import netns_socket
+
+from tests.vm.conftest import FLOOD
+from tunio.testing import packets
 from tunio.testing.packets import TCP, UDP
 
 ETH_P_IP = 0x0800

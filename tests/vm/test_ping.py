@@ -11,16 +11,15 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import socket
 import struct
 import subprocess
 import time
 
 import pytest
+from lab.netlab import Lab, TunioProcess
 
 from tests.vm.conftest import Family
-from tunio.testing.netlab import Lab, TunioProcess
 
 PING_TIMEOUT = 30.0  # for a whole ping run (each reply waits at most -W 2 s)
 REPLY_TIMEOUT = 5.0
@@ -28,9 +27,7 @@ ICMP_ECHO_REPLY = {socket.AF_INET: 0, socket.AF_INET6: 129}
 ICMP_ECHO_REQUEST = {socket.AF_INET: 8, socket.AF_INET6: 128}
 ICMP_PROTO = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: socket.IPPROTO_ICMPV6}
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("ping") is None, reason="needs ping (iputils-ping): make setup"
-)
+pytestmark = pytest.mark.needs("ping")
 
 
 def ping(lab: Lab, host: str, *options: str) -> tuple[int, str]:

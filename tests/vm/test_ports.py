@@ -7,7 +7,7 @@ import contextlib
 import errno
 import socket
 
-from tunio.testing.netlab import PEER_PORTS, SERVER_ADDRESS, Lab, LineReader
+from lab.netlab import PEER_PORTS, SERVER_ADDRESS, Lab, LineReader
 
 # Four ports for the workers' connections: connect() may use all or only the even ones
 # (kernels keep odd ones for bind()), so at most four flows get one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from tunio.testing.netlab import (
+from lab.netlab import (
     APP_ADDRESS,
     PEER_PORTS,
     SERVER_ADDRESS,

@@ -20,7 +20,6 @@ import errno
 import ipaddress
 import json
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -30,9 +29,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from tests.vm.conftest import CONNECT_TIMEOUT, FLOOD, Family
-from tunio.testing.netlab import (
+from lab.netlab import (
     APP_ADDRESS,
     DNS_PORT,
     PEER_PORTS,
@@ -48,7 +45,9 @@ from tunio.testing.netlab import (
     pattern,
     recv_exact,
 )
-from tunio.testing.netns import netns_socket
+from lab.netns import netns_socket
+
+from tests.vm.conftest import CONNECT_TIMEOUT, FLOOD, Family
 from tunio.testing.packets import UDP, ipv4, udp
 
 APP_IP = str(ipaddress.IPv4Interface(TUN_ADDRESS).ip)
@@ -68,10 +67,7 @@ RECORDS = {
     ("_sip._udp.tunio.test", "SRV"): ["1 2 5060 sip.tunio.test."],
 }
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("dnsmasq") is None or shutil.which("dig") is None,
-    reason="needs dnsmasq (dnsmasq-base) and dig (bind9-dnsutils): make setup",
-)
+pytestmark = pytest.mark.needs("dnsmasq", "dig", "ss")
 
 
 # ---- fixtures ----------------------------------------------------------------------------

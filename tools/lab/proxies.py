@@ -11,7 +11,7 @@ shadow are bind-mounted over /etc's: the host's files are never touched.
 
 Run as a script, this module is also a UDP echo server::
 
-    python tests/vm/proxies.py udp-echo --listen HOST:PORT
+    python tools/lab/proxies.py udp-echo --listen HOST:PORT
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tunio.testing.netlab import Lab, LineReader
+from lab.netlab import Lab, LineReader
 
 PROXY_ADDRESS = "198.18.0.11"  # on srv's lo, next to the servers' 198.18.0.10
 DANTE_PORT = 1080
@@ -34,7 +34,8 @@ DANTE_AUTH_PORT = 1081
 TINYPROXY_PORT = 8888
 TINYPROXY_AUTH_PORT = 8889
 USER = "tunio"
-PASSWORD = "s3cret-pw"  # tinyproxy takes only [a-z0-9._-] in BasicAuth
+# A test user's password, for the lab's own proxies; tinyproxy takes only [a-z0-9._-] in BasicAuth
+PASSWORD = "s3cret-pw"  # noqa: S105
 UDP_ECHO_PORT = 5300
 READY_TIMEOUT = 15.0
 POLL = 0.05  # seconds between connection attempts while a proxy starts

@@ -55,7 +55,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from tunio.testing.netns import netns_socket
+from lab import programs
+from lab.netns import netns_socket
 
 __all__ = [
     "APP_ADDRESS",
@@ -118,8 +119,10 @@ LAB_ENV = "TUNIO_LAB"  # inherited by every process a lab starts: how leftovers 
 # `ip netns exec NS` bind-mounts each file of /etc/netns/NS/ over its namesake in /etc, so a
 # program run that way reads e.g. the namespace's own resolv.conf.
 NETNS_ETC = Path("/etc/netns")
+TOOLS = Path(__file__).resolve().parents[1]
+REPO = TOOLS.parent
 
-# Where the test servers listen on SERVER_ADDRESS (tests/vm/peers.py and tools/flood.py).
+# Where the test servers listen on SERVER_ADDRESS (tools/lab/peers.py and tools/flood.py).
 PEER_PORTS = {"echo": 7, "sink-hash": 9, "source": 19, "rst": 5001, "halfclose": 5002}
 FLOOD_PORTS = {"echo": 7000, "sink": 7001, "source": 7002}
 UDP_ECHO_PORT = 7000  # tools/flood.py --mode udp-echo (UDP; the TCP echo shares the number)
@@ -513,8 +516,9 @@ class Lab:
         """Our environment plus the lab marker and the path of the tunio we were loaded from."""
         env = dict(os.environ)
         env[LAB_ENV] = self.id
-        pkg_root = str(Path(__file__).resolve().parents[2])
-        paths = [pkg_root, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        # the checkout's tunio, and tools/ for the lab's own modules (peers.py, proxies.py)
+        ours = [str(REPO), str(TOOLS)]
+        paths = [*ours, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env["PYTHONUNBUFFERED"] = "1"
         if extra:
@@ -535,6 +539,13 @@ class Lab:
         kw.setdefault("start_new_session", True)  # a signal to the test's group leaves it alone
         env = self.env(extra)
         if argv[0] != sys.executable:
+            if not os.path.isabs(argv[0]):
+                # Every program a lab runs is in tools/programs.txt, which `make setup`
+                # installs: a missing one names its package instead of failing to exec.
+                try:
+                    programs.require(argv[0])
+                except programs.ProgramError as exc:
+                    raise LabError(str(exc)) from None
             # A sanitizer runtime preloaded for the tests (make asan) is for our own Python,
             # which loads the instrumented stack; other programs (dnsmasq, iperf3, the
             # proxies) run as they are.

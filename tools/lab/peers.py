@@ -2,7 +2,7 @@
 
 Run one per process (in the lab's srv namespace)::
 
-    python tests/vm/peers.py MODE --listen HOST:PORT
+    python tools/lab/peers.py MODE --listen HOST:PORT
 
 HOST may be IPv6 in brackets; ``[::]`` serves IPv4 too (IPV6_V6ONLY off), which is how the
 lab's peers answer on both server addresses. It prints ``listening HOST:PORT`` on stdout once
@@ -18,8 +18,8 @@ Modes:
   EOF), then reads to EOF while the client keeps sending and prints
   ``received <byte count> <sha256 hex>`` on stdout: the test reads that line.
 
-`tunio.testing.netlab.pattern(n)` gives the deterministic bytes both sides compare against;
-the ports are `tunio.testing.netlab.PEER_PORTS`.
+`lab.netlab.pattern(n)` gives the deterministic bytes both sides compare against;
+the ports are `lab.netlab.PEER_PORTS`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from tunio.testing.netlab import PEER_PORTS, pattern
+from lab.netlab import PEER_PORTS, pattern
 
 CHUNK = 256 * 1024
 HALFCLOSE_BYTES = 1 << 20
