@@ -7,7 +7,6 @@
 #include "common.h"
 #include "stack_internal.h"
 
-#define LIVENESS 3          /* heartbeats a worker may miss before it is declared dead */
 #define DRAIN_BATCH 1024    /* messages handled per drain call before epoll is consulted again */
 #define STACK_NAME "tunio-stack"
 
@@ -306,7 +305,7 @@ void broker_reap(struct tunio_stack *s)
 
 void broker_tick(struct tunio_stack *s, uint64_t now)
 {
-    uint64_t limit = (uint64_t)s->cfg.heartbeat_ms * LIVENESS;
+    uint64_t limit = (uint64_t)s->cfg.heartbeat_ms * TUNIO_LIVENESS;
     int beat = now - s->last_heartbeat >= s->cfg.heartbeat_ms;
     if (beat)
         s->last_heartbeat = now;

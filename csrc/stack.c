@@ -18,7 +18,6 @@
 #include "stack_internal.h"
 
 #define TUNIO_VERSION "0.1.0"
-#define DEFAULT_POOL 16u
 #define LISTEN_BACKLOG 65535
 #define EVENTS_PER_WAIT 256
 #define BYE_LINGER_MS 500
@@ -158,7 +157,7 @@ static int make_pool(const struct tunio_prefix *px, unsigned want, struct tunio_
     uint32_t first = (t & mask) + 1, last = t - 1; /* all-zero and all-one hosts left alone */
     uint32_t hosts = last - first;                 /* host addresses but A */
     if (want == 0)
-        want = DEFAULT_POOL;
+        want = TUNIO_DEFAULT_POOL;
     if (want > TUNIO_NAT_POOL_MAX)
         want = TUNIO_NAT_POOL_MAX;
     if (want > hosts)
@@ -299,13 +298,13 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     s->cfg.tun_fds = NULL;
     s->cfg.endpoint = NULL;
     if (!s->cfg.pending_ms)
-        s->cfg.pending_ms = 15000;
+        s->cfg.pending_ms = TUNIO_DEFAULT_PENDING_MS;
     if (!s->cfg.reserve_ms)
-        s->cfg.reserve_ms = 60000;
+        s->cfg.reserve_ms = TUNIO_DEFAULT_RESERVE_MS;
     if (!s->cfg.heartbeat_ms)
-        s->cfg.heartbeat_ms = 1000;
+        s->cfg.heartbeat_ms = TUNIO_DEFAULT_HEARTBEAT_MS;
     if (!s->cfg.udp_timeout_ms)
-        s->cfg.udp_timeout_ms = 60000;
+        s->cfg.udp_timeout_ms = TUNIO_DEFAULT_UDP_TIMEOUT_MS;
     tunio_log_set_level(cfg->log_level ? cfg->log_level : TUNIO_LOG_INFO);
     s->n_tun = cfg->n_tun_fds;
     s->vnet_len = cfg->vnet ? TUNIO_VNET_HLEN : 0;

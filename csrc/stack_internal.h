@@ -13,14 +13,11 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "defaults.h"
 #include "nat.h"
 #include "tunio.h"
 #include "wire.h"
 
-#define TUNIO_MAX_QUEUES 64
-#define TUNIO_MAX_WORKERS 256
-/* Bytes read from an app socket per DATA: half the default window, so two are in flight. */
-#define TUNIO_READ_CHUNK (512u * 1024u)
 #define TUNIO_VNET_HLEN 10u /* struct virtio_net_hdr */
 #define TUNIO_TUN_BUF (65536u + TUNIO_VNET_HLEN)
 

@@ -11,7 +11,6 @@
 #include "common.h"
 #include "stack_internal.h"
 
-#define UDP_CREDIT 256u       /* datagrams a side may have in flight per session (protocol.md) */
 #define UDP_CREDIT_BATCH 32u  /* credit is returned in batches, and at every tick */
 #define UDP_QUEUE_MAX 8192u   /* datagrams waiting for the loop; beyond this they are dropped */
 #define UDP_BUCKETS 65536u
@@ -138,7 +137,7 @@ static struct udp_session *session_for(struct tunio_stack *s, const struct tunio
     memcpy(u->dst, p->dst, 16);
     u->sport = p->sport;
     u->dport = p->dport;
-    u->credit = UDP_CREDIT;
+    u->credit = TUNIO_UDP_CREDIT;
     u->by_tuple = s->udp_tuple[b];
     s->udp_tuple[b] = u;
     uint32_t ib = id_bucket(u->id);
@@ -277,7 +276,7 @@ int udp_on_message(struct tunio_stack *s, int worker, const struct tunio_wire_he
         break;
     }
     case TUNIO_CMD_CREDIT:
-        u->credit = u->credit + h->arg > UDP_CREDIT ? UDP_CREDIT : u->credit + (uint32_t)h->arg;
+        u->credit = u->credit + h->arg > TUNIO_UDP_CREDIT ? TUNIO_UDP_CREDIT : u->credit + (uint32_t)h->arg;
         break;
     case TUNIO_CMD_RST:
         tell_app(s, u, h->arg > 4095 ? 0 : (int)h->arg);

@@ -169,14 +169,24 @@ def _flags() -> tuple[list[str], list[str]]:
     return cflags, ldflags
 
 
+def _defaults_cdef() -> str:
+    """Every `#define NAME` of csrc/defaults.h as a cffi constant (its value from the compiler)."""
+    names = [
+        line.split()[1]
+        for line in (CSRC / "defaults.h").read_text().splitlines()
+        if line.startswith("#define ") and not line.split()[1].endswith("_H")
+    ]
+    return "".join(f"#define {name} ...\n" for name in names)
+
+
 def _make_ffi() -> FFI:
     ffi = FFI()
-    ffi.cdef(CDEF)
+    ffi.cdef(CDEF + _defaults_cdef())
     cflags, ldflags = _flags()
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.c"))
     ffi.set_source(
         "tunio._stack",
-        '#include "tunio.h"\n#include "packet.h"\n#include "wire.h"\n',
+        '#include "tunio.h"\n#include "packet.h"\n#include "wire.h"\n#include "defaults.h"\n',
         sources=sources,
         include_dirs=[str(CSRC.relative_to(ROOT))],
         extra_compile_args=cflags + _pkg_config("--cflags"),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from tunio import logs
+from tunio import defaults, logs
 
 log = logging.getLogger("tunio.cli")
 
@@ -75,17 +75,17 @@ def _add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout",
         type=float,
-        default=10.0,
+        default=defaults.CONNECT_TIMEOUT,
         metavar="SEC",
         help="give up dialing a destination after this many seconds; the app then sees a "
-        "timeout (default: 10)",
+        f"timeout (default: {defaults.CONNECT_TIMEOUT:g})",
     )
     parser.add_argument(
         "--window",
         type=int,
-        default=1024 * 1024,
+        default=defaults.WINDOW,
         metavar="BYTES",
-        help="flow-control window per flow and direction (default: 1048576)",
+        help=f"flow-control window per flow and direction (default: {defaults.WINDOW})",
     )
     parser.add_argument(
         "--log-level",
@@ -172,9 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--udp-timeout",
         type=float,
-        default=60.0,
+        default=defaults.UDP_TIMEOUT,
         metavar="SEC",
-        help="end a UDP session after this many seconds without a datagram (default: 60)",
+        help="end a UDP session after this many seconds without a datagram "
+        f"(default: {defaults.UDP_TIMEOUT:g})",
     )
     parser.add_argument(
         "--txqueuelen",

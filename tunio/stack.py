@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tunio import defaults
 from tunio.errors import StackError, TunError
 
 log = logging.getLogger("tunio.stack")
@@ -53,14 +54,14 @@ class StackConfig:
     tun_fds: tuple[int, ...]
     addresses: tuple[Interface, ...]
     endpoint: str
-    window: int = 1024 * 1024
-    pending_timeout: float = 15.0
-    log_level: str = "info"
+    window: int = defaults.WINDOW
+    pending_timeout: float = defaults.PENDING_TIMEOUT
+    log_level: str = defaults.LOG_LEVEL
     listen_port: int = 0
-    pool_size: int = 0
-    reserve_timeout: float = 60.0
-    heartbeat_interval: float = 1.0
-    udp_timeout: float = 60.0
+    pool_size: int = 0  # 0: the stack's default (TUNIO_DEFAULT_POOL)
+    reserve_timeout: float = defaults.RESERVE_TIMEOUT
+    heartbeat_interval: float = defaults.HEARTBEAT
+    udp_timeout: float = defaults.UDP_TIMEOUT
     # The TUN queues were opened with offloads (virtio-net headers): must match open_tun().
     offload: bool = False
     # CURVE on the endpoint (tcp://): the stack's Z85 secret key and the worker keys let in.

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from tunio import tundev
+from tunio import defaults, tundev
 from tunio.errors import ConfigError, TunError, TunioError
 from tunio.logs import LEVELS
 from tunio.runtime import SOCKET_NAME, RuntimeDir, default_path
@@ -37,8 +37,6 @@ STOP_DEADLINE = 5.0  # seconds for children to exit after being asked, before SI
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 5.0  # a child that lived this long is restarted at once
-MAX_QUEUES = 256  # the kernel's limit of queues per TUN device
-MAX_WORKERS = 1024
 MAX_MARK = 0xFFFFFFFF
 IFNAMSIZ = 16
 SUN_PATH_MAX = 107  # sockaddr_un path bytes, without the terminating NUL
@@ -52,10 +50,10 @@ def _cpu_count() -> int:
 class Options:
     """Every option of tunio-run; the library takes a Dialer object where the CLI takes a spec."""
 
-    tun: str = "tunio0"
+    tun: str = defaults.TUN
     # One IPv4 and/or one IPv6 address with its prefix (a string, or a tuple of them).
-    address: str | tuple[str, ...] = "198.18.0.1/24"
-    mtu: int = 1500
+    address: str | tuple[str, ...] = defaults.ADDRESS
+    mtu: int = defaults.MTU
     queues: int = field(default_factory=_cpu_count)
     workers: int = field(default_factory=_cpu_count)
     dialer: Dialer | str | tuple[str, ...] = "direct"  # a tuple is a chain, first hop first
@@ -64,14 +62,14 @@ class Options:
     endpoint: str | None = None  # None: ipc://<runtime dir>/stack.sock
     runtime_dir: str | None = None  # None: runtime.default_path(tun)
     routes: tuple[str, ...] = ()
-    connect_timeout: float = 10.0
-    udp_timeout: float = 60.0
+    connect_timeout: float = defaults.CONNECT_TIMEOUT
+    udp_timeout: float = defaults.UDP_TIMEOUT
     offload: bool = True  # TSO and checksum offload on the TUN (virtio-net headers)
     # CURVE keys for a tcp:// endpoint; None: <runtime dir>/keys, made anew for each run.
     keys: str | None = None
-    window: int = 1024 * 1024
-    txqueuelen: int = 10000
-    log_level: str = "info"
+    window: int = defaults.WINDOW
+    txqueuelen: int = defaults.TXQUEUELEN
+    log_level: str = defaults.LOG_LEVEL
 
 
 @dataclass(frozen=True)
@@ -184,11 +182,13 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     routes = expand_routes(tuple(parse_route(route) for route in options.routes), addresses)
     if not 68 <= options.mtu <= 65535:
         raise ConfigError(f"--mtu {options.mtu} is out of range: use 68..65535")
-    if not 1 <= options.queues <= MAX_QUEUES:
-        raise ConfigError(f"--queues {options.queues} is out of range: use 1..{MAX_QUEUES}")
-    if not 0 <= options.workers <= MAX_WORKERS:
+    if not 1 <= options.queues <= defaults.MAX_QUEUES:
         raise ConfigError(
-            f"--workers {options.workers} is out of range: use 0..{MAX_WORKERS} "
+            f"--queues {options.queues} is out of range: use 1..{defaults.MAX_QUEUES}"
+        )
+    if not 0 <= options.workers <= defaults.MAX_WORKERS:
+        raise ConfigError(
+            f"--workers {options.workers} is out of range: use 0..{defaults.MAX_WORKERS} "
             "(0: remote workers only)"
         )
     if options.egress_mark is not None and not 0 < options.egress_mark <= MAX_MARK:
@@ -536,7 +536,7 @@ class Supervisor:
             endpoint=self._endpoint,
             window=opts.window,
             # A held SYN must outlive the worker's own connect timeout.
-            pending_timeout=max(15.0, opts.connect_timeout + 5.0),
+            pending_timeout=max(defaults.PENDING_TIMEOUT, opts.connect_timeout + 5.0),
             log_level=opts.log_level,
             udp_timeout=opts.udp_timeout,
             offload=opts.offload,

@@ -34,7 +34,7 @@ from typing import cast
 
 import zmq
 
-from tunio import ports, wire
+from tunio import defaults, ports, wire
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
 from tunio.keys import WorkerKeys
 from tunio.wire import Cmd
@@ -42,7 +42,7 @@ from tunio.wire import Cmd
 log = logging.getLogger("tunio.worker")
 
 #: largest read from a destination in one go (one DATA message)
-CHUNK = 512 * 1024  # per read from a destination: half the default window
+CHUNK = defaults.READ_CHUNK
 #: ZeroMQ high-water marks in messages: credits bound memory, these are only a safety net
 HWM = 1_000_000
 #: messages handled per wake-up before other sockets get their turn
@@ -52,7 +52,7 @@ IOV_MAX = 64
 #: how long a final BYE may take to leave when we stop on a signal
 BYE_LINGER_MS = 1000
 #: DGRAMs a side may send on a UDP session before it gets CREDIT (docs/protocol.md)
-UDP_WINDOW = 256
+UDP_WINDOW = defaults.UDP_CREDIT
 #: datagrams read from one UDP session per wake-up before other sockets get their turn
 UDP_BUDGET = 64
 #: reads from one destination per wake-up before the other flows get their turn
@@ -78,8 +78,8 @@ _DGRAM_PROTOS = frozenset({wire.IPPROTO_UDP, 1, 58})
 
 @dataclass(frozen=True)
 class Timing:
-    heartbeat: float = 1.0  # seconds between HEARTBEATs
-    liveness: int = 3  # heartbeats of silence after which the stack counts as dead
+    heartbeat: float = defaults.HEARTBEAT  # seconds between HEARTBEATs
+    liveness: int = defaults.LIVENESS  # heartbeats of silence after which the stack is dead
 
 
 @dataclass
@@ -211,8 +211,8 @@ class Worker:
         *,
         name: str,
         capacity: int = 0,
-        window: int = 1024 * 1024,
-        connect_timeout: float = 10.0,
+        window: int = defaults.WINDOW,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
         ready: Callable[[], None] | None = None,
         timing: Timing | None = None,
     ) -> None:
@@ -1133,8 +1133,8 @@ def run_worker(
     *,
     name: str,
     capacity: int = 0,
-    window: int = 1024 * 1024,
-    connect_timeout: float = 10.0,
+    window: int = defaults.WINDOW,
+    connect_timeout: float = defaults.CONNECT_TIMEOUT,
     ready: Callable[[], None] | None = None,
     keys: WorkerKeys | None = None,
 ) -> int:

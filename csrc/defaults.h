@@ -1,0 +1,29 @@
+/* Defaults and limits that the C stack and the Python side share: the one place they are written.
+ * tunio/_build.py hands every #define here to cffi, and tunio/defaults.py reads them from the
+ * built module, so Python's option defaults and checks can never drift from what the stack does.
+ * Plain integer literals only: cffi takes each value from the compiler. */
+#ifndef TUNIO_DEFAULTS_H
+#define TUNIO_DEFAULTS_H
+
+/* Credit window per flow and direction, bytes (protocol.md: OPEN's and OPEN_OK's arg). */
+#define TUNIO_DEFAULT_WINDOW 1048576
+/* Bytes read from a socket per DATA, on both sides: half the default window, two in flight. */
+#define TUNIO_READ_CHUNK 524288
+/* A held SYN waits this long for its dial's outcome, ms (more than the default dial timeout). */
+#define TUNIO_DEFAULT_PENDING_MS 15000
+/* A NAT slot stays reserved this long after its flow ends, ms (the listener's TIME_WAIT). */
+#define TUNIO_DEFAULT_RESERVE_MS 60000
+/* Heartbeat interval, ms; a peer silent for TUNIO_LIVENESS intervals is dead. */
+#define TUNIO_DEFAULT_HEARTBEAT_MS 1000
+#define TUNIO_LIVENESS 3
+/* A UDP session idle this long is ended, ms. */
+#define TUNIO_DEFAULT_UDP_TIMEOUT_MS 60000
+/* DGRAMs a side may have in flight per datagram session (protocol.md). */
+#define TUNIO_UDP_CREDIT 256
+/* NAT pool addresses taken from the top of each TUN prefix. */
+#define TUNIO_DEFAULT_POOL 16
+/* TUN queues (one reader thread each) and workers the stack can hold. */
+#define TUNIO_MAX_QUEUES 64
+#define TUNIO_MAX_WORKERS 256
+
+#endif

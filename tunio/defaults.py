@@ -1,0 +1,30 @@
+"""Every default and limit of tunio's options, in one place.
+
+What the C stack also knows (the window, timeouts, protocol limits, how many queues and workers
+it holds) is read from the stack's own header, csrc/defaults.h, through the built extension: the
+two sides cannot disagree. The rest are the Python side's own.
+"""
+
+from __future__ import annotations
+
+from tunio._stack import lib
+
+# ---- shared with the C stack (csrc/defaults.h)
+WINDOW: int = lib.TUNIO_DEFAULT_WINDOW  # credit window per flow and direction, bytes
+READ_CHUNK: int = lib.TUNIO_READ_CHUNK  # bytes read from a socket per DATA
+PENDING_TIMEOUT: float = lib.TUNIO_DEFAULT_PENDING_MS / 1000  # a held SYN's wait for its dial, s
+RESERVE_TIMEOUT: float = lib.TUNIO_DEFAULT_RESERVE_MS / 1000  # a NAT slot's rest after its flow, s
+HEARTBEAT: float = lib.TUNIO_DEFAULT_HEARTBEAT_MS / 1000  # seconds between heartbeats
+LIVENESS: int = lib.TUNIO_LIVENESS  # heartbeats of silence after which a peer is dead
+UDP_TIMEOUT: float = lib.TUNIO_DEFAULT_UDP_TIMEOUT_MS / 1000  # an idle UDP session's end, s
+UDP_CREDIT: int = lib.TUNIO_UDP_CREDIT  # DGRAMs in flight per session and direction
+MAX_QUEUES: int = lib.TUNIO_MAX_QUEUES  # TUN queues the stack reads
+MAX_WORKERS: int = lib.TUNIO_MAX_WORKERS  # workers the stack holds at once
+
+# ---- the Python side's own
+TUN = "tunio0"
+ADDRESS = "198.18.0.1/24"
+MTU = 1500
+TXQUEUELEN = 10000  # short transmit queues drop packets under load
+CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
+LOG_LEVEL = "info"
