@@ -14,9 +14,10 @@ ships them over ZeroMQ to worker processes that run the dialer. As a library::
 
 from __future__ import annotations
 
+from tunio.config import Options
 from tunio.dialers import Address, Dialer, load_dialer
 from tunio.errors import ConfigError, DialError, StackError, TunError, TunioError
-from tunio.supervisor import Options, Supervisor
+from tunio.supervisor import Supervisor
 
 __version__ = "0.1.0"
 

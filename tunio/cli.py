@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     import multiprocess  # noqa: PLC0415
 
     multiprocess.current_process().name = "tunio-run"
-    from tunio.supervisor import Options, Supervisor  # noqa: PLC0415
+    from tunio.config import Options  # noqa: PLC0415
+    from tunio.supervisor import Supervisor  # noqa: PLC0415
 
     options = Options(
         tun=args.tun,
@@ -261,8 +262,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     import multiprocess  # noqa: PLC0415
 
     multiprocess.current_process().name = f"tunio-worker {args.name}"
-    from tunio.errors import ConfigError  # noqa: PLC0415
-    from tunio.supervisor import describe, keep_freed_memory  # noqa: PLC0415
+    from tunio.errors import ConfigError, describe  # noqa: PLC0415
+    from tunio.process import keep_freed_memory  # noqa: PLC0415
 
     if not args.endpoint.startswith(("ipc://", "tcp://")):
         log.error("--endpoint %r: use ipc://PATH or tcp://HOST:PORT", args.endpoint)

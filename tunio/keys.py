@@ -71,6 +71,11 @@ def _read(path: Path) -> dict[str, str]:
     return fields
 
 
+def key_files(path: Path) -> tuple[Path, Path]:
+    """The stack's key file and the worker hosts' file beside it."""
+    return path, path.with_name(path.name + ".worker")
+
+
 def load_or_create(path: Path) -> StackKeys:
     """The stack's keys from `path`, made (with `<path>.worker`) if the file does not exist."""
     if not path.exists():
@@ -79,7 +84,7 @@ def load_or_create(path: Path) -> StackKeys:
         _write_private(path, "# tunio stack keys: keep on the stack's host\n"
                        f"stack-public = {keys.public}\nstack-secret = {keys.secret}\n"
                        f"worker-public = {w.public}\nworker-secret = {w.secret}\n")
-        worker_file = path.with_name(path.name + ".worker")
+        worker_file = key_files(path)[1]
         worker_file.unlink(missing_ok=True)
         _write_private(worker_file, "# tunio worker keys: copy to the worker hosts "
                        "(tunio-worker --keys FILE)\n"

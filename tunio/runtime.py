@@ -48,6 +48,10 @@ class RuntimeDir:
     def socket_path(self) -> Path:
         return self.path / SOCKET_NAME
 
+    def fileno(self) -> int | None:
+        """The lock's descriptor while held: forked children must close it."""
+        return self._lock_fd
+
     @property
     def endpoint(self) -> str:
         return f"ipc://{self.socket_path}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from tunio import defaults
-from tunio.errors import StackError, TunError
+from tunio.errors import StackError, TunError, check
 
 log = logging.getLogger("tunio.stack")
 
@@ -34,13 +34,6 @@ def _lib() -> tuple[Any, Any]:
             f"(needs libzmq3-dev and pkg-config) ({exc})",
         ) from exc
     return ffi, lib
-
-
-def _check(rc: int, what: str, cls: type[OSError] = StackError) -> int:
-    """The one place where C's -errno becomes an exception."""
-    if rc < 0:
-        raise cls(-rc, f"{what}: {os.strerror(-rc)}")
-    return rc
 
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -77,17 +70,7 @@ def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
     ffi, lib = _lib()
     fds = ffi.new("int[]", queues)
     rc = lib.tunio_tun_open(name.encode(), queues, int(offload), fds)
-    if rc < 0:
-        err = -rc
-        hint = {
-            errno.EPERM: "needs CAP_NET_ADMIN: run as root or grant the capability",
-            errno.EACCES: "needs CAP_NET_ADMIN: run as root or grant the capability",
-            errno.ENOENT: "no /dev/net/tun: load the tun module (modprobe tun)",
-            errno.EINVAL: f"{name} exists but is not a multi-queue TUN device "
-            "(delete it, or create it with `ip tuntap add NAME mode tun multi_queue`)",
-            errno.EBUSY: f"{name} is busy: another program holds its queues",
-        }.get(err, os.strerror(err))
-        raise TunError(err, f"cannot open TUN device {name}: {hint}")
+    check(rc, TunError, f"cannot open TUN device {name}", "tun", name=name, queues=queues)
     return [int(fds[i]) for i in range(queues)]
 
 
@@ -128,14 +111,8 @@ class Stack:
         cfg.curve_clients = curve_clients
         out = ffi.new("struct tunio_stack **")
         rc = lib.tunio_stack_new(cfg, out)
-        if rc < 0:
-            hint = ""
-            if -rc == errno.EADDRINUSE:
-                hint = " (is another tunio-run using this endpoint or address?)"
-            elif -rc == errno.EADDRNOTAVAIL:
-                shown = ", ".join(str(a.ip) for a in config.addresses)
-                hint = f" ({shown}: not an address of this host yet: is the TUN up?)"
-            raise StackError(-rc, f"cannot start the stack: {os.strerror(-rc)}{hint}")
+        shown = ", ".join(str(a.ip) for a in config.addresses)
+        check(rc, StackError, "cannot start the stack", "stack", addresses=shown)
         self._s: Any = out[0]
         self._lock = threading.Lock()
 
@@ -145,10 +122,11 @@ class Stack:
         return self.listen_port_of(self.config.addresses[0].version)
 
     def listen_port_of(self, version: int) -> int:
-        return _check(int(self._lib.tunio_stack_listen_port(self._s, version)), "listen port")
+        port = int(self._lib.tunio_stack_listen_port(self._s, version))
+        return check(port, StackError, "listen port")
 
     def run(self) -> None:
-        _check(self._lib.tunio_stack_run(self._s), "stack loop")
+        check(self._lib.tunio_stack_run(self._s), StackError, "stack loop")
 
     def stop(self) -> None:
         with self._lock:

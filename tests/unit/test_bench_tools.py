@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from bench_cost import CpuMeter, machine_busy_s, per_unit, process_cpu_s, thread_cpu_s
 from bench_floor import unix_rtt, zmq_rtt
 
-from tunio.supervisor import keep_freed_memory, set_process_name
+from tunio.process import keep_freed_memory, set_process_name
 
 BURN_S = 0.2  # CPU-seconds to burn for a measurable difference (ticks are 10 ms)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tunio import cli, supervisor
+from tunio import cli, config, supervisor
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -68,10 +68,10 @@ def test_config_errors_are_logged_as_error(
 
 
 def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[supervisor.Options] = []
+    seen: list[config.Options] = []
 
     class FakeSupervisor:
-        def __init__(self, options: supervisor.Options) -> None:
+        def __init__(self, options: config.Options) -> None:
             seen.append(options)
 
         def run(self) -> int:
@@ -88,7 +88,7 @@ def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert seen == [
-        supervisor.Options(
+        config.Options(
             tun="tun7",
             address="198.18.255.1/24",
             mtu=9000,
@@ -109,16 +109,16 @@ def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[supervisor.Options] = []
+    seen: list[config.Options] = []
 
-    def fake(options: supervisor.Options) -> _Zero:
+    def fake(options: config.Options) -> _Zero:
         seen.append(options)
         return _Zero()
 
     monkeypatch.setattr(supervisor, "Supervisor", fake)
     assert cli.main([]) == 0
     [options] = seen
-    assert options == supervisor.Options(queues=options.queues, workers=options.workers)
+    assert options == config.Options(queues=options.queues, workers=options.workers)
     assert options.queues == options.workers >= 1
     assert (options.tun, options.address, options.mtu, options.window) == (
         "tunio0",

@@ -8,6 +8,7 @@ import importlib.util
 import ipaddress
 import logging
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -23,19 +24,17 @@ from typing import Any
 import pytest
 
 from tunio import runtime, tundev
-from tunio.errors import ConfigError, TunError, TunioError
-from tunio.runtime import RuntimeDir
-from tunio.supervisor import (
-    BACKOFF_MAX,
+from tunio.config import (
     Options,
-    Supervisor,
     expand_routes,
-    next_backoff,
     parse_address,
     parse_addresses,
     parse_route,
     validate,
 )
+from tunio.errors import ConfigError, TunError, TunioError
+from tunio.runtime import RuntimeDir
+from tunio.supervisor import BACKOFF_MAX, Supervisor, next_backoff
 
 REPO = Path(__file__).resolve().parents[2]
 TUN = "tunit0"
@@ -63,9 +62,9 @@ class StackConfig:
     curve_clients: tuple = ()
 
 def open_tun(name, queues, offload=False):
+    from tunio.errors import TunError, check
     code = int(os.environ.get("FAKE_TUN_ERRNO", "0"))
-    if code:
-        raise OSError(code, os.strerror(code))
+    check(-code, TunError, f"cannot open TUN device {name}", "tun", name=name, queues=queues)
     return [os.open(STATE / f"queue{i}", os.O_RDWR | os.O_CREAT, 0o600) for i in range(queues)]
 
 def stack_main(config, status):
@@ -143,6 +142,7 @@ class World:
         self.sys_net = root / "sys-net"
         self.proc = root / "proc"
         self.runtime = root / "run" / TUN
+        self.locks = root / "locks"
         for d in (self.state, self.bin, self.sys_net, self.proc):
             d.mkdir()
         (root / "fakes").mkdir()
@@ -221,6 +221,7 @@ def _supervisor(world: World, options: Options) -> Supervisor:
         proc=str(world.proc),
         sys_net=str(world.sys_net),
         tun_path=str(world.tun_path),
+        lock_dir=world.locks,
     )
 
 
@@ -670,8 +671,11 @@ def load(name, path):
 
 sys.modules["tunio.stack"] = load("fake_stack", sys.argv[1])
 sys.modules["tunio.worker"] = load("fake_worker", sys.argv[2])
+import pathlib
+import tunio.devicelock
 import tunio.tundev
 tunio.tundev.check_tun_device = lambda path=None: None
+tunio.devicelock.default_directory = lambda: pathlib.Path(sys.argv[1]).parent / "locks"
 from tunio.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -723,3 +727,35 @@ def test_tunio_run_process_stops_cleanly_on_sigterm(world: World) -> None:
     assert world.ip_calls()[-1] == f"-4 route del default dev {TUN}"
     assert not world.runtime.exists()
     _assert_dead(world.pids("stack") + world.pids("worker-0") + world.pids("worker-1"))
+
+
+def test_children_go_with_a_killed_tunio_run(world: World) -> None:
+    """kill -9 of tunio-run: the stack and the workers get SIGTERM from the kernel (their parent
+    died) and exit; none runs on under init, holding the device and its lock."""
+    script = world.root / "bootstrap.py"
+    script.write_text(textwrap.dedent(BOOTSTRAP))
+    env = {**os.environ, **world.env(), "PYTHONPATH": str(REPO)}
+    argv = [
+        sys.executable, str(script),
+        str(world.root / "fakes/fake_stack.py"), str(world.root / "fakes/fake_worker.py"),
+        "--tun", TUN, "--address", "198.18.255.1/24", "--queues", "2", "--workers", "2",
+        "--route", "default", "--egress-mark", "0x1", "--runtime-dir", str(world.runtime),
+    ]  # fmt: skip
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    pidfds: list[int] = []
+    try:
+        _read_until(proc, b"tunio ready:", timeout=20)
+        children = world.pids("stack") + world.pids("worker-0") + world.pids("worker-1")
+        assert len(children) == 3
+        pidfds = [os.pidfd_open(pid) for pid in children]
+        proc.kill()
+        proc.wait(10)
+        for pid, fd in zip(children, pidfds, strict=True):
+            ended, _, _ = select.select([fd], [], [], 10.0)  # a pidfd reads when its process ends
+            assert ended, f"child {pid} outlived the killed tunio-run"
+    finally:
+        for fd in pidfds:
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

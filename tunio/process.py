@@ -1,0 +1,82 @@
+"""Housekeeping of tunio's processes: descriptor limit, heap, name, and a forked child's clean
+start. Used by the supervisor, by its children, and by tunio-worker on its own."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import resource
+import signal
+from collections.abc import Iterable
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+PR_SET_NAME = 15
+
+
+def raise_fd_limit() -> None:
+    """Each flow holds a descriptor in the stack and one in a worker: take the hard limit, so a
+    default soft limit of 1,024 does not cap the flows far below what the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# mallopt(3) parameters (glibc)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_FREED = 32 * 1024 * 1024  # freed heap kept for reuse, per process
+LARGE_BLOCK = 4 * 1024 * 1024  # below this, blocks come from the heap, not from mmap
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed heap for reuse instead of giving it back to the kernel at once.
+
+    The data path allocates a block per message of up to half a window (the stack's reads of
+    the app, the workers' ZeroMQ receives). With glibc's defaults such blocks are mapped fresh
+    and unmapped again, and every 4 KiB page of them costs a page fault and a clearing: about a
+    sixth of a page per byte forwarded. Returns False where mallopt is missing (not glibc)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)) and bool(
+        mallopt(M_TRIM_THRESHOLD, KEEP_FREED)
+    )
+
+
+def set_process_name(name: str) -> None:
+    """Names the process in `ps`, `top` and /proc/PID/comm, so operators (and tests) can tell the
+    stack from the workers: forked children otherwise all show tunio-run's command line."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def die_with_parent(parent: int) -> None:
+    """In a forked child: get SIGTERM when the parent dies, so nothing outlives tunio-run (the
+    stack then resets its flows, a worker says BYE). A parent that died before the request was
+    made cannot signal any more: exit at once if it is already gone."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not Linux: nothing more to do
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def reset_child(close_fds: Iterable[int], name: str, parent: int | None = None) -> None:
+    """In a forked child: die with `parent`, drop the supervisor's signal handlers and the fds it
+    has no use for (its locks among them: they must go when tunio-run goes)."""
+    if parent is not None:
+        die_with_parent(parent)
+    set_process_name(name)
+    keep_freed_memory()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
