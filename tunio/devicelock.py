@@ -55,11 +55,6 @@ class DeviceLock:
         return self._fd
 
     def acquire(self) -> None:
-        try:
-            self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-        except OSError as exc:
-            msg = f"cannot make the lock directory {self.directory}: {exc.strerror}"
-            raise TunioError(msg) from exc
         while True:
             fd = self._lock_file()
             # The holder unlinks the file before it lets go: a lock taken on a file that is no
@@ -83,10 +78,18 @@ class DeviceLock:
 
     def _lock_file(self) -> int:
         """The lock file, open and flocked; TunioError naming the holder if it is taken."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise TunioError(f"cannot open the device lock {self.path}: {exc.strerror}") from exc
+        for _ in range(3):  # the directory may be removed under us by a cleanup once it is empty
+            try:
+                self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                break
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                msg = f"cannot open the device lock {self.path}: {exc.strerror}"
+                raise TunioError(msg) from exc
+        else:
+            raise TunioError(f"cannot open the device lock {self.path}: its directory vanished")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

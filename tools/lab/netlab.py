@@ -119,6 +119,7 @@ LAB_ENV = "TUNIO_LAB"  # inherited by every process a lab starts: how leftovers 
 # `ip netns exec NS` bind-mounts each file of /etc/netns/NS/ over its namesake in /etc, so a
 # program run that way reads e.g. the namespace's own resolv.conf.
 NETNS_ETC = Path("/etc/netns")
+NETNS_RUN = Path("/run/netns")  # where `ip netns add` keeps the namespaces' bind mounts
 TOOLS = Path(__file__).resolve().parents[1]
 REPO = TOOLS.parent
 
@@ -714,6 +715,7 @@ class Lab:
         # Teardown must finish even if Ctrl-C arrives again while it runs.
         with _sigint_deferred():
             self._stop_processes()
+            self._remove_device_locks()
             for ns in (self.app, self.srv):
                 if ns in lab_namespaces():
                     proc = _ip("netns", "delete", ns, check=False)
@@ -728,6 +730,23 @@ class Lab:
                 errors.append(f"namespaces left behind: {left}")
         if errors:
             raise LabError("; ".join(errors))
+
+    def _remove_device_locks(self) -> None:
+        """Lock files a tunio-run of ours left in the host's lock directory (one that was
+        killed leaves its file; its lock went with it), and the directories if they are empty."""
+        from tunio import devicelock  # noqa: PLC0415 - the lab needs tunio only here
+
+        directory = devicelock.default_directory()
+        for ns in (self.app, self.srv):
+            try:
+                inode = os.stat(NETNS_RUN / ns).st_ino
+            except OSError:
+                continue
+            for path in directory.glob(f"net{inode}-*.lock"):
+                path.unlink(missing_ok=True)
+        for empty in (directory, directory.parent):
+            with contextlib.suppress(OSError):
+                empty.rmdir()
 
     def _stop_processes(self) -> None:
         running = [p for p in self.processes if p.poll() is None]
