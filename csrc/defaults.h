@@ -22,6 +22,10 @@
 #define TUNIO_UDP_CREDIT 256
 /* NAT pool addresses taken from the top of each TUN prefix. */
 #define TUNIO_DEFAULT_POOL 16
+/* Flows (TCP and UDP) at once, and new TCP flows whose dial runs (their SYN held): past these
+ * a new flow is refused. Enough for a busy gateway, bounded for a small machine. */
+#define TUNIO_DEFAULT_MAX_FLOWS 65536
+#define TUNIO_DEFAULT_MAX_PENDING 8192
 /* TUN queues (one reader thread each) and workers the stack can hold. */
 #define TUNIO_MAX_QUEUES 64
 #define TUNIO_MAX_WORKERS 256

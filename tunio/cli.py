@@ -7,10 +7,14 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tunio import defaults, logs
+from tunio.config import Options
+from tunio.errors import ConfigError, describe
+from tunio.settings import BY_FLAG, SETTINGS, Setting, parse_mark
 
 log = logging.getLogger("tunio.cli")
 
@@ -24,17 +28,22 @@ class _Parser(argparse.ArgumentParser):
 
 def _mark(text: str) -> int:
     try:
-        return int(text, 0)
+        return parse_mark(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a number (decimal, or hex with 0x)"
         ) from None
 
 
-def _dialer_spec(specs: list[str] | None) -> str | tuple[str, ...]:
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "mark": _mark}
+
+
+def _dialer_spec(specs: str | tuple[str, ...] | list[str] | None) -> str | tuple[str, ...]:
     """One --dialer as itself, several as a chain (first hop first)."""
     if not specs:
         return "direct"
+    if isinstance(specs, str):
+        return specs
     return specs[0] if len(specs) == 1 else tuple(specs)
 
 
@@ -49,142 +58,60 @@ def _version() -> str:
         return str(getattr(tunio, "__version__", "unknown"))
 
 
-def _add_worker_options(parser: argparse.ArgumentParser) -> None:
-    """Options that tunio-run and tunio-worker share."""
-    parser.add_argument(
-        "--dialer",
-        action="append",
-        metavar="SPEC",
-        help="how workers reach destinations: 'direct', 'socks5://[user:pass@]host:port', "
-        "'http://[user:pass@]host:port' (HTTP CONNECT), or 'module:attr' naming a dialer, a "
-        "factory or an async dial function; repeat it for a chain of proxies, first hop first "
-        "(default: direct)",
-    )
-    parser.add_argument(
-        "--egress-mark",
-        type=_mark,
-        metavar="MARK",
-        help="firewall mark (SO_MARK) on the workers' outbound sockets, so a policy rule can "
-        "keep them out of the TUN (decimal or 0x hex)",
-    )
-    parser.add_argument(
-        "--egress-interface",
-        metavar="IFNAME",
-        help="bind the workers' outbound sockets to this interface (SO_BINDTODEVICE)",
-    )
-    parser.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=defaults.CONNECT_TIMEOUT,
-        metavar="SEC",
-        help="give up dialing a destination after this many seconds; the app then sees a "
-        f"timeout (default: {defaults.CONNECT_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--window",
-        type=int,
-        default=defaults.WINDOW,
-        metavar="BYTES",
-        help=f"flow-control window per flow and direction (default: {defaults.WINDOW})",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=logs.LEVELS,
-        default="info",
-        help="least severe messages to print on stderr (default: info)",
-    )
+def _add_setting(parser: argparse.ArgumentParser, setting: Setting) -> None:
+    """One flag of the settings table. Left out, it leaves no attribute (SUPPRESS), so that a
+    configuration file's value (or the default) stands where the command line says nothing."""
+    kw: dict[str, Any] = {"dest": setting.field, "default": argparse.SUPPRESS, "help": setting.help}
+    if setting.kind == "bool":
+        kw["action"] = "store_false" if setting.invert else "store_true"
+    else:
+        kw["action"] = "append" if setting.repeat else "store"
+        kw["metavar"] = setting.metavar
+        if setting.kind == "choice":
+            kw["choices"] = setting.choices
+        elif setting.kind in _TYPES:
+            kw["type"] = _TYPES[setting.kind]
+    parser.add_argument(f"--{setting.flag}", **kw)
+
+
+WORKER_SETTINGS = (
+    "dialer", "egress-mark", "egress-interface", "connect-timeout", "window", "log-level",
+    "log-format",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tunio-run",
-        description="Carry every TCP flow that enters a TUN device out through a Python dialer. "
-        "Runs until SIGINT/SIGTERM, then removes what it set up.",
+        description="Carry every TCP and UDP flow that enters a TUN device out through a Python "
+        "dialer. Runs until SIGINT/SIGTERM, then removes what it set up. Every setting can also "
+        "be given in a TOML file (--config): its key is the flag's name with _ for - (an array "
+        "for a repeatable flag); flags override the file.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
-        "--tun",
-        default="tunio0",
-        metavar="NAME",
-        help="TUN device to create or open (default: tunio0)",
+        "--config", metavar="FILE", help="read settings from this TOML file (flags override it)"
     )
     parser.add_argument(
-        "--address",
-        action="append",
-        dest="addresses",
-        metavar="CIDR",
-        help="the TUN's address and prefix; give it twice for one IPv4 and one IPv6 address. "
-        "The top of each prefix is used for address translation (default: 198.18.0.1/24)",
+        "--print-config",
+        action="store_true",
+        help="print the effective settings (defaults, the file, the flags) as a configuration "
+        "file, and exit",
     )
     parser.add_argument(
-        "--mtu", type=int, default=1500, metavar="N", help="MTU of the TUN device (default: 1500)"
-    )
-    cpus = len(os.sched_getaffinity(0)) or 1
-    parser.add_argument(
-        "--queues",
-        type=int,
-        default=cpus,
-        metavar="N",
-        help=f"TUN queues, one reader thread each (default: CPU count, {cpus})",
+        "--dry-run",
+        action="store_true",
+        help="print every change to links, addresses, routes and rules that a run would make, "
+        "and exit having changed nothing",
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=cpus,
-        metavar="N",
-        help=f"local worker processes; 0 = remote workers (tunio-worker) only "
-        f"(default: CPU count, {cpus})",
+        "--cleanup",
+        action="store_true",
+        help="remove what a killed run on --tun left (bypass rules and table, routes, device, "
+        "runtime directory, lock), say what was removed, and exit",
     )
-    _add_worker_options(parser)
-    parser.add_argument(
-        "--endpoint",
-        metavar="URL",
-        help="ZeroMQ endpoint the stack binds for workers: ipc://PATH or tcp://HOST:PORT "
-        "(default: ipc://<runtime-dir>/stack.sock)",
-    )
-    parser.add_argument(
-        "--runtime-dir",
-        metavar="DIR",
-        help="private directory (mode 0700) for the lock and the ipc socket "
-        "(default: /run/tunio/<tun>, or $XDG_RUNTIME_DIR/tunio/<tun> when not root)",
-    )
-    parser.add_argument(
-        "--route",
-        action="append",
-        default=[],
-        metavar="CIDR",
-        dest="routes",
-        help="send this network ('default' allowed) into the TUN; removed at exit (repeatable)",
-    )
-    parser.add_argument(
-        "--keys",
-        metavar="FILE",
-        help="CURVE keys for a tcp:// endpoint, made if FILE does not exist (then FILE.worker "
-        "is what the worker hosts need); default: a new pair per run in the runtime directory",
-    )
-    parser.add_argument(
-        "--no-offload",
-        dest="offload",
-        action="store_false",
-        help="read the TUN packet by packet, without TSO and checksum offload (slower; for "
-        "kernels or setups where virtio-net headers misbehave)",
-    )
-    parser.add_argument(
-        "--udp-timeout",
-        type=float,
-        default=defaults.UDP_TIMEOUT,
-        metavar="SEC",
-        help="end a UDP session after this many seconds without a datagram "
-        f"(default: {defaults.UDP_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--txqueuelen",
-        type=int,
-        default=10000,
-        metavar="N",
-        help="transmit queue length of the TUN device; short queues drop packets under load "
-        "(default: 10000)",
-    )
+    for setting in SETTINGS:
+        _add_setting(parser, setting)
     return parser
 
 
@@ -211,65 +138,126 @@ def build_worker_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="CURVE keys for a tcp:// endpoint: the FILE.worker written by tunio-run --keys FILE",
     )
-    _add_worker_options(parser)
+    for flag in WORKER_SETTINGS:
+        _add_setting(parser, BY_FLAG[flag])
     return parser
 
 
-def _addresses(given: list[str] | None) -> str | tuple[str, ...]:
-    """One --address stays a string (the library's usual form); two become a tuple."""
-    if not given:
-        return "198.18.0.1/24"
-    return given[0] if len(given) == 1 else tuple(given)
+_ACTIONS = ("config", "print_config", "dry_run", "cleanup")  # flags that are not settings
+
+
+def _flag_values(args: argparse.Namespace) -> dict[str, object]:
+    """The settings the command line gave, as Options fields."""
+    values = {k: v for k, v in vars(args).items() if k not in _ACTIONS}
+    for setting in SETTINGS:
+        if setting.repeat and setting.field in values:
+            given = tuple(values[setting.field])
+            one = setting.field in ("address", "dialer") and len(given) == 1
+            values[setting.field] = given[0] if one else given
+    return values
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """Defaults, then the configuration file, then the flags: the Options of this run."""
+    values: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    if args.config:
+        from tunio import configfile  # noqa: PLC0415
+
+        read = configfile.read(Path(args.config))
+        values.update(read.values)
+        origins.update(read.origins)
+    flags = _flag_values(args)
+    values.update(flags)
+    for name in flags:
+        origins.pop(name, None)  # the flag's value is the one in force
+    return Options(**values, origins=origins)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
     """tunio-run."""
     args = build_parser().parse_args(argv)
-    logs.setup(args.log_level)
+    try:
+        options = options_from(args)
+    except ConfigError as exc:
+        logs.setup(getattr(args, "log_level", defaults.LOG_LEVEL))
+        log.error("%s", describe(exc))
+        return 2
+    logs.setup(options.log_level, fmt=options.log_format)
     import multiprocess  # noqa: PLC0415
 
     multiprocess.current_process().name = "tunio-run"
-    from tunio.config import Options  # noqa: PLC0415
+    if args.cleanup:
+        return _cleanup(options)
+    if args.print_config or args.dry_run:
+        return _show(options, dry_run=args.dry_run)
     from tunio.supervisor import Supervisor  # noqa: PLC0415
 
-    options = Options(
-        tun=args.tun,
-        address=_addresses(args.addresses),
-        mtu=args.mtu,
-        queues=args.queues,
-        workers=args.workers,
-        dialer=_dialer_spec(args.dialer),
-        egress_mark=args.egress_mark,
-        egress_interface=args.egress_interface,
-        endpoint=args.endpoint,
-        runtime_dir=args.runtime_dir,
-        routes=tuple(args.routes),
-        connect_timeout=args.connect_timeout,
-        udp_timeout=args.udp_timeout,
-        offload=args.offload,
-        keys=args.keys,
-        window=args.window,
-        txqueuelen=args.txqueuelen,
-        log_level=args.log_level,
-    )
     return Supervisor(options).run()
+
+
+def _show(options: Options, *, dry_run: bool) -> int:
+    """--print-config and --dry-run: what a run would be and do, with nothing changed."""
+    from tunio import configfile  # noqa: PLC0415
+    from tunio.config import explain, validate  # noqa: PLC0415
+    from tunio.errors import TunioError  # noqa: PLC0415
+    from tunio.supervisor import Supervisor  # noqa: PLC0415
+
+    try:
+        validate(options)
+        if not dry_run:
+            sys.stdout.write(configfile.render(options))
+            return 0
+        changes = Supervisor(options).plan_changes()
+    except ConfigError as exc:
+        log.error("%s", explain(exc, options))
+        return 2
+    except (TunioError, OSError) as exc:
+        log.error("%s", describe(exc))
+        return 1
+    print(f"tunio-run would make {len(changes)} changes, in this order (none is made now):")
+    for change in changes:
+        print(f"  {change.what}: {change.command()}")
+    return 0
+
+
+def _cleanup(options: Options) -> int:
+    from tunio import devicelock, runtime  # noqa: PLC0415
+    from tunio.cleanup import cleanup  # noqa: PLC0415
+    from tunio.errors import TunioError  # noqa: PLC0415
+
+    rundir = Path(options.runtime_dir or runtime.default_path(options.tun)).absolute()
+    try:
+        removed = cleanup(options.tun, rundir, devicelock.default_directory())
+    except TunioError as exc:
+        log.error("%s", describe(exc))
+        return 1
+    for line in removed:
+        print(f"removed: {line}")
+    if not removed:
+        print(f"nothing left by a run on {options.tun} to remove")
+    return 0
 
 
 def worker_main(argv: list[str] | None = None) -> int:
     """tunio-worker."""
     args = build_worker_parser().parse_args(argv)
-    logs.setup(args.log_level)
+    logs.setup(
+        getattr(args, "log_level", defaults.LOG_LEVEL),
+        fmt=getattr(args, "log_format", defaults.LOG_FORMAT),
+    )
     import multiprocess  # noqa: PLC0415
 
     multiprocess.current_process().name = f"tunio-worker {args.name}"
-    from tunio.errors import ConfigError, describe  # noqa: PLC0415
     from tunio.process import keep_freed_memory  # noqa: PLC0415
 
+    connect_timeout = getattr(args, "connect_timeout", defaults.CONNECT_TIMEOUT)
+    window = getattr(args, "window", defaults.WINDOW)
     if not args.endpoint.startswith(("ipc://", "tcp://")):
         log.error("--endpoint %r: use ipc://PATH or tcp://HOST:PORT", args.endpoint)
         return 2
-    if not args.connect_timeout > 0:
-        log.error("--connect-timeout %g must be above 0", args.connect_timeout)
+    if not connect_timeout > 0:
+        log.error("--connect-timeout %g must be above 0", connect_timeout)
         return 2
     try:
         from tunio.dialers import load_dialer  # noqa: PLC0415
@@ -284,9 +272,9 @@ def worker_main(argv: list[str] | None = None) -> int:
                 )
             keys = load_worker(Path(args.keys))
         dialer = load_dialer(
-            _dialer_spec(args.dialer),
-            egress_mark=args.egress_mark,
-            egress_interface=args.egress_interface,
+            _dialer_spec(getattr(args, "dialer", None)),
+            egress_mark=getattr(args, "egress_mark", None),
+            egress_interface=getattr(args, "egress_interface", None),
         )
     except ConfigError as exc:
         log.error("%s", describe(exc))
@@ -298,8 +286,8 @@ def worker_main(argv: list[str] | None = None) -> int:
         args.endpoint,
         dialer,
         name=args.name,
-        window=args.window,
-        connect_timeout=args.connect_timeout,
+        window=window,
+        connect_timeout=connect_timeout,
         keys=keys,
     )
 

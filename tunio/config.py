@@ -10,14 +10,16 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tunio import defaults, tundev
-from tunio.errors import ConfigError
-from tunio.logs import LEVELS
+from tunio.errors import ConfigError, describe
+from tunio.logs import FORMATS, LEVELS
 from tunio.runtime import SOCKET_NAME, default_path
+from tunio.settings import BY_FLAG
 
 if TYPE_CHECKING:
     from tunio.dialers import Dialer
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
 MAX_MARK = 0xFFFFFFFF
 IFNAMSIZ = 16
 SUN_PATH_MAX = 107  # sockaddr_un path bytes, without the terminating NUL
+MAX_LIMIT = 1 << 24  # --max-flows and --max-pending: past the NAT table's 16 x 64,512 slots
 
 
 def _cpu_count() -> int:
@@ -47,6 +50,8 @@ class Options:
     endpoint: str | None = None  # None: ipc://<runtime dir>/stack.sock
     runtime_dir: str | None = None  # None: runtime.default_path(tun)
     routes: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()  # networks kept out of the TUN (routed as before)
+    auto_bypass: bool = False  # mark the workers' sockets and route them by a table of our own
     connect_timeout: float = defaults.CONNECT_TIMEOUT
     udp_timeout: float = defaults.UDP_TIMEOUT
     offload: bool = True  # TSO and checksum offload on the TUN (virtio-net headers)
@@ -55,6 +60,12 @@ class Options:
     window: int = defaults.WINDOW
     txqueuelen: int = defaults.TXQUEUELEN
     log_level: str = defaults.LOG_LEVEL
+    log_format: str = defaults.LOG_FORMAT
+    max_flows: int = defaults.MAX_FLOWS
+    max_pending: int = defaults.MAX_PENDING
+    # Where settings came from when not from the command line or the library (field name ->
+    # "FILE:LINE"): an error about one of them names its line (see explain()).
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,7 @@ class Plan:
     routes: tuple[str, ...]  # "default" (IPv4), "::/0" (IPv6) or a network in CIDR form
     runtime_dir: Path
     endpoint: str | None
+    excludes: tuple[str, ...] = ()  # networks in CIDR form that keep the main table's route
 
 
 # ---------------------------------------------------------------- validation (pure functions)
@@ -99,6 +111,18 @@ def parse_address(text: str) -> Interface:
     return iface
 
 
+def parse_network(text: str, option: str, example: str = "10.0.0.0/8") -> str:
+    """A network in CIDR form (`option` names the flag in the error)."""
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError:
+        loose: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+        with contextlib.suppress(ValueError):
+            loose = ipaddress.ip_network(text, strict=False)
+        hint = f": did you mean {loose}?" if loose is not None else f" (e.g. {example})"
+        raise ConfigError(f"{option} {text!r} is not a network in CIDR form{hint}") from None
+
+
 def parse_route(text: str) -> str:
     """'default' (every family the TUN has an address of) or a CIDR network routed into the TUN."""
     if text == "default":
@@ -106,11 +130,8 @@ def parse_route(text: str) -> str:
     try:
         network = ipaddress.ip_network(text)
     except ValueError:
-        loose: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-        with contextlib.suppress(ValueError):
-            loose = ipaddress.ip_network(text, strict=False)
-        hint = f": did you mean {loose}?" if loose is not None else " (e.g. 10.0.0.0/8 or default)"
-        raise ConfigError(f"--route {text!r} is not a network in CIDR form{hint}") from None
+        parse_network(text, "--route", "10.0.0.0/8 or default")  # raises, with a hint
+        raise
     if network.prefixlen == 0:
         return "default" if network.version == 4 else "::/0"
     return str(network)
@@ -201,6 +222,16 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
         raise ConfigError(f"--txqueuelen {options.txqueuelen} is out of range: use 1..{1 << 20}")
     if options.log_level not in LEVELS:
         raise ConfigError(f"--log-level {options.log_level!r}: use one of {', '.join(LEVELS)}")
+    if options.log_format not in FORMATS:
+        raise ConfigError(f"--log-format {options.log_format!r}: use one of {', '.join(FORMATS)}")
+    for name, value in (("--max-flows", options.max_flows), ("--max-pending", options.max_pending)):
+        if not 1 <= value <= MAX_LIMIT:
+            raise ConfigError(f"{name} {value} is out of range: use 1..{MAX_LIMIT}")
+    if options.max_pending > options.max_flows:
+        raise ConfigError(
+            f"--max-pending {options.max_pending} is above --max-flows {options.max_flows}: "
+            "a pending flow is a flow"
+        )
     if options.endpoint is not None and not options.endpoint.startswith(("ipc://", "tcp://")):
         raise ConfigError(f"--endpoint {options.endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
     runtime_dir = Path(options.runtime_dir or default_path(options.tun)).absolute()
@@ -209,6 +240,27 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             f"--runtime-dir {runtime_dir} is too long for a unix socket path "
             f"({SUN_PATH_MAX} bytes at most with /{SOCKET_NAME}): pick a shorter one"
         )
+    excludes = tuple(parse_network(text, "--exclude") for text in options.exclude)
     return Plan(
-        addresses=addresses, routes=routes, runtime_dir=runtime_dir, endpoint=options.endpoint
+        addresses=addresses,
+        routes=routes,
+        runtime_dir=runtime_dir,
+        endpoint=options.endpoint,
+        excludes=excludes,
     )
+
+
+def explain(exc: ConfigError, options: Options) -> str:
+    """The error as one line; one about a setting read from a file names the file and line
+    ("tunio.toml:3: mtu = 10 is out of range...") instead of the flag ("--mtu 10 is ...")."""
+    text = describe(exc)
+    flag, _, rest = text.partition(" ")
+    if not flag.startswith("--"):
+        return text
+    flag = flag.rstrip(":")
+    setting = BY_FLAG.get(flag[2:])
+    where = options.origins.get(setting.field) if setting is not None else None
+    if setting is None or where is None:
+        return text
+    separator = ":" if text[len(flag)] == ":" else " ="
+    return f"{where}: {setting.key}{separator} {rest}"

@@ -18,6 +18,8 @@ HEARTBEAT: float = lib.TUNIO_DEFAULT_HEARTBEAT_MS / 1000  # seconds between hear
 LIVENESS: int = lib.TUNIO_LIVENESS  # heartbeats of silence after which a peer is dead
 UDP_TIMEOUT: float = lib.TUNIO_DEFAULT_UDP_TIMEOUT_MS / 1000  # an idle UDP session's end, s
 UDP_CREDIT: int = lib.TUNIO_UDP_CREDIT  # DGRAMs in flight per session and direction
+MAX_FLOWS: int = lib.TUNIO_DEFAULT_MAX_FLOWS  # TCP flows and UDP sessions at once
+MAX_PENDING: int = lib.TUNIO_DEFAULT_MAX_PENDING  # TCP flows whose dial runs, at once
 MAX_QUEUES: int = lib.TUNIO_MAX_QUEUES  # TUN queues the stack reads
 MAX_WORKERS: int = lib.TUNIO_MAX_WORKERS  # workers the stack holds at once
 
@@ -28,3 +30,4 @@ MTU = 1500
 TXQUEUELEN = 10000  # short transmit queues drop packets under load
 CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
 LOG_LEVEL = "info"
+LOG_FORMAT = "text"

@@ -1,13 +1,28 @@
-"""Logging set-up shared by the supervisor, the stack and the workers."""
+"""Logging set-up shared by the supervisor, the stack and the workers: text lines (the default),
+or one JSON object a line (`--log-format json`) for log collectors.
+
+A JSON line holds `time` (RFC 3339, UTC), `level`, `process` (tunio-run, tunio-stack,
+tunio-worker-N), `logger`, `message`, and the record's event fields: whatever a call passes in
+`extra=` (for example `event="dial_failed"`, `flow=12`, `errno="ECONNREFUSED"`). The C stack
+writes its lines in the same two shapes (csrc/log.c), so every process of one run logs alike.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
-from typing import TextIO
+import time
+from typing import Any, TextIO
 
 FORMAT = "%(asctime)s %(levelname)s %(processName)s: %(message)s"
 LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("text", "json")
+
+# The attributes every LogRecord has: anything else on a record came in `extra=`.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message", "asctime", "taskName",
+}  # fmt: skip
 
 
 class _ProcessNameFilter(logging.Filter):
@@ -24,6 +39,28 @@ class _ProcessNameFilter(logging.Filter):
         return True
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, process, logger, message, and the event fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, Any] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "process": record.processName,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                plain = isinstance(value, (int, float, bool, type(None)))
+                line[key] = value if plain else str(value)
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
 def level_number(level: str) -> int:
     """The logging level for one of LEVELS; ValueError for anything else."""
     if level not in LEVELS:
@@ -31,17 +68,19 @@ def level_number(level: str) -> int:
     return int(getattr(logging, level.upper()))
 
 
-def setup(level: str = "info", stream: TextIO | None = None) -> None:
-    """Send every record at `level` or above to `stream` (stderr) in the common format.
+def setup(level: str = "info", stream: TextIO | None = None, fmt: str = "text") -> None:
+    """Send every record at `level` or above to `stream` (stderr), as text or JSON lines.
 
     Replaces the root logger's handlers, so calling it again (in a child process, or with
     another level) never prints a line twice.
     """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown log format {fmt!r}: use one of {', '.join(FORMATS)}")
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(FORMAT))
     handler.addFilter(_ProcessNameFilter())
     root.addHandler(handler)
     root.setLevel(level_number(level))

@@ -19,10 +19,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from tunio import defaults, devicelock, tundev
+from tunio import bypass, defaults, devicelock, netplan, tundev
 from tunio.children import StatusChannel, stack_entry, worker_entry
-from tunio.config import Options, Plan, validate
+from tunio.config import Options, Plan, explain, validate
 from tunio.errors import ConfigError, TunError, TunioError, describe
+from tunio.netplan import Change
 from tunio.process import raise_fd_limit
 from tunio.runtime import RuntimeDir
 
@@ -144,7 +145,7 @@ class Supervisor:
                     log.info("stopping during start-up (%s)", self._stop_reason)
                     return 0
                 except ConfigError as exc:
-                    log.error("%s", describe(exc))
+                    log.error("%s", explain(exc, self.options))
                     return 2
                 except (TunioError, OSError) as exc:
                     log.error("%s", describe(exc))
@@ -193,6 +194,50 @@ class Supervisor:
 
     # ---- start-up
 
+    def plan_changes(self) -> list[Change]:
+        """What a run would change on this host, in order, changing nothing (--dry-run)."""
+        plan = validate(self.options, self._sys_net)
+        existed, held = self._device_state(plan)
+        return self._changes(plan, existed, held)
+
+    def _device_state(self, plan: Plan) -> tuple[bool, list[bool]]:
+        """Whether the device exists (and is one we can use), and which addresses it holds."""
+        opts = self.options
+        tundev.check_tun_device(self._tun_path)
+        existed = tundev.link_exists(opts.tun, self._sys_net)
+        if existed:
+            tundev.check_existing_link(opts.tun, self._sys_net)
+        held = [tundev.check_address_free(opts.tun, address) for address in plan.addresses]
+        return existed, held
+
+    def _changes(self, plan: Plan, existed: bool, held: list[bool]) -> list[Change]:
+        """Every change of the run, computed from what the host has before any is made."""
+        opts = self.options
+        changes = netplan.device_changes(opts, plan, existed, held)
+        changes += netplan.exclude_changes(opts.tun, plan.excludes)
+        if opts.auto_bypass:
+            changes += bypass.plan(opts.tun, self._egress_mark() or bypass.MARK, self._proc)
+        changes += netplan.route_changes(opts.tun, plan.routes)
+        return changes
+
+    def _egress_mark(self) -> int | None:
+        """The workers' mark: the one given, or the bypass's own."""
+        if self.options.egress_mark is None and self.options.auto_bypass:
+            return bypass.MARK
+        return self.options.egress_mark
+
+    def _apply(self, changes: list[Change], journal: netplan.Journal,
+               undo: contextlib.ExitStack) -> None:  # fmt: skip
+        """Makes each change (the device's own was made by opening its queues), notes it in the
+        journal, and registers its undo: at exit they are taken back in reverse order."""
+        for change in changes:
+            if change.do:
+                tundev.run(*change.do)
+            journal.add(change)
+            if change.do and change.undo:
+                undo.callback(self._undo, change.what, tundev.run, *change.undo)
+            log.debug("made: %s", change.what)
+
     def _start(self, undo: contextlib.ExitStack) -> None:
         opts = self.options
         plan = validate(opts, self._sys_net)
@@ -209,30 +254,18 @@ class Supervisor:
             self._keys = self._load_keys(plan, undo)
         self._socket = rundir.socket_path if plan.endpoint is None else None
 
-        tundev.check_tun_device(self._tun_path)
-        existed = tundev.link_exists(opts.tun, self._sys_net)
-        if existed:
-            tundev.check_existing_link(opts.tun, self._sys_net)
-        held = [tundev.check_address_free(opts.tun, address) for address in plan.addresses]
+        existed, held = self._device_state(plan)
         uplink = opts.egress_interface or self._default_interface()
+        changes = self._changes(plan, existed, held)
+        journal = netplan.Journal(plan.runtime_dir)
+        undo.callback(journal.remove)  # after every change is taken back
         self._check_stop()
 
         from tunio.stack import open_tun  # noqa: PLC0415 - the cffi extension is heavy
 
         self._fds = open_tun(opts.tun, opts.queues, offload=opts.offload)
         undo.callback(self._close_tun, existed)
-        for address, has_address in zip(plan.addresses, held, strict=True):
-            if has_address:
-                continue
-            tundev.add_address(opts.tun, address)
-            if existed:  # a device we created takes its address with it
-                undo.callback(self._undo, "address", tundev.del_address, opts.tun, address)
-        tundev.set_mtu(opts.tun, opts.mtu)
-        tundev.set_txqueuelen(opts.tun, opts.txqueuelen)
-        tundev.set_up(opts.tun)
-        for route in plan.routes:
-            tundev.add_route(opts.tun, route)
-            undo.callback(self._undo, f"route {route}", tundev.del_route, opts.tun, route)
+        self._apply(changes, journal, undo)
         self._warn_egress(plan, uplink)
         self._check_stop()
 
@@ -297,7 +330,7 @@ class Supervisor:
 
         return load_dialer(
             spec,
-            egress_mark=self.options.egress_mark,
+            egress_mark=self._egress_mark(),
             egress_interface=self.options.egress_interface,
         )
 
@@ -319,6 +352,8 @@ class Supervisor:
 
     def _warn_egress(self, plan: Plan, uplink: str | None) -> None:
         opts = self.options
+        if opts.auto_bypass:
+            return  # the bypass made the workers' way out, reverse path included
         if plan.routes and uplink is not None and uplink != opts.tun:
             line = tundev.rp_filter_warning(uplink, opts.tun, self._proc)
             if line is not None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tunio.errors import ConfigError, TunError
 
@@ -42,6 +45,57 @@ def _ip(*args: str) -> str:
         detail = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
         raise TunError(_errno_of(detail), f"`{' '.join(argv)}` failed: {detail or 'no message'}")
     return done.stdout
+
+
+def run(*args: str) -> str:
+    """`ip ARGS` (a change of a run's plan, or a read); its stdout, or TunError."""
+    return _ip(*args)
+
+
+def _ip_json(*args: str) -> list[dict[str, Any]]:
+    """`ip -j ARGS` as parsed JSON (a list of objects; empty when there is nothing)."""
+    out = _ip("-j", *args).strip()
+    parsed = json.loads(out) if out else []
+    return parsed if isinstance(parsed, list) else []
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the host reaches a destination now: a gateway (or none: on link) and a device."""
+
+    gateway: str | None
+    dev: str
+    prefsrc: str | None = None
+
+
+def route_to(network: str) -> Route | None:
+    """The main table's way to the first address of `network`, or None if it has none."""
+    net = ipaddress.ip_network(network, strict=False)
+    family = "-6" if net.version == 6 else "-4"
+    try:
+        found = _ip_json(family, "route", "get", str(net.network_address))
+    except TunError:
+        return None  # unreachable: no route
+    if not found or "dev" not in found[0]:
+        return None
+    first = found[0]
+    return Route(first.get("gateway"), str(first["dev"]), first.get("prefsrc"))
+
+
+def route_exists(network: str, table: str = "main") -> bool:
+    """True when `table` has a route for exactly `network`."""
+    family = "-6" if ":" in network else "-4"
+    return bool(_ip_json(family, "route", "show", "table", table, "exact", network))
+
+
+def routes_of(family: int, table: str = "main") -> list[dict[str, Any]]:
+    """Every route of `table` for IP version `family`, as `ip -j route show` gives them."""
+    return _ip_json("-6" if family == 6 else "-4", "route", "show", "table", table)
+
+
+def rules_of(family: int) -> list[dict[str, Any]]:
+    """The policy rules of IP version `family`, as `ip -j rule show` gives them."""
+    return _ip_json("-6" if family == 6 else "-4", "rule", "show")
 
 
 def check_tun_device(path: str = TUN_PATH) -> None:
@@ -112,44 +166,9 @@ def check_address_free(name: str, address: Interface) -> bool:
     return owner == name
 
 
-def add_address(name: str, address: Interface) -> None:
-    if address.version == 6:
-        # No duplicate address detection: the stack binds its listener to this address at once,
-        # and a tentative address cannot be bound; nothing else answers on a TUN anyway.
-        _ip("-6", "addr", "add", str(address), "dev", name, "nodad")
-    else:
-        _ip("addr", "add", str(address), "dev", name)
-
-
-def del_address(name: str, address: Interface) -> None:
-    family = ("-6",) if address.version == 6 else ()
-    _ip(*family, "addr", "del", str(address), "dev", name)
-
-
-def set_mtu(name: str, mtu: int) -> None:
-    _ip("link", "set", "dev", name, "mtu", str(mtu))
-
-
-def set_txqueuelen(name: str, length: int) -> None:
-    _ip("link", "set", "dev", name, "txqueuelen", str(length))
-
-
-def set_up(name: str) -> None:
-    _ip("link", "set", "dev", name, "up")
-
-
 def route_version(destination: str) -> int:
     """4 for "default" and IPv4 networks, 6 for IPv6 ones ("::/0" is IPv6's default)."""
     return 6 if ":" in destination else 4
-
-
-def add_route(name: str, destination: str) -> None:
-    """Route `destination` ("default", an IPv4 or an IPv6 CIDR) into the device."""
-    _ip(_family(route_version(destination)), "route", "add", destination, "dev", name)
-
-
-def del_route(name: str, destination: str) -> None:
-    _ip(_family(route_version(destination)), "route", "del", destination, "dev", name)
 
 
 def delete_link(name: str) -> None:

@@ -383,7 +383,7 @@ def test_a_chain_reaches_each_proxy_through_the_one_before() -> None:
 
 
 def test_repeated_dialer_options_make_a_chain() -> None:
-    from tunio.cli import _dialer_spec, build_parser, build_worker_parser  # noqa: PLC0415
+    from tunio.cli import _dialer_spec, build_parser, build_worker_parser, options_from  # noqa: PLC0415
 
     chain = ["--dialer", "socks5://a:1080", "--dialer", "http://b:3128"]
     assert _dialer_spec(build_parser().parse_args(chain).dialer) == (
@@ -392,7 +392,9 @@ def test_repeated_dialer_options_make_a_chain() -> None:
     )
     worker = build_worker_parser().parse_args(["--endpoint", "ipc:///x", *chain[:2]])
     assert _dialer_spec(worker.dialer) == "socks5://a:1080"
-    assert _dialer_spec(build_parser().parse_args([]).dialer) == "direct"
+    # no --dialer: the flag sets nothing, and the run's dialer is the default, direct
+    assert _dialer_spec(getattr(build_parser().parse_args([]), "dialer", None)) == "direct"
+    assert options_from(build_parser().parse_args([])).dialer == "direct"
     dialer = load_dialer(("socks5://a:1080", "http://b:3128"), egress_mark=1)
     assert isinstance(dialer, HttpDialer)
     assert isinstance(dialer.via, Socks5Dialer)

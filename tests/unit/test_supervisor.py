@@ -462,7 +462,7 @@ def test_rp_filter_detection(tmp_path: Path) -> None:
 def test_ip_failure_is_one_line_with_errno(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_IP_FAIL", f"-4 route add default dev {TUN}")
     with pytest.raises(TunError) as caught:
-        tundev.add_route(TUN, "default")
+        tundev.run("-4", "route", "add", "default", "dev", TUN)
     assert caught.value.errno == errno.EEXIST
     assert caught.value.strerror == (
         f"`ip -4 route add default dev {TUN}` failed: RTNETLINK answers: File exists"

@@ -416,8 +416,12 @@ class TunioProcess:
 class Lab:
     """Build the app/srv namespaces on enter, remove every trace of them on exit."""
 
-    def __init__(self, lab_id: str | None = None) -> None:
+    def __init__(self, lab_id: str | None = None, *, uplink: bool = False) -> None:
+        """`uplink`: the app namespace routes like a host with one uplink (the veth's prefix and
+        a default route via srv in the main table, strict reverse-path filtering on the veth)
+        and has no rule or table for tunio's workers: --auto-bypass must make its own."""
         self.id = lab_id or secrets.token_hex(3)
+        self.uplink = uplink
         if not re.fullmatch(r"[0-9a-z]{1,8}", self.id):
             msg = f"lab id must be 1-8 lowercase letters/digits: {self.id!r}"
             raise ValueError(msg)
@@ -481,6 +485,21 @@ class Lab:
         _ip("-n", srv, "route", "add", "blackhole", "198.18.3.0/24")
         self._sysctl(srv, "net.ipv4.ip_forward=1")
         self._build_ipv6()
+        if self.uplink:
+            self._route_like_a_host()
+
+    def _route_like_a_host(self) -> None:
+        """The app namespace as a host with one uplink: what --auto-bypass finds and works with."""
+        app, va = self.app, self.veth_app
+        for family in ("-4", "-6"):
+            _ip("-n", app, family, "rule", "del", "fwmark", f"{EGRESS_MARK:#x}", "lookup",
+                str(EGRESS_TABLE), "pref", str(EGRESS_TABLE))  # fmt: skip
+            _ip("-n", app, family, "route", "flush", "table", str(EGRESS_TABLE))
+        _ip("-n", app, "route", "add", "198.19.0.0/24", "dev", va, "src", APP_ADDRESS)
+        _ip("-n", app, "route", "add", "default", "via", SRV_ADDRESS, "dev", va)
+        _ip("-n", app, "-6", "route", "add", "fd00:19::/64", "dev", va)
+        _ip("-n", app, "-6", "route", "add", "default", "via", SRV_ADDRESS6, "dev", va)
+        self._sysctl(app, f"net.ipv4.conf.{va}.rp_filter=1")
 
     def _build_ipv6(self) -> None:
         """The IPv6 twin of the IPv4 set-up above (see the module's docstring)."""
@@ -678,13 +697,19 @@ class Lab:
         return reader
 
     def tunio_argv(self, extra_args: Sequence[str] = ()) -> list[str]:
+        """tunio-run as the tests run it. In an `uplink` lab the TUN takes the halves of each
+        address space (the main table's default route stays) and the bypass is automatic."""
+        if self.uplink:
+            ways = ["--route", "0.0.0.0/1", "--route", "128.0.0.0/1", "--route", "::/1",
+                    "--route", "8000::/1", "--auto-bypass"]  # fmt: skip
+        else:
+            ways = ["--route", "default", "--egress-mark", f"{EGRESS_MARK:#x}"]
         return [
             sys.executable, "-m", "tunio.cli",
             "--tun", TUN_NAME,
             "--address", TUN_ADDRESS,
             "--address", TUN_ADDRESS6,
-            "--route", "default",
-            "--egress-mark", f"{EGRESS_MARK:#x}",
+            *ways,
             "--queues", "2",
             "--workers", "2",
             "--runtime-dir", str(self.runtime_dir),

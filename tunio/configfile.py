@@ -1,0 +1,149 @@
+"""tunio-run's configuration file (TOML): read into settings, and written back for --print-config.
+
+Every flag has a key of the same name with `_` for `-` (tunio.settings); a repeatable flag is an
+array. An unknown key or a value of the wrong kind is one ConfigError naming the file, the line
+and the key. Where each value came from is kept (`origins`), so that a value the checks of
+tunio.config refuse later is reported at its line too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunio.errors import ConfigError
+from tunio.settings import BY_KEY, SETTINGS, Setting
+
+
+@dataclass(frozen=True)
+class FileSettings:
+    """What a configuration file sets: Options fields to values, and each one's `FILE:LINE`."""
+
+    path: Path
+    values: Mapping[str, object] = field(default_factory=dict)
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+
+def read(path: Path) -> FileSettings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    lines = text.splitlines()
+    values: dict[str, object] = {}
+    origins: dict[str, str] = {}
+    for key, raw in data.items():
+        where = f"{path}:{_line_of(lines, key)}"
+        setting = BY_KEY.get(key)
+        if setting is None:
+            raise ConfigError(
+                f"{where}: unknown key {key!r} (the keys are tunio-run's flags with _ for -: "
+                "see tunio-run --help)"
+            )
+        values[setting.field] = _value(setting, raw, f"{where}: {key}")
+        origins[setting.field] = where
+    return FileSettings(path, values, origins)
+
+
+def _line_of(lines: list[str], key: str) -> int:
+    """The line that sets top-level `key` (1-based); 0 if it cannot be found."""
+    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    for number, line in enumerate(lines, 1):
+        if line.lstrip().startswith("["):
+            break  # top-level keys come before the first table
+        if pattern.match(line):
+            return number
+    return 0
+
+
+def _value(setting: Setting, raw: object, where: str) -> object:
+    """`raw` from the file as the Options field wants it; ConfigError naming `where`."""
+    if setting.repeat:
+        items = raw if isinstance(raw, list) else [raw]
+        converted = tuple(_scalar(setting, item, where) for item in items)
+        # one value stays a plain value, as with one flag (Options takes either)
+        if setting.field in ("address", "dialer") and len(converted) == 1:
+            return converted[0]
+        return converted
+    value = _scalar(setting, raw, where)
+    return (not value) if setting.invert else value
+
+
+def _scalar(setting: Setting, raw: object, where: str) -> object:
+    kind = setting.kind
+    if kind in ("str", "choice"):
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where} = {_shown(raw)}: expected a string")
+        if kind == "choice" and raw not in setting.choices:
+            raise ConfigError(f"{where} = {_shown(raw)}: use one of {', '.join(setting.choices)}")
+        return raw
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{where} = {_shown(raw)}: expected true or false")
+        return raw
+    if kind == "mark" and isinstance(raw, str):
+        try:
+            return int(raw, 0)
+        except ValueError:
+            raise ConfigError(f"{where} = {_shown(raw)}: expected a number (or 0x hex)") from None
+    if kind in ("int", "mark"):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{where} = {_shown(raw)}: expected an integer")
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
+        raise ConfigError(f"{where} = {_shown(raw)}: expected a number")
+    return float(raw)
+
+
+def _shown(raw: object) -> str:
+    if isinstance(raw, str):
+        return f'"{raw}"'
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    return repr(raw)
+
+
+def render(options: Any) -> str:
+    """The effective settings of `options` (a tunio.config.Options) as a configuration file:
+    what --print-config shows, and a file tunio-run --config takes back unchanged."""
+    out = ["# tunio-run's effective settings (tunio-run --print-config)"]
+    for setting in SETTINGS:
+        value = getattr(options, setting.field)
+        if setting.invert:
+            value = not value
+        if value is None:
+            out.append(f"# {setting.key} is not set")
+            continue
+        if setting.repeat:
+            items = (value,) if isinstance(value, str) else tuple(value)
+            if not all(isinstance(i, str) for i in items):
+                out.append(f"# {setting.key} = {value!r} (set by the library, not a file)")
+                continue
+            value = list(items)
+        elif not isinstance(value, (str, int, float, bool)):
+            out.append(f"# {setting.key} = {value!r} (set by the library, not a file)")
+            continue
+        out.append(f"{setting.key} = {_toml(value)}")
+    return "\n".join(out) + "\n"
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
