@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* cffi:begin (the parser and the builders, for tests) */
 #define TUNIO_IPPROTO_ICMP 1
 #define TUNIO_IPPROTO_TCP 6
 #define TUNIO_IPPROTO_UDP 17
@@ -102,5 +103,6 @@ size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16],
 /* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
  * right. Tests use it: the kernel does not check checksums of some packets we hand it. */
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p);
+/* cffi:end */
 
 #endif

@@ -1,10 +1,13 @@
-/* Public C API of the tunio stack, as bound by cffi (tunio/_build.py keeps its cdef in step).
+/* Public C API of the tunio stack. cffi binds what lies between the cffi:begin and cffi:end
+ * markers as written here (tunio/_build.py reads it, comments stripped): keep it plain C that
+ * cffi's parser takes (no macros but integer #defines).
  * Functions return 0 (or a count) on success and -errno on failure. */
 #ifndef TUNIO_H
 #define TUNIO_H
 
 #include <stdint.h>
 
+/* cffi:begin */
 /* An address of the TUN device with its prefix: the stack carries that address family. */
 struct tunio_prefix {
     uint8_t address[16];     /* A: the TUN's own address (IPv4 in the first 4 bytes) */
@@ -79,5 +82,6 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *out);
 /* The listener's port for IP `version`, or -EAFNOSUPPORT if that family is not carried. */
 int tunio_stack_listen_port(struct tunio_stack *s, int version);
 const char *tunio_version(void);
+/* cffi:end */
 
 #endif
