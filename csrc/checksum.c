@@ -30,9 +30,9 @@ uint16_t tunio_csum_finish(uint32_t sum)
 void tunio_csum_replace(uint8_t *field, const uint8_t *old, const uint8_t *new_, size_t nbytes)
 {
     /* RFC 1624 eqn. 3: HC' = ~(~HC + ~m + m') */
-    uint32_t sum = (uint16_t)~(uint16_t)(field[0] << 8 | field[1]);
+    uint32_t sum = (uint16_t) ~(uint16_t)(field[0] << 8 | field[1]);
     for (size_t i = 0; i + 1 < nbytes; i += 2) {
-        sum += (uint16_t)~(uint16_t)(old[i] << 8 | old[i + 1]);
+        sum += (uint16_t) ~(uint16_t)(old[i] << 8 | old[i + 1]);
         sum += (uint16_t)(new_[i] << 8 | new_[i + 1]);
     }
     uint16_t c = tunio_csum_finish(sum);

@@ -49,8 +49,8 @@ void tunio_log(int level, const char *fmt, ...)
     gettimeofday(&tv, NULL);
     localtime_r(&tv.tv_sec, &tm);
     int n = (int)strftime(line, sizeof(line), "%Y-%m-%d %H:%M:%S", &tm);
-    n += snprintf(line + n, sizeof(line) - (size_t)n, ",%03ld %s tunio-stack: ",
-                  (long)(tv.tv_usec / 1000), level_name(level));
+    n += snprintf(line + n, sizeof(line) - (size_t)n,
+                  ",%03ld %s tunio-stack: ", (long)(tv.tv_usec / 1000), level_name(level));
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);

@@ -24,11 +24,11 @@ struct tunio_nat_entry {
     uint16_t port;      /* fake source port p */
     uint8_t pool_index; /* fake source address F */
     uint8_t state;
-    uint8_t hashed;     /* on a forward hash chain */
+    uint8_t hashed; /* on a forward hash chain */
     uint32_t flow_id;
-    uint32_t hnext;     /* 1-based next on the hash chain, or next free */
+    uint32_t hnext; /* 1-based next on the hash chain, or next free */
     uint64_t last_ms;
-    uint8_t *held;      /* the app's first SYN, as read */
+    uint8_t *held; /* the app's first SYN, as read */
     uint16_t held_len;
 };
 
@@ -236,8 +236,7 @@ static void pool_addr(const struct tunio_nat *nat, uint8_t index, uint8_t out[16
     set_low32(out + nat->low_off, nat->pool_low + index);
 }
 
-static void to_listener(struct tunio_nat *nat, const struct tunio_nat_entry *e,
-                        struct tunio_pkt *p)
+static void to_listener(struct tunio_nat *nat, const struct tunio_nat_entry *e, struct tunio_pkt *p)
 {
     uint8_t fake[16];
     pool_addr(nat, e->pool_index, fake);
@@ -329,9 +328,9 @@ static enum tunio_nat_verdict from_app(struct tunio_nat *nat, struct tunio_pkt *
     return TUNIO_NAT_FORWARD;
 }
 
-enum tunio_nat_verdict tunio_nat_translate(struct tunio_nat *nat, struct tunio_pkt *p,
-                                           uint64_t now, uint8_t *reply, size_t reply_cap,
-                                           size_t *reply_len, struct tunio_nat_open *open)
+enum tunio_nat_verdict tunio_nat_translate(struct tunio_nat *nat, struct tunio_pkt *p, uint64_t now,
+                                           uint8_t *reply, size_t reply_cap, size_t *reply_len,
+                                           struct tunio_nat_open *open)
 {
     enum tunio_nat_verdict v;
     uint8_t pool_index;
@@ -391,17 +390,22 @@ int tunio_nat_icmp_code(int version, int err)
     /* The codes a host or router sends for these errors (RFC 792 and 1812; RFC 4443), chosen so
      * that Linux maps them back to the same errno in the app. */
     switch (err) {
-    case ENETUNREACH: return 0;                      /* net unreachable / no route */
-    case EHOSTUNREACH: return version == 4 ? 1 : 3;  /* host / address unreachable */
-    case ECONNREFUSED: return version == 4 ? 3 : 4;  /* port unreachable (UDP) */
+    case ENETUNREACH:
+        return 0; /* net unreachable / no route */
+    case EHOSTUNREACH:
+        return version == 4 ? 1 : 3; /* host / address unreachable */
+    case ECONNREFUSED:
+        return version == 4 ? 3 : 4; /* port unreachable (UDP) */
     case EACCES:
-    case EPERM: return version == 4 ? 13 : 1;        /* administratively prohibited */
-    default: return -1;
+    case EPERM:
+        return version == 4 ? 13 : 1; /* administratively prohibited */
+    default:
+        return -1;
     }
 }
 
-int tunio_nat_reject(struct tunio_nat *nat, uint32_t idx, uint32_t flow_id, int err,
-                     uint64_t now, uint8_t *out, size_t cap, size_t *len)
+int tunio_nat_reject(struct tunio_nat *nat, uint32_t idx, uint32_t flow_id, int err, uint64_t now,
+                     uint8_t *out, size_t cap, size_t *len)
 {
     int rc = -ENOENT;
     *len = 0;

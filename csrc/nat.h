@@ -26,9 +26,9 @@ struct tunio_nat_config {
     uint16_t listen_port;    /* L */
     uint8_t pool_base[16];   /* first pool address; the pool is pool_count consecutive ones */
     unsigned pool_count;
-    uint32_t pending_ms;     /* a held SYN whose dial has no answer after this is dropped */
-    uint32_t reserve_ms;     /* a slot stays unused this long after its flow ended (TIME_WAIT) */
-    uint32_t silent_ms;      /* a flow whose dial timed out keeps dropping SYNs this long */
+    uint32_t pending_ms; /* a held SYN whose dial has no answer after this is dropped */
+    uint32_t reserve_ms; /* a slot stays unused this long after its flow ended (TIME_WAIT) */
+    uint32_t silent_ms;  /* a flow whose dial timed out keeps dropping SYNs this long */
 };
 
 /* What the reader does with a packet after tunio_nat_translate. */
@@ -52,12 +52,12 @@ struct tunio_nat_open {
 };
 
 struct tunio_nat_counters {
-    atomic_ullong translated_in;   /* app -> listener */
-    atomic_ullong translated_out;  /* listener -> app */
+    atomic_ullong translated_in;  /* app -> listener */
+    atomic_ullong translated_out; /* listener -> app */
     atomic_ullong syn_held;
-    atomic_ullong rst_sent;        /* RST for packets of unknown flows */
-    atomic_ullong drop_reserved;   /* app traffic to A or to the pool */
-    atomic_ullong drop_unknown;    /* listener packets for no slot, retransmitted held SYNs */
+    atomic_ullong rst_sent;      /* RST for packets of unknown flows */
+    atomic_ullong drop_reserved; /* app traffic to A or to the pool */
+    atomic_ullong drop_unknown;  /* listener packets for no slot, retransmitted held SYNs */
     atomic_ullong table_full;
 };
 
@@ -66,14 +66,14 @@ struct tunio_nat_entry;
 struct tunio_nat {
     pthread_mutex_t lock;
     struct tunio_nat_config cfg;
-    size_t low_off;            /* where the address's low 32 bits are: 0 for IPv4, 12 for IPv6 */
-    uint32_t pool_low;         /* low 32 bits of the first pool address, host order */
+    size_t low_off;    /* where the address's low 32 bits are: 0 for IPv4, 12 for IPv6 */
+    uint32_t pool_low; /* low 32 bits of the first pool address, host order */
     struct tunio_nat_entry *entries;
-    uint32_t capacity;         /* entries the table can hold (= slots) */
-    uint32_t used;             /* high-water mark of entries handed out */
-    uint32_t free_head;        /* 1-based index of a free entry, 0 = none */
-    uint32_t live;             /* entries not free */
-    uint32_t *buckets;         /* forward hash: app tuple -> 1-based entry index */
+    uint32_t capacity;  /* entries the table can hold (= slots) */
+    uint32_t used;      /* high-water mark of entries handed out */
+    uint32_t free_head; /* 1-based index of a free entry, 0 = none */
+    uint32_t live;      /* entries not free */
+    uint32_t *buckets;  /* forward hash: app tuple -> 1-based entry index */
     uint32_t bucket_mask;
     uint32_t *slots;           /* reverse map: (pool index, port) -> 1-based entry index */
     uint32_t cursor;           /* round-robin position in the slot space */
@@ -89,17 +89,17 @@ void tunio_nat_fini(struct tunio_nat *nat);
 
 /* Reader path: classifies and rewrites one packet read from the TUN (parsed ok, TCP, of the
  * table's address family). */
-enum tunio_nat_verdict tunio_nat_translate(struct tunio_nat *nat, struct tunio_pkt *p,
-                                           uint64_t now, uint8_t *reply, size_t reply_cap,
-                                           size_t *reply_len, struct tunio_nat_open *open);
+enum tunio_nat_verdict tunio_nat_translate(struct tunio_nat *nat, struct tunio_pkt *p, uint64_t now,
+                                           uint8_t *reply, size_t reply_cap, size_t *reply_len,
+                                           struct tunio_nat_open *open);
 
 /* The worker dialled: rewrite the held SYN into `out` for injection. -ENOENT if the flow is gone. */
 int tunio_nat_release(struct tunio_nat *nat, uint32_t entry, uint32_t flow_id, uint64_t now,
                       uint8_t *out, size_t cap, size_t *len);
 /* The dial failed with `err`: build the answer a direct connect would have got (RST, ICMP, or
  * nothing for ETIMEDOUT; *len = 0 then) and retire the entry. */
-int tunio_nat_reject(struct tunio_nat *nat, uint32_t entry, uint32_t flow_id, int err,
-                     uint64_t now, uint8_t *out, size_t cap, size_t *len);
+int tunio_nat_reject(struct tunio_nat *nat, uint32_t entry, uint32_t flow_id, int err, uint64_t now,
+                     uint8_t *out, size_t cap, size_t *len);
 /* Accept path: which flow does the listener's peer F:p belong to? */
 int tunio_nat_lookup_slot(struct tunio_nat *nat, const uint8_t addr[16], uint16_t port,
                           uint32_t *entry, uint32_t *flow_id);

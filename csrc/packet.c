@@ -13,7 +13,10 @@
 #define ICMP_ECHO_HLEN 8u
 #define ICMP_QUOTE_MAX 64u /* payload bytes quoted after the IP header in an ICMP error */
 
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint16_t get16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
 static uint32_t get32(const uint8_t *p)
 {
     return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
@@ -34,12 +37,18 @@ static void put32(uint8_t *p, uint32_t v)
 const char *tunio_pkt_status_name(int status)
 {
     switch (status) {
-    case TUNIO_PKT_OK: return "ok";
-    case TUNIO_PKT_TRUNCATED: return "truncated";
-    case TUNIO_PKT_BAD_HEADER: return "bad-header";
-    case TUNIO_PKT_FRAGMENT: return "fragment";
-    case TUNIO_PKT_UNSUPPORTED: return "unsupported";
-    default: return "unknown";
+    case TUNIO_PKT_OK:
+        return "ok";
+    case TUNIO_PKT_TRUNCATED:
+        return "truncated";
+    case TUNIO_PKT_BAD_HEADER:
+        return "bad-header";
+    case TUNIO_PKT_FRAGMENT:
+        return "fragment";
+    case TUNIO_PKT_UNSUPPORTED:
+        return "unsupported";
+    default:
+        return "unknown";
     }
 }
 
@@ -93,13 +102,16 @@ static int parse_icmp(struct tunio_pkt *p, const uint8_t *l4)
 static int parse_l4(struct tunio_pkt *p)
 {
     switch (p->proto) {
-    case TUNIO_IPPROTO_TCP: return parse_tcp(p, p->buf + p->l3_len);
-    case TUNIO_IPPROTO_UDP: return parse_udp(p, p->buf + p->l3_len);
+    case TUNIO_IPPROTO_TCP:
+        return parse_tcp(p, p->buf + p->l3_len);
+    case TUNIO_IPPROTO_UDP:
+        return parse_udp(p, p->buf + p->l3_len);
     case TUNIO_IPPROTO_ICMP:
         return p->version == 4 ? parse_icmp(p, p->buf + p->l3_len) : TUNIO_PKT_UNSUPPORTED;
     case TUNIO_IPPROTO_ICMPV6:
         return p->version == 6 ? parse_icmp(p, p->buf + p->l3_len) : TUNIO_PKT_UNSUPPORTED;
-    default: return TUNIO_PKT_UNSUPPORTED;
+    default:
+        return TUNIO_PKT_UNSUPPORTED;
     }
 }
 
@@ -117,8 +129,7 @@ static int parse_ipv6(struct tunio_pkt *p, size_t len)
     uint8_t next = buf[6];
     size_t off = IPV6_HLEN, next_at = 6;
     for (int hops = 0;; hops++) {
-        if (next == TUNIO_IPPROTO_TCP || next == TUNIO_IPPROTO_UDP ||
-            next == TUNIO_IPPROTO_ICMPV6)
+        if (next == TUNIO_IPPROTO_TCP || next == TUNIO_IPPROTO_UDP || next == TUNIO_IPPROTO_ICMPV6)
             break;
         if (next == 44) {
             /* A fragment header cut short leaves a fragment with no payload: discarded. */
@@ -359,9 +370,9 @@ size_t tunio_pkt_build_udp(int version, const uint8_t src[16], uint16_t sport,
     return total;
 }
 
-size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16],
-                            const uint8_t dst[16], uint16_t id, uint16_t seq,
-                            const uint8_t *data, size_t len, uint8_t *out, size_t cap)
+size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16], const uint8_t dst[16],
+                            uint16_t id, uint16_t seq, const uint8_t *data, size_t len,
+                            uint8_t *out, size_t cap)
 {
     size_t hlen = version == 6 ? IPV6_HLEN : IPV4_MIN_HLEN;
     size_t total = hlen + ICMP_ECHO_HLEN + len;

@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* cffi:begin (the parser and the builders, for tests) */
 #define TUNIO_IPPROTO_ICMP 1
 #define TUNIO_IPPROTO_TCP 6
 #define TUNIO_IPPROTO_UDP 17
@@ -36,15 +37,15 @@ enum tunio_pkt_status {
  * so the tables above this layer stay address-family generic. */
 struct tunio_pkt {
     uint8_t *buf;
-    size_t len;       /* IP total length (trailing bytes beyond it are ignored) */
-    uint8_t version;  /* 4 or 6 */
-    uint8_t proto;    /* TUNIO_IPPROTO_* */
-    size_t l3_len;    /* IP header length, IPv6 extension headers included */
-    size_t l4_len;    /* bytes from the transport header to the end of the packet */
+    size_t len;      /* IP total length (trailing bytes beyond it are ignored) */
+    uint8_t version; /* 4 or 6 */
+    uint8_t proto;   /* TUNIO_IPPROTO_* */
+    size_t l3_len;   /* IP header length, IPv6 extension headers included */
+    size_t l4_len;   /* bytes from the transport header to the end of the packet */
     uint8_t src[16];
     uint8_t dst[16];
-    uint16_t sport;   /* host order; an ICMP echo's identifier */
-    uint16_t dport;   /* 0 for an ICMP echo */
+    uint16_t sport; /* host order; an ICMP echo's identifier */
+    uint16_t dport; /* 0 for an ICMP echo */
     /* TCP only */
     uint8_t tcp_flags;
     uint32_t seq;
@@ -62,7 +63,7 @@ struct tunio_pkt {
     size_t frag_offset;  /* where that payload goes in the datagram's payload */
     size_t frag_next_at; /* IPv6: the next-header byte that names the fragment header */
     uint32_t frag_id;
-    uint8_t frag_more;   /* more fragments follow */
+    uint8_t frag_more; /* more fragments follow */
 };
 
 int tunio_pkt_parse(struct tunio_pkt *p, uint8_t *buf, size_t len);
@@ -95,12 +96,13 @@ size_t tunio_pkt_build_udp(int version, const uint8_t src[16], uint16_t sport,
                            size_t len, uint8_t *out, size_t cap);
 
 /* Builds an ICMP / ICMPv6 echo request (reply = 0) or reply (reply = 1) carrying `data`. */
-size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16],
-                            const uint8_t dst[16], uint16_t id, uint16_t seq,
-                            const uint8_t *data, size_t len, uint8_t *out, size_t cap);
+size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16], const uint8_t dst[16],
+                            uint16_t id, uint16_t seq, const uint8_t *data, size_t len,
+                            uint8_t *out, size_t cap);
 
 /* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
  * right. Tests use it: the kernel does not check checksums of some packets we hand it. */
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p);
+/* cffi:end */
 
 #endif

@@ -1,134 +1,112 @@
 /* TUN reader threads: one per queue. A flow's packets stay on one queue, so per-flow order is
- * kept; the only shared state is the NAT table and the queue of new flows for the loop thread. */
+ * kept; the only shared state is the NAT table and the queues to the loop thread. */
+#include "reader.h"
+
 #include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <poll.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "common.h"
+#include "nat.h"
+#include "packet.h"
+#include "queue.h"
 #include "reasm.h"
-#include "stack_internal.h"
+#include "tun.h"
+#include "tunio.h"
 
 #define READ_BATCH 64 /* packets per wakeup before checking the stop fd again */
 #define REPLY_MAX 128 /* a RST or an ICMP error quoting a SYN */
 
-int packet_queue_init(struct item_queue *q)
-{
-    memset(q, 0, sizeof(*q));
-    q->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (q->efd < 0)
-        return -errno;
-    int err = pthread_mutex_init(&q->lock, NULL);
-    if (err) {
-        close(q->efd);
-        q->efd = -1;
-        return -err;
-    }
-    return 0;
-}
+struct tunio_reader {
+    struct tunio_reader_config cfg;
+    size_t vnet_len;
+    struct tunio_reasm *reasm; /* this queue's fragments (reasm.c) */
+    pthread_t thread;
+    int started;
+    /* Written by this reader only; atomic so that stats can read them from another thread. */
+    atomic_ullong packets_read;
+    atomic_ullong drop[5]; /* by enum tunio_pkt_status */
+    atomic_ullong dgrams_dropped;
+};
 
-void packet_queue_fini(struct item_queue *q)
+static void count(atomic_ullong *c, unsigned n)
 {
-    free(q->items);
-    close(q->efd);
-    pthread_mutex_destroy(&q->lock);
-}
-
-int packet_queue_push(struct item_queue *q, const void *item, size_t size, size_t max)
-{
-    pthread_mutex_lock(&q->lock);
-    if (q->len >= max) {
-        pthread_mutex_unlock(&q->lock);
-        return -ENOBUFS;
-    }
-    if (q->len == q->cap) {
-        size_t cap = q->cap ? q->cap * 2 : 64;
-        uint8_t *items = realloc(q->items, cap * size);
-        if (!items) {
-            pthread_mutex_unlock(&q->lock);
-            return -ENOMEM;
-        }
-        q->items = items;
-        q->cap = cap;
-    }
-    memcpy(q->items + q->len * size, item, size);
-    q->len++;
-    pthread_mutex_unlock(&q->lock);
-    uint64_t one = 1;
-    ssize_t w = write(q->efd, &one, sizeof(one));
-    (void)w; /* an eventfd write only fails when the counter is saturated: already signalled */
-    return 0;
-}
-
-size_t packet_queue_take(struct item_queue *q, void **out)
-{
-    uint64_t v;
-    ssize_t r = read(q->efd, &v, sizeof(v));
-    (void)r;
-    pthread_mutex_lock(&q->lock);
-    size_t n = q->len;
-    *out = q->items;
-    q->items = NULL;
-    q->len = q->cap = 0;
-    pthread_mutex_unlock(&q->lock);
-    return n;
+    atomic_fetch_add_explicit(c, n, memory_order_relaxed);
 }
 
 /* The virtio-net header's fields we use (linux/virtio_net.h; little-endian on the x86/arm
  * hosts a TUN device runs on, as the kernel's own tun_vnet_hdr does for non-legacy headers). */
 #define VNET_F_NEEDS_CSUM 1
 
-static uint16_t le16(const uint8_t *p) { return (uint16_t)(p[0] | p[1] << 8); }
+static uint16_t le16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | p[1] << 8);
+}
 
-static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *frame, size_t n,
-                          uint8_t *reply, int reassembled);
+static void handle_packet(struct tunio_reader *r, uint8_t *frame, size_t n, uint8_t *reply,
+                          int reassembled);
 
 /* A fragment: held until its datagram is whole, which then goes the way of any packet. */
-static void handle_fragment(struct tunio_stack *s, struct reader *r,
-                            const struct tunio_pkt *fragment, uint8_t *reply)
+static void handle_fragment(struct tunio_reader *r, const struct tunio_pkt *fragment,
+                            uint8_t *reply)
 {
-    size_t h = s->vnet_len;
+    size_t h = r->vnet_len;
     uint8_t *whole = NULL;
     size_t len = 0;
     int res = r->reasm ? tunio_reasm_add(r->reasm, fragment, tunio_now_ms(), &whole, &len)
                        : TUNIO_REASM_DISCARDED;
-    unsigned gone = (r->reasm ? tunio_reasm_take_discarded(r->reasm) : 0) +
-                    (res == TUNIO_REASM_DISCARDED);
+    unsigned gone =
+        (r->reasm ? tunio_reasm_take_discarded(r->reasm) : 0) + (res == TUNIO_REASM_DISCARDED);
     if (gone)
-        atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_FRAGMENT], gone, memory_order_relaxed);
+        count(&r->drop[TUNIO_PKT_FRAGMENT], gone);
     if (res == TUNIO_REASM_DONE) {
         memset(whole - h, 0, h); /* a virtio-net header saying nothing: no offload */
-        handle_packet(s, r, whole - h, h + len, reply, 1);
+        handle_packet(r, whole - h, h + len, reply, 1);
     }
 }
 
-static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *frame, size_t n,
-                          uint8_t *reply, int reassembled)
+/* UDP, and ICMP echo requests: datagram sessions, on the loop thread. Copied, since the read
+ * buffer is reused at once. */
+static void queue_dgram(struct tunio_reader *r, const struct tunio_pkt *p)
 {
-    int fd = r->fd;
-    size_t h = s->vnet_len;
+    struct tunio_dgram d = {.data = malloc(p->len), .len = p->len};
+    if (d.data)
+        memcpy(d.data, p->buf, p->len); /* before the push: the loop may take it at once */
+    if (!d.data || tunio_queue_push(r->cfg.dgrams, &d) < 0) {
+        free(d.data);
+        count(&r->dgrams_dropped, 1);
+    }
+}
+
+static void handle_packet(struct tunio_reader *r, uint8_t *frame, size_t n, uint8_t *reply,
+                          int reassembled)
+{
+    int fd = r->cfg.fd;
+    size_t h = r->vnet_len;
     struct tunio_pkt p;
     int st = n < h ? TUNIO_PKT_TRUNCATED : tunio_pkt_parse(&p, frame + h, n - h);
     if (st == TUNIO_PKT_FRAGMENT && !reassembled) {
-        handle_fragment(s, r, &p, reply);
+        handle_fragment(r, &p, reply);
         return;
     }
     if (st != TUNIO_PKT_OK) {
-        atomic_fetch_add_explicit(&s->c.drop[st], 1, memory_order_relaxed);
+        count(&r->drop[st], 1);
         return;
     }
-    struct family *fam = stack_family(s, p.version);
-    if (!fam->ready) {
+    struct tunio_nat *nat = r->cfg.nat[p.version == 6];
+    if (!nat) {
         /* An address family the TUN has no address of: nothing of ours can be there. */
-        atomic_fetch_add_explicit(&s->c.drop[TUNIO_PKT_UNSUPPORTED], 1, memory_order_relaxed);
+        count(&r->drop[TUNIO_PKT_UNSUPPORTED], 1);
         return;
     }
     if (p.proto != TUNIO_IPPROTO_TCP) {
-        udp_enqueue(s, &p); /* UDP, and ICMP echo requests: datagram sessions */
+        queue_dgram(r, &p);
         return;
     }
     if (h && (frame[0] & VNET_F_NEEDS_CSUM)) {
@@ -141,21 +119,17 @@ static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *fram
     }
     struct tunio_nat_open open;
     size_t reply_len = 0;
-    switch (tunio_nat_translate(&fam->nat, &p, tunio_now_ms(), reply, REPLY_MAX, &reply_len,
-                                &open)) {
+    switch (tunio_nat_translate(nat, &p, tunio_now_ms(), reply, REPLY_MAX, &reply_len, &open)) {
     case TUNIO_NAT_FORWARD:
         /* Written back with its own virtio-net header: a 64 KB segment stays one. */
-        if (write(fd, frame, h + p.len) == (ssize_t)(h + p.len))
-            atomic_fetch_add_explicit(&s->c.packets_written, 1, memory_order_relaxed);
-        else
-            atomic_fetch_add_explicit(&s->c.write_errors, 1, memory_order_relaxed);
+        tunio_tun_write_frame(r->cfg.tun, fd, frame, h + p.len);
         break;
     case TUNIO_NAT_REPLY:
-        stack_tun_write(s, fd, reply, reply_len);
+        tunio_tun_write(r->cfg.tun, fd, reply, reply_len);
         break;
     case TUNIO_NAT_OPEN:
-        if (packet_queue_push(&s->opens, &open, sizeof(open), SIZE_MAX) < 0)
-            stack_reject(s, fd, open.version, open.entry, open.flow_id, ENOMEM);
+        if (tunio_queue_push(r->cfg.opens, &open) < 0)
+            tunio_tun_reject(r->cfg.tun, fd, nat, open.entry, open.flow_id, ENOMEM);
         break;
     case TUNIO_NAT_DROP:
         break;
@@ -164,17 +138,19 @@ static void handle_packet(struct tunio_stack *s, struct reader *r, uint8_t *fram
 
 static void *reader_main(void *arg)
 {
-    struct reader *r = arg;
-    struct tunio_stack *s = r->s;
+    struct tunio_reader *r = arg;
     uint8_t *buf = malloc(TUNIO_TUN_BUF);
     uint8_t reply[REPLY_MAX];
     r->reasm = tunio_reasm_new(); /* without it, fragments are dropped as before */
     if (!buf) {
         tunio_log(TUNIO_LOG_ERROR, "reader: out of memory");
+        tunio_reasm_free(r->reasm);
+        r->reasm = NULL;
         return NULL;
     }
-    struct pollfd pfd[2] = {{.fd = r->fd, .events = POLLIN}, {.fd = s->stop_fd, .events = POLLIN}};
-    while (!atomic_load(&s->stopping)) {
+    int fd = r->cfg.fd;
+    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = r->cfg.stop_fd, .events = POLLIN}};
+    for (;;) {
         if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
@@ -184,11 +160,11 @@ static void *reader_main(void *arg)
         if (pfd[1].revents)
             break;
         if (pfd[0].revents & (POLLERR | POLLNVAL)) {
-            tunio_log(TUNIO_LOG_ERROR, "reader: TUN queue fd %d failed", r->fd);
+            tunio_log(TUNIO_LOG_ERROR, "reader: TUN queue fd %d failed", fd);
             break;
         }
         for (int i = 0; i < READ_BATCH; i++) {
-            ssize_t n = read(r->fd, buf, TUNIO_TUN_BUF);
+            ssize_t n = read(fd, buf, TUNIO_TUN_BUF);
             if (n < 0) {
                 if (errno != EAGAIN && errno != EINTR)
                     tunio_log(TUNIO_LOG_WARNING, "reader: read: %s", strerror(errno));
@@ -196,8 +172,8 @@ static void *reader_main(void *arg)
             }
             if (n == 0)
                 break;
-            atomic_fetch_add_explicit(&s->c.packets_read, 1, memory_order_relaxed);
-            handle_packet(s, r, buf, (size_t)n, reply, 0);
+            count(&r->packets_read, 1);
+            handle_packet(r, buf, (size_t)n, reply, 0);
         }
     }
     free(buf);
@@ -206,24 +182,58 @@ static void *reader_main(void *arg)
     return NULL;
 }
 
-int reader_start(struct tunio_stack *s, struct reader *r)
+int tunio_reader_new(const struct tunio_reader_config *cfg, struct tunio_reader **out)
 {
-    r->s = s;
+    *out = NULL;
+    struct tunio_reader *r = calloc(1, sizeof(*r));
+    if (!r)
+        return -ENOMEM;
+    r->cfg = *cfg;
+    r->vnet_len = tunio_tun_vnet_len(cfg->tun);
+    atomic_init(&r->packets_read, 0);
+    for (size_t i = 0; i < TUNIO_ARRAY_LEN(r->drop); i++)
+        atomic_init(&r->drop[i], 0);
+    atomic_init(&r->dgrams_dropped, 0);
+    *out = r;
+    return 0;
+}
+
+int tunio_reader_start(struct tunio_reader *r)
+{
     int err = pthread_create(&r->thread, NULL, reader_main, r);
     if (err)
         return -err;
     /* Named per queue, so top -H and a per-thread CPU profile (make bench) tell the readers
      * from the loop thread. */
     char name[16];
-    snprintf(name, sizeof(name), "tunio-rd%d", (int)(r - s->readers));
+    snprintf(name, sizeof(name), "tunio-rd%d", r->cfg.index);
     pthread_setname_np(r->thread, name);
     r->started = 1;
     return 0;
 }
 
-void reader_join(struct reader *r)
+void tunio_reader_join(struct tunio_reader *r)
 {
-    if (r->started)
+    if (r && r->started)
         pthread_join(r->thread, NULL);
-    r->started = 0;
+    if (r)
+        r->started = 0;
+}
+
+void tunio_reader_free(struct tunio_reader *r)
+{
+    if (!r)
+        return;
+    tunio_reader_join(r);
+    free(r);
+}
+
+void tunio_reader_add_stats(const struct tunio_reader *r, struct tunio_stats *o)
+{
+    o->packets_read += atomic_load(&r->packets_read);
+    o->drop_truncated += atomic_load(&r->drop[TUNIO_PKT_TRUNCATED]);
+    o->drop_bad_header += atomic_load(&r->drop[TUNIO_PKT_BAD_HEADER]);
+    o->drop_fragment += atomic_load(&r->drop[TUNIO_PKT_FRAGMENT]);
+    o->drop_unsupported += atomic_load(&r->drop[TUNIO_PKT_UNSUPPORTED]);
+    o->udp_dropped += atomic_load(&r->dgrams_dropped);
 }

@@ -8,10 +8,10 @@
 
 #include "checksum.h"
 
-#define HEAD_MAX (256u + TUNIO_REASM_ROOM) /* the kept header (at most 256 bytes: an IPv4 header,
-                                            * or IPv6 and the extensions before the fragment
-                                            * header), and room before it */
-#define PAYLOAD_MAX 65535u       /* fragment offsets are 13 bits of 8-byte blocks */
+/* The kept header (at most 256 bytes: an IPv4 header, or IPv6 and the extensions before the
+ * fragment header), and room before it. */
+#define HEAD_MAX (256u + TUNIO_REASM_ROOM)
+#define PAYLOAD_MAX 65535u /* fragment offsets are 13 bits of 8-byte blocks */
 #define BLOCKS (PAYLOAD_MAX / 8u + 1u)
 #define IPV6_HLEN 40u
 
@@ -22,11 +22,11 @@ struct slot {
     uint8_t src[16], dst[16];
     uint32_t id;
     uint64_t expires_ms;
-    size_t have;        /* payload bytes received */
-    size_t total;       /* payload length, once the last fragment came (0 before) */
-    size_t head_len;    /* header bytes kept from the first fragment (0 until it came) */
-    size_t next_at;     /* IPv6: where, in the kept header, the next-header byte to fix is */
-    uint8_t *buf;       /* HEAD_MAX + PAYLOAD_MAX bytes; allocated on first use, then kept */
+    size_t have;     /* payload bytes received */
+    size_t total;    /* payload length, once the last fragment came (0 before) */
+    size_t head_len; /* header bytes kept from the first fragment (0 until it came) */
+    size_t next_at;  /* IPv6: where, in the kept header, the next-header byte to fix is */
+    uint8_t *buf;    /* HEAD_MAX + PAYLOAD_MAX bytes; allocated on first use, then kept */
     uint8_t seen[BLOCKS / 8u];
 };
 
@@ -41,7 +41,10 @@ static void put16(uint8_t *p, uint16_t v)
     p[1] = (uint8_t)v;
 }
 
-struct tunio_reasm *tunio_reasm_new(void) { return calloc(1, sizeof(struct tunio_reasm)); }
+struct tunio_reasm *tunio_reasm_new(void)
+{
+    return calloc(1, sizeof(struct tunio_reasm));
+}
 
 void tunio_reasm_free(struct tunio_reasm *r)
 {

@@ -1,137 +1,97 @@
-/* The stack's lifecycle and its loop thread. tunio_stack_new binds everything (so workers can
- * connect as soon as it returns); tunio_stack_run starts the TUN readers and runs the loop until
- * the stop eventfd is written; tunio_stack_free copes with a half-built stack. */
+/* The stack: its construction, its loop thread, and the only place that dispatches. Each part
+ * owns its state behind its own header (tun.h, reader.h, link.h, flows.h, udp.h, nat.h); this
+ * file creates them, hands each what it needs, and routes to them: epoll events by tag, the
+ * link's messages to flows or udp, a lost worker to both, the tick to all, and their counters
+ * into one tunio_stats.
+ *
+ * tunio_stack_new binds everything (so workers can connect as soon as it returns);
+ * tunio_stack_run starts the TUN readers and runs the loop until the stop eventfd is written;
+ * tunio_stack_free copes with a half-built stack. Threads: the readers (one per queue) share only
+ * the NAT tables (locked), the queues to the loop (locked) and the TUN writer (atomic counters);
+ * everything else is the loop thread's. */
+#include "tunio.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/ip6.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include "common.h"
-#include "stack_internal.h"
+#include "defaults.h"
+#include "flows.h"
+#include "link.h"
+#include "nat.h"
+#include "queue.h"
+#include "reader.h"
+#include "tun.h"
+#include "udp.h"
 
 #define TUNIO_VERSION "0.1.0"
 #define LISTEN_BACKLOG 65535
 #define EVENTS_PER_WAIT 256
-#define BYE_LINGER_MS 500
 #define TICK_MS 250u
+
+/* epoll tags: the low byte says what an event is for; flows carry their id above it. */
+enum {
+    TAG_LISTENER4 = 1,
+    TAG_LISTENER6,
+    TAG_ROUTER,
+    TAG_OPENS,
+    TAG_STOP,
+    TAG_TIMER,
+    TAG_UDPQ,
+    TAG_ZAP,
+    TAG_FLOW,
+};
+
+/* One address family the stack carries: its listener and its NAT table. The table is embedded
+ * here and handed to the others by pointer (NULL for a family not carried), so where it lives is
+ * this file's business alone. */
+struct family {
+    int ready;
+    struct tunio_nat nat;
+    int listen_fd;
+    uint16_t listen_port;
+};
+
+struct tunio_stack {
+    struct tunio_config cfg;
+    struct family fam[2];     /* [0] IPv4, [1] IPv6 */
+    atomic_uint next_flow_id; /* one id space: the NAT tables' flows and the UDP sessions */
+    struct tunio_tun *tun;
+    struct tunio_link *link;
+    struct tunio_flows *flows;
+    struct tunio_udp *udp;
+    struct tunio_reader *readers[TUNIO_MAX_QUEUES];
+    int n_readers;
+    int epfd;
+    int stop_fd;
+    int timer_fd;
+    atomic_int stopping;
+};
 
 const char *tunio_version(void)
 {
     return TUNIO_VERSION;
 }
 
-/* ---- flow table: chained hash by id, grown when it gets dense ---- */
-
-static uint32_t id_hash(uint32_t id)
+static struct family *family_of(struct tunio_stack *s, int version)
 {
-    id ^= id >> 16;
-    id *= 0x7feb352du;
-    id ^= id >> 15;
-    return id;
+    return &s->fam[version == 6];
 }
 
-struct flow *stack_flow_find(struct tunio_stack *s, uint32_t id)
+static struct tunio_nat *nat_or_null(struct tunio_stack *s, int i)
 {
-    struct flow *f = s->flow_buckets[id_hash(id) & s->flow_mask];
-    while (f && f->id != id)
-        f = f->hnext;
-    return f;
-}
-
-static void flow_table_grow(struct tunio_stack *s)
-{
-    uint32_t nb = (s->flow_mask + 1) * 2;
-    struct flow **b = calloc(nb, sizeof(*b));
-    if (!b)
-        return; /* stays correct, only slower */
-    for (uint32_t i = 0; i <= s->flow_mask; i++) {
-        struct flow *f = s->flow_buckets[i];
-        while (f) {
-            struct flow *next = f->hnext;
-            uint32_t h = id_hash(f->id) & (nb - 1);
-            f->hnext = b[h];
-            b[h] = f;
-            f = next;
-        }
-    }
-    free(s->flow_buckets);
-    s->flow_buckets = b;
-    s->flow_mask = nb - 1;
-}
-
-struct flow *stack_flow_new(struct tunio_stack *s, uint32_t id, uint32_t entry, int worker)
-{
-    if (s->nflows > s->flow_mask)
-        flow_table_grow(s);
-    struct flow *f = calloc(1, sizeof(*f));
-    if (!f)
-        return NULL;
-    f->id = id;
-    f->entry = entry;
-    f->worker = worker;
-    f->fd = -1;
-    f->since_ms = tunio_now_ms();
-    uint32_t h = id_hash(id) & s->flow_mask;
-    f->hnext = s->flow_buckets[h];
-    s->flow_buckets[h] = f;
-    s->nflows++;
-    s->workers[worker].flows++;
-    return f;
-}
-
-void stack_flow_free(struct tunio_stack *s, struct flow *f)
-{
-    struct flow **link = &s->flow_buckets[id_hash(f->id) & s->flow_mask];
-    while (*link && *link != f)
-        link = &(*link)->hnext;
-    if (*link)
-        *link = f->hnext;
-    while (f->head) {
-        struct chunk *c = f->head;
-        f->head = c->next;
-        zmq_msg_close(&c->msg);
-        free(c);
-    }
-    if (f->fd >= 0) {
-        epoll_ctl(s->epfd, EPOLL_CTL_DEL, f->fd, NULL);
-        close(f->fd);
-    }
-    s->workers[f->worker].flows--;
-    s->nflows--;
-    free(f);
-}
-
-void stack_tun_write(struct tunio_stack *s, int fd, const uint8_t *pkt, size_t len)
-{
-    if (fd < 0)
-        fd = s->tun_fds[0];
-    /* Packets we built carry full checksums: an all-zero virtio-net header says so. */
-    static const uint8_t no_offload[TUNIO_VNET_HLEN];
-    struct iovec iov[2] = {{.iov_base = (void *)no_offload, .iov_len = s->vnet_len},
-                           {.iov_base = (void *)pkt, .iov_len = len}};
-    if (writev(fd, iov, 2) == (ssize_t)(s->vnet_len + len))
-        atomic_fetch_add_explicit(&s->c.packets_written, 1, memory_order_relaxed);
-    else
-        atomic_fetch_add_explicit(&s->c.write_errors, 1, memory_order_relaxed);
-}
-
-void stack_reject(struct tunio_stack *s, int fd, int version, uint32_t entry, uint32_t flow_id,
-                  int err)
-{
-    uint8_t out[256]; /* a RST, or an ICMP error quoting the SYN's headers */
-    size_t n = 0;
-    if (tunio_nat_reject(stack_nat(s, version), entry, flow_id, err, tunio_now_ms(), out,
-                         sizeof(out), &n) == 0 &&
-        n)
-        stack_tun_write(s, fd, out, n);
+    return s->fam[i].ready ? &s->fam[i].nat : NULL;
 }
 
 /* ---- construction ---- */
@@ -217,14 +177,14 @@ static int bind_listener(struct tunio_stack *s, const struct tunio_prefix *px, s
         return err;
     }
     fam->listen_fd = fd;
-    fam->listen_port = ntohs(v6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
-                                : ((struct sockaddr_in *)&ss)->sin_port);
+    fam->listen_port =
+        ntohs(v6 ? ((struct sockaddr_in6 *)&ss)->sin6_port : ((struct sockaddr_in *)&ss)->sin_port);
     return 0;
 }
 
 static int setup_family(struct tunio_stack *s, const struct tunio_prefix *px)
 {
-    struct family *fam = stack_family(s, px->version);
+    struct family *fam = family_of(s, px->version);
     if (fam->ready)
         return -EINVAL; /* one prefix per family */
     struct tunio_nat_config nc;
@@ -239,40 +199,71 @@ static int setup_family(struct tunio_stack *s, const struct tunio_prefix *px)
     if ((err = tunio_nat_init(&fam->nat, &nc, &s->next_flow_id)))
         return err;
     fam->ready = 1;
-    tunio_log(TUNIO_LOG_DEBUG, "IPv%d: listener on port %u, NAT pool of %u addresses",
-              px->version, fam->listen_port, nc.pool_count);
+    tunio_log(TUNIO_LOG_DEBUG, "IPv%d: listener on port %u, NAT pool of %u addresses", px->version,
+              fam->listen_port, nc.pool_count);
     return 0;
 }
 
-static int bind_router(struct tunio_stack *s, const struct tunio_config *cfg)
+static void on_link_message(void *owner, int worker, const struct tunio_wire_header *h,
+                            zmq_msg_t *payload);
+static void on_worker_lost(void *owner, int worker);
+
+static int make_link(struct tunio_stack *s, const struct tunio_config *cfg)
 {
-    s->zctx = zmq_ctx_new();
-    if (!s->zctx)
-        return -zmq_errno();
-    int err;
-    /* The ZAP handler must exist before the ROUTER binds, or early workers are let in. */
-    if (cfg->curve_secret && (err = zap_init(s, cfg->curve_clients ? cfg->curve_clients : "")))
-        return err;
-    s->router = zmq_socket(s->zctx, ZMQ_ROUTER);
-    if (!s->router)
-        return -zmq_errno();
-    /* Credits bound what is queued per flow; high-water marks would only drop messages. */
-    int zero = 0, one = 1, linger = BYE_LINGER_MS;
-    size_t fl = sizeof(s->router_fd);
-    if (zmq_setsockopt(s->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
-        zmq_setsockopt(s->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||
-        zmq_setsockopt(s->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
-        zmq_setsockopt(s->router, ZMQ_LINGER, &linger, sizeof(linger)))
-        return -zmq_errno();
-    if (cfg->curve_secret &&
-        (zmq_setsockopt(s->router, ZMQ_CURVE_SERVER, &one, sizeof(one)) ||
-         zmq_setsockopt(s->router, ZMQ_CURVE_SECRETKEY, cfg->curve_secret,
-                        strlen(cfg->curve_secret)) ||
-         zmq_setsockopt(s->router, ZMQ_ZAP_DOMAIN, "tunio", 5)))
-        return -zmq_errno();
-    if (zmq_bind(s->router, s->endpoint) ||
-        zmq_getsockopt(s->router, ZMQ_FD, &s->router_fd, &fl))
-        return -zmq_errno();
+    struct tunio_link_config lc = {
+        .endpoint = cfg->endpoint,
+        .curve_secret = cfg->curve_secret,
+        .curve_clients = cfg->curve_clients,
+        .heartbeat_ms = s->cfg.heartbeat_ms,
+        .on_message = on_link_message,
+        .on_worker_lost = on_worker_lost,
+        .owner = s,
+    };
+    return tunio_link_new(&lc, &s->link);
+}
+
+static int make_flows(struct tunio_stack *s)
+{
+    struct tunio_flows_config fc = {
+        .window = s->cfg.window,
+        .epfd = s->epfd,
+        .tag = TAG_FLOW,
+        .nat = {nat_or_null(s, 0), nat_or_null(s, 1)},
+        .listen_fd = {s->fam[0].listen_fd, s->fam[1].listen_fd},
+        .tun = s->tun,
+        .link = s->link,
+    };
+    return tunio_flows_new(&fc, &s->flows);
+}
+
+static int make_udp(struct tunio_stack *s)
+{
+    struct tunio_udp_config uc = {
+        .timeout_ms = s->cfg.udp_timeout_ms,
+        .next_id = &s->next_flow_id,
+        .tun = s->tun,
+        .link = s->link,
+    };
+    return tunio_udp_new(&uc, &s->udp);
+}
+
+static int make_readers(struct tunio_stack *s)
+{
+    for (int i = 0; i < tunio_tun_queues(s->tun); i++) {
+        struct tunio_reader_config rc = {
+            .index = i,
+            .fd = tunio_tun_queue_fd(s->tun, i),
+            .stop_fd = s->stop_fd,
+            .tun = s->tun,
+            .nat = {nat_or_null(s, 0), nat_or_null(s, 1)},
+            .opens = tunio_flows_queue(s->flows),
+            .dgrams = tunio_udp_queue(s->udp),
+        };
+        int err = tunio_reader_new(&rc, &s->readers[i]);
+        if (err)
+            return err;
+        s->n_readers = i + 1;
+    }
     return 0;
 }
 
@@ -280,6 +271,16 @@ static int watch(struct tunio_stack *s, int fd, uint64_t tag)
 {
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = tag};
     return epoll_ctl(s->epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+static int start_timer(struct tunio_stack *s)
+{
+    /* The loop's tick: heartbeats go out every heartbeat_ms, expiries are checked every tick. */
+    uint32_t tick = s->cfg.heartbeat_ms < TICK_MS ? s->cfg.heartbeat_ms : TICK_MS;
+    struct itimerspec its = {
+        .it_interval = {.tv_sec = tick / 1000, .tv_nsec = (long)(tick % 1000) * 1000000L}};
+    its.it_value = its.it_interval;
+    return timerfd_settime(s->timer_fd, 0, &its, NULL) < 0 ? -errno : 0;
 }
 
 int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
@@ -294,9 +295,12 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     s->epfd = s->stop_fd = s->timer_fd = -1;
     s->fam[0].listen_fd = s->fam[1].listen_fd = -1;
     atomic_init(&s->next_flow_id, 1);
+    atomic_init(&s->stopping, 0);
     s->cfg = *cfg;
-    s->cfg.tun_fds = NULL;
+    s->cfg.tun_fds = NULL; /* the caller's: only what the parts copied is kept */
     s->cfg.endpoint = NULL;
+    s->cfg.curve_secret = NULL;
+    s->cfg.curve_clients = NULL;
     if (!s->cfg.pending_ms)
         s->cfg.pending_ms = TUNIO_DEFAULT_PENDING_MS;
     if (!s->cfg.reserve_ms)
@@ -306,25 +310,12 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     if (!s->cfg.udp_timeout_ms)
         s->cfg.udp_timeout_ms = TUNIO_DEFAULT_UDP_TIMEOUT_MS;
     tunio_log_set_level(cfg->log_level ? cfg->log_level : TUNIO_LOG_INFO);
-    s->n_tun = cfg->n_tun_fds;
-    s->vnet_len = cfg->vnet ? TUNIO_VNET_HLEN : 0;
-    memcpy(s->tun_fds, cfg->tun_fds, sizeof(int) * (size_t)cfg->n_tun_fds);
-    s->flow_mask = 1023;
-    int err = -ENOMEM;
-    s->endpoint = strdup(cfg->endpoint);
-    s->flow_buckets = calloc(s->flow_mask + 1, sizeof(*s->flow_buckets));
-    if (!s->endpoint || !s->flow_buckets)
+    int err;
+    if ((err = tunio_tun_new(cfg->tun_fds, cfg->n_tun_fds, cfg->vnet, &s->tun)))
         goto fail;
     for (int i = 0; i < cfg->n_prefixes; i++)
         if ((err = setup_family(s, &cfg->prefixes[i])))
             goto fail;
-    if ((err = packet_queue_init(&s->opens)))
-        goto fail;
-    s->opens_ready = 1;
-    s->udpq.efd = -1;
-    s->udp_out = malloc(TUNIO_TUN_BUF);
-    if (!s->udp_out || (err = udp_init(s)))
-        goto fail;
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     s->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -332,26 +323,19 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         err = -errno;
         goto fail;
     }
-    if ((err = bind_router(s, cfg)))
+    if ((err = make_link(s, cfg)) || (err = make_flows(s)) || (err = make_udp(s)) ||
+        (err = make_readers(s)) || (err = start_timer(s)))
         goto fail;
-    /* The loop's tick: heartbeats go out every heartbeat_ms, expiries are checked every tick. */
-    uint32_t tick = s->cfg.heartbeat_ms < TICK_MS ? s->cfg.heartbeat_ms : TICK_MS;
-    struct itimerspec its = {.it_interval = {.tv_sec = tick / 1000,
-                                             .tv_nsec = (long)(tick % 1000) * 1000000L}};
-    its.it_value = its.it_interval;
-    if (timerfd_settime(s->timer_fd, 0, &its, NULL) < 0) {
-        err = -errno;
-        goto fail;
-    }
+    int zap_fd = tunio_link_zap_fd(s->link);
     if ((s->fam[0].ready && (err = watch(s, s->fam[0].listen_fd, TAG_LISTENER4))) ||
         (s->fam[1].ready && (err = watch(s, s->fam[1].listen_fd, TAG_LISTENER6))) ||
-        (err = watch(s, s->router_fd, TAG_ROUTER)) ||
-        (s->zap && (err = watch(s, s->zap_fd, TAG_ZAP))) ||
-        (err = watch(s, s->opens.efd, TAG_OPENS)) || (err = watch(s, s->udpq.efd, TAG_UDPQ)) ||
-        (err = watch(s, s->stop_fd, TAG_STOP)) ||
-        (err = watch(s, s->timer_fd, TAG_TIMER)))
+        (err = watch(s, tunio_link_fd(s->link), TAG_ROUTER)) ||
+        (zap_fd >= 0 && (err = watch(s, zap_fd, TAG_ZAP))) ||
+        (err = watch(s, tunio_queue_fd(tunio_flows_queue(s->flows)), TAG_OPENS)) ||
+        (err = watch(s, tunio_queue_fd(tunio_udp_queue(s->udp)), TAG_UDPQ)) ||
+        (err = watch(s, s->stop_fd, TAG_STOP)) || (err = watch(s, s->timer_fd, TAG_TIMER)))
         goto fail;
-    tunio_log(TUNIO_LOG_DEBUG, "endpoint %s", s->endpoint);
+    tunio_log(TUNIO_LOG_DEBUG, "endpoint %s", cfg->endpoint);
     *out = s;
     return 0;
 fail:
@@ -359,23 +343,19 @@ fail:
     return err;
 }
 
+/* Every part copes with NULL, so a stack that failed half-way through tunio_stack_new is freed by
+ * the same code as a whole one. The order matters: readers first (they use everything), flows
+ * and sessions before the link (they count their load on it) and before the epoll fd (flows
+ * remove their sockets from it), the NAT tables after everything that holds a pointer to them. */
 void tunio_stack_free(struct tunio_stack *s)
 {
     if (!s)
         return;
-    for (int i = 0; i < s->n_tun; i++)
-        reader_join(&s->readers[i]);
-    if (s->flow_buckets) {
-        for (uint32_t b = 0; b <= s->flow_mask; b++)
-            while (s->flow_buckets[b])
-                stack_flow_free(s, s->flow_buckets[b]);
-        free(s->flow_buckets);
-    }
-    if (s->router)
-        zmq_close(s->router);
-    zap_fini(s);
-    if (s->zctx)
-        zmq_ctx_term(s->zctx);
+    for (int i = 0; i < s->n_readers; i++)
+        tunio_reader_free(s->readers[i]);
+    tunio_flows_free(s->flows);
+    tunio_udp_free(s->udp);
+    tunio_link_free(s->link);
     for (int v = 0; v < 2; v++)
         if (s->fam[v].listen_fd >= 0)
             close(s->fam[v].listen_fd);
@@ -385,15 +365,10 @@ void tunio_stack_free(struct tunio_stack *s)
         close(s->stop_fd);
     if (s->timer_fd >= 0)
         close(s->timer_fd);
-    udp_fini(s);
-    free(s->udp_out);
-    if (s->opens_ready)
-        packet_queue_fini(&s->opens);
     for (int v = 0; v < 2; v++)
         if (s->fam[v].ready)
             tunio_nat_fini(&s->fam[v].nat);
-    free(s->rbuf);
-    free(s->endpoint);
+    tunio_tun_free(s->tun);
     free(s);
 }
 
@@ -406,11 +381,28 @@ int tunio_stack_stop(struct tunio_stack *s)
 
 int tunio_stack_listen_port(struct tunio_stack *s, int version)
 {
-    struct family *fam = stack_family(s, version);
+    struct family *fam = family_of(s, version);
     return fam->ready ? fam->listen_port : -EAFNOSUPPORT;
 }
 
-/* ---- the loop ---- */
+/* ---- the loop: the one place that dispatches ---- */
+
+/* Flow ids are one space for TCP flows and datagram sessions: an id that names a session (or a
+ * DGRAM) is udp's, anything else is a TCP flow's. */
+static void on_link_message(void *owner, int worker, const struct tunio_wire_header *h,
+                            zmq_msg_t *payload)
+{
+    struct tunio_stack *s = owner;
+    if (!tunio_udp_on_message(s->udp, worker, h, payload))
+        tunio_flows_on_message(s->flows, worker, h, payload);
+}
+
+static void on_worker_lost(void *owner, int worker)
+{
+    struct tunio_stack *s = owner;
+    tunio_flows_worker_lost(s->flows, worker);
+    tunio_udp_worker_lost(s->udp, worker);
+}
 
 static void on_timer(struct tunio_stack *s)
 {
@@ -418,9 +410,9 @@ static void on_timer(struct tunio_stack *s)
     ssize_t r = read(s->timer_fd, &ticks, sizeof(ticks));
     (void)r;
     uint64_t now = tunio_now_ms();
-    broker_tick(s, now);
-    relay_tick(s, now);
-    udp_tick(s, now);
+    tunio_link_tick(s->link, now);
+    tunio_flows_tick(s->flows, now);
+    tunio_udp_tick(s->udp, now);
 }
 
 static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
@@ -428,43 +420,29 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
     uint64_t tag = ev->data.u64 & 0xff;
     switch (tag) {
     case TAG_LISTENER4:
-        relay_accept(s, 4);
+        tunio_flows_accept(s->flows, 4);
         break;
     case TAG_LISTENER6:
-        relay_accept(s, 6);
+        tunio_flows_accept(s->flows, 6);
         break;
     case TAG_OPENS:
-        broker_open_flows(s);
+        tunio_flows_open(s->flows);
         break;
     case TAG_UDPQ:
-        udp_drain(s);
+        tunio_udp_drain(s->udp);
         break;
     case TAG_ZAP:
-        zap_drain(s);
+        tunio_link_zap_drain(s->link);
         break;
     case TAG_TIMER:
         on_timer(s);
         break;
-    case TAG_FLOW: {
-        struct flow *f = stack_flow_find(s, (uint32_t)(ev->data.u64 >> 8));
-        if (f)
-            relay_event(s, f, ev->events);
+    case TAG_FLOW:
+        tunio_flows_event(s->flows, (uint32_t)(ev->data.u64 >> 8), ev->events);
         break;
-    }
     default: /* the ROUTER is drained after every batch; the stop fd ends the loop */
         break;
     }
-}
-
-/* ZMQ_FD only signals that the socket's state may have changed: ask ZMQ_EVENTS whether messages
- * are waiting, every time, since a send can consume the signal of a pending receive. */
-static int router_readable(struct tunio_stack *s)
-{
-    int events = 0;
-    size_t len = sizeof(events);
-    if (zmq_getsockopt(s->router, ZMQ_EVENTS, &events, &len) < 0)
-        return 0;
-    return events & ZMQ_POLLIN;
 }
 
 int tunio_stack_run(struct tunio_stack *s)
@@ -475,16 +453,17 @@ int tunio_stack_run(struct tunio_stack *s)
     char caller_name[16] = "";
     pthread_getname_np(pthread_self(), caller_name, sizeof(caller_name));
     pthread_setname_np(pthread_self(), "tunio-loop");
-    for (int i = 0; i < s->n_tun; i++) {
-        s->readers[i].fd = s->tun_fds[i];
-        if ((err = reader_start(s, &s->readers[i]))) {
+    for (int i = 0; i < s->n_readers; i++) {
+        if ((err = tunio_reader_start(s->readers[i]))) {
             tunio_stack_stop(s);
             goto out;
         }
     }
     struct epoll_event events[EVENTS_PER_WAIT];
     while (!atomic_load(&s->stopping)) {
-        int timeout = router_readable(s) ? 0 : -1;
+        /* ZMQ_FD only signals that the socket's state may have changed: ask, every time, since
+         * a send can consume the signal of a pending receive. */
+        int timeout = tunio_link_readable(s->link) ? 0 : -1;
         int n = epoll_wait(s->epfd, events, EVENTS_PER_WAIT, timeout);
         if (n < 0) {
             if (errno == EINTR)
@@ -495,20 +474,21 @@ int tunio_stack_run(struct tunio_stack *s)
         }
         for (int i = 0; i < n && !atomic_load(&s->stopping); i++) {
             dispatch(s, &events[i]);
-            broker_reap(s);
+            tunio_link_reap(s->link);
         }
-        zap_drain(s);
-        if (router_readable(s) && !atomic_load(&s->stopping)) {
+        tunio_link_zap_drain(s->link);
+        if (tunio_link_readable(s->link) && !atomic_load(&s->stopping)) {
             /* One batch, then the sockets have their turn (epoll_wait with timeout 0). */
-            broker_drain(s);
-            broker_reap(s);
+            tunio_link_drain(s->link);
+            tunio_link_reap(s->link);
         }
     }
-    atomic_store(&s->stopping, 1);
-    broker_bye_all(s);
+    /* Also when the loop failed: the readers end when the stop fd is readable. */
+    tunio_stack_stop(s);
+    tunio_link_bye_all(s->link);
 out:
-    for (int i = 0; i < s->n_tun; i++)
-        reader_join(&s->readers[i]);
+    for (int i = 0; i < s->n_readers; i++)
+        tunio_reader_join(s->readers[i]);
     if (caller_name[0])
         pthread_setname_np(pthread_self(), caller_name);
     return err;
@@ -517,15 +497,12 @@ out:
 void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
 {
     memset(o, 0, sizeof(*o));
-    o->packets_read = atomic_load(&s->c.packets_read);
-    o->packets_written = atomic_load(&s->c.packets_written);
-    o->drop_truncated = atomic_load(&s->c.drop[TUNIO_PKT_TRUNCATED]);
-    o->drop_bad_header = atomic_load(&s->c.drop[TUNIO_PKT_BAD_HEADER]);
-    o->drop_fragment = atomic_load(&s->c.drop[TUNIO_PKT_FRAGMENT]);
-    o->drop_unsupported = atomic_load(&s->c.drop[TUNIO_PKT_UNSUPPORTED]);
+    for (int i = 0; i < s->n_readers; i++)
+        tunio_reader_add_stats(s->readers[i], o);
+    tunio_tun_add_stats(s->tun, o);
     for (int v = 0; v < 2; v++) {
-        struct tunio_nat *nat = &s->fam[v].nat;
-        if (!s->fam[v].ready)
+        struct tunio_nat *nat = nat_or_null(s, v);
+        if (!nat)
             continue;
         o->drop_reserved += atomic_load(&nat->n.drop_reserved);
         o->drop_unknown += atomic_load(&nat->n.drop_unknown);
@@ -533,21 +510,7 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
         o->nat_table_full += atomic_load(&nat->n.table_full);
         o->nat_entries += tunio_nat_live(nat);
     }
-    o->write_errors = atomic_load(&s->c.write_errors);
-    /* Loop-thread counters: read without a lock; a stale value is fine for statistics. */
-    o->flows_opened = s->c.flows_opened;
-    o->flows_active = s->nflows;
-    o->dial_failed = s->c.dial_failed;
-    o->flows_reset = s->c.flows_reset;
-    o->no_worker = s->c.no_worker;
-    o->workers = (uint64_t)broker_alive_workers(s);
-    o->workers_lost = s->c.workers_lost;
-    o->protocol_errors = s->c.protocol_errors;
-    o->bytes_to_workers = s->c.bytes_to_workers;
-    o->bytes_from_workers = s->c.bytes_from_workers;
-    o->udp_sessions = s->udp_sessions;
-    o->udp_sessions_opened = s->c.udp_sessions_opened;
-    o->udp_to_workers = s->c.udp_to_workers;
-    o->udp_from_workers = s->c.udp_from_workers;
-    o->udp_dropped = atomic_load(&s->c.udp_dropped);
+    tunio_link_add_stats(s->link, o);
+    tunio_flows_add_stats(s->flows, o);
+    tunio_udp_add_stats(s->udp, o);
 }

@@ -1,32 +1,35 @@
-/* Public C API of the tunio stack, as bound by cffi (tunio/_build.py keeps its cdef in step).
+/* Public C API of the tunio stack. cffi binds what lies between the cffi:begin and cffi:end
+ * markers as written here (tunio/_build.py reads it, comments stripped): keep it plain C that
+ * cffi's parser takes (no macros but integer #defines).
  * Functions return 0 (or a count) on success and -errno on failure. */
 #ifndef TUNIO_H
 #define TUNIO_H
 
 #include <stdint.h>
 
+/* cffi:begin */
 /* An address of the TUN device with its prefix: the stack carries that address family. */
 struct tunio_prefix {
-    uint8_t address[16];     /* A: the TUN's own address (IPv4 in the first 4 bytes) */
-    uint8_t version;         /* 4 or 6 */
-    uint8_t prefix_len;      /* NAT pool addresses are taken from the top of the prefix */
+    uint8_t address[16]; /* A: the TUN's own address (IPv4 in the first 4 bytes) */
+    uint8_t version;     /* 4 or 6 */
+    uint8_t prefix_len;  /* NAT pool addresses are taken from the top of the prefix */
 };
 
 struct tunio_config {
-    const int *tun_fds;      /* one fd per TUN queue, opened by the caller (or test socketpairs) */
+    const int *tun_fds; /* one fd per TUN queue, opened by the caller (or test socketpairs) */
     int n_tun_fds;
     struct tunio_prefix prefixes[2]; /* at most one IPv4 and one IPv6 */
     int n_prefixes;
-    uint16_t listen_port;    /* 0: any free port */
-    unsigned pool_count;     /* NAT pool addresses; 0: up to 16 */
-    const char *endpoint;    /* ZeroMQ endpoint the ROUTER binds */
-    uint32_t window;         /* credit window per flow and direction, bytes */
-    uint32_t pending_ms;     /* a held SYN waits this long for the dial's outcome */
-    uint32_t reserve_ms;     /* a NAT slot stays reserved this long after its flow ends */
-    uint32_t heartbeat_ms;   /* heartbeat interval; a worker silent 3 intervals is dead */
-    int log_level;           /* 10 debug, 20 info, 30 warning, 40 error */
-    uint32_t udp_timeout_ms; /* a UDP session idle this long is ended */
-    int vnet;                /* the queues were opened with virtio-net headers (offloads) */
+    uint16_t listen_port;      /* 0: any free port */
+    unsigned pool_count;       /* NAT pool addresses; 0: up to 16 */
+    const char *endpoint;      /* ZeroMQ endpoint the ROUTER binds */
+    uint32_t window;           /* credit window per flow and direction, bytes */
+    uint32_t pending_ms;       /* a held SYN waits this long for the dial's outcome */
+    uint32_t reserve_ms;       /* a NAT slot stays reserved this long after its flow ends */
+    uint32_t heartbeat_ms;     /* heartbeat interval; a worker silent 3 intervals is dead */
+    int log_level;             /* 10 debug, 20 info, 30 warning, 40 error */
+    uint32_t udp_timeout_ms;   /* a UDP session idle this long is ended */
+    int vnet;                  /* the queues were opened with virtio-net headers (offloads) */
     const char *curve_secret;  /* z85 secret key of the stack: CURVE on the endpoint; NULL: off */
     const char *curve_clients; /* z85 public keys of the workers allowed in (with CURVE) */
 };
@@ -79,5 +82,6 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *out);
 /* The listener's port for IP `version`, or -EAFNOSUPPORT if that family is not carried. */
 int tunio_stack_listen_port(struct tunio_stack *s, int version);
 const char *tunio_version(void);
+/* cffi:end */
 
 #endif

@@ -9,7 +9,10 @@ static void put16(uint8_t *p, uint16_t v)
     p[0] = (uint8_t)(v >> 8);
     p[1] = (uint8_t)v;
 }
-static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] << 8 | p[1]); }
+static uint16_t get16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
+}
 
 void tunio_wire_encode_header(uint8_t out[TUNIO_WIRE_HEADER_LEN], uint8_t cmd, uint32_t flow,
                               uint64_t arg)
@@ -30,15 +33,18 @@ static int payload_rule(uint8_t cmd)
     case TUNIO_CMD_HELLO:
     case TUNIO_CMD_OPEN:
     case TUNIO_CMD_DATA:
-    case TUNIO_CMD_DGRAM: return 1;
+    case TUNIO_CMD_DGRAM:
+        return 1;
     case TUNIO_CMD_OPEN_OK:
     case TUNIO_CMD_OPEN_FAIL:
     case TUNIO_CMD_CREDIT:
     case TUNIO_CMD_FIN:
     case TUNIO_CMD_RST:
     case TUNIO_CMD_HEARTBEAT:
-    case TUNIO_CMD_BYE: return 0;
-    default: return -1;
+    case TUNIO_CMD_BYE:
+        return 0;
+    default:
+        return -1;
     }
 }
 
@@ -71,11 +77,16 @@ int tunio_wire_decode(const uint8_t *hdr, size_t hdr_len, int has_payload, size_
     if (is_flow_cmd(h->cmd) ? h->flow == 0 : h->flow != 0)
         return -EPROTO;
     switch (h->cmd) {
-    case TUNIO_CMD_OPEN: return payload_len == TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
-    case TUNIO_CMD_DATA: return payload_len > 0 ? 0 : -EPROTO;
-    case TUNIO_CMD_DGRAM: return payload_len >= TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
-    case TUNIO_CMD_HELLO: return payload_len <= TUNIO_WIRE_NAME_MAX ? 0 : -EPROTO;
-    default: return 0;
+    case TUNIO_CMD_OPEN:
+        return payload_len == TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
+    case TUNIO_CMD_DATA:
+        return payload_len > 0 ? 0 : -EPROTO;
+    case TUNIO_CMD_DGRAM:
+        return payload_len >= TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
+    case TUNIO_CMD_HELLO:
+        return payload_len <= TUNIO_WIRE_NAME_MAX ? 0 : -EPROTO;
+    default:
+        return 0;
     }
 }
 
@@ -105,7 +116,7 @@ int tunio_wire_decode_addr(const uint8_t *in, size_t len, struct tunio_wire_addr
 
 const char *tunio_wire_cmd_name(int cmd)
 {
-    static const char *const names[] = {"?",    "HELLO",  "OPEN", "OPEN_OK",   "OPEN_FAIL", "DATA",
-                                        "CREDIT", "FIN",  "RST",  "DGRAM", "HEARTBEAT", "BYE"};
+    static const char *const names[] = {"?",      "HELLO", "OPEN", "OPEN_OK", "OPEN_FAIL", "DATA",
+                                        "CREDIT", "FIN",   "RST",  "DGRAM",   "HEARTBEAT", "BYE"};
     return cmd > 0 && cmd < (int)(sizeof(names) / sizeof(names[0])) ? names[cmd] : "?";
 }

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* cffi:begin (the codec, for tests against the golden frames) */
 #define TUNIO_WIRE_VERSION 2
 #define TUNIO_WIRE_HEADER_LEN 16
 #define TUNIO_WIRE_ADDR_LEN 40
@@ -52,5 +53,6 @@ int tunio_wire_decode(const uint8_t *hdr, size_t hdr_len, int has_payload, size_
 void tunio_wire_encode_addr(uint8_t out[TUNIO_WIRE_ADDR_LEN], const struct tunio_wire_addr *a);
 int tunio_wire_decode_addr(const uint8_t *in, size_t len, struct tunio_wire_addr *a);
 const char *tunio_wire_cmd_name(int cmd);
+/* cffi:end */
 
 #endif

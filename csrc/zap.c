@@ -2,33 +2,42 @@
  * a connecting worker may in. The answer is yes only for the worker public keys the stack was
  * given, so knowing the stack's public key is not enough to receive flows. Runs on the loop
  * thread, like the ROUTER. */
+#include "zap.h"
+
 #include <errno.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <zmq.h>
 
 #include "common.h"
-#include "stack_internal.h"
 
 #define ZAP_ENDPOINT "inproc://zeromq.zap.01"
 #define KEY_Z85 40
 #define KEY_BIN 32
 
-int zap_init(struct tunio_stack *s, const char *clients)
+struct tunio_zap {
+    void *sock;
+    int fd;
+    uint8_t *keys; /* allowed worker public keys, 32 bytes each */
+    size_t nkeys;
+};
+
+static int parse_keys(struct tunio_zap *z, const char *clients)
 {
-    /* `clients`: z85 public keys, 40 characters each, separated by anything else. */
     size_t n = 0;
     for (const char *c = clients; *c;) {
         size_t run = strspn(c, "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
                                ".-:+=^!/*?&<>()[]{}@%$#");
         if (run == KEY_Z85) {
-            uint8_t *keys = realloc(s->zap_keys, (n + 1) * KEY_BIN);
+            uint8_t *keys = realloc(z->keys, (n + 1) * KEY_BIN);
             if (!keys)
                 return -ENOMEM;
-            s->zap_keys = keys;
-            char z[KEY_Z85 + 1];
-            memcpy(z, c, KEY_Z85);
-            z[KEY_Z85] = 0;
-            if (!zmq_z85_decode(s->zap_keys + n * KEY_BIN, z))
+            z->keys = keys;
+            char key[KEY_Z85 + 1];
+            memcpy(key, c, KEY_Z85);
+            key[KEY_Z85] = 0;
+            if (!zmq_z85_decode(z->keys + n * KEY_BIN, key))
                 return -EINVAL;
             n++;
         } else if (run) {
@@ -40,56 +49,90 @@ int zap_init(struct tunio_stack *s, const char *clients)
     }
     if (n == 0)
         return -EINVAL; /* CURVE with nobody allowed in is a mistake, not a policy */
-    s->zap_nkeys = n;
-    s->zap = zmq_socket(s->zctx, ZMQ_REP);
-    if (!s->zap)
-        return -zmq_errno();
-    int linger = 0;
-    size_t fl = sizeof(s->zap_fd);
-    if (zmq_setsockopt(s->zap, ZMQ_LINGER, &linger, sizeof(linger)) ||
-        zmq_bind(s->zap, ZAP_ENDPOINT) || zmq_getsockopt(s->zap, ZMQ_FD, &s->zap_fd, &fl))
-        return -zmq_errno();
+    z->nkeys = n;
     return 0;
 }
 
-static int allowed(struct tunio_stack *s, const zmq_msg_t *key)
+int tunio_zap_new(void *zctx, const char *clients, struct tunio_zap **out)
+{
+    *out = NULL;
+    struct tunio_zap *z = calloc(1, sizeof(*z));
+    if (!z)
+        return -ENOMEM;
+    int err = parse_keys(z, clients);
+    if (err)
+        goto fail;
+    z->sock = zmq_socket(zctx, ZMQ_REP);
+    if (!z->sock) {
+        err = -zmq_errno();
+        goto fail;
+    }
+    int linger = 0;
+    size_t fl = sizeof(z->fd);
+    if (zmq_setsockopt(z->sock, ZMQ_LINGER, &linger, sizeof(linger)) ||
+        zmq_bind(z->sock, ZAP_ENDPOINT) || zmq_getsockopt(z->sock, ZMQ_FD, &z->fd, &fl)) {
+        err = -zmq_errno();
+        goto fail;
+    }
+    *out = z;
+    return 0;
+fail:
+    tunio_zap_free(z);
+    return err;
+}
+
+void tunio_zap_free(struct tunio_zap *z)
+{
+    if (!z)
+        return;
+    if (z->sock)
+        zmq_close(z->sock);
+    free(z->keys);
+    free(z);
+}
+
+int tunio_zap_fd(const struct tunio_zap *z)
+{
+    return z->fd;
+}
+
+static int allowed(const struct tunio_zap *z, const zmq_msg_t *key)
 {
     if (zmq_msg_size(key) != KEY_BIN)
         return 0;
-    for (size_t i = 0; i < s->zap_nkeys; i++)
-        if (!memcmp(s->zap_keys + i * KEY_BIN, zmq_msg_data((zmq_msg_t *)key), KEY_BIN))
+    for (size_t i = 0; i < z->nkeys; i++)
+        if (!memcmp(z->keys + i * KEY_BIN, zmq_msg_data((zmq_msg_t *)key), KEY_BIN))
             return 1;
     return 0;
 }
 
-static void reply(struct tunio_stack *s, const zmq_msg_t *request_id, int ok)
+static void reply(struct tunio_zap *z, const zmq_msg_t *request_id, int ok)
 {
     const char *status = ok ? "200" : "400";
     const char *text = ok ? "OK" : "not a known worker key";
-    zmq_send(s->zap, "1.0", 3, ZMQ_SNDMORE);
-    zmq_send(s->zap, zmq_msg_data((zmq_msg_t *)request_id), zmq_msg_size(request_id),
-             ZMQ_SNDMORE);
-    zmq_send(s->zap, status, 3, ZMQ_SNDMORE);
-    zmq_send(s->zap, text, strlen(text), ZMQ_SNDMORE);
-    zmq_send(s->zap, "", 0, ZMQ_SNDMORE); /* user id */
-    zmq_send(s->zap, "", 0, 0);           /* metadata */
+    zmq_send(z->sock, "1.0", 3, ZMQ_SNDMORE);
+    zmq_send(z->sock, zmq_msg_data((zmq_msg_t *)request_id), zmq_msg_size(request_id), ZMQ_SNDMORE);
+    zmq_send(z->sock, status, 3, ZMQ_SNDMORE);
+    zmq_send(z->sock, text, strlen(text), ZMQ_SNDMORE);
+    zmq_send(z->sock, "", 0, ZMQ_SNDMORE); /* user id */
+    zmq_send(z->sock, "", 0, 0);           /* metadata */
 }
 
 /* Answers every waiting request: version, request id, domain, address, identity, mechanism,
  * credentials (the client's public key for CURVE). */
-void zap_drain(struct tunio_stack *s)
+void tunio_zap_drain(struct tunio_zap *z)
 {
     for (;;) {
         int events = 0;
         size_t len = sizeof(events);
-        if (!s->zap || zmq_getsockopt(s->zap, ZMQ_EVENTS, &events, &len) || !(events & ZMQ_POLLIN))
+        if (zmq_getsockopt(z->sock, ZMQ_EVENTS, &events, &len) || !(events & ZMQ_POLLIN))
             return;
         zmq_msg_t f[8];
         int n = 0, more = 1;
         while (more) {
             zmq_msg_t m;
             zmq_msg_init(&m);
-            if (zmq_msg_recv(&m, s->zap, ZMQ_DONTWAIT) < 0) {
+            if (zmq_msg_recv(&m, z->sock, ZMQ_DONTWAIT) < 0) {
                 zmq_msg_close(&m);
                 break;
             }
@@ -100,30 +143,23 @@ void zap_drain(struct tunio_stack *s)
                 zmq_msg_close(&m);
         }
         int ok = n >= 7 && zmq_msg_size(&f[5]) == 5 && !memcmp(zmq_msg_data(&f[5]), "CURVE", 5) &&
-                 allowed(s, &f[6]);
+                 allowed(z, &f[6]);
         if (n >= 2)
-            reply(s, &f[1], ok);
+            reply(z, &f[1], ok);
         if (!ok) {
             char who[64] = "?";
             if (n >= 4) {
-                size_t al = zmq_msg_size(&f[3]) < sizeof(who) - 1 ? zmq_msg_size(&f[3])
-                                                                   : sizeof(who) - 1;
+                size_t al =
+                    zmq_msg_size(&f[3]) < sizeof(who) - 1 ? zmq_msg_size(&f[3]) : sizeof(who) - 1;
                 memcpy(who, zmq_msg_data(&f[3]), al);
                 who[al] = 0;
             }
-            tunio_log(TUNIO_LOG_WARNING, "refused a worker from %s: its key is not a tunio "
-                                         "worker key of this stack", who);
+            tunio_log(TUNIO_LOG_WARNING,
+                      "refused a worker from %s: its key is not a tunio "
+                      "worker key of this stack",
+                      who);
         }
         for (int i = 0; i < n; i++)
             zmq_msg_close(&f[i]);
     }
-}
-
-void zap_fini(struct tunio_stack *s)
-{
-    if (s->zap)
-        zmq_close(s->zap);
-    s->zap = NULL;
-    free(s->zap_keys);
-    s->zap_keys = NULL;
 }

@@ -19,8 +19,12 @@ static uint64_t now_ms;
 
 static void setup(void)
 {
-    struct tunio_nat_config cfg = {.version = 4, .listen_port = 4000, .pool_count = 2,
-                                   .pending_ms = 50, .reserve_ms = 100, .silent_ms = 100};
+    struct tunio_nat_config cfg = {.version = 4,
+                                   .listen_port = 4000,
+                                   .pool_count = 2,
+                                   .pending_ms = 50,
+                                   .reserve_ms = 100,
+                                   .silent_ms = 100};
     const uint8_t a[4] = {198, 18, 255, 1}, base[4] = {198, 18, 255, 252};
     memcpy(cfg.listen_addr, a, 4);
     memcpy(cfg.pool_base, base, 4);
@@ -28,8 +32,8 @@ static void setup(void)
         abort();
     /* fd00:18::1/64, pool at the top of the prefix */
     const uint8_t a6[16] = {0xfd, 0, 0, 0x18, [15] = 1};
-    uint8_t base6[16] = {0xfd, 0, 0, 0x18, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff,
-                         0xff, 0xff, 0xff, 0xfd};
+    uint8_t base6[16] = {0xfd, 0,    0,    0x18, 0,    0,    0,    0,
+                         0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfd};
     cfg.version = 6;
     memcpy(cfg.listen_addr, a6, 16);
     memcpy(cfg.pool_base, base6, 16);
@@ -86,15 +90,25 @@ static void handle(uint8_t *buf, size_t size, int reassembled)
         struct tunio_nat *nat = p.version == 6 ? &nat6 : &nat4;
         if (p.proto == TUNIO_IPPROTO_TCP) {
             struct tunio_nat_open open;
-            enum tunio_nat_verdict v = tunio_nat_translate(nat, &p, now_ms, reply, sizeof(reply),
-                                                           &rlen, &open);
+            enum tunio_nat_verdict v =
+                tunio_nat_translate(nat, &p, now_ms, reply, sizeof(reply), &rlen, &open);
             if (v == TUNIO_NAT_OPEN) {
                 /* Decide the dial from the input, so every outcome is reached. */
                 switch (size % 4) {
-                case 0: tunio_nat_release(nat, open.entry, open.flow_id, now_ms, out, sizeof(out), &olen); break;
-                case 1: tunio_nat_reject(nat, open.entry, open.flow_id, 111, now_ms, out, sizeof(out), &olen); break;
-                case 2: tunio_nat_reject(nat, open.entry, open.flow_id, 113, now_ms, out, sizeof(out), &olen); break;
-                default: break; /* left pending: the sweep expires it */
+                case 0:
+                    tunio_nat_release(nat, open.entry, open.flow_id, now_ms, out, sizeof(out),
+                                      &olen);
+                    break;
+                case 1:
+                    tunio_nat_reject(nat, open.entry, open.flow_id, 111, now_ms, out, sizeof(out),
+                                     &olen);
+                    break;
+                case 2:
+                    tunio_nat_reject(nat, open.entry, open.flow_id, 113, now_ms, out, sizeof(out),
+                                     &olen);
+                    break;
+                default:
+                    break; /* left pending: the sweep expires it */
                 }
             }
         } else if (p.proto == TUNIO_IPPROTO_UDP) {

@@ -1,0 +1,649 @@
+/* TCP flows. Each is the kernel socket the listener accepted on one side, DATA/CREDIT/FIN/RST with
+ * the flow's worker on the other. Sockets are edge-triggered; FLOW_READABLE/FLOW_WRITABLE remember
+ * an edge that could not be used yet (no credit, nothing to write). Runs on the loop thread only. */
+#include "flows.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "defaults.h"
+#include "link.h"
+#include "nat.h"
+#include "queue.h"
+#include "tun.h"
+#include "tunio.h"
+#include "wire.h"
+
+#define SMALL_DATA 16384u        /* below this a DATA payload is copied; above, handed over */
+#define ACCEPT_TIMEOUT_MS 10000u /* a released SYN must be accepted within this */
+
+enum flow_flag {
+    FLOW_OPEN_OK = 1u << 0,    /* the worker's dial succeeded */
+    FLOW_APP_EOF = 1u << 1,    /* the app shut its write side; FIN sent to the worker */
+    FLOW_WORKER_FIN = 1u << 2, /* the worker will send no more DATA */
+    FLOW_APP_SHUT = 1u << 3,   /* we shut the write side towards the app */
+    FLOW_READABLE = 1u << 4,   /* edge seen, not yet drained to EAGAIN */
+    FLOW_WRITABLE = 1u << 5,
+};
+
+struct chunk {
+    zmq_msg_t msg;
+    size_t off;
+    struct chunk *next;
+};
+
+struct flow {
+    uint32_t id;
+    uint32_t entry;  /* NAT entry */
+    uint8_t version; /* which family's NAT table holds the entry */
+    int worker;      /* the link's index of its worker */
+    int fd;          /* accepted socket, -1 before accept */
+    uint32_t flags;
+    uint64_t credit;     /* bytes we may still send to the worker */
+    uint64_t uncredited; /* bytes written to the app and not yet returned (CREDIT, or DATA's arg) */
+    uint64_t queued;     /* bytes held for the app */
+    struct chunk *head;
+    struct chunk *tail;
+    uint64_t since_ms; /* OPEN sent, or OPEN_OK received while waiting for accept */
+    struct flow *hnext;
+};
+
+struct tunio_flows {
+    struct tunio_flows_config cfg;
+    struct tunio_queue *opens; /* struct tunio_nat_open, from the readers */
+    /* flows, by id: chained hash, grown when it gets dense */
+    struct flow **buckets;
+    uint32_t mask;
+    uint32_t nflows;
+    uint8_t *rbuf; /* read buffer, handed to ZeroMQ without a copy when large */
+    uint64_t flows_opened;
+    uint64_t dial_failed;
+    uint64_t flows_reset;
+    uint64_t no_worker;
+    uint64_t protocol_errors;
+    uint64_t bytes_to_workers;
+    uint64_t bytes_from_workers;
+};
+
+static struct tunio_nat *nat_of(struct tunio_flows *fl, const struct flow *f)
+{
+    return fl->cfg.nat[f->version == 6];
+}
+
+/* ---- flow table ---- */
+
+static uint32_t id_hash(uint32_t id)
+{
+    id ^= id >> 16;
+    id *= 0x7feb352du;
+    id ^= id >> 15;
+    return id;
+}
+
+static struct flow *flow_find(struct tunio_flows *fl, uint32_t id)
+{
+    struct flow *f = fl->buckets[id_hash(id) & fl->mask];
+    while (f && f->id != id)
+        f = f->hnext;
+    return f;
+}
+
+static void table_grow(struct tunio_flows *fl)
+{
+    uint32_t nb = (fl->mask + 1) * 2;
+    struct flow **b = calloc(nb, sizeof(*b));
+    if (!b)
+        return; /* stays correct, only slower */
+    for (uint32_t i = 0; i <= fl->mask; i++) {
+        struct flow *f = fl->buckets[i];
+        while (f) {
+            struct flow *next = f->hnext;
+            uint32_t h = id_hash(f->id) & (nb - 1);
+            f->hnext = b[h];
+            b[h] = f;
+            f = next;
+        }
+    }
+    free(fl->buckets);
+    fl->buckets = b;
+    fl->mask = nb - 1;
+}
+
+static struct flow *flow_new(struct tunio_flows *fl, uint32_t id, uint32_t entry, int worker)
+{
+    if (fl->nflows > fl->mask)
+        table_grow(fl);
+    struct flow *f = calloc(1, sizeof(*f));
+    if (!f)
+        return NULL;
+    f->id = id;
+    f->entry = entry;
+    f->worker = worker;
+    f->fd = -1;
+    f->since_ms = tunio_now_ms();
+    uint32_t h = id_hash(id) & fl->mask;
+    f->hnext = fl->buckets[h];
+    fl->buckets[h] = f;
+    fl->nflows++;
+    tunio_link_load(fl->cfg.link, worker, +1);
+    return f;
+}
+
+static void flow_free(struct tunio_flows *fl, struct flow *f)
+{
+    struct flow **link = &fl->buckets[id_hash(f->id) & fl->mask];
+    while (*link && *link != f)
+        link = &(*link)->hnext;
+    if (*link)
+        *link = f->hnext;
+    while (f->head) {
+        struct chunk *c = f->head;
+        f->head = c->next;
+        zmq_msg_close(&c->msg);
+        free(c);
+    }
+    if (f->fd >= 0) {
+        epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
+        close(f->fd);
+    }
+    tunio_link_load(fl->cfg.link, f->worker, -1);
+    fl->nflows--;
+    free(f);
+}
+
+int tunio_flows_new(const struct tunio_flows_config *cfg, struct tunio_flows **out)
+{
+    *out = NULL;
+    struct tunio_flows *fl = calloc(1, sizeof(*fl));
+    if (!fl)
+        return -ENOMEM;
+    fl->cfg = *cfg;
+    fl->mask = 1023;
+    fl->buckets = calloc(fl->mask + 1, sizeof(*fl->buckets));
+    int err = fl->buckets ? tunio_queue_new(sizeof(struct tunio_nat_open), SIZE_MAX, &fl->opens)
+                          : -ENOMEM;
+    if (err) {
+        tunio_flows_free(fl);
+        return err;
+    }
+    *out = fl;
+    return 0;
+}
+
+void tunio_flows_free(struct tunio_flows *fl)
+{
+    if (!fl)
+        return;
+    if (fl->buckets) {
+        for (uint32_t b = 0; b <= fl->mask; b++)
+            while (fl->buckets[b])
+                flow_free(fl, fl->buckets[b]);
+        free(fl->buckets);
+    }
+    tunio_queue_free(fl->opens);
+    free(fl->rbuf);
+    free(fl);
+}
+
+struct tunio_queue *tunio_flows_queue(struct tunio_flows *fl)
+{
+    return fl->opens;
+}
+
+static int send_to_worker(struct tunio_flows *fl, const struct flow *f, uint8_t cmd, uint64_t arg)
+{
+    return tunio_link_send(fl->cfg.link, f->worker, cmd, f->id, arg, NULL, 0);
+}
+
+/* ---- the end of a flow ---- */
+
+static void end_flow(struct tunio_flows *fl, struct flow *f)
+{
+    if (f->fd >= 0) {
+        epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
+        close(f->fd);
+        f->fd = -1;
+    }
+    tunio_nat_close(nat_of(fl, f), f->entry, f->id, tunio_now_ms());
+    flow_free(fl, f);
+}
+
+/* Ends a flow abortively: the app sees a RST (or a refused connect if its SYN is still held). */
+static void abort_flow(struct tunio_flows *fl, struct flow *f, int reason)
+{
+    (void)reason;
+    fl->flows_reset++;
+    if (f->fd >= 0) {
+        /* An abortive close: the kernel sends the app a RST for this connection. */
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(f->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    } else if (!(f->flags & FLOW_OPEN_OK)) {
+        /* The app's SYN is still held: answer it as a refused connect. */
+        tunio_tun_reject(fl->cfg.tun, -1, nat_of(fl, f), f->entry, f->id, ECONNREFUSED);
+    }
+    /* Released but not yet accepted: the accept finds no flow and closes abortively. */
+    end_flow(fl, f);
+}
+
+/* The app side failed (reset, or a write error): tell the worker, forget the flow. */
+static void app_failed(struct tunio_flows *fl, struct flow *f, int err)
+{
+    fl->flows_reset++;
+    send_to_worker(fl, f, TUNIO_CMD_RST, (uint64_t)err);
+    end_flow(fl, f);
+}
+
+static void maybe_done(struct tunio_flows *fl, struct flow *f)
+{
+    if ((f->flags & FLOW_APP_EOF) && (f->flags & FLOW_APP_SHUT))
+        end_flow(fl, f);
+}
+
+/* ---- opening ---- */
+
+void tunio_flows_open(struct tunio_flows *fl)
+{
+    struct tunio_nat_open *items;
+    size_t n = tunio_queue_take(fl->opens, (void **)&items);
+    for (size_t i = 0; i < n; i++) {
+        const struct tunio_nat_open *o = &items[i];
+        int w = tunio_link_pick(fl->cfg.link);
+        struct flow *f = w >= 0 ? flow_new(fl, o->flow_id, o->entry, w) : NULL;
+        if (f)
+            f->version = o->version;
+        if (!f) {
+            /* No worker to dial: refuse at once rather than leave the app hanging. */
+            fl->no_worker++;
+            if (tunio_log_enabled(TUNIO_LOG_DEBUG) || fl->no_worker == 1)
+                tunio_log(TUNIO_LOG_WARNING, "no worker available: new flows are refused");
+            tunio_tun_reject(fl->cfg.tun, -1, fl->cfg.nat[o->version == 6], o->entry, o->flow_id,
+                             ECONNREFUSED);
+            continue;
+        }
+        struct tunio_wire_addr a = {
+            .proto = o->proto, .version = o->version, .sport = o->sport, .dport = o->dport};
+        memcpy(a.src, o->src, 16);
+        memcpy(a.dst, o->dst, 16);
+        uint8_t block[TUNIO_WIRE_ADDR_LEN];
+        tunio_wire_encode_addr(block, &a);
+        fl->flows_opened++;
+        if (tunio_link_send(fl->cfg.link, w, TUNIO_CMD_OPEN, o->flow_id, fl->cfg.window, block,
+                            sizeof(block)))
+            abort_flow(fl, f, ECONNREFUSED);
+    }
+    free(items);
+}
+
+/* ---- the relay ---- */
+
+/* Credit for bytes written to the app is held back and carried on the flow's next DATA (its arg)
+ * until it reaches a quarter of the window, while the flow can still carry it (the app has not
+ * ended its side): a request/response exchange then costs one message each way instead of two.
+ * The worker can never be stalled by it: with nothing queued here, what we hold back is under a
+ * quarter of the window, so it has three quarters left to send. */
+static int credit_due(const struct tunio_flows *fl, const struct flow *f)
+{
+    return f->uncredited && (f->uncredited >= fl->cfg.window / 4 || (f->flags & FLOW_APP_EOF));
+}
+
+/* Sends the credit held back for `f` now, as CREDIT. */
+static void return_credit(struct tunio_flows *fl, struct flow *f)
+{
+    if (f->uncredited) {
+        send_to_worker(fl, f, TUNIO_CMD_CREDIT, f->uncredited);
+        f->uncredited = 0;
+    }
+}
+
+/* Writes what the worker sent on to the app, returns credit, passes FIN on. 0, or -1 if the flow
+ * ended. */
+static int flush_to_app(struct tunio_flows *fl, struct flow *f)
+{
+    uint64_t written = 0;
+    while (f->head && (f->flags & FLOW_WRITABLE)) {
+        struct chunk *c = f->head;
+        size_t len = zmq_msg_size(&c->msg) - c->off;
+        ssize_t n = send(f->fd, (uint8_t *)zmq_msg_data(&c->msg) + c->off, len,
+                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR) {
+                f->flags &= ~(uint32_t)FLOW_WRITABLE;
+                break;
+            }
+            app_failed(fl, f, errno);
+            return -1;
+        }
+        written += (uint64_t)n;
+        c->off += (size_t)n;
+        if (c->off == zmq_msg_size(&c->msg)) {
+            f->head = c->next;
+            if (!f->head)
+                f->tail = NULL;
+            zmq_msg_close(&c->msg);
+            free(c);
+        }
+    }
+    f->queued -= written;
+    f->uncredited += written;
+    if (credit_due(fl, f))
+        return_credit(fl, f);
+    if (!f->head && (f->flags & FLOW_WORKER_FIN) && !(f->flags & FLOW_APP_SHUT)) {
+        shutdown(f->fd, SHUT_WR);
+        f->flags |= FLOW_APP_SHUT;
+    }
+    return 0;
+}
+
+/* Reads from the app while there is credit, sends DATA (carrying held-back credit), and FIN at
+ * the app's end of input (with any credit held back sent first: no DATA will carry it now). 0, or
+ * -1 if the flow ended. */
+static int read_from_app(struct tunio_flows *fl, struct flow *f)
+{
+    while ((f->flags & FLOW_READABLE) && !(f->flags & FLOW_APP_EOF) && f->credit > 0) {
+        if (!fl->rbuf && !(fl->rbuf = malloc(TUNIO_READ_CHUNK)))
+            return 0; /* try again on the next event */
+        size_t want = f->credit < TUNIO_READ_CHUNK ? (size_t)f->credit : TUNIO_READ_CHUNK;
+        ssize_t n = recv(f->fd, fl->rbuf, want, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR) {
+                f->flags &= ~(uint32_t)FLOW_READABLE;
+                return 0;
+            }
+            app_failed(fl, f, errno);
+            return -1;
+        }
+        if (n == 0) {
+            f->flags |= FLOW_APP_EOF;
+            return_credit(fl, f); /* no DATA will carry it now */
+            send_to_worker(fl, f, TUNIO_CMD_FIN, 0);
+            return 0;
+        }
+        int err;
+        uint64_t credit = f->uncredited; /* what we held back rides along */
+        if ((size_t)n >= SMALL_DATA) {
+            /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
+             * flow holds in flight stays close to the bytes it sent. */
+            uint8_t *buf = fl->rbuf;
+            if ((size_t)n < TUNIO_READ_CHUNK / 2) {
+                uint8_t *smaller = realloc(buf, (size_t)n);
+                if (smaller)
+                    buf = smaller;
+            }
+            fl->rbuf = NULL;
+            err = tunio_link_send_owned(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, buf,
+                                        (size_t)n);
+        } else {
+            err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, fl->rbuf,
+                                  (size_t)n);
+        }
+        if (err) {
+            abort_flow(fl, f, -err);
+            return -1;
+        }
+        f->uncredited = 0;
+        f->credit -= (uint64_t)n;
+        fl->bytes_to_workers += (uint64_t)n;
+    }
+    return 0;
+}
+
+static void pump(struct tunio_flows *fl, struct flow *f)
+{
+    if (f->fd < 0)
+        return;
+    if (flush_to_app(fl, f) < 0 || read_from_app(fl, f) < 0)
+        return;
+    maybe_done(fl, f);
+}
+
+void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
+{
+    struct flow *f = flow_find(fl, id);
+    if (!f)
+        return;
+    if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        f->flags |= FLOW_READABLE;
+    if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        f->flags |= FLOW_WRITABLE;
+    if ((events & EPOLLERR) && !(events & EPOLLIN)) {
+        int err = 0;
+        socklen_t len = sizeof(err);
+        getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err) {
+            app_failed(fl, f, err);
+            return;
+        }
+    }
+    pump(fl, f);
+}
+
+/* ---- accepting ---- */
+
+static void attach(struct tunio_flows *fl, struct flow *f, int fd)
+{
+    f->fd = fd;
+    f->flags |= FLOW_WRITABLE;
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                             .data.u64 = (uint64_t)f->id << 8 | fl->cfg.tag};
+    if (epoll_ctl(fl->cfg.epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        tunio_log(TUNIO_LOG_WARNING, "epoll_ctl: %s", strerror(errno));
+        abort_flow(fl, f, errno);
+        return;
+    }
+    pump(fl, f);
+}
+
+static void close_abortive(int fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    close(fd);
+}
+
+void tunio_flows_accept(struct tunio_flows *fl, int version)
+{
+    int listen_fd = fl->cfg.listen_fd[version == 6];
+    struct tunio_nat *nat = fl->cfg.nat[version == 6];
+    for (;;) {
+        struct sockaddr_storage ss;
+        socklen_t sl = sizeof(ss);
+        int fd = accept4(listen_fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EINTR || errno == ECONNABORTED)
+                continue;
+            if (errno != EAGAIN)
+                tunio_log(TUNIO_LOG_WARNING, "accept: %s", strerror(errno));
+            return;
+        }
+        uint8_t addr[16] = {0};
+        uint16_t port = 0;
+        if (ss.ss_family == AF_INET) {
+            const struct sockaddr_in *sin = (const struct sockaddr_in *)&ss;
+            memcpy(addr, &sin->sin_addr, 4);
+            port = ntohs(sin->sin_port);
+        } else if (ss.ss_family == AF_INET6) {
+            const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&ss;
+            memcpy(addr, &sin6->sin6_addr, 16);
+            port = ntohs(sin6->sin6_port);
+        }
+        uint32_t entry, id;
+        struct flow *f = NULL;
+        if (tunio_nat_lookup_slot(nat, addr, port, &entry, &id) == 0)
+            f = flow_find(fl, id);
+        if (!f || f->entry != entry || f->fd >= 0) {
+            /* Its flow was reset meanwhile: the app gets a RST, not a silent hang. */
+            close_abortive(fd);
+            continue;
+        }
+        attach(fl, f, fd);
+    }
+}
+
+/* ---- messages from the worker ---- */
+
+static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload)
+{
+    size_t len = zmq_msg_size(payload);
+    if (!(f->flags & FLOW_OPEN_OK) || (f->flags & FLOW_WORKER_FIN) ||
+        f->queued + f->uncredited + len > fl->cfg.window) {
+        /* DATA before OPEN_OK, after FIN, or beyond the window we granted. */
+        fl->protocol_errors++;
+        send_to_worker(fl, f, TUNIO_CMD_RST, EPROTO);
+        abort_flow(fl, f, EPROTO);
+        return;
+    }
+    struct chunk *c = malloc(sizeof(*c));
+    if (!c) {
+        send_to_worker(fl, f, TUNIO_CMD_RST, ENOMEM);
+        abort_flow(fl, f, ENOMEM);
+        return;
+    }
+    zmq_msg_init(&c->msg);
+    zmq_msg_move(&c->msg, payload);
+    c->off = 0;
+    c->next = NULL;
+    if (f->tail)
+        f->tail->next = c;
+    else
+        f->head = c;
+    f->tail = c;
+    f->queued += len;
+    fl->bytes_from_workers += len;
+    pump(fl, f);
+}
+
+static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
+{
+    if (f->flags & FLOW_OPEN_OK) {
+        fl->protocol_errors++;
+        return;
+    }
+    uint8_t syn[TUNIO_TUN_BUF];
+    size_t n;
+    if (tunio_nat_release(nat_of(fl, f), f->entry, f->id, tunio_now_ms(), syn, sizeof(syn), &n) <
+        0) {
+        /* The app gave up meanwhile (the held SYN expired). */
+        send_to_worker(fl, f, TUNIO_CMD_RST, ETIMEDOUT);
+        end_flow(fl, f);
+        return;
+    }
+    f->flags |= FLOW_OPEN_OK;
+    f->credit = window;
+    f->since_ms = tunio_now_ms();
+    tunio_tun_write(fl->cfg.tun, -1, syn, n);
+}
+
+static void on_open_fail(struct tunio_flows *fl, struct flow *f, int err)
+{
+    if (f->flags & FLOW_OPEN_OK) {
+        fl->protocol_errors++; /* a dial cannot fail after it succeeded */
+        abort_flow(fl, f, err);
+        return;
+    }
+    fl->dial_failed++;
+    tunio_tun_reject(fl->cfg.tun, -1, nat_of(fl, f), f->entry, f->id, err);
+    flow_free(fl, f);
+}
+
+void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tunio_wire_header *h,
+                            zmq_msg_t *payload)
+{
+    struct flow *f = flow_find(fl, h->flow);
+    if (!f || f->worker != worker) {
+        /* Late messages for a flow that is gone are normal; DATA gets a RST so the worker
+         * stops sending. */
+        if (h->cmd == TUNIO_CMD_DATA)
+            tunio_link_send(fl->cfg.link, worker, TUNIO_CMD_RST, h->flow, ENOTCONN, NULL, 0);
+        return;
+    }
+    switch (h->cmd) {
+    case TUNIO_CMD_OPEN_OK:
+        on_open_ok(fl, f, h->arg);
+        break;
+    case TUNIO_CMD_OPEN_FAIL:
+        on_open_fail(fl, f, h->arg > 4095 ? ECONNREFUSED : (int)h->arg);
+        break;
+    case TUNIO_CMD_DATA:
+        f->credit += h->arg; /* credit the worker carried along: see credit_due */
+        on_data(fl, f, payload);
+        break;
+    case TUNIO_CMD_CREDIT:
+        f->credit += h->arg;
+        pump(fl, f);
+        break;
+    case TUNIO_CMD_FIN:
+        f->flags |= FLOW_WORKER_FIN;
+        pump(fl, f);
+        break;
+    case TUNIO_CMD_RST:
+        abort_flow(fl, f, (int)h->arg);
+        break;
+    default:
+        fl->protocol_errors++;
+        break;
+    }
+}
+
+/* ---- workers lost, expiries ---- */
+
+void tunio_flows_worker_lost(struct tunio_flows *fl, int worker)
+{
+    for (uint32_t b = 0; b <= fl->mask; b++) {
+        struct flow *f = fl->buckets[b];
+        while (f) {
+            struct flow *next = f->hnext;
+            if (f->worker == worker)
+                abort_flow(fl, f, ECONNRESET);
+            f = next;
+        }
+    }
+}
+
+void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
+{
+    uint32_t expired[1024];
+    for (int v = 0; v < 2; v++) {
+        if (!fl->cfg.nat[v])
+            continue;
+        size_t n = tunio_nat_sweep(fl->cfg.nat[v], now, expired, TUNIO_ARRAY_LEN(expired));
+        for (size_t i = 0; i < n; i++) {
+            /* The worker never answered: the app sees a silent timeout, the worker a RST. */
+            struct flow *f = flow_find(fl, expired[i]);
+            if (f) {
+                send_to_worker(fl, f, TUNIO_CMD_RST, ETIMEDOUT);
+                flow_free(fl, f);
+            }
+        }
+    }
+    for (uint32_t b = 0; b <= fl->mask; b++) {
+        struct flow *f = fl->buckets[b];
+        while (f) {
+            struct flow *next = f->hnext;
+            if ((f->flags & FLOW_OPEN_OK) && f->fd < 0 && now - f->since_ms > ACCEPT_TIMEOUT_MS) {
+                send_to_worker(fl, f, TUNIO_CMD_RST, ETIMEDOUT);
+                abort_flow(fl, f, ETIMEDOUT);
+            }
+            f = next;
+        }
+    }
+}
+
+void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o)
+{
+    /* Loop-thread counters: read without a lock; a stale value is fine for statistics. */
+    o->flows_opened += fl->flows_opened;
+    o->flows_active += fl->nflows;
+    o->dial_failed += fl->dial_failed;
+    o->flows_reset += fl->flows_reset;
+    o->no_worker += fl->no_worker;
+    o->protocol_errors += fl->protocol_errors;
+    o->bytes_to_workers += fl->bytes_to_workers;
+    o->bytes_from_workers += fl->bytes_from_workers;
+}

@@ -1,0 +1,53 @@
+/* TCP flows: the flow table, and each flow's relay between the kernel socket the listener
+ * accepted and DATA/CREDIT/FIN/RST with the flow's worker; opening flows (OPEN) for the SYNs the
+ * readers hold, their outcome (OPEN_OK, OPEN_FAIL), accepts, expiries and aborts. Runs on the
+ * loop thread only. */
+#ifndef TUNIO_FLOWS_H
+#define TUNIO_FLOWS_H
+
+#include <stdint.h>
+#include <zmq.h>
+
+struct tunio_link;
+struct tunio_nat;
+struct tunio_queue;
+struct tunio_stats;
+struct tunio_tun;
+struct tunio_wire_header;
+struct tunio_flows;
+
+struct tunio_flows_config {
+    uint32_t window;          /* credit window per flow and direction, bytes */
+    int epfd;                 /* the loop's epoll: accepted sockets join it, edge-triggered, */
+    uint8_t tag;              /* tagged (flow id << 8) | tag */
+    struct tunio_nat *nat[2]; /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
+    int listen_fd[2];         /* the listeners of those families */
+    struct tunio_tun *tun;    /* released SYNs and refusals are written into it */
+    struct tunio_link *link;  /* the workers */
+};
+
+int tunio_flows_new(const struct tunio_flows_config *cfg, struct tunio_flows **out);
+/* Closes every flow's socket, without telling anyone (NULL is fine). */
+void tunio_flows_free(struct tunio_flows *fl);
+/* The queue the readers put new flows on (struct tunio_nat_open). */
+struct tunio_queue *tunio_flows_queue(struct tunio_flows *fl);
+
+/* Opens the flows waiting in the queue: OPEN to a worker, or a refusal if there is none. */
+void tunio_flows_open(struct tunio_flows *fl);
+/* Accepts what the listener of IP `version` has. */
+void tunio_flows_accept(struct tunio_flows *fl, int version);
+/* epoll events on flow `id`'s socket. */
+void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events);
+/* A message of worker `worker` for a TCP flow (or for no flow of ours). */
+void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tunio_wire_header *h,
+                            zmq_msg_t *payload);
+/* Resets every flow of `worker`: the apps see a RST (or a refused connect). */
+void tunio_flows_worker_lost(struct tunio_flows *fl, int worker);
+/* Expires held SYNs the worker never answered and released SYNs never accepted. */
+void tunio_flows_tick(struct tunio_flows *fl, uint64_t now);
+
+/* Adds flows_opened, flows_active, dial_failed, flows_reset, bytes_*_workers, and its no_worker
+ * and protocol_errors. */
+void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o);
+
+#endif

@@ -1,0 +1,432 @@
+/* The workers, as the ROUTER sees them: who is there, who is alive, who gets the next flow, and
+ * the framing of every message. Runs on the loop thread only. */
+#include "link.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "defaults.h"
+#include "tunio.h"
+#include "wire.h"
+#include "zap.h"
+
+#define DRAIN_BATCH 1024 /* messages handled per drain call before epoll is consulted again */
+#define STACK_NAME "tunio-stack"
+#define BYE_LINGER_MS 500
+
+struct worker {
+    uint8_t id[256];
+    size_t id_len;
+    char name[TUNIO_WIRE_NAME_MAX + 1];
+    int alive;
+    int doomed; /* its connection is gone; reaped after the current event */
+    uint64_t last_seen;
+    uint32_t flows; /* its flows and datagram sessions */
+    uint64_t capacity;
+};
+
+struct tunio_link {
+    struct tunio_link_config cfg;
+    char *endpoint;
+    void *zctx;
+    void *router;
+    int router_fd;
+    struct tunio_zap *zap; /* with CURVE only */
+    struct worker workers[TUNIO_MAX_WORKERS];
+    int nworkers;
+    unsigned rr;
+    int doomed; /* some worker is doomed */
+    uint64_t last_heartbeat;
+    uint64_t workers_lost;
+    uint64_t protocol_errors;
+};
+
+/* ---- construction ---- */
+
+static int bind_router(struct tunio_link *l)
+{
+    const struct tunio_link_config *cfg = &l->cfg;
+    l->zctx = zmq_ctx_new();
+    if (!l->zctx)
+        return -zmq_errno();
+    int err;
+    /* The ZAP handler must exist before the ROUTER binds, or early workers are let in. */
+    if (cfg->curve_secret &&
+        (err = tunio_zap_new(l->zctx, cfg->curve_clients ? cfg->curve_clients : "", &l->zap)))
+        return err;
+    l->router = zmq_socket(l->zctx, ZMQ_ROUTER);
+    if (!l->router)
+        return -zmq_errno();
+    /* Credits bound what is queued per flow; high-water marks would only drop messages. */
+    int zero = 0, one = 1, linger = BYE_LINGER_MS;
+    size_t fl = sizeof(l->router_fd);
+    if (zmq_setsockopt(l->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
+        zmq_setsockopt(l->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||
+        zmq_setsockopt(l->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
+        zmq_setsockopt(l->router, ZMQ_LINGER, &linger, sizeof(linger)))
+        return -zmq_errno();
+    if (cfg->curve_secret && (zmq_setsockopt(l->router, ZMQ_CURVE_SERVER, &one, sizeof(one)) ||
+                              zmq_setsockopt(l->router, ZMQ_CURVE_SECRETKEY, cfg->curve_secret,
+                                             strlen(cfg->curve_secret)) ||
+                              zmq_setsockopt(l->router, ZMQ_ZAP_DOMAIN, "tunio", 5)))
+        return -zmq_errno();
+    if (zmq_bind(l->router, l->endpoint) || zmq_getsockopt(l->router, ZMQ_FD, &l->router_fd, &fl))
+        return -zmq_errno();
+    return 0;
+}
+
+int tunio_link_new(const struct tunio_link_config *cfg, struct tunio_link **out)
+{
+    *out = NULL;
+    if (!cfg->endpoint || !cfg->on_message || !cfg->on_worker_lost)
+        return -EINVAL;
+    struct tunio_link *l = calloc(1, sizeof(*l));
+    if (!l)
+        return -ENOMEM;
+    l->cfg = *cfg;
+    l->router_fd = -1;
+    l->endpoint = strdup(cfg->endpoint);
+    l->cfg.endpoint = l->endpoint;
+    int err = l->endpoint ? bind_router(l) : -ENOMEM;
+    if (err) {
+        tunio_link_free(l);
+        return err;
+    }
+    *out = l;
+    return 0;
+}
+
+void tunio_link_free(struct tunio_link *l)
+{
+    if (!l)
+        return;
+    if (l->router)
+        zmq_close(l->router);
+    tunio_zap_free(l->zap);
+    if (l->zctx)
+        zmq_ctx_term(l->zctx);
+    free(l->endpoint);
+    free(l);
+}
+
+int tunio_link_fd(const struct tunio_link *l)
+{
+    return l->router_fd;
+}
+
+int tunio_link_zap_fd(const struct tunio_link *l)
+{
+    return l->zap ? tunio_zap_fd(l->zap) : -1;
+}
+
+void tunio_link_zap_drain(struct tunio_link *l)
+{
+    if (l->zap)
+        tunio_zap_drain(l->zap);
+}
+
+/* ---- sending ---- */
+
+static int send_frame(struct tunio_link *l, const void *data, size_t len, int more)
+{
+    int rc = zmq_send(l->router, data, len, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
+    return rc < 0 ? -zmq_errno() : 0;
+}
+
+/* A send found the worker's connection gone. It is reported lost by tunio_link_reap() once the
+ * current event is handled, never under a caller that still holds one of its flows. */
+static void doom(struct tunio_link *l, int w)
+{
+    l->workers[w].doomed = 1;
+    l->doomed = 1;
+}
+
+static int send_header(struct tunio_link *l, int w, uint8_t cmd, uint32_t flow, uint64_t arg,
+                       int more)
+{
+    struct worker *wk = &l->workers[w];
+    uint8_t hdr[TUNIO_WIRE_HEADER_LEN];
+    tunio_wire_encode_header(hdr, cmd, flow, arg);
+    int err = send_frame(l, wk->id, wk->id_len, 1);
+    if (!err)
+        err = send_frame(l, hdr, sizeof(hdr), more);
+    return err;
+}
+
+static int reachable(const struct tunio_link *l, int w)
+{
+    return w >= 0 && w < l->nworkers && l->workers[w].alive && !l->workers[w].doomed;
+}
+
+int tunio_link_send(struct tunio_link *l, int w, uint8_t cmd, uint32_t flow, uint64_t arg,
+                    const void *payload, size_t len)
+{
+    if (!reachable(l, w))
+        return -ENOTCONN;
+    int err = send_header(l, w, cmd, flow, arg, payload != NULL);
+    if (!err && payload)
+        err = send_frame(l, payload, len, 0);
+    if (err == -EHOSTUNREACH)
+        doom(l, w);
+    return err;
+}
+
+static void free_owned(void *data, void *hint)
+{
+    (void)hint;
+    free(data);
+}
+
+int tunio_link_send_owned(struct tunio_link *l, int w, uint8_t cmd, uint32_t flow, uint64_t arg,
+                          uint8_t *buf, size_t len)
+{
+    if (!reachable(l, w)) {
+        free(buf);
+        return -ENOTCONN;
+    }
+    int err = send_header(l, w, cmd, flow, arg, 1);
+    if (err) {
+        free(buf);
+    } else {
+        zmq_msg_t m;
+        zmq_msg_init_data(&m, buf, len, free_owned, NULL);
+        if (zmq_msg_send(&m, l->router, ZMQ_DONTWAIT) < 0) {
+            err = -zmq_errno();
+            zmq_msg_close(&m);
+        }
+    }
+    if (err == -EHOSTUNREACH)
+        doom(l, w);
+    return err;
+}
+
+/* A reply to a peer that is not (or no longer) one of our workers: header only. */
+static void send_to_peer(struct tunio_link *l, const uint8_t *id, size_t id_len, uint8_t cmd,
+                         uint32_t flow, uint64_t arg)
+{
+    uint8_t hdr[TUNIO_WIRE_HEADER_LEN];
+    tunio_wire_encode_header(hdr, cmd, flow, arg);
+    if (!send_frame(l, id, id_len, 1))
+        send_frame(l, hdr, sizeof(hdr), 0);
+}
+
+/* ---- workers and their load ---- */
+
+static int alive_workers(const struct tunio_link *l)
+{
+    int n = 0;
+    for (int i = 0; i < l->nworkers; i++)
+        n += l->workers[i].alive;
+    return n;
+}
+
+/* Least loaded first; ties go round-robin so equal workers share new flows evenly. */
+int tunio_link_pick(struct tunio_link *l)
+{
+    int best = -1;
+    for (int k = 0; k < l->nworkers; k++) {
+        int i = (int)((l->rr + (unsigned)k) % (unsigned)l->nworkers);
+        struct worker *w = &l->workers[i];
+        if (!w->alive || (w->capacity && w->flows >= w->capacity))
+            continue;
+        if (best < 0 || w->flows < l->workers[best].flows)
+            best = i;
+    }
+    if (best >= 0)
+        l->rr = (unsigned)best + 1;
+    return best;
+}
+
+void tunio_link_load(struct tunio_link *l, int w, int delta)
+{
+    l->workers[w].flows += (uint32_t)delta;
+}
+
+static int find_worker(const struct tunio_link *l, const void *id, size_t len)
+{
+    for (int i = 0; i < l->nworkers; i++)
+        if (l->workers[i].id_len == len && !memcmp(l->workers[i].id, id, len))
+            return i;
+    return -1;
+}
+
+static void worker_lost(struct tunio_link *l, int w, const char *why)
+{
+    struct worker *wk = &l->workers[w];
+    if (!wk->alive)
+        return;
+    wk->alive = 0;
+    l->workers_lost++;
+    tunio_log(TUNIO_LOG_WARNING, "worker %s lost (%s): resetting its %u flows", wk->name, why,
+              wk->flows);
+    l->cfg.on_worker_lost(l->cfg.owner, w);
+}
+
+static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
+                     const struct tunio_wire_header *h, zmq_msg_t *payload)
+{
+    int w = find_worker(l, id, id_len);
+    if (w >= 0 && l->workers[w].alive) {
+        /* A worker saying HELLO again has dropped its flows: drop ours too. */
+        l->workers[w].alive = 0;
+        l->cfg.on_worker_lost(l->cfg.owner, w);
+    } else if (w < 0) {
+        for (w = 0; w < l->nworkers && l->workers[w].alive; w++)
+            ;
+        if (w == l->nworkers) {
+            if (l->nworkers == TUNIO_MAX_WORKERS) {
+                tunio_log(TUNIO_LOG_ERROR, "too many workers (%d): HELLO ignored",
+                          TUNIO_MAX_WORKERS);
+                return;
+            }
+            l->nworkers++;
+        }
+    }
+    struct worker *wk = &l->workers[w];
+    memset(wk, 0, sizeof(*wk));
+    memcpy(wk->id, id, id_len);
+    wk->id_len = id_len;
+    size_t nl = zmq_msg_size(payload);
+    memcpy(wk->name, zmq_msg_data(payload), nl);
+    wk->name[nl] = 0;
+    wk->alive = 1;
+    wk->capacity = h->arg;
+    wk->last_seen = tunio_now_ms();
+    tunio_log(TUNIO_LOG_INFO, "worker %s joined (%d alive)", wk->name, alive_workers(l));
+    tunio_link_send(l, w, TUNIO_CMD_HELLO, 0, 0, STACK_NAME, strlen(STACK_NAME));
+}
+
+/* ---- receiving ---- */
+
+static void on_message(struct tunio_link *l, zmq_msg_t *frames, int nframes)
+{
+    const uint8_t *id = zmq_msg_data(&frames[0]);
+    size_t id_len = zmq_msg_size(&frames[0]);
+    struct tunio_wire_header h;
+    zmq_msg_t *payload = nframes == 3 ? &frames[2] : NULL;
+    int err = nframes < 2 || nframes > 3 || id_len > sizeof(l->workers[0].id)
+                  ? -EPROTO
+                  : tunio_wire_decode(zmq_msg_data(&frames[1]), zmq_msg_size(&frames[1]),
+                                      payload != NULL, payload ? zmq_msg_size(payload) : 0, &h);
+    int w = id_len <= sizeof(l->workers[0].id) ? find_worker(l, id, id_len) : -1;
+    if (err) {
+        l->protocol_errors++;
+        tunio_log(TUNIO_LOG_WARNING, "malformed message from %s dropped (%s)",
+                  w >= 0 ? l->workers[w].name : "an unknown peer",
+                  err == -EPROTONOSUPPORT ? "protocol version" : "framing");
+        if (err == -EPROTONOSUPPORT && id_len <= sizeof(l->workers[0].id)) {
+            /* Tell the peer why, so it can say so in its log; it gets no flows. */
+            send_to_peer(l, id, id_len, TUNIO_CMD_BYE, 0, EPROTONOSUPPORT);
+        }
+        return;
+    }
+    if (h.cmd == TUNIO_CMD_HELLO) {
+        on_hello(l, id, id_len, &h, payload);
+        return;
+    }
+    if (w < 0 || !l->workers[w].alive) {
+        /* Not (or no longer) a worker of ours: it will say HELLO again once our silence tells
+         * it so. DATA still gets its RST so nothing waits on it. */
+        if (h.cmd == TUNIO_CMD_DATA)
+            send_to_peer(l, id, id_len, TUNIO_CMD_RST, h.flow, ENOTCONN);
+        return;
+    }
+    l->workers[w].last_seen = tunio_now_ms();
+    switch (h.cmd) {
+    case TUNIO_CMD_HEARTBEAT:
+        break;
+    case TUNIO_CMD_BYE:
+        worker_lost(l, w, "it said BYE");
+        break;
+    case TUNIO_CMD_OPEN:
+        l->protocol_errors++; /* only the stack opens flows */
+        break;
+    default:
+        l->cfg.on_message(l->cfg.owner, w, &h, payload);
+        break;
+    }
+}
+
+int tunio_link_readable(struct tunio_link *l)
+{
+    int events = 0;
+    size_t len = sizeof(events);
+    if (zmq_getsockopt(l->router, ZMQ_EVENTS, &events, &len) < 0)
+        return 0;
+    return events & ZMQ_POLLIN;
+}
+
+void tunio_link_drain(struct tunio_link *l)
+{
+    for (int handled = 0; handled < DRAIN_BATCH; handled++) {
+        zmq_msg_t frames[4];
+        int n = 0, more = 1, failed = 0;
+        while (more) {
+            zmq_msg_t *m = &frames[n < 4 ? n : 3];
+            if (n >= 4)
+                zmq_msg_close(m); /* too many frames: keep draining, reject below */
+            zmq_msg_init(m);
+            if (zmq_msg_recv(m, l->router, ZMQ_DONTWAIT) < 0) {
+                zmq_msg_close(m);
+                failed = 1;
+                break;
+            }
+            more = zmq_msg_more(m);
+            n++;
+        }
+        int kept = n < 4 ? n : 4;
+        if (!failed)
+            on_message(l, frames, n <= 3 ? n : 4);
+        for (int i = 0; i < kept; i++)
+            zmq_msg_close(&frames[i]);
+        if (failed)
+            return; /* EAGAIN: nothing more queued */
+    }
+}
+
+void tunio_link_reap(struct tunio_link *l)
+{
+    if (!l->doomed)
+        return;
+    l->doomed = 0;
+    for (int i = 0; i < l->nworkers; i++) {
+        if (l->workers[i].doomed) {
+            l->workers[i].doomed = 0;
+            worker_lost(l, i, "its connection is gone");
+        }
+    }
+}
+
+void tunio_link_tick(struct tunio_link *l, uint64_t now)
+{
+    uint64_t limit = (uint64_t)l->cfg.heartbeat_ms * TUNIO_LIVENESS;
+    int beat = now - l->last_heartbeat >= l->cfg.heartbeat_ms;
+    if (beat)
+        l->last_heartbeat = now;
+    for (int i = 0; i < l->nworkers; i++) {
+        struct worker *w = &l->workers[i];
+        if (!w->alive)
+            continue;
+        if (now - w->last_seen > limit)
+            worker_lost(l, i, "no heartbeat");
+        else if (beat)
+            tunio_link_send(l, i, TUNIO_CMD_HEARTBEAT, 0, 0, NULL, 0);
+    }
+}
+
+void tunio_link_bye_all(struct tunio_link *l)
+{
+    for (int i = 0; i < l->nworkers; i++)
+        if (l->workers[i].alive)
+            tunio_link_send(l, i, TUNIO_CMD_BYE, 0, 0, NULL, 0);
+}
+
+void tunio_link_add_stats(const struct tunio_link *l, struct tunio_stats *o)
+{
+    /* Loop-thread counters: read without a lock; a stale value is fine for statistics. */
+    o->workers += (uint64_t)alive_workers(l);
+    o->workers_lost += l->workers_lost;
+    o->protocol_errors += l->protocol_errors;
+}
