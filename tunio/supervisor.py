@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from tunio import bypass, defaults, devicelock, netplan, tundev
+from tunio import bypass, defaults, devicelock, netplan, sdnotify, tundev
 from tunio.children import StatusChannel, stack_entry, worker_entry
 from tunio.config import Options, Plan, explain, validate
 from tunio.errors import ConfigError, TunError, TunioError, describe
@@ -152,6 +152,7 @@ class Supervisor:
                     return 1
                 self._supervise()
                 log.info("stopping (%s)", self._stop_reason)
+                sdnotify.notify("STOPPING=1", f"STATUS=stopping ({self._stop_reason})")
             log.info("tunio stopped")
             return 0
         finally:
@@ -303,6 +304,7 @@ class Supervisor:
             self._endpoint,
         )
         self.ready.set()
+        sdnotify.notify("READY=1", f"STATUS=forwarding on {opts.tun}", f"MAINPID={os.getpid()}")
 
     def _load_keys(self, plan: Plan, undo: contextlib.ExitStack) -> StackKeys:
         """Workers on other hosts: CURVE, and only workers holding our worker key get in. Keys

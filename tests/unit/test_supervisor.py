@@ -11,6 +11,7 @@ import os
 import select
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -762,3 +763,21 @@ def test_children_go_with_a_killed_tunio_run(world: World) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_systemd_hears_ready_and_stopping(
+    world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(15)
+        monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+        running = _start(_supervisor(world, _options(world, workers=1)))
+        ready = sock.recv(1024).decode().split("\n")
+        assert running.supervisor.ready.is_set()  # READY=1 is said only once it forwards
+        assert ready[0] == "READY=1"
+        assert f"STATUS=forwarding on {TUN}" in ready
+        assert running.stop() == 0
+        stopping = sock.recv(1024).decode().split("\n")
+        assert stopping[0] == "STOPPING=1"
