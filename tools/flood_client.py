@@ -42,6 +42,7 @@ class Outcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     latencies_us: list[int] = field(default_factory=list)
+    connect_ns: list[int] = field(default_factory=list)  # connect() to established, each ok one
     start: float = 0.0
     end: float = 0.0
 
@@ -54,6 +55,7 @@ class _Conn:
     __slots__ = (
         "answer",
         "check",
+        "connected_ns",
         "done_ns",
         "hasher",
         "out",
@@ -70,6 +72,7 @@ class _Conn:
         self.stream = stream
         self.start_ns = start_ns
         self.done_ns = 0  # when the last expected byte arrived
+        self.connected_ns = 0  # when the handshake was seen done
         self.sent = 0  # payload bytes sent
         self.received = 0  # payload bytes received (echo, source)
         self.shut = False  # our FIN is out
@@ -173,6 +176,13 @@ class _Client:
 
     def _advance(self, c: _Conn) -> str | None:
         self.left = TURN
+        if not c.connected_ns:
+            try:
+                c.sock.getpeername()  # ENOTCONN while the handshake runs
+            except OSError:
+                pass
+            else:
+                c.connected_ns = time.monotonic_ns()
         try:
             return self.step(c)
         except BlockingIOError:
@@ -190,6 +200,8 @@ class _Client:
         else:
             self.result.ok += 1
             self.result.latencies_us.append((c.done_ns or time.monotonic_ns()) - c.start_ns)
+            if c.connected_ns:
+                self.result.connect_ns.append(c.connected_ns - c.start_ns)
 
     def _open(self, index: int, ep: select.epoll, conns: dict[int, _Conn]) -> None:
         plan = self.plan

@@ -49,8 +49,10 @@ def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
         total.bytes_sent += part.bytes_sent
         total.bytes_received += part.bytes_received
         total.latencies_us.extend(part.latencies_us)
+        total.connect_ns.extend(part.connect_ns)
     seconds = max(p.end for p in parts) - min(p.start for p in parts) if parts else 0.0
     lat = sorted(ns // 1000 for ns in total.latencies_us)
+    connect = sorted(ns // 1000 for ns in total.connect_ns)
     rate = 1 / seconds if seconds > 0 else 0.0
     return {
         "mode": job.mode,
@@ -68,6 +70,12 @@ def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
             "p90": _percentile(lat, 90),
             "p99": _percentile(lat, 99),
             "max": lat[-1] if lat else 0,
+        },
+        # connect() to an established connection, for the connections that ended ok
+        "connect_us": {
+            "p50": _percentile(connect, 50),
+            "p99": _percentile(connect, 99),
+            "max": connect[-1] if connect else 0,
         },
         "processes": job.processes,
         "concurrency": job.concurrency,
