@@ -1,8 +1,9 @@
 """Sans-I/O codec of the stack <-> worker protocol, version 2 (see docs/protocol.md).
 
 No sockets here: `encode` turns a `Message` into ZeroMQ frames and `decode` turns frames back into
-a `Message`. Payload frames are passed through untouched (a memoryview over a zmq.Frame stays a
-memoryview), so bulk data is never copied by the codec.
+a `Message`; `decode_flow` is decode's shortcut for the data path (DATA, CREDIT, FIN). Payload
+frames are passed through untouched (a memoryview over a zmq.Frame stays a memoryview), so bulk
+data is never copied by the codec.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ VERSION = 2
 
 #: version, command, reserved, flow, arg
 HEADER = struct.Struct(">BBHIQ")
+#: command, flow, arg: what the data path reads of a header (`decode_flow` checks the version
+#: apart and skips the reserved bytes)
+_FLOW_FIELDS = struct.Struct(">xBxxIQ")
 #: proto, version, src port, dst port, reserved, src address, dst address
 ADDRESS = struct.Struct(">BBHHH16s16s")
 
@@ -182,6 +186,33 @@ def decode(frames: Sequence[Frame]) -> Message:
     payload = _view(frames[1]) if count == 2 else None
     _check(cmd, flow, payload, RemoteProtocolError)
     return Message(cmd, flow, arg, payload)
+
+
+_DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
+
+
+def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] | None:
+    """The data path's decode: (command, flow, arg) of a well-formed DATA, CREDIT or FIN; None
+    for any other message.
+
+    `head` is the header frame and `payload` the second frame, or None for a message of one frame
+    (a message of more frames is not for this function). This runs once per message of bulk data,
+    so it builds no Message and leaves the command a plain int (compare it with `int(Cmd.DATA)`).
+    None only means "not the data path": `decode` then takes the message, with all its checks and
+    errors. Whatever this accepts, `decode` accepts with the same fields.
+    """
+    if len(head) != HEADER.size or head[0] != VERSION:
+        return None
+    fields: tuple[int, int, int] = _FLOW_FIELDS.unpack_from(head)
+    code, flow, _arg = fields
+    if not flow:
+        return None
+    if payload is None:
+        if code in (_CREDIT, _FIN):
+            return fields
+    elif code == _DATA and len(payload):
+        return fields
+    return None
 
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
 import sys
 import textwrap
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from tunio.dialers import Address, Dialer, DirectDialer, FunctionDialer, load_dialer
+from tunio.dialers import (
+    Address,
+    Dialer,
+    DirectDialer,
+    FunctionDialer,
+    Socks5Dialer,
+    StartConnect,
+    load_dialer,
+)
 from tunio.dialers.direct import SO_MARK
 from tunio.errors import ConfigError, DialError
 
@@ -98,6 +107,42 @@ def test_direct_unknown_interface_is_enodev() -> None:
     with pytest.raises(DialError) as info:
         dial(DirectDialer(interface="tunio-none0"), Address("127.0.0.1", 9))
     assert info.value.errno == errno.ENODEV
+
+
+def test_only_direct_starts_a_connect_without_a_coroutine() -> None:
+    assert isinstance(DirectDialer(), StartConnect)
+    assert not isinstance(FunctionDialer(DirectDialer().dial), StartConnect)
+    assert not isinstance(Socks5Dialer.from_url("socks5://127.0.0.1:1080"), StartConnect)
+
+
+def wait_writable(sock: socket.socket) -> int:
+    """SO_ERROR once a started connect is done (writable), bounded by a few seconds."""
+    _, writable, _ = select.select([], [sock], [], 5.0)
+    assert writable, "the connect did not finish"
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+
+def test_direct_start_connect_connects(listener: socket.socket) -> None:
+    host, port = listener.getsockname()[:2]
+    with DirectDialer().start_connect(Address(host, port), SRC) as sock:
+        assert sock.getblocking() is False
+        assert wait_writable(sock) == 0
+        peer, _ = listener.accept()
+        with peer:
+            sock.sendall(b"ping")
+            assert peer.recv(4) == b"ping"
+
+
+def test_direct_start_connect_refused_is_so_error() -> None:
+    held, port = closed_port()
+    with held, DirectDialer().start_connect(Address("127.0.0.1", port), SRC) as sock:
+        assert wait_writable(sock) == errno.ECONNREFUSED
+
+
+def test_direct_start_connect_rejects_names_at_once() -> None:
+    with pytest.raises(DialError) as info:
+        DirectDialer().start_connect(Address("localhost", 80), SRC)
+    assert info.value.errno == errno.EINVAL
 
 
 @pytest.fixture

@@ -192,3 +192,48 @@ def test_decode_accepts_bytearray_and_memoryview_headers() -> None:
     head = wire.header(Cmd.CREDIT, 5, 4096)
     for frame in (bytearray(head), memoryview(head)):
         assert wire.decode([frame]) == Message(Cmd.CREDIT, 5, 4096)
+
+
+# ---- the data path's decode ----------------------------------------------------------------
+
+DATA_PATH = {Cmd.DATA, Cmd.CREDIT, Cmd.FIN}
+
+
+def decode_flow_of(frames: list[bytes]) -> tuple[int, int, int] | None:
+    assert 1 <= len(frames) <= 2
+    return wire.decode_flow(frames[0], frames[1] if len(frames) == 2 else None)
+
+
+@pytest.mark.parametrize("vector", MESSAGES, ids=lambda v: v["name"])
+def test_decode_flow_takes_every_data_path_message_as_decode_does(
+    vector: dict[str, Any],
+) -> None:
+    frames = frames_of(vector)
+    fields = decode_flow_of(frames)
+    msg = wire.decode(frames)
+    if msg.cmd in DATA_PATH:
+        assert fields == (int(msg.cmd), msg.flow, msg.arg)
+    else:
+        assert fields is None  # not the data path: decode's
+
+
+@pytest.mark.parametrize(
+    "vector", [v for v in INVALID if 1 <= len(v["frames"]) <= 2], ids=lambda v: v["name"]
+)
+def test_decode_flow_leaves_every_invalid_message_to_decode(vector: dict[str, Any]) -> None:
+    assert decode_flow_of(frames_of(vector)) is None
+
+
+def test_decode_flow_ignores_reserved_bytes_as_decode_does() -> None:
+    head = bytearray(wire.header(Cmd.DATA, 9, 1234))
+    head[2:4] = b"\xab\xcd"
+    payload = memoryview(b"bytes")
+    assert wire.decode_flow(memoryview(head), payload) == (int(Cmd.DATA), 9, 1234)
+    assert wire.decode([bytes(head), payload]) == Message(Cmd.DATA, 9, 1234, payload)
+
+
+def test_decode_flow_reads_zmq_frame_buffers() -> None:
+    frames = [zmq.Frame(wire.header(Cmd.CREDIT, 3, 77))]
+    assert wire.decode_flow(frames[0].buffer, None) == (int(Cmd.CREDIT), 3, 77)
+    data = [zmq.Frame(wire.header(Cmd.DATA, 3, 0)), zmq.Frame(b"x")]
+    assert wire.decode_flow(data[0].buffer, data[1].buffer) == (int(Cmd.DATA), 3, 0)

@@ -215,6 +215,17 @@ def test_wrong_version_gets_bye_and_the_worker_carries_on(
     assert running.thread.is_alive()
 
 
+def test_a_data_path_message_of_three_frames_is_a_protocol_error(
+    stack: FakeStack, start_worker: StartWorker
+) -> None:
+    worker, running = start_worker()
+    stack.handshake(running)
+    stack.send_raw([wire.header(Cmd.CREDIT, 1, 5), b"", b""])
+    stack.send_raw([wire.header(Cmd.FIN, 1, 0), b"", b""])
+    stack.assert_freed(1)  # no answer to either, and still serving
+    assert worker.stats.protocol_errors == 2
+
+
 def test_stack_silence_drops_flows_and_says_hello_again(
     stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server]
 ) -> None:

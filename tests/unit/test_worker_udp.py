@@ -22,7 +22,8 @@ from tunio.dialers.base import DatagramDialer
 from tunio.dialers.udp import SocketSession
 from tunio.testing.fakestack import DEADLINE, SKIP, FakeStack, RunningWorker
 from tunio.wire import AddressBlock, Cmd, Message
-from tunio.worker import UDP_WINDOW, UdpSession, Worker
+from tunio.worker import Worker
+from tunio.worker.datagram import UDP_WINDOW, UdpSession
 
 APP_V4 = "198.18.255.9"
 APP_V6 = "fd00::9"

@@ -15,6 +15,7 @@ from tunio.dialers.base import (
     DialFunction,
     FunctionDialer,
     PingDialer,
+    StartConnect,
 )
 from tunio.dialers.direct import DirectDialer
 from tunio.dialers.http import HttpDialer
@@ -34,6 +35,7 @@ __all__ = [
     "PingDialer",
     "ProxyDialer",
     "Socks5Dialer",
+    "StartConnect",
     "load_dialer",
 ]
 

@@ -1,5 +1,6 @@
 """What a dialer is: given a flow's destination (and source), return a connected TCP socket, and
-for UDP (optionally) a datagram session."""
+for UDP (optionally) a datagram session; a dialer may also start a connect without a coroutine
+(`StartConnect`, optional)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,27 @@ class Dialer(Protocol):
 
         Raise OSError (or tunio.errors.DialError) whose errno is what the app should see:
         ECONNREFUSED, EHOSTUNREACH, ENETUNREACH, ETIMEDOUT, ...
+        """
+        ...
+
+
+@runtime_checkable
+class StartConnect(Protocol):
+    """A dialer that can also start a TCP connect without a coroutine (optional; `direct` can).
+
+    The worker dials such a dialer with `start_connect` instead of `dial`: it watches the socket
+    in its own epoll until it is writable and reads SO_ERROR there, so a dial costs no task and
+    no future (in Python those are most of what a short connection costs). Dialers without it
+    are dialled with `dial` in an asyncio task. Both ways end alike: a connected socket, or the
+    errno the app sees, and the same connect timeout.
+    """
+
+    def start_connect(self, dst: Address, src: Address) -> socket.socket:
+        """Return a non-blocking TCP socket whose connect to `dst` has started (or is done).
+
+        Raise OSError (or tunio.errors.DialError) with the errno the app should see if the
+        connect fails at once (EHOSTUNREACH, ENETUNREACH, ...); a failure that comes later is
+        the socket's SO_ERROR once it is writable.
         """
         ...
 

@@ -74,7 +74,8 @@ class DirectDialer:
         return sock
 
     def start_connect(self, dst: Address, src: Address) -> socket.socket:  # noqa: ARG002
-        """`dial` without the coroutine: a non-blocking socket whose connect has started.
+        """`dial` without the coroutine (tunio.dialers.base.StartConnect): a non-blocking socket
+        whose connect has started.
 
         The worker waits for it to become writable itself and reads SO_ERROR (a task and a
         future per connection are most of what dialing costs in Python). Raises DialError if

@@ -1,0 +1,181 @@
+"""A worker process: takes flows from the stack over one DEALER socket and dials them.
+
+One asyncio event loop carries everything. The package is in layers, each knowing only those
+below it:
+
+- `link`: the DEALER, the session (HELLO, HEARTBEAT, BYE, liveness), the outbox; it decodes each
+  message with tunio.wire and hands it to the flow tables.
+- `opening`: a TCP flow's OPEN: the checks, the dial, OPEN_OK or OPEN_FAIL.
+- `tcp`: the TCP flows, each in an explicit state, their sockets in an edge-triggered epoll, the
+  relay under credit, FIN and RST.
+- `datagram`: UDP and ICMP echo (ping) sessions, credit counted in datagrams.
+- `dial`: the one dial path (`start_connect` or a task) and the dial timeout, for both tables.
+- `credit`: the credit accounting both tables do, with no I/O.
+- `stats`: what the worker counts.
+
+The flow tables send through a function they are given (the link's `send`) and report the
+stack's protocol errors to another; they never import the link, so they can be driven with a
+socketpair and a list. `Worker` builds the link and the tables and wires them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable
+
+from tunio import defaults
+from tunio.dialers.base import Dialer
+from tunio.keys import WorkerKeys
+from tunio.worker.datagram import DatagramTable, UdpSession
+from tunio.worker.flow import Flow
+from tunio.worker.link import Handlers, Link, Timing
+from tunio.worker.opening import TcpOpener
+from tunio.worker.stats import WorkerStats
+from tunio.worker.tcp import TcpTable
+
+__all__ = ["Timing", "Worker", "WorkerStats", "run_worker"]
+
+log = logging.getLogger("tunio.worker")
+
+
+class Worker:
+    def __init__(
+        self,
+        endpoint: str,
+        dialer: Dialer,
+        *,
+        name: str,
+        capacity: int = 0,
+        window: int = defaults.WINDOW,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
+        ready: Callable[[], None] | None = None,
+        timing: Timing | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.keys: WorkerKeys | None = None  # CURVE keys for a tcp:// stack
+        self.dialer = dialer
+        self.name = name
+        self.capacity = capacity
+        self.window = window
+        self.connect_timeout = connect_timeout
+        self.ready = ready
+        self.timing = timing or Timing()
+        self.stats = WorkerStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._link: Link | None = None
+        self._tcp: TcpTable | None = None
+        self._datagrams: DatagramTable | None = None
+        self._stop_requested = False
+
+    @property
+    def flows(self) -> dict[int, Flow]:
+        """The TCP flows by id (empty before run())."""
+        return self._tcp.flows if self._tcp is not None else {}
+
+    @property
+    def udp(self) -> dict[int, UdpSession]:
+        """The datagram sessions by id (empty before run())."""
+        return self._datagrams.sessions if self._datagrams is not None else {}
+
+    def run(self) -> int:
+        """Serve until the stack says BYE, a signal arrives or stop() is called; return 0."""
+        return asyncio.run(self._main())
+
+    def stop(self) -> None:
+        """Say BYE and stop; callable from any thread, also before run() has got going."""
+        self._stop_requested = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            # the loop may close in between: then there is nothing left to stop
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._leave, "stop requested")
+
+    def _leave(self, why: str) -> None:
+        if self._link is not None:
+            self._link.leave(why)
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        stats = self.stats
+        link = Link(loop, self.endpoint, name=self.name, stats=stats, capacity=self.capacity,
+                    timing=self.timing, keys=self.keys, ready=self.ready)  # fmt: skip
+        tcp = TcpTable(loop, send=link.send, error=link.protocol_error, stats=stats,
+                       window=self.window)  # fmt: skip
+        opener = TcpOpener(tcp, self.dialer, loop, send=link.send, error=link.protocol_error,
+                           stats=stats, capacity=self.capacity,
+                           connect_timeout=self.connect_timeout, name=self.name)  # fmt: skip
+        datagrams = DatagramTable(loop, self.dialer, send=link.send, error=link.protocol_error,
+                                  stats=stats, tcp_flows=tcp.flows,
+                                  connect_timeout=self.connect_timeout)  # fmt: skip
+        tcp.others = datagrams  # CREDIT and RST for ids that are not TCP flows
+        self._link, self._tcp, self._datagrams = link, tcp, datagrams
+
+        def flush() -> None:
+            datagrams.flush()
+            tcp.flush()
+
+        def drop() -> None:
+            tcp.drop_all()
+            datagrams.drop_all()
+
+        handlers = Handlers(
+            data=tcp.on_data, credit=tcp.on_credit, fin=tcp.on_fin, rst=tcp.on_rst,
+            open=opener.on_open, dgram=datagrams.on_dgram, flush=flush, drop=drop,
+            count=lambda: len(tcp) + len(datagrams),
+        )  # fmt: skip
+        signals = self._install_signals(loop)
+        if self._stop_requested:  # stop() came before the loop could take it
+            link.leave("stop requested")
+        loop.add_reader(tcp.fileno(), tcp.on_events)
+        try:
+            await link.serve(handlers)
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            loop.remove_reader(tcp.fileno())
+            tcp.close()
+            datagrams.drop_all()
+        log.info("worker %s stopped: %s", self.name, self.stats)
+        return 0
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
+        # Signal handlers can only be installed from the main thread; a worker run in a thread
+        # (tests, embedding) is stopped with stop() instead.
+        if threading.current_thread() is not threading.main_thread():
+            return []
+        sigs = [signal.SIGTERM, signal.SIGINT]
+        for sig in sigs:
+            loop.add_signal_handler(sig, self._leave, sig.name)
+        return list(sigs)
+
+
+def run_worker(
+    endpoint: str,
+    dialer: Dialer,
+    *,
+    name: str,
+    capacity: int = 0,
+    window: int = defaults.WINDOW,
+    connect_timeout: float = defaults.CONNECT_TIMEOUT,
+    ready: Callable[[], None] | None = None,
+    keys: WorkerKeys | None = None,
+) -> int:
+    """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
+
+    `keys`: CURVE keys for a tcp:// endpoint (tunio.keys)."""
+    worker = Worker(
+        endpoint,
+        dialer,
+        name=name,
+        capacity=capacity,
+        window=window,
+        connect_timeout=connect_timeout,
+        ready=ready,
+    )
+    worker.keys = keys
+    return worker.run()

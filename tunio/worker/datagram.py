@@ -1,0 +1,276 @@
+"""The worker's datagram sessions: UDP, and ICMP echo (ping), which is a session like UDP's.
+
+The first DGRAM of a flow id opens one (through the dialer's `dial_udp`, or `dial_ping` for an
+ICMP echo session), replies go back as DGRAMs, and credit is counted in datagrams; a datagram
+either side has no credit for is dropped and counted, as a full queue drops UDP anywhere.
+
+Like the TCP table, this one sends through the `send` function it is given and reports what the
+stack got wrong to `error`. A session's descriptor is watched by the event loop (`add_reader`):
+level-triggered, so a session is read until `recv()` returns None or its turn is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Container
+
+from tunio import defaults, wire
+from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
+from tunio.wire import Cmd
+from tunio.worker.credit import DatagramCredit
+from tunio.worker.dial import Dial, Dialing
+from tunio.worker.flow import ErrorSink, Send
+from tunio.worker.stats import WorkerStats, errname
+
+log = logging.getLogger("tunio.worker")
+
+#: DGRAMs a side may send on a UDP session before it gets CREDIT (docs/protocol.md)
+UDP_WINDOW = defaults.UDP_CREDIT
+#: datagrams read from one UDP session per wake-up before other sockets get their turn
+UDP_BUDGET = 64
+#: IP protocols a DGRAM session may carry: UDP, and ICMP / ICMPv6 echo (docs/protocol.md)
+_DGRAM_PROTOS = frozenset({wire.IPPROTO_UDP, 1, 58})
+
+OpenSession = Callable[[Address, Address], Awaitable[DatagramSession]]
+
+
+class UdpSession(DatagramCredit):
+    """One UDP session: the stack's flow id and the dialer's DatagramSession."""
+
+    __slots__ = ("closed", "dial", "dst", "fd", "fid", "pending", "reply_block", "session",
+                 "version")  # fmt: skip
+
+    def __init__(self, fid: int, block: wire.AddressBlock) -> None:
+        super().__init__(UDP_WINDOW)
+        self.fid = fid
+        self.dst = Address(str(block.dst), block.dst_port)
+        self.version = block.version
+        # replies normally come from the destination: their address block is made once
+        self.reply_block = wire.AddressBlock(
+            block.proto, block.version, block.dst, block.dst_port, block.src, block.src_port
+        ).pack()
+        self.session: DatagramSession | None = None
+        self.fd = -1
+        self.dial: Dial[UdpSession, DatagramSession] | None = None
+        self.pending: deque[wire.Payload] = deque()  # datagrams that came while dialing
+        self.closed = False
+
+    def block_from(self, src: Address) -> bytes:
+        """The address block of a reply that came from `src` (to the app)."""
+        if src is self.dst or src == self.dst:
+            return self.reply_block
+        try:
+            ip = ipaddress.ip_address(src.host)
+        except ValueError:
+            return self.reply_block  # a relay named no address: say it came from the destination
+        if ip.version != self.version:
+            return self.reply_block
+        app = wire.AddressBlock.unpack(self.reply_block)
+        return wire.AddressBlock(
+            app.proto, self.version, ip, src.port, app.dst, app.dst_port
+        ).pack()
+
+
+def _close_session(session: DatagramSession) -> None:
+    session.close()
+
+
+class DatagramTable:
+    """The datagram sessions by flow id. `tcp_flows` holds the ids of the TCP flows (the same
+    counter numbers both): a DGRAM on one of those is the stack's error."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        dialer: Dialer,
+        *,
+        send: Send,
+        error: ErrorSink,
+        stats: WorkerStats,
+        tcp_flows: Container[int] = (),
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
+    ) -> None:
+        self.sessions: dict[int, UdpSession] = {}
+        self.stats = stats
+        self._loop = loop
+        self._send = send
+        self._error = error
+        self._tcp_flows = tcp_flows
+        self._dial_udp: OpenSession | None = (
+            dialer.dial_udp if isinstance(dialer, DatagramDialer) else None
+        )
+        self._dial_ping: OpenSession | None = (
+            dialer.dial_ping if isinstance(dialer, PingDialer) else None
+        )
+        self._dialing: Dialing[UdpSession, DatagramSession] = Dialing(
+            loop, connect_timeout, self._dialed, what="udp dial", discard=_close_session
+        )
+        self._credit_due: dict[int, UdpSession] = {}
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def drop_all(self) -> None:
+        for udp in list(self.sessions.values()):
+            self._free(udp)
+
+    # ---- the stack's messages --------------------------------------------------------------
+
+    def on_dgram(self, fid: int, payload: wire.Payload) -> None:
+        udp = self.sessions.get(fid)
+        if udp is None:
+            self._open(fid, payload)
+            return
+        if not udp.accept():
+            self.stats.datagrams_dropped_window += 1
+            return
+        data = memoryview(payload)[wire.ADDRESS.size :]
+        session = udp.session
+        if session is None:
+            udp.pending.append(data)  # at most UDP_WINDOW: the credit in flight bounds it
+            return
+        self._forward(udp, session, data)
+
+    def on_credit(self, fid: int, amount: int) -> None:
+        udp = self.sessions.get(fid)
+        if udp is not None:
+            udp.grant(amount)
+        # else late credit for a session that has ended
+
+    def on_rst(self, fid: int) -> None:
+        udp = self.sessions.get(fid)
+        if udp is not None:
+            self.stats.resets_received += 1
+            self._free(udp)
+
+    def flush(self) -> None:
+        """Sends the credit due: one CREDIT per session for the datagrams handled since."""
+        if not self._credit_due:
+            return
+        due = self._credit_due
+        self._credit_due = {}
+        for fid, udp in due.items():
+            if not udp.closed:
+                amount = udp.release()
+                if amount:
+                    self._send([wire.header(Cmd.CREDIT, fid, amount)])
+
+    # ---- opening a session -----------------------------------------------------------------
+
+    def _open(self, fid: int, payload: wire.Payload) -> None:
+        if fid in self._tcp_flows:
+            self._error(wire.RemoteProtocolError("flow", f"DGRAM on TCP flow {fid}"))
+            return
+        try:
+            block = wire.AddressBlock.unpack(payload)
+        except wire.ProtocolError as exc:
+            self._error(exc)
+            self._refuse(fid, None, errno.EINVAL)
+            return
+        if block.proto not in _DGRAM_PROTOS:
+            why = f"DGRAM of IP protocol {block.proto}"
+            self._error(wire.RemoteProtocolError("address", why))
+            self._refuse(fid, None, errno.EPROTONOSUPPORT)
+            return
+        udp = UdpSession(fid, block)
+        # ICMP echo (proto 1/58) is a session like UDP's, opened by the dialer's dial_ping
+        opener = self._dial_udp if block.proto == wire.IPPROTO_UDP else self._dial_ping
+        if opener is None:
+            self._refuse(fid, udp.dst, errno.EPROTONOSUPPORT)
+            return
+        self.stats.udp_opens += 1
+        self.sessions[fid] = udp
+        udp.accept()
+        udp.pending.append(memoryview(payload)[wire.ADDRESS.size :])
+        src = Address(str(block.src), block.src_port)
+        udp.dial = self._dialing.task(udp, opener, udp.dst, src)
+
+    def _refuse(self, fid: int, dst: Address | None, code: int) -> None:
+        self.stats.udp_open_fail += 1
+        self.stats.resets_sent += 1
+        log.info("udp session %d: to %s refused: %s", fid, dst, errname(code))
+        self._send([wire.header(Cmd.RST, fid, code)])
+
+    def _dialed(self, udp: UdpSession, session: DatagramSession | None, code: int,
+                _why: str) -> None:  # fmt: skip
+        udp.dial = None
+        if session is None:
+            if self.sessions.get(udp.fid) is udp:
+                self._free(udp)
+                self._refuse(udp.fid, udp.dst, code)
+            return
+        if udp.closed or self.sessions.get(udp.fid) is not udp:
+            session.close()  # reset while dialing
+            return
+        udp.session = session
+        udp.fd = session.fileno()
+        pending = udp.pending
+        while pending and not udp.closed:
+            self._forward(udp, session, pending.popleft())
+        if udp.closed:
+            return
+        self._loop.add_reader(udp.fd, self._readable, udp)
+        # this ran from the dial, not from the stack's messages: the credit for the queue must
+        # not wait for the next of those
+        self.flush()
+
+    # ---- datagrams -------------------------------------------------------------------------
+
+    def _forward(self, udp: UdpSession, session: DatagramSession, data: wire.Payload) -> None:
+        try:
+            sent = session.send(data)
+        except OSError as exc:
+            self._failed(udp, exc)
+            return
+        if sent:
+            self.stats.datagrams_to_destination += 1
+        else:
+            self.stats.datagrams_dropped_send += 1
+        udp.done()
+        self._credit_due[udp.fid] = udp
+
+    def _readable(self, udp: UdpSession) -> None:
+        session = udp.session
+        assert session is not None
+        for _ in range(UDP_BUDGET):
+            try:
+                got = session.recv()
+            except OSError as exc:
+                self._failed(udp, exc)
+                return
+            if got is None:
+                return
+            data, src = got
+            if not udp.spend():
+                self.stats.datagrams_dropped_credit += 1
+                continue
+            self.stats.datagrams_to_stack += 1
+            self._send([wire.header(Cmd.DGRAM, udp.fid, 0), udp.block_from(src) + data])
+
+    def _failed(self, udp: UdpSession, exc: OSError) -> None:
+        code = exc.errno or errno.EIO
+        log.debug("udp session %d: %s: %s", udp.fid, udp.dst, errname(code))
+        self._free(udp)  # first: whoever hears the RST finds the session gone
+        self.stats.resets_sent += 1
+        self._send([wire.header(Cmd.RST, udp.fid, code)])
+
+    def _free(self, udp: UdpSession) -> None:
+        if self.sessions.get(udp.fid) is udp:
+            del self.sessions[udp.fid]
+        self._credit_due.pop(udp.fid, None)
+        udp.closed = True
+        udp.pending.clear()
+        if udp.dial is not None:
+            udp.dial.cancel()
+            udp.dial = None
+        session = udp.session
+        if session is not None:
+            udp.session = None
+            if udp.fd >= 0:
+                self._loop.remove_reader(udp.fd)
+                udp.fd = -1
+            session.close()

@@ -1,0 +1,217 @@
+"""One dial path for the worker's flows and sessions.
+
+A dial starts one of two ways and ends one way. A dialer with `start_connect`
+(tunio.dialers.base.StartConnect) hands back a socket whose connect is in flight: the caller
+watches it (the TCP table keeps it in its epoll, where it stays once connected) and calls the
+dial's `connect_done()` when it is writable. Any other dialer, and every datagram session, is
+dialled by an asyncio task. Either way the dial ends in its `Dialing`'s one callback,
+`done(key, result, errno, reason)`: the connected socket (or session) with errno 0, or None with
+the errno the app should see; the connect timeout is one timer for both ways. A cancelled dial
+(the flow was reset while dialing) ends without calling it, and leaves the destination a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+from tunio.dialers.base import Address, Dialer, StartConnect
+
+log = logging.getLogger("tunio.worker")
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+#: how a dial ends: (key, result or None, errno or 0, the dialer's reason)
+Done = Callable[[K, T | None, int, str], None]
+DialFunction = Callable[[Address, Address], Awaitable[T]]
+
+_LINGER_ABORT = struct.pack("ii", 1, 0)
+
+
+def abort(sock: socket.socket) -> None:
+    """Close so that the peer sees a reset (SO_LINGER 0), not an orderly end."""
+    # a socket that is already dead may refuse the option; closing is all that is left then
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ABORT)
+    sock.close()
+
+
+def _no_connection(timeout: float) -> str:
+    return f"no connection within {timeout:g} s"
+
+
+def dial_failure(exc: BaseException, what: str, timeout: float) -> tuple[int, str]:
+    """The errno the app sees for a failed dial (TCP or datagram), and the dialer's own words
+    (which proxy, which credentials) for the log line."""
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return errno.ETIMEDOUT, _no_connection(timeout)
+    if isinstance(exc, OSError):
+        if exc.errno is None:
+            log.warning("%s: %r has no errno; answering ECONNABORTED", what, exc)
+        return exc.errno or errno.ECONNABORTED, exc.strerror or ""
+    log.error("%s failed unexpectedly; answering ECONNABORTED", what, exc_info=exc)
+    return errno.ECONNABORTED, ""
+
+
+class Dial(Generic[K, T]):
+    """One dial in flight (a task, or a started connect) and its timeout. It ends once: in its
+    Dialing's `done`, or by `cancel()`, which calls nothing."""
+
+    __slots__ = ("_dialing", "_task", "_timer", "key")
+
+    def __init__(self, dialing: Dialing[K, T], key: K) -> None:
+        self._dialing = dialing
+        self.key = key
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = dialing.loop.call_later(
+            dialing.timeout, self._timed_out
+        )
+
+    @property
+    def live(self) -> bool:
+        """Neither ended nor cancelled."""
+        return self._timer is not None
+
+    def cancel(self) -> None:
+        """Stop dialing (the flow ended first)."""
+        self._stop()
+
+    def start_task(self, dial: DialFunction[T], dst: Address, src: Address) -> None:
+        self._task = self._dialing.loop.create_task(self._run(dial, dst, src))
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._end(None, errno.ETIMEDOUT, _no_connection(self._dialing.timeout))
+
+    def _end(self, result: T | None, code: int, why: str) -> None:
+        self._stop()
+        self._dialing.done(self.key, result, code, why)
+
+    async def _run(self, dial: DialFunction[T], dst: Address, src: Address) -> None:
+        dialing = self._dialing
+        try:
+            result = await dial(dst, src)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure becomes an errno for the app
+            if self.live:
+                self._task = None  # it is ending: nothing to cancel
+                code, why = dial_failure(exc, f"{dialing.what} {dst}", dialing.timeout)
+                self._end(None, code, why)
+            return
+        if not self.live:  # a dialer that ignored its cancel (timeout, reset): not wanted now
+            dialing.discard(result)
+            return
+        self._task = None
+        self._end(result, 0, "")
+
+
+class Connecting(Dial[K, socket.socket]):
+    """A task-less dial: `sock`'s connect was started, and the caller watches it for
+    writability (then calls `connect_done()`)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, dialing: Dialing[K, socket.socket], key: K, sock: socket.socket) -> None:
+        super().__init__(dialing, key)
+        self.sock: socket.socket | None = sock
+
+    def cancel(self) -> None:
+        """Stop dialing; the connect in flight is reset, so the destination sees a reset too."""
+        super().cancel()
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            abort(sock)
+
+    def connect_done(self) -> None:
+        """The socket became writable: connected, or failed (SO_ERROR)."""
+        sock = self.sock
+        assert sock is not None
+        code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._end(None, code, os.strerror(code))
+            return
+        self.sock = None  # the caller's now
+        self._end(sock, 0, "")
+
+    def _end(self, result: socket.socket | None, code: int, why: str) -> None:
+        super()._end(result, code, why)
+        if self.sock is not None:  # failed: closed after `done`, which forgets its fd first
+            self.sock.close()
+            self.sock = None
+
+
+class Dialing(Generic[K, T]):
+    """Dials of one kind (TCP sockets, or datagram sessions), all ending in `done`.
+
+    `what` names them in log lines ("dial", "udp dial"); `discard` disposes of a result that
+    came after its dial was given up."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, done: Done[K, T], *,
+                 what: str, discard: Callable[[T], object]) -> None:  # fmt: skip
+        self.loop = loop
+        self.timeout = timeout
+        self.done = done
+        self.what = what
+        self.discard = discard
+
+    def task(self, key: K, dial: DialFunction[T], dst: Address, src: Address) -> Dial[K, T]:
+        """Dials `await dial(dst, src)` in a task."""
+        pending = Dial(self, key)
+        pending.start_task(dial, dst, src)
+        return pending
+
+
+class TcpDialing(Dialing[K, socket.socket]):
+    """A dialer's TCP dials: by `start_connect` if it has it, else by `dial` in a task.
+
+    `watch(key, sock)` is given a task-less dial's socket: the caller then calls the dial's
+    `connect_done()` when the socket is writable (or in error)."""
+
+    def __init__(
+        self,
+        dialer: Dialer,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        done: Done[K, socket.socket],
+        watch: Callable[[K, socket.socket], None],
+    ) -> None:
+        super().__init__(loop, timeout, done, what="dial", discard=abort)
+        self.dialer = dialer
+        self.watch = watch
+        # checked once: isinstance() with a runtime_checkable Protocol is slow, and a dial is
+        # most of what a short connection costs
+        self._start: Callable[[Address, Address], socket.socket] | None = (
+            dialer.start_connect if isinstance(dialer, StartConnect) else None
+        )
+
+    def dial(self, key: K, dst: Address, src: Address) -> Dial[K, socket.socket] | None:
+        """Starts dialing `dst`; None if the dial ended at once (`done` has been called)."""
+        start = self._start
+        if start is None:
+            return self.task(key, self.dialer.dial, dst, src)
+        try:
+            sock = start(dst, src)
+        except Exception as exc:  # every failure becomes an errno for the app
+            self.done(key, None, *dial_failure(exc, f"dial {dst}", self.timeout))
+            return None
+        pending = Connecting(self, key, sock)
+        self.watch(key, sock)
+        return pending

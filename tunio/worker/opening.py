@@ -1,0 +1,101 @@
+"""OPEN of a TCP flow: the checks, the dial, and the answer (OPEN_OK or OPEN_FAIL).
+
+What happens between the stack's OPEN and the worker's answer is here, apart from the relay that
+follows (tunio.worker.tcp): a flow is added to the table DIALING, dialled through
+tunio.worker.dial, and handed back to the table connected (which says OPEN_OK) or dropped with
+OPEN_FAIL and the errno the app should see.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+
+from tunio import defaults, ports, wire
+from tunio.dialers.base import Address, Dialer
+from tunio.wire import Cmd
+from tunio.worker.dial import TcpDialing, abort
+from tunio.worker.flow import ErrorSink, Flow, Send, State
+from tunio.worker.stats import WorkerStats
+from tunio.worker.tcp import TcpTable
+
+log = logging.getLogger("tunio.worker")
+
+#: seconds between two warnings that the local ports are used up (see tunio.ports)
+PORT_WARNING_INTERVAL = 60.0
+
+
+class TcpOpener:
+    """Takes OPENs for `table`: `capacity` flows at most (0: no limit), each dialled through
+    `dialer` within `connect_timeout`."""
+
+    def __init__(
+        self,
+        table: TcpTable,
+        dialer: Dialer,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        send: Send,
+        error: ErrorSink,
+        stats: WorkerStats,
+        capacity: int = 0,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
+        name: str = "",
+    ) -> None:
+        self.table = table
+        self.stats = stats
+        self._send = send
+        self._error = error
+        self._capacity = capacity
+        self._name = name
+        self._dialing = TcpDialing(dialer, loop, connect_timeout, self._dialed, table.watch)
+        self._next_port_warning = 0.0  # see _open_failed
+
+    def on_open(self, fid: int, credit: int, payload: wire.Payload) -> None:
+        """OPEN: `credit` is the window the stack gives us, `payload` the address block."""
+        self.stats.opens += 1
+        flows = self.table.flows
+        if fid == 0 or fid in flows:
+            self._error(wire.RemoteProtocolError("flow", f"OPEN of flow {fid} in use"))
+            return
+        try:
+            block = wire.AddressBlock.unpack(payload)
+        except wire.ProtocolError as exc:
+            self._error(exc)
+            self._open_failed(fid, None, errno.EINVAL)
+            return
+        dst = Address(str(block.dst), block.dst_port)
+        if block.proto != wire.IPPROTO_TCP:
+            self._open_failed(fid, dst, errno.EPROTONOSUPPORT)
+            return
+        if self._capacity and len(flows) >= self._capacity:
+            self._open_failed(fid, dst, errno.EAGAIN)
+            return
+        flow = self.table.add(fid, credit, dst)
+        flow.dial = self._dialing.dial(flow, dst, Address(str(block.src), block.src_port))
+
+    def _dialed(self, flow: Flow, sock: socket.socket | None, code: int, why: str) -> None:
+        """How every dial ends: connected (`sock`), or failed with errno `code`."""
+        flow.dial = None
+        if flow.state is not State.DIALING or self.table.flows.get(flow.fid) is not flow:
+            if sock is not None:
+                abort(sock)  # reset while the dial finished: the destination must see it too
+            return
+        if sock is None:
+            self.table.dial_failed(flow)
+            self._open_failed(flow.fid, flow.dst, code, why)
+            return
+        self.table.connected(flow, sock)
+
+    def _open_failed(self, fid: int, dst: Address | None, code: int, why: str = "") -> None:
+        name = self.stats.open_failed(code)
+        log.info("flow %d: dial %s failed: %s%s", fid, dst, name, f" ({why})" if why else "")
+        if code == errno.EADDRNOTAVAIL:
+            now = time.monotonic()
+            if now >= self._next_port_warning:  # once a minute at most: it comes in floods
+                self._next_port_warning = now + PORT_WARNING_INTERVAL
+                log.warning("worker %s: %s", self._name, ports.no_port_hint())
+        self._send([wire.header(Cmd.OPEN_FAIL, fid, code)])
