@@ -88,5 +88,6 @@ def worker_entry(
         connect_timeout=connect_timeout,
         ready=lambda: status.put(("worker-ready", name)),
         keys=keys,
+        report=lambda snapshot: status.put(("stats", snapshot)),
     )
     sys.exit(code)

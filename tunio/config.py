@@ -63,6 +63,7 @@ class Options:
     log_format: str = defaults.LOG_FORMAT
     max_flows: int = defaults.MAX_FLOWS
     max_pending: int = defaults.MAX_PENDING
+    metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
     # Where settings came from when not from the command line or the library (field name ->
     # "FILE:LINE"): an error about one of them names its line (see explain()).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -241,6 +242,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             f"({SUN_PATH_MAX} bytes at most with /{SOCKET_NAME}): pick a shorter one"
         )
     excludes = tuple(parse_network(text, "--exclude") for text in options.exclude)
+    if options.metrics is not None:
+        parse_host_port(options.metrics, "--metrics")
     return Plan(
         addresses=addresses,
         routes=routes,
@@ -248,6 +251,23 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
         endpoint=options.endpoint,
         excludes=excludes,
     )
+
+
+def parse_host_port(text: str, option: str) -> tuple[str, int]:
+    """HOST:PORT, an IPv6 host in brackets ([::1]:9184); the host an IP address."""
+    host, sep, port = text.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    try:
+        ip = ipaddress.ip_address(host)
+        number = int(port) if ip.version == 4 or bracketed else -1  # "::1:9" is ambiguous
+    except ValueError:
+        number = -1
+    if not sep or not 0 < number < 65536:
+        raise ConfigError(
+            f"{option} {text!r}: give an IP address and a port, e.g. 127.0.0.1:9184 or [::1]:9184"
+        )
+    return host, number
 
 
 def explain(exc: ConfigError, options: Options) -> str:

@@ -84,3 +84,40 @@ def setup(level: str = "info", stream: TextIO | None = None, fmt: str = "text") 
     handler.addFilter(_ProcessNameFilter())
     root.addHandler(handler)
     root.setLevel(level_number(level))
+
+
+class EverySecond:
+    """Lines of one kind at most once an interval, so that a flood makes one line a second, not
+    one a flow. The first line of an interval is logged as it comes; the rest are logged at
+    debug only and counted (by `kind`, e.g. an errno name), and `flush()` (called at least once
+    an interval) says how many there were in one line."""
+
+    def __init__(
+        self, logger: logging.Logger, level: int, what: str, interval: float = 1.0
+    ) -> None:
+        self._logger = logger
+        self._level = level
+        self._what = what  # "failed dials"
+        self._interval = interval
+        self._next = 0.0
+        self._held: dict[str, int] = {}
+
+    def log(self, kind: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now >= self._next:
+            self.flush()
+            self._next = now + self._interval
+            self._logger.log(self._level, msg, *args)
+            return
+        self._held[kind] = self._held.get(kind, 0) + 1
+        self._logger.debug(msg, *args)
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        held, self._held = self._held, {}
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(held.items()))
+        self._logger.log(
+            self._level, "%d more %s in the last %g s (%s)", sum(held.values()), self._what,
+            self._interval, kinds,
+        )  # fmt: skip

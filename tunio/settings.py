@@ -103,6 +103,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("txqueuelen", "txqueuelen", "int",
             "transmit queue length of the TUN device; short queues drop packets under load "
             f"(default: {defaults.TXQUEUELEN})", "N"),
+    Setting("metrics", "metrics", "str",
+            "serve Prometheus metrics on HOST:PORT (GET /metrics): flows, bytes, dials, "
+            "refusals, workers, drops", "HOST:PORT"),
     Setting("max-flows", "max_flows", "int",
             "TCP flows and UDP sessions at once; a new one past this is refused (a RST, or ICMP "
             f"for UDP), counted and logged once a second (default: {defaults.MAX_FLOWS})", "N"),

@@ -22,6 +22,8 @@ from tunio.errors import StackError, TunError, check
 log = logging.getLogger("tunio.stack")
 
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+#: seconds between two reports of the stack's counters to the supervisor
+REPORT_INTERVAL = 1.0
 
 
 def _lib() -> tuple[Any, Any]:
@@ -185,8 +187,8 @@ def stack_main(config: StackConfig, status: _StatusQueue) -> None:
     thread.start()
     status.put(("stack-ready", os.getpid()))
     log.debug("stack listening on port %d", stack.listen_port)
-    while not stop.wait(3600):
-        pass
+    while not stop.wait(REPORT_INTERVAL):
+        status.put(("stats", stack.stats()))  # the supervisor's metrics
     stack.stop()
     thread.join()
     log.info("stack statistics: %s", stack.stats())

@@ -29,6 +29,7 @@ from tunio.runtime import RuntimeDir
 
 if TYPE_CHECKING:
     from tunio.keys import StackKeys
+    from tunio.metrics import MetricsServer
     from tunio.stack import StackConfig
 
 __all__ = ["Supervisor", "next_backoff"]
@@ -100,6 +101,9 @@ class Supervisor:
     ) -> None:
         self.options = options
         self.ready = threading.Event()
+        # the latest counters of each child ("stack", "worker-0", ...), as they report them
+        self.stats: dict[str, dict[str, Any]] = {}
+        self.restarts: dict[str, int] = {}  # how often each child was started again
         self._startup_deadline = startup_deadline
         self._stop_deadline = stop_deadline
         self._proc = proc
@@ -108,6 +112,7 @@ class Supervisor:
         self._lock_dir = lock_dir if lock_dir is not None else devicelock.default_directory()
         # held while we run; every child closes them
         self._locks: list[devicelock.DeviceLock | RuntimeDir] = []
+        self._metrics: MetricsServer | None = None
         self._pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()
@@ -250,6 +255,8 @@ class Supervisor:
         undo.callback(self._undo, "runtime directory", rundir.release)
         rundir.acquire()
         self._locks = [device, rundir]
+        if opts.metrics is not None:
+            self._serve_metrics(opts.metrics, undo)
         self._endpoint = plan.endpoint or rundir.endpoint
         if self._endpoint.startswith("tcp://"):
             self._keys = self._load_keys(plan, undo)
@@ -305,6 +312,26 @@ class Supervisor:
         )
         self.ready.set()
         sdnotify.notify("READY=1", f"STATUS=forwarding on {opts.tun}", f"MAINPID={os.getpid()}")
+
+    def _serve_metrics(self, where: str, undo: contextlib.ExitStack) -> None:
+        """The Prometheus endpoint, from the children's latest reports."""
+        from tunio import metrics  # noqa: PLC0415 - only a run with --metrics needs it
+        from tunio.config import parse_host_port  # noqa: PLC0415
+
+        host, port = parse_host_port(where, "--metrics")
+
+        def page() -> str:
+            drops = metrics.tun_drops(self._sys_net, self.options.tun)
+            return metrics.render(dict(self.stats), dict(self.restarts), drops)
+
+        try:
+            server = metrics.MetricsServer(host, port, page)
+        except OSError as exc:
+            raise TunioError(f"--metrics {where}: {exc.strerror}") from exc
+        self._metrics = server
+        undo.callback(server.stop)
+        server.start()
+        log.info("metrics on http://%s/metrics", where)
 
     def _load_keys(self, plan: Plan, undo: contextlib.ExitStack) -> StackKeys:
         """Workers on other hosts: CURVE, and only workers holding our worker key get in. Keys
@@ -381,8 +408,10 @@ class Supervisor:
     def _inherited_fds(self) -> tuple[int, ...]:
         """What a child must close: our wake-up pipe and our locks (a child that kept a lock
         would hold the device after tunio-run is gone)."""
-        locks = [lock.fileno() for lock in self._locks]
-        return (self._wake_r, self._wake_w, *(fd for fd in locks if fd is not None))
+        held = [lock.fileno() for lock in self._locks]
+        if self._metrics is not None:
+            held.append(self._metrics.fileno())  # a child must not keep our port open
+        return (self._wake_r, self._wake_w, *(fd for fd in held if fd is not None))
 
     def _spawn_stack(self) -> None:
         child = self._stack
@@ -447,6 +476,9 @@ class Supervisor:
     def _on_status(self, child: _Child, message: tuple[str, Any]) -> None:
         """A message on `child`'s status channel: it is ready, or it could not start."""
         kind, value = message[0], message[1]
+        if kind == "stats":
+            self.stats[child.name] = value  # the latest counters, for the metrics
+            return
         if kind == "stack-error" and child is self._stack:
             self._stack_error = str(value)
             log.error("stack: %s", value)
@@ -523,6 +555,8 @@ class Supervisor:
         child.ready = False
         child.backoff = next_backoff(child.backoff, lifetime)
         child.restart_at = now + child.backoff
+        self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
+        self.stats.pop(child.name, None)  # its counters start again with its next process
         lost = " (its flows are lost: their segments now get a RST)" if child is self._stack else ""
         log.warning(
             "%s exited with %s after %.1f s%s; restarting in %.1f s",

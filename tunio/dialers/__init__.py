@@ -36,6 +36,7 @@ __all__ = [
     "ProxyDialer",
     "Socks5Dialer",
     "StartConnect",
+    "label",
     "load_dialer",
 ]
 
@@ -47,6 +48,26 @@ _ACCEPTED = (
 
 #: URL schemes of the built-in proxy dialers
 PROXIES: dict[str, type[ProxyDialer]] = {"socks5": Socks5Dialer, "http": HttpDialer}
+
+
+def label(dialer: object) -> str:
+    """A dialer's name in logs and metrics, never with credentials: "direct",
+    "socks5://10.0.0.1:1080" ("socks5://a:1080,http://b:3128" for a chain), "module:function"
+    for a function, a `label` attribute of a dialer that has one, else its class."""
+    if isinstance(dialer, DirectDialer):
+        return "direct"
+    if isinstance(dialer, ProxyDialer):
+        own = f"{dialer.scheme}://{dialer.proxy}"
+        via = dialer.via
+        return f"{label(via)},{own}" if isinstance(via, ProxyDialer) else own
+    if isinstance(dialer, FunctionDialer):
+        func = dialer.func
+        return f"{getattr(func, '__module__', '?')}:{getattr(func, '__qualname__', func)}"
+    named = getattr(dialer, "label", None)
+    if isinstance(named, str) and named:
+        return named
+    kind = type(dialer)
+    return f"{kind.__module__}:{kind.__qualname__}"
 
 
 def _is_dialer(obj: object) -> bool:

@@ -26,6 +26,7 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from tunio import defaults
 from tunio.dialers.base import Dialer
@@ -41,6 +42,9 @@ __all__ = ["Timing", "Worker", "WorkerStats", "run_worker"]
 
 log = logging.getLogger("tunio.worker")
 
+#: seconds between two reports of the worker's counters (and summaries of held log lines)
+REPORT_INTERVAL = 1.0
+
 
 class Worker:
     def __init__(
@@ -54,7 +58,10 @@ class Worker:
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         ready: Callable[[], None] | None = None,
         timing: Timing | None = None,
+        report: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        """`report`, if given, gets `stats.snapshot()` every REPORT_INTERVAL seconds (the
+        supervisor's metrics)."""
         self.endpoint = endpoint
         self.keys: WorkerKeys | None = None  # CURVE keys for a tcp:// stack
         self.dialer = dialer
@@ -63,6 +70,7 @@ class Worker:
         self.window = window
         self.connect_timeout = connect_timeout
         self.ready = ready
+        self.report = report
         self.timing = timing or Timing()
         self.stats = WorkerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,9 +140,22 @@ class Worker:
         if self._stop_requested:  # stop() came before the loop could take it
             link.leave("stop requested")
         loop.add_reader(tcp.fileno(), tcp.on_events)
+        timer: asyncio.TimerHandle | None = None
+
+        def every_interval() -> None:
+            nonlocal timer
+            opener.failures.flush()
+            if self.report is not None:
+                self.report({**stats.snapshot(), "flows_active": len(tcp) + len(datagrams)})
+            timer = loop.call_later(REPORT_INTERVAL, every_interval)
+
+        timer = loop.call_later(REPORT_INTERVAL, every_interval)
         try:
             await link.serve(handlers)
         finally:
+            if timer is not None:
+                timer.cancel()
+            opener.failures.flush()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             loop.remove_reader(tcp.fileno())
@@ -164,6 +185,7 @@ def run_worker(
     connect_timeout: float = defaults.CONNECT_TIMEOUT,
     ready: Callable[[], None] | None = None,
     keys: WorkerKeys | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
     """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
 
@@ -176,6 +198,7 @@ def run_worker(
         window=window,
         connect_timeout=connect_timeout,
         ready=ready,
+        report=report,
     )
     worker.keys = keys
     return worker.run()

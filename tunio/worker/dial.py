@@ -65,11 +65,12 @@ class Dial(Generic[K, T]):
     """One dial in flight (a task, or a started connect) and its timeout. It ends once: in its
     Dialing's `done`, or by `cancel()`, which calls nothing."""
 
-    __slots__ = ("_dialing", "_task", "_timer", "key")
+    __slots__ = ("_dialing", "_task", "_timer", "key", "started")
 
     def __init__(self, dialing: Dialing[K, T], key: K) -> None:
         self._dialing = dialing
         self.key = key
+        self.started = dialing.loop.time()  # the loop's clock: time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = dialing.loop.call_later(
             dialing.timeout, self._timed_out

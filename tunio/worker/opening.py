@@ -15,7 +15,9 @@ import socket
 import time
 
 from tunio import defaults, ports, wire
+from tunio.dialers import label
 from tunio.dialers.base import Address, Dialer
+from tunio.logs import EverySecond
 from tunio.wire import Cmd
 from tunio.worker.dial import TcpDialing, abort
 from tunio.worker.flow import ErrorSink, Flow, Send, State
@@ -51,8 +53,12 @@ class TcpOpener:
         self._error = error
         self._capacity = capacity
         self._name = name
+        self._loop = loop
         self._dialing = TcpDialing(dialer, loop, connect_timeout, self._dialed, table.watch)
+        self._label = label(dialer)
         self._next_port_warning = 0.0  # see _open_failed
+        # one line a second under a flood of failing dials, not one a flow
+        self.failures = EverySecond(log, logging.INFO, "failed dials")
 
     def on_open(self, fid: int, credit: int, payload: wire.Payload) -> None:
         """OPEN: `credit` is the window the stack gives us, `payload` the address block."""
@@ -79,6 +85,7 @@ class TcpOpener:
 
     def _dialed(self, flow: Flow, sock: socket.socket | None, code: int, why: str) -> None:
         """How every dial ends: connected (`sock`), or failed with errno `code`."""
+        started = flow.dial.started if flow.dial is not None else None
         flow.dial = None
         if flow.state is not State.DIALING or self.table.flows.get(flow.fid) is not flow:
             if sock is not None:
@@ -88,11 +95,14 @@ class TcpOpener:
             self.table.dial_failed(flow)
             self._open_failed(flow.fid, flow.dst, code, why)
             return
+        if started is not None:
+            self.stats.dialed(self._label, self._loop.time() - started)
         self.table.connected(flow, sock)
 
     def _open_failed(self, fid: int, dst: Address | None, code: int, why: str = "") -> None:
-        name = self.stats.open_failed(code)
-        log.info("flow %d: dial %s failed: %s%s", fid, dst, name, f" ({why})" if why else "")
+        name = self.stats.open_failed(code, self._label)
+        self.failures.log(name, "flow %d: dial %s failed: %s%s", fid, dst, name,
+                          f" ({why})" if why else "")  # fmt: skip
         if code == errno.EADDRNOTAVAIL:
             now = time.monotonic()
             if now >= self._next_port_warning:  # once a minute at most: it comes in floods
