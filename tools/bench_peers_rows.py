@@ -73,6 +73,7 @@ class Row:
     outbound: str  # SOCKS or DIRECT: which peers a tunio row is compared with
     setup: Setup | None
     unavailable: str = ""  # why the row cannot run here, printed in its place
+    needs: str = ""  # a program not every machine has (its row is skipped without it)
 
 
 @contextlib.contextmanager
@@ -130,9 +131,9 @@ def all_rows() -> list[Row]:
     ]
     for stack in singbox.STACKS:
         rows.append(Row(f"singbox-{stack}-socks", f"sing-box {stack} -> danted", PEER, SOCKS,
-                        sing_box(stack, SOCKS)))  # fmt: skip
+                        sing_box(stack, SOCKS), needs="sing-box"))  # fmt: skip
         rows.append(Row(f"singbox-{stack}-direct", f"sing-box {stack} direct", PEER, DIRECT,
-                        sing_box(stack, DIRECT)))  # fmt: skip
+                        sing_box(stack, DIRECT), needs="sing-box"))  # fmt: skip
     rows += [
         Row("hev", "hev-socks5-tunnel -> danted", PEER, SOCKS, None, HEV_MISSING),
         Row("tunio-socks5", "tunio socks5:// -> danted", TUNIO, SOCKS, tunio(SOCKS)),

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -85,12 +86,20 @@ def config(stack: str, socks: tuple[str, int] | None, mtu: int) -> dict[str, Any
 
 
 def _device_up(lab: ChainLab) -> bool:
-    """True once the TUN is up with its address (sing-box configures both itself)."""
+    """True once the TUN has its address and is up: sing-box sets the address first, and a
+    route into a device that is still down is refused."""
     try:
-        out = lab.ip(lab.app, "-o", "-4", "addr", "show", "dev", TUN_NAME)
+        link = lab.ip(lab.app, "-o", "link", "show", "dev", TUN_NAME)
+        addr = lab.ip(lab.app, "-o", "-4", "addr", "show", "dev", TUN_NAME)
     except LabError:
         return False
-    return TUN_ADDRESS in out
+    return is_up(link, addr)
+
+
+def is_up(link: str, addr: str) -> bool:
+    """From `ip -o link` and `ip -o -4 addr` of the TUN: administratively up (UP among the
+    flags, LOWER_UP is not enough) and holding the lab's TUN address."""
+    return re.search(r"<[^>]*\bUP\b", link) is not None and TUN_ADDRESS in addr
 
 
 @contextlib.contextmanager

@@ -100,8 +100,10 @@ def table(rows: list[Row], results: dict[str, dict[str, float]], missing: dict[s
             if row.name in rel:
                 cells = [rel[row.name].get(m.key, {}).get(field) for m in METRICS]
                 pairs = zip(cells, METRICS, strict=True)
-                lines.append(f"{'  ' + label:<{NAME_WIDTH}}"
-                             + "".join(_cell(c, m, ".2f") for c, m in pairs))  # fmt: skip
+                text = "".join(_cell(c, m, ".2f") for c, m in pairs)
+                if not any(c is not None for c in cells):
+                    text = f"(no {row.outbound} peer measured in this run)"
+                lines.append(f"{'  ' + label:<{NAME_WIDTH}}{text}")
     return "\n".join(lines)
 
 

@@ -132,3 +132,22 @@ def test_the_scripts_are_importable_without_a_lab() -> None:
     args = bench_peers._parser().parse_args(["--rows", "plain", "tunio-direct", "-t", "2"])
     assert args.rows == ["plain", "tunio-direct"]
     assert (args.seconds, args.repeat, args.connections, args.requests) == (2, 3, 4000, 5000)
+
+
+def test_a_tunio_row_without_peers_says_so() -> None:
+    results = {k: v for k, v in _results().items() if not k.startswith("sing-box")}
+    lines = table(ROWS, results, {}).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(BY_KEY["tunio-direct"].name))
+    assert "no direct peer measured" in lines[at + 1]
+    assert "0.30" in lines[at + 2]  # 3.0 / 10.0 to plain, all the same
+
+
+def test_the_tun_counts_as_up_only_when_up_and_addressed() -> None:
+    up = "3: tun0: <POINTOPOINT,MULTICAST,NOARP,UP,LOWER_UP> mtu 9000 qdisc fq_codel"
+    down = "3: tun0: <POINTOPOINT,MULTICAST,NOARP> mtu 9000 qdisc noop state DOWN"
+    lower = "3: tun0: <POINTOPOINT,LOWER_UP> mtu 9000"
+    addr = f"3: tun0    inet {TUN_ADDRESS} brd 198.18.255.255 scope global tun0"
+    assert singbox.is_up(up, addr)
+    assert not singbox.is_up(down, addr)
+    assert not singbox.is_up(lower, addr)
+    assert not singbox.is_up(up, "")
