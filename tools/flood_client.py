@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flood_common import CHUNK, DIGEST_SIZE, REQUEST, TURN, Stream, Yield, error_name
+from flood_socks import Handshake, SocksError
 
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _REPORT_EVERY = 0.2  # seconds between progress reports
@@ -32,6 +33,7 @@ class Plan:
     concurrency: int
     deadline: float  # time.monotonic() at which unfinished connections fail with "timeout"
     nonce: int  # distinguishes runs: part of every stream's seed
+    proxy: tuple[str, int] | None = None  # a SOCKS5 proxy to reach `addr` through
 
 
 @dataclass
@@ -63,12 +65,15 @@ class _Conn:
         "sent",
         "shut",
         "sock",
+        "socks",
         "start_ns",
         "stream",
     )
 
-    def __init__(self, sock: socket.socket, stream: Stream, mode: str, start_ns: int) -> None:
+    def __init__(self, sock: socket.socket, stream: Stream, mode: str, start_ns: int,
+                 socks: Handshake | None) -> None:
         self.sock = sock
+        self.socks = socks  # the SOCKS5 handshake still to do before the test stream
         self.stream = stream
         self.start_ns = start_ns
         self.done_ns = 0  # when the last expected byte arrived
@@ -184,12 +189,17 @@ class _Client:
             else:
                 c.connected_ns = time.monotonic_ns()
         try:
+            if c.socks is not None:
+                c.socks.step(c.sock)
+                c.socks = None
             return self.step(c)
         except BlockingIOError:
             return None
         except Yield:
             self.again[c.sock.fileno()] = c
             return None
+        except SocksError as exc:
+            return str(exc)
         except OSError as exc:
             return error_name(exc)
 
@@ -213,8 +223,9 @@ class _Client:
             self.result.fail(error_name(exc))
             return
         sock.setblocking(False)
-        rc = sock.connect_ex(plan.addr)
-        c = _Conn(sock, Stream(seed, plan.nbytes), plan.mode, start_ns)
+        rc = sock.connect_ex(plan.proxy or plan.addr)
+        socks = Handshake(plan.addr) if plan.proxy else None
+        c = _Conn(sock, Stream(seed, plan.nbytes), plan.mode, start_ns, socks)
         if rc not in (0, errno.EINPROGRESS):
             self._finish(c, errno.errorcode.get(rc, f"errno{rc}"))
             return

