@@ -266,6 +266,21 @@ def test_a_reset_by_the_destination_becomes_rst(opened: Opened) -> None:
     assert rig.stats.resets_sent == 1
 
 
+def test_a_reset_after_the_destinations_eof_becomes_rst(opened: Opened) -> None:
+    """The destination ends its side, then resets: nothing is read or written on the socket any
+    more (DEST_FIN), but it is still watched, so the reset goes on to the stack."""
+    rig, peer = opened
+    peer.shutdown(socket.SHUT_WR)
+    assert rig.expect(Cmd.FIN, 1).arg == 0
+    assert state_of(rig.table.flows[1]) is State.DEST_FIN
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_ABORT)
+    peer.close()
+    # after our EOF the kernel names a reset EPIPE (tcp_reset in CLOSE_WAIT)
+    assert rig.expect(Cmd.RST, 1).arg in (errno.EPIPE, errno.ECONNRESET)
+    assert rig.table.flows == {}
+    assert rig.stats.resets_sent == 1
+
+
 def test_unknown_flows_get_rst_for_data_only(rigs: MakeRig) -> None:
     rig = rigs(PairDialer())
     rig.table.on_credit(21, 100)  # late: ignored

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -269,3 +270,61 @@ def test_redirect_example_as_a_dialer_spec(
     run_tunio.append(tunio)
     tunio.wait_ready()
     echo_through_redirect(lab)
+
+
+@pytest.mark.parametrize("name", ["direct", "socks5"])
+def test_a_destination_reset_reaches_an_app_that_keeps_writing(
+    lab: Lab, proxies: dict[str, Proxy], run_tunio: list[TunioProcess], name: str
+) -> None:
+    """The destination resets after reading a line. Through a proxy the worker may see only an
+    EOF first (danted ends the tunnel), but it keeps watching the socket, so the app's later
+    writes end in a reset, as they would talking to the proxy directly."""
+    start(lab, run_tunio, *([] if name == "direct" else [url(proxies, name)]))
+    with lab.connect(PEER_PORTS["rst"], timeout=10.0) as sock:
+        sock.sendall(b"hello\n")
+        assert _keep_writing(sock, 10.0) == "reset"
+
+
+def _keep_writing(sock: socket.socket, seconds: float) -> str:
+    """Writes until the socket fails: "reset" (ECONNRESET or EPIPE), "data" if the destination
+    answered, "alive" if neither happened within `seconds`."""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if select.select([sock], [], [], 0.1)[0] and sock.recv(4096):  # an EOF, or data
+                return "data"
+            sock.sendall(b"x" * 1000)  # the app keeps writing
+    except (ConnectionResetError, BrokenPipeError):
+        return "reset"
+    return "alive"
+
+
+@pytest.mark.parametrize("name", ["direct", "socks5", "http"])
+def test_a_reset_after_the_destinations_eof_reaches_the_app(
+    lab: Lab, proxies: dict[str, Proxy], run_tunio: list[TunioProcess], name: str
+) -> None:
+    """The destination resets after reading a line. danted passes the reset on at once;
+    tinyproxy ends the tunnel with an EOF, and answers the next bytes that come with a reset,
+    which reaches the worker when it has nothing more to write there. The worker still watches
+    that socket, so the app, which only waits after its one write, hears of the reset as a
+    direct client of the proxy would: its socket reports the error (EPIPE, since an EOF came
+    first), and its next send fails."""
+    start(lab, run_tunio, *([] if name == "direct" else [url(proxies, name)]))
+    with lab.connect(PEER_PORTS["rst"], timeout=10.0) as sock:
+        sock.sendall(b"hello\n")
+        try:
+            eof = sock.recv(4096) == b""
+        except ConnectionResetError:
+            eof = False  # the reset came first (direct, danted)
+        if eof:
+            with select.epoll() as ep:
+                ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+                ep.poll(0)  # what is there already (the EOF): the next edge is news
+                sock.sendall(b"one more line\n")  # taken by our kernel: the reset comes later
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if not code:
+                    assert ep.poll(5.0), "no error after the EOF: the reset was lost"
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            assert code in (errno.EPIPE, errno.ECONNRESET), errno.errorcode.get(code, code)
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            sock.sendall(b"and another\n")

@@ -151,6 +151,8 @@ class TcpTable:
                 state = flow.state
                 if state is not _OPEN:
                     continue
+            if ev & select.EPOLLERR and self._failed(flow):
+                continue
             if ev & _IN_EVENTS:
                 flow.readable = True
                 if ev & _HUP_EVENTS:
@@ -160,6 +162,18 @@ class TcpTable:
             if ev & _OUT_EVENTS and flow.queue and flow.state is not _CLOSED:
                 self._on_writable(flow)
         self.flush()
+
+    def _failed(self, flow: Flow) -> bool:
+        """An error on the socket: the flow is reset (True). The socket stays watched after
+        the destination's EOF, when nothing is read or written there any more: a reset that
+        comes then (a proxy that ended the tunnel answering the app's next bytes) must reach
+        the app as a reset too, not stay an EOF."""
+        assert flow.sock is not None
+        code = flow.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if not code:
+            return False
+        self._destination_failed(flow, OSError(code, errname(code)))
+        return True
 
     def _unregister(self, flow: Flow) -> None:
         if flow.fd >= 0 and self._by_fd.get(flow.fd) is flow:
