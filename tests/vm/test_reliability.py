@@ -89,8 +89,9 @@ def _ends(socks: list[socket.socket], deadline: float,
 
     while len(ended) < len(socks) and time.monotonic() < deadline:
         for key, _ in sel.select(max(0.0, min(0.1, deadline - time.monotonic()))):
-            s = key.fileobj
-            assert isinstance(s, socket.socket)
+            obj = key.fileobj
+            assert isinstance(obj, socket.socket)
+            s = obj
             try:
                 data = s.recv(65536)
             except BlockingIOError:
@@ -243,8 +244,9 @@ def test_syn_flood_is_held_to_max_pending(
           f"({stats['refused_max_pending']} past the limit, {stats['refused_pending_share']} "
           f"past a destination's share); {len(flood_lines)} log lines during the flood "
           f"({len(refusal_lines)} about refusals, "
-          f"{sum('dial' in x and 'failed' in x for x in flood_lines)} workers' failed dials); worker RSS growth {growth} KiB; normal "
-          f"connection made while the flood ran: {still_flooding}")
+          f"{sum('dial' in x and 'failed' in x for x in flood_lines)} workers' failed dials); "
+          f"worker RSS growth {growth} KiB; normal connection made while the flood ran: "
+          f"{still_flooding}")
     assert still_flooding
     assert 0 < stats["pending_peak"] <= limit
     assert stats["pending"] == 0
@@ -254,7 +256,7 @@ def test_syn_flood_is_held_to_max_pending(
     # lines a flow causes are the workers' for the dials the stack let through (each failed
     # dial is logged by the worker: there are flows_opened of them at most).
     stack_lines = [line for line in flood_lines if "tunio-stack" in line]
-    dial_lines = [line for line in flood_lines if "dial" in line and "failed" in line]
+    dial_lines = [x for x in flood_lines if "dial" in x and "failed" in x]
     assert len(stack_lines) <= 2 * syns // rate + 5
     assert len(dial_lines) <= stats["flows_opened"]
     assert len(flood_lines) - len(dial_lines) < 40
@@ -269,7 +271,7 @@ def test_udp_session_past_max_flows_is_refused(fresh_lab: Lab) -> None:
     tunio = lab.start_tunio(["--max-flows", str(limit), "--max-pending", str(limit)])
     socks = []
     try:
-        for i in range(limit + 1):
+        for _ in range(limit + 1):
             s = lab.open_socket(type=socket.SOCK_DGRAM)
             socks.append(s)
             s.settimeout(5.0)

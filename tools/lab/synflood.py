@@ -15,6 +15,7 @@ kernel answers what comes back (a SYN-ACK gets a RST: no socket of its own). It 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import struct
 import sys
@@ -28,7 +29,7 @@ BATCH = 100  # SYNs between two looks at the clock
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
@@ -48,7 +49,7 @@ def syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
     return ip + tcp
 
 
-def flood(sock: socket.socket, source: str, targets: list[tuple[str, int]], count: int,
+def flood(sock: socket.socket, source: str, targets: list[tuple[str, int]], *, count: int,
           rate: float, seconds: float) -> int:  # fmt: skip
     """Sends up to `count` SYNs through raw socket `sock`; how many it sent."""
     start = time.monotonic()
@@ -64,10 +65,8 @@ def flood(sock: socket.socket, source: str, targets: list[tuple[str, int]], coun
         for _ in range(min(BATCH, count - sent)):
             host, port = targets[sent % len(targets)]
             packet = syn(source, host, PORT_BASE + sent % PORT_SPAN, port, sent * 7919)
-            try:
+            with contextlib.suppress(OSError):  # a full device queue drops it, as any packet
                 sock.sendto(packet, (host, 0))
-            except OSError:
-                pass  # a full device queue drops it, as it would any packet
             sent += 1
     return sent
 
@@ -96,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--count 1..1000000, --seconds up to 60, --rate above 0")
     start = time.monotonic()
     with raw_socket() as sock:
-        sent = flood(sock, args.source, args.target, args.count, args.rate, args.seconds)
+        sent = flood(sock, args.source, args.target, count=args.count, rate=args.rate,
+                     seconds=args.seconds)
     print(f"sent {sent} in {time.monotonic() - start:.2f} s", flush=True)
     return 0
 
