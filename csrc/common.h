@@ -19,10 +19,12 @@ enum {
 /* Milliseconds on the monotonic clock. */
 uint64_t tunio_now_ms(void);
 
-/* Writes one line to stderr in the same shape as the Python side's logging format, as a single
- * write() so lines from several threads and processes never interleave. */
+/* Writes one line to stderr in the same shape as the Python side's logging format (text, or JSON
+ * after tunio_log_set_json(1)), as a single write() so lines from several threads and processes
+ * never interleave. */
 void tunio_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void tunio_log_set_level(int level);
+void tunio_log_set_json(int on);
 int tunio_log_enabled(int level);
 
 #define TUNIO_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))

@@ -6,6 +6,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -64,6 +65,7 @@ struct tunio_flows {
     uint32_t nflows;
     uint8_t *rbuf; /* read buffer, handed to ZeroMQ without a copy when large */
     uint64_t flows_opened;
+    uint64_t flows_retried;
     uint64_t dial_failed;
     uint64_t flows_reset;
     uint64_t no_worker;
@@ -204,10 +206,21 @@ static int send_to_worker(struct tunio_flows *fl, const struct flow *f, uint8_t 
 
 /* ---- the end of a flow ---- */
 
-static void end_flow(struct tunio_flows *fl, struct flow *f)
+/* Every accepted socket carries SO_LINGER {1, 0} from its accept on, so that whenever it is closed
+ * without our say (the stack killed, a flow reset) the app sees a RST, never an EOF that would
+ * look like a complete answer; an orderly end clears it first, so no byte is discarded. */
+static void set_abortive(int fd, int on)
+{
+    struct linger lg = {.l_onoff = on, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+}
+
+static void end_flow(struct tunio_flows *fl, struct flow *f, int orderly)
 {
     if (f->fd >= 0) {
         epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
+        if (orderly)
+            set_abortive(f->fd, 0);
         close(f->fd);
         f->fd = -1;
     }
@@ -221,15 +234,14 @@ static void abort_flow(struct tunio_flows *fl, struct flow *f, int reason)
     (void)reason;
     fl->flows_reset++;
     if (f->fd >= 0) {
-        /* An abortive close: the kernel sends the app a RST for this connection. */
-        struct linger lg = {.l_onoff = 1, .l_linger = 0};
-        setsockopt(f->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+        /* An abortive close (SO_LINGER 0, set at accept): the kernel sends the app a RST. */
+        set_abortive(f->fd, 1);
     } else if (!(f->flags & FLOW_OPEN_OK)) {
         /* The app's SYN is still held: answer it as a refused connect. */
         tunio_tun_reject(fl->cfg.tun, -1, nat_of(fl, f), f->entry, f->id, ECONNREFUSED);
     }
     /* Released but not yet accepted: the accept finds no flow and closes abortively. */
-    end_flow(fl, f);
+    end_flow(fl, f, 0);
 }
 
 /* The app side failed (reset, or a write error): tell the worker, forget the flow. */
@@ -237,16 +249,60 @@ static void app_failed(struct tunio_flows *fl, struct flow *f, int err)
 {
     fl->flows_reset++;
     send_to_worker(fl, f, TUNIO_CMD_RST, (uint64_t)err);
-    end_flow(fl, f);
+    end_flow(fl, f, 0);
 }
 
 static void maybe_done(struct tunio_flows *fl, struct flow *f)
 {
     if ((f->flags & FLOW_APP_EOF) && (f->flags & FLOW_APP_SHUT))
-        end_flow(fl, f);
+        end_flow(fl, f, 1);
 }
 
 /* ---- opening ---- */
+
+static void note_no_worker(struct tunio_flows *fl)
+{
+    fl->no_worker++;
+    if (tunio_log_enabled(TUNIO_LOG_DEBUG) || fl->no_worker == 1)
+        tunio_log(TUNIO_LOG_WARNING, "no worker available: new flows are refused");
+}
+
+/* Moves a flow's load to worker `w`. */
+static void move_to(struct tunio_flows *fl, struct flow *f, int w)
+{
+    if (w != f->worker) {
+        tunio_link_load(fl->cfg.link, f->worker, -1);
+        tunio_link_load(fl->cfg.link, w, +1);
+        f->worker = w;
+    }
+}
+
+/* Sends the OPEN of a held flow to its worker (`repick`: to the least loaded live one instead). A
+ * worker whose send fails is doomed (the link reports it lost later) and the next one is tried. 0,
+ * or -ENOTCONN when no worker can take it (the flow is then the caller's to refuse). */
+static int send_open(struct tunio_flows *fl, struct flow *f, const struct tunio_nat_open *o,
+                     int repick)
+{
+    struct tunio_wire_addr a = {
+        .proto = o->proto, .version = o->version, .sport = o->sport, .dport = o->dport};
+    memcpy(a.src, o->src, 16);
+    memcpy(a.dst, o->dst, 16);
+    uint8_t block[TUNIO_WIRE_ADDR_LEN];
+    tunio_wire_encode_addr(block, &a);
+    int w = repick ? tunio_link_pick(fl->cfg.link) : f->worker;
+    for (int tries = 0; tries < TUNIO_MAX_WORKERS && w >= 0; tries++) {
+        move_to(fl, f, w);
+        f->since_ms = tunio_now_ms();
+        if (tunio_link_send(fl->cfg.link, w, TUNIO_CMD_OPEN, f->id, fl->cfg.window, block,
+                            sizeof(block)) == 0)
+            return 0;
+        int next = tunio_link_pick(fl->cfg.link);
+        if (next == w)
+            break; /* not doomed, and still the only choice: give up */
+        w = next;
+    }
+    return -ENOTCONN;
+}
 
 void tunio_flows_open(struct tunio_flows *fl)
 {
@@ -260,25 +316,35 @@ void tunio_flows_open(struct tunio_flows *fl)
             f->version = o->version;
         if (!f) {
             /* No worker to dial: refuse at once rather than leave the app hanging. */
-            fl->no_worker++;
-            if (tunio_log_enabled(TUNIO_LOG_DEBUG) || fl->no_worker == 1)
-                tunio_log(TUNIO_LOG_WARNING, "no worker available: new flows are refused");
+            note_no_worker(fl);
             tunio_tun_reject(fl->cfg.tun, -1, fl->cfg.nat[o->version == 6], o->entry, o->flow_id,
                              ECONNREFUSED);
             continue;
         }
-        struct tunio_wire_addr a = {
-            .proto = o->proto, .version = o->version, .sport = o->sport, .dport = o->dport};
-        memcpy(a.src, o->src, 16);
-        memcpy(a.dst, o->dst, 16);
-        uint8_t block[TUNIO_WIRE_ADDR_LEN];
-        tunio_wire_encode_addr(block, &a);
         fl->flows_opened++;
-        if (tunio_link_send(fl->cfg.link, w, TUNIO_CMD_OPEN, o->flow_id, fl->cfg.window, block,
-                            sizeof(block)))
+        if (send_open(fl, f, o, 0) < 0) {
+            note_no_worker(fl);
             abort_flow(fl, f, ECONNREFUSED);
+        }
     }
     free(items);
+}
+
+/* A held flow whose worker is gone before it answered: dialled again on another worker (the app
+ * never knows), refused only if none can take it. */
+static void reopen(struct tunio_flows *fl, struct flow *f)
+{
+    struct tunio_nat_open o;
+    if (tunio_nat_describe(nat_of(fl, f), f->entry, f->id, &o) == 0 &&
+        send_open(fl, f, &o, 1) == 0) {
+        fl->flows_retried++;
+        tunio_log(TUNIO_LOG_DEBUG,
+                  "flow %u: its worker is gone before it answered; dialling "
+                  "again on another",
+                  f->id);
+        return;
+    }
+    abort_flow(fl, f, ECONNRESET);
 }
 
 /* ---- the relay ---- */
@@ -428,6 +494,7 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
 
 static void attach(struct tunio_flows *fl, struct flow *f, int fd)
 {
+    set_abortive(fd, 1);
     f->fd = fd;
     f->flags |= FLOW_WRITABLE;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
@@ -442,8 +509,7 @@ static void attach(struct tunio_flows *fl, struct flow *f, int fd)
 
 static void close_abortive(int fd)
 {
-    struct linger lg = {.l_onoff = 1, .l_linger = 0};
-    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    set_abortive(fd, 1);
     close(fd);
 }
 
@@ -531,7 +597,7 @@ static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
         0) {
         /* The app gave up meanwhile (the held SYN expired). */
         send_to_worker(fl, f, TUNIO_CMD_RST, ETIMEDOUT);
-        end_flow(fl, f);
+        end_flow(fl, f, 0);
         return;
     }
     f->flags |= FLOW_OPEN_OK;
@@ -599,8 +665,12 @@ void tunio_flows_worker_lost(struct tunio_flows *fl, int worker)
         struct flow *f = fl->buckets[b];
         while (f) {
             struct flow *next = f->hnext;
-            if (f->worker == worker)
-                abort_flow(fl, f, ECONNRESET);
+            if (f->worker == worker) {
+                if (f->flags & FLOW_OPEN_OK)
+                    abort_flow(fl, f, ECONNRESET);
+                else
+                    reopen(fl, f); /* its dial is the lost worker's: another one dials */
+            }
             f = next;
         }
     }
@@ -635,10 +705,67 @@ void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
     }
 }
 
+/* ---- the stack stops ---- */
+
+/* Whether closing this socket abortively makes the kernel send a RST (tcp_need_reset). */
+static int sends_rst(int fd)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) < 0)
+        return 0;
+    switch (ti.tcpi_state) {
+    case TCP_ESTABLISHED:
+    case TCP_CLOSE_WAIT:
+    case TCP_FIN_WAIT1:
+    case TCP_FIN_WAIT2:
+    case TCP_SYN_RECV:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+size_t tunio_flows_reset_all(struct tunio_flows *fl)
+{
+    size_t resets = 0;
+    for (uint32_t b = 0; b <= fl->mask; b++) {
+        struct flow *f = fl->buckets[b];
+        while (f) {
+            struct flow *next = f->hnext;
+            if (f->fd >= 0 && sends_rst(f->fd))
+                resets++;
+            abort_flow(fl, f, ECONNRESET);
+            f = next;
+        }
+    }
+    return resets;
+}
+
+void tunio_flows_reject_held(struct tunio_flows *fl)
+{
+    /* Flows the readers queued that the loop never took, then whatever the tables still hold. */
+    struct tunio_nat_open *items;
+    size_t n = tunio_queue_take(fl->opens, (void **)&items);
+    for (size_t i = 0; i < n; i++)
+        tunio_tun_reject(fl->cfg.tun, -1, fl->cfg.nat[items[i].version == 6], items[i].entry,
+                         items[i].flow_id, ECONNREFUSED);
+    free(items);
+    for (int v = 0; v < 2; v++) {
+        struct tunio_nat *nat = fl->cfg.nat[v];
+        uint32_t entries[256], ids[256];
+        size_t k;
+        while (nat && (k = tunio_nat_held(nat, entries, ids, TUNIO_ARRAY_LEN(ids))) > 0)
+            for (size_t i = 0; i < k; i++)
+                tunio_tun_reject(fl->cfg.tun, -1, nat, entries[i], ids[i], ECONNREFUSED);
+    }
+}
+
 void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o)
 {
     /* Loop-thread counters: read without a lock; a stale value is fine for statistics. */
     o->flows_opened += fl->flows_opened;
+    o->flows_retried += fl->flows_retried;
     o->flows_active += fl->nflows;
     o->dial_failed += fl->dial_failed;
     o->flows_reset += fl->flows_reset;

@@ -5,6 +5,7 @@
 #ifndef TUNIO_FLOWS_H
 #define TUNIO_FLOWS_H
 
+#include <stddef.h>
 #include <stdint.h>
 #include <zmq.h>
 
@@ -41,12 +42,21 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events);
 /* A message of worker `worker` for a TCP flow (or for no flow of ours). */
 void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tunio_wire_header *h,
                             zmq_msg_t *payload);
-/* Resets every flow of `worker`: the apps see a RST (or a refused connect). */
+/* The flows of `worker` are gone: those it had dialled are reset (the apps see a RST); those
+ * still held (no OPEN_OK yet) are dialled again on another worker, refused only if none can. */
 void tunio_flows_worker_lost(struct tunio_flows *fl, int worker);
 /* Expires held SYNs the worker never answered and released SYNs never accepted. */
 void tunio_flows_tick(struct tunio_flows *fl, uint64_t now);
 
-/* Adds flows_opened, flows_active, dial_failed, flows_reset, bytes_*_workers, and its no_worker
+/* The stack stops: resets every flow (accepted sockets closed abortively, held SYNs answered
+ * with a RST). Returns how many RSTs the kernel sends towards the apps for it: the readers must
+ * pass them on before they stop. */
+size_t tunio_flows_reset_all(struct tunio_flows *fl);
+/* Once the readers are stopped: answers with a RST every SYN still held (queued for the loop, or
+ * in a NAT table). */
+void tunio_flows_reject_held(struct tunio_flows *fl);
+
+/* Adds flows_opened, flows_retried, flows_active, dial_failed, flows_reset, bytes_*_workers, and its no_worker
  * and protocol_errors. */
 void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o);
 

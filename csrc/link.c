@@ -229,7 +229,7 @@ int tunio_link_pick(struct tunio_link *l)
     for (int k = 0; k < l->nworkers; k++) {
         int i = (int)((l->rr + (unsigned)k) % (unsigned)l->nworkers);
         struct worker *w = &l->workers[i];
-        if (!w->alive || (w->capacity && w->flows >= w->capacity))
+        if (!w->alive || w->doomed || (w->capacity && w->flows >= w->capacity))
             continue;
         if (best < 0 || w->flows < l->workers[best].flows)
             best = i;
@@ -421,6 +421,22 @@ void tunio_link_bye_all(struct tunio_link *l)
     for (int i = 0; i < l->nworkers; i++)
         if (l->workers[i].alive)
             tunio_link_send(l, i, TUNIO_CMD_BYE, 0, 0, NULL, 0);
+}
+
+int tunio_link_worker_info(const struct tunio_link *l, int index, struct tunio_worker_info *out)
+{
+    /* Loop-thread state read from any thread: a stale (or, for a name being replaced, mixed)
+     * value is fine for statistics; the name is always terminated. */
+    if (index < 0 || index >= l->nworkers)
+        return -ENOENT;
+    const struct worker *w = &l->workers[index];
+    memset(out, 0, sizeof(*out));
+    memcpy(out->name, w->name, sizeof(out->name) - 1);
+    out->name[sizeof(out->name) - 1] = 0;
+    out->alive = w->alive && !w->doomed;
+    out->flows = w->flows;
+    out->capacity = w->capacity;
+    return 0;
 }
 
 void tunio_link_add_stats(const struct tunio_link *l, struct tunio_stats *o)

@@ -14,6 +14,7 @@
 
 struct tunio_stats;
 struct tunio_wire_header;
+struct tunio_worker_info;
 struct tunio_link;
 
 struct tunio_link_config {
@@ -60,10 +61,14 @@ int tunio_link_send(struct tunio_link *l, int worker, uint8_t cmd, uint32_t flow
 int tunio_link_send_owned(struct tunio_link *l, int worker, uint8_t cmd, uint32_t flow,
                           uint64_t arg, uint8_t *buf, size_t len);
 
-/* The worker for a new flow or session: least loaded first, -1 if none can take one. */
+/* The worker for a new flow or session: least loaded first among the live ones whose connection
+ * no send has found gone, -1 if none can take one. */
 int tunio_link_pick(struct tunio_link *l);
 /* A flow or session of `worker` begins (+1) or ends (-1): its load, for tunio_link_pick. */
 void tunio_link_load(struct tunio_link *l, int worker, int delta);
+
+/* The worker at `index` of the table (0..; -ENOENT past its end): name, alive, load, capacity. */
+int tunio_link_worker_info(const struct tunio_link *l, int index, struct tunio_worker_info *out);
 
 /* Adds workers (alive), workers_lost and its protocol_errors. */
 void tunio_link_add_stats(const struct tunio_link *l, struct tunio_stats *o);

@@ -15,14 +15,18 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <netinet/ip6.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common.h"
@@ -39,6 +43,8 @@
 #define LISTEN_BACKLOG 65535
 #define EVENTS_PER_WAIT 256
 #define TICK_MS 250u
+#define STOP_WAIT_MS 1000u   /* the readers pass the stop's resets on within this, or stop anyway */
+#define REFUSAL_LOG_MS 1000u /* refusals are logged at most this often, with their counts */
 
 /* epoll tags: the low byte says what an event is for; flows carry their id above it. */
 enum {
@@ -58,6 +64,7 @@ enum {
  * this file's business alone. */
 struct family {
     int ready;
+    struct tunio_nat_config nc;
     struct tunio_nat nat;
     int listen_fd;
     uint16_t listen_port;
@@ -65,8 +72,14 @@ struct family {
 
 struct tunio_stack {
     struct tunio_config cfg;
-    struct family fam[2];     /* [0] IPv4, [1] IPv6 */
-    atomic_uint next_flow_id; /* one id space: the NAT tables' flows and the UDP sessions */
+    struct family fam[2]; /* [0] IPv4, [1] IPv6 */
+    void *region;         /* the NAT tables' memory: the supervisor's memfd, or private */
+    size_t region_len;
+    atomic_uint *next_flow_id;      /* in the region: one id space for TCP flows and UDP sessions */
+    struct tunio_nat_limits limits; /* --max-flows, --max-pending: one budget for all */
+    uint64_t refused_logged[3];     /* refusals counted by the last log line, by reason */
+    uint64_t refusals_logged_ms;
+    uint64_t stop_resets;
     struct tunio_tun *tun;
     struct tunio_link *link;
     struct tunio_flows *flows;
@@ -74,7 +87,8 @@ struct tunio_stack {
     struct tunio_reader *readers[TUNIO_MAX_QUEUES];
     int n_readers;
     int epfd;
-    int stop_fd;
+    int stop_fd;         /* ends the loop */
+    int readers_stop_fd; /* ends the readers: after the loop, once the stop's resets are out */
     int timer_fd;
     atomic_int stopping;
 };
@@ -141,7 +155,7 @@ static int make_pool(const struct tunio_prefix *px, unsigned want, struct tunio_
     return 0;
 }
 
-static int bind_listener(struct tunio_stack *s, const struct tunio_prefix *px, struct family *fam)
+static int bind_listener(const struct tunio_prefix *px, uint16_t port, struct family *fam)
 {
     int v6 = px->version == 6;
     int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -159,14 +173,14 @@ static int bind_listener(struct tunio_stack *s, const struct tunio_prefix *px, s
     if (v6) {
         struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
         sin6->sin6_family = AF_INET6;
-        sin6->sin6_port = htons(s->cfg.listen_port);
+        sin6->sin6_port = htons(port);
         memcpy(&sin6->sin6_addr, px->address, 16);
         sl = sizeof(*sin6);
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
     } else {
         struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
         sin->sin_family = AF_INET;
-        sin->sin_port = htons(s->cfg.listen_port);
+        sin->sin_port = htons(port);
         memcpy(&sin->sin_addr, px->address, 4);
         sl = sizeof(*sin);
     }
@@ -182,25 +196,108 @@ static int bind_listener(struct tunio_stack *s, const struct tunio_prefix *px, s
     return 0;
 }
 
-static int setup_family(struct tunio_stack *s, const struct tunio_prefix *px)
+/* The NAT configuration of each family the prefixes carry (version 0: not carried); listener
+ * ports are not known yet. */
+static int nat_configs(const struct tunio_config *cfg, struct tunio_nat_config nc[2])
 {
-    struct family *fam = family_of(s, px->version);
-    if (fam->ready)
-        return -EINVAL; /* one prefix per family */
-    struct tunio_nat_config nc;
-    memset(&nc, 0, sizeof(nc));
-    int err = make_pool(px, s->cfg.pool_count, &nc);
-    if (err || (err = bind_listener(s, px, fam)))
+    memset(nc, 0, 2 * sizeof(*nc));
+    if (cfg->n_prefixes < 1 || cfg->n_prefixes > 2)
+        return -EINVAL;
+    for (int i = 0; i < cfg->n_prefixes; i++) {
+        const struct tunio_prefix *px = &cfg->prefixes[i];
+        struct tunio_nat_config *c = &nc[px->version == 6];
+        if (c->version)
+            return -EINVAL; /* one prefix per family */
+        int err = make_pool(px, cfg->pool_count, c);
+        if (err)
+            return err;
+    }
+    return 0;
+}
+
+int64_t tunio_nat_region_size(const struct tunio_config *cfg)
+{
+    struct tunio_nat_config nc[2];
+    int err = nat_configs(cfg, nc);
+    return err ? err : (int64_t)tunio_nat_region_size_of(nc);
+}
+
+/* The NAT tables' memory: the region the caller keeps across stacks (a memfd, mapped shared), or
+ * a private one that goes with this stack. Untouched pages cost nothing either way. */
+static int map_region(struct tunio_stack *s, int fd, const struct tunio_nat_config nc[2])
+{
+    size_t len = tunio_nat_region_size_of(nc);
+    void *mem;
+    if (fd >= 0) {
+        struct stat st;
+        if (fstat(fd, &st) < 0)
+            return -errno;
+        if (st.st_size < 0 || (size_t)st.st_size < len) {
+            tunio_log(TUNIO_LOG_ERROR, "the NAT region (fd %d) has %lld bytes, not %zu", fd,
+                      (long long)st.st_size, len);
+            return -EINVAL;
+        }
+        mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    } else {
+        mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+    }
+    if (mem == MAP_FAILED)
+        return -errno;
+    s->region = mem;
+    s->region_len = len;
+    return 0;
+}
+
+/* Listeners and NAT tables of every family. A region a killed stack of the same configuration
+ * left holds its tables: the listeners take the ports they were made for (so the RSTs its dying
+ * sockets sent, and later segments of its flows, still find a way back), and the tables are
+ * adopted (tunio_nat_attach). */
+static int setup_families(struct tunio_stack *s, const struct tunio_config *cfg)
+{
+    struct tunio_nat_config nc[2];
+    int err = nat_configs(cfg, nc);
+    if (err || (err = map_region(s, cfg->nat_region_fd, nc)))
         return err;
-    nc.listen_port = fam->listen_port;
-    nc.pending_ms = s->cfg.pending_ms;
-    nc.reserve_ms = s->cfg.reserve_ms;
-    nc.silent_ms = s->cfg.reserve_ms;
-    if ((err = tunio_nat_init(&fam->nat, &nc, &s->next_flow_id)))
+    uint16_t ports[2];
+    tunio_nat_region_ports(s->region, s->region_len, nc, ports);
+    for (int i = 0; i < cfg->n_prefixes; i++) {
+        const struct tunio_prefix *px = &cfg->prefixes[i];
+        int v = px->version == 6;
+        struct family *fam = &s->fam[v];
+        uint16_t want = cfg->listen_port ? cfg->listen_port : ports[v];
+        err = bind_listener(px, want, fam);
+        if (err && want && !cfg->listen_port) {
+            tunio_log(TUNIO_LOG_WARNING,
+                      "IPv%d: the previous stack's listener port %u is taken (%s): its flows "
+                      "are forgotten",
+                      px->version, want, strerror(-err));
+            err = bind_listener(px, 0, fam);
+        }
+        if (err)
+            return err;
+        nc[v].listen_port = fam->listen_port;
+        nc[v].pending_ms = s->cfg.pending_ms;
+        nc[v].reserve_ms = s->cfg.reserve_ms;
+        nc[v].silent_ms = s->cfg.reserve_ms;
+    }
+    struct tunio_nat *nats[2] = {nc[0].version ? &s->fam[0].nat : NULL,
+                                 nc[1].version ? &s->fam[1].nat : NULL};
+    if ((err = tunio_nat_attach(s->region, s->region_len, nc, nats, &s->limits, tunio_now_ms())))
         return err;
-    fam->ready = 1;
-    tunio_log(TUNIO_LOG_DEBUG, "IPv%d: listener on port %u, NAT pool of %u addresses", px->version,
-              fam->listen_port, nc.pool_count);
+    s->next_flow_id = tunio_nat_region_ids(s->region);
+    for (int v = 0; v < 2; v++) {
+        if (!nats[v])
+            continue;
+        s->fam[v].ready = 1;
+        s->fam[v].nc = nc[v];
+        if (nats[v]->adopted)
+            tunio_log(TUNIO_LOG_INFO,
+                      "IPv%d: took over %u NAT entries of the previous stack (listener port %u)",
+                      nc[v].version, nats[v]->adopted, nc[v].listen_port);
+        tunio_log(TUNIO_LOG_DEBUG, "IPv%d: listener on port %u, NAT pool of %u addresses",
+                  nc[v].version, s->fam[v].listen_port, nc[v].pool_count);
+    }
     return 0;
 }
 
@@ -240,9 +337,10 @@ static int make_udp(struct tunio_stack *s)
 {
     struct tunio_udp_config uc = {
         .timeout_ms = s->cfg.udp_timeout_ms,
-        .next_id = &s->next_flow_id,
+        .next_id = s->next_flow_id,
         .tun = s->tun,
         .link = s->link,
+        .limits = &s->limits,
     };
     return tunio_udp_new(&uc, &s->udp);
 }
@@ -253,7 +351,7 @@ static int make_readers(struct tunio_stack *s)
         struct tunio_reader_config rc = {
             .index = i,
             .fd = tunio_tun_queue_fd(s->tun, i),
-            .stop_fd = s->stop_fd,
+            .stop_fd = s->readers_stop_fd,
             .tun = s->tun,
             .nat = {nat_or_null(s, 0), nat_or_null(s, 1)},
             .opens = tunio_flows_queue(s->flows),
@@ -287,15 +385,23 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
 {
     *out = NULL;
     if (!cfg->endpoint || cfg->n_tun_fds < 1 || cfg->n_tun_fds > TUNIO_MAX_QUEUES ||
-        cfg->window == 0 || cfg->n_prefixes < 1 || cfg->n_prefixes > 2)
+        cfg->window == 0 || cfg->n_prefixes < 1 || cfg->n_prefixes > 2 ||
+        (cfg->max_flows && cfg->max_pending > cfg->max_flows))
         return -EINVAL;
     struct tunio_stack *s = calloc(1, sizeof(*s));
     if (!s)
         return -ENOMEM;
-    s->epfd = s->stop_fd = s->timer_fd = -1;
+    s->epfd = s->stop_fd = s->readers_stop_fd = s->timer_fd = -1;
     s->fam[0].listen_fd = s->fam[1].listen_fd = -1;
-    atomic_init(&s->next_flow_id, 1);
     atomic_init(&s->stopping, 0);
+    s->limits.max_flows = cfg->max_flows;
+    s->limits.max_pending = cfg->max_pending;
+    atomic_init(&s->limits.flows, 0);
+    atomic_init(&s->limits.pending, 0);
+    atomic_init(&s->limits.pending_peak, 0);
+    atomic_init(&s->limits.refused_max_flows, 0);
+    atomic_init(&s->limits.refused_max_pending, 0);
+    atomic_init(&s->limits.refused_pending_share, 0);
     s->cfg = *cfg;
     s->cfg.tun_fds = NULL; /* the caller's: only what the parts copied is kept */
     s->cfg.endpoint = NULL;
@@ -310,16 +416,16 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     if (!s->cfg.udp_timeout_ms)
         s->cfg.udp_timeout_ms = TUNIO_DEFAULT_UDP_TIMEOUT_MS;
     tunio_log_set_level(cfg->log_level ? cfg->log_level : TUNIO_LOG_INFO);
+    tunio_log_set_json(cfg->log_json);
     int err;
-    if ((err = tunio_tun_new(cfg->tun_fds, cfg->n_tun_fds, cfg->vnet, &s->tun)))
+    if ((err = tunio_tun_new(cfg->tun_fds, cfg->n_tun_fds, cfg->vnet, &s->tun)) ||
+        (err = setup_families(s, cfg)))
         goto fail;
-    for (int i = 0; i < cfg->n_prefixes; i++)
-        if ((err = setup_family(s, &cfg->prefixes[i])))
-            goto fail;
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    s->readers_stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     s->timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (s->epfd < 0 || s->stop_fd < 0 || s->timer_fd < 0) {
+    if (s->epfd < 0 || s->stop_fd < 0 || s->readers_stop_fd < 0 || s->timer_fd < 0) {
         err = -errno;
         goto fail;
     }
@@ -346,7 +452,8 @@ fail:
 /* Every part copes with NULL, so a stack that failed half-way through tunio_stack_new is freed by
  * the same code as a whole one. The order matters: readers first (they use everything), flows
  * and sessions before the link (they count their load on it) and before the epoll fd (flows
- * remove their sockets from it), the NAT tables after everything that holds a pointer to them. */
+ * remove their sockets from it), the NAT tables after everything that holds a pointer to them, the
+ * region they live in last. */
 void tunio_stack_free(struct tunio_stack *s)
 {
     if (!s)
@@ -363,11 +470,15 @@ void tunio_stack_free(struct tunio_stack *s)
         close(s->epfd);
     if (s->stop_fd >= 0)
         close(s->stop_fd);
+    if (s->readers_stop_fd >= 0)
+        close(s->readers_stop_fd);
     if (s->timer_fd >= 0)
         close(s->timer_fd);
     for (int v = 0; v < 2; v++)
         if (s->fam[v].ready)
             tunio_nat_fini(&s->fam[v].nat);
+    if (s->region)
+        munmap(s->region, s->region_len); /* a shared region stays for the next stack */
     tunio_tun_free(s->tun);
     free(s);
 }
@@ -404,6 +515,29 @@ static void on_worker_lost(void *owner, int worker)
     tunio_udp_worker_lost(s->udp, worker);
 }
 
+/* New flows refused past a limit are logged from the tick, at most once a second, with how many
+ * and why: a flood costs a line a second, never a line a flow. */
+static void report_refusals(struct tunio_stack *s, uint64_t now)
+{
+    uint64_t n[3] = {atomic_load(&s->limits.refused_max_flows),
+                     atomic_load(&s->limits.refused_max_pending),
+                     atomic_load(&s->limits.refused_pending_share)};
+    uint64_t *last = s->refused_logged;
+    if ((n[0] == last[0] && n[1] == last[1] && n[2] == last[2]) ||
+        now - s->refusals_logged_ms < REFUSAL_LOG_MS)
+        return;
+    tunio_log(TUNIO_LOG_WARNING,
+              "refused %llu new flows since the last report: %llu past --max-flows %u, %llu "
+              "past --max-pending %u, %llu to a destination already holding a quarter of it (%u "
+              "held now)",
+              (unsigned long long)(n[0] + n[1] + n[2] - last[0] - last[1] - last[2]),
+              (unsigned long long)(n[0] - last[0]), s->limits.max_flows,
+              (unsigned long long)(n[1] - last[1]), s->limits.max_pending,
+              (unsigned long long)(n[2] - last[2]), atomic_load(&s->limits.pending));
+    memcpy(last, n, sizeof(n));
+    s->refusals_logged_ms = now;
+}
+
 static void on_timer(struct tunio_stack *s)
 {
     uint64_t ticks;
@@ -413,6 +547,7 @@ static void on_timer(struct tunio_stack *s)
     tunio_link_tick(s->link, now);
     tunio_flows_tick(s->flows, now);
     tunio_udp_tick(s->udp, now);
+    report_refusals(s, now);
 }
 
 static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
@@ -443,6 +578,67 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
     default: /* the ROUTER is drained after every batch; the stop fd ends the loop */
         break;
     }
+}
+
+static uint64_t rst_to_apps(struct tunio_stack *s)
+{
+    uint64_t n = 0;
+    for (int v = 0; v < 2; v++)
+        if (s->fam[v].ready)
+            n += atomic_load(&s->fam[v].nat.n.rst_to_app);
+    return n;
+}
+
+/* Connections a listener holds that no accept took yet: closing it resets each (TCP_INFO's
+ * tcpi_unacked is a listener's accept queue length). */
+static size_t accept_queue(int fd)
+{
+    struct tcp_info ti;
+    socklen_t len = sizeof(ti);
+    return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 ? ti.tcpi_unacked : 0;
+}
+
+/* The stop, after the loop: no app may be left hanging. New SYNs get a RST from the readers;
+ * every flow is reset (accepted sockets closed abortively: the kernel sends each app a RST, which
+ * the readers translate; held SYNs answered with a RST); closing the listeners resets what they
+ * had not handed out; UDP sessions end; the workers get BYE (they close their destinations'
+ * sockets abortively). Then the readers run until they have passed on as many RSTs towards the
+ * apps as the stop caused, STOP_WAIT_MS at most. */
+static void reset_everything(struct tunio_stack *s)
+{
+    uint64_t start = tunio_now_ms();
+    for (int v = 0; v < 2; v++)
+        if (s->fam[v].ready)
+            tunio_nat_refuse_new(&s->fam[v].nat);
+    uint64_t before = rst_to_apps(s);
+    size_t resets = tunio_flows_reset_all(s->flows);
+    for (int v = 0; v < 2; v++) {
+        if (s->fam[v].listen_fd >= 0) {
+            resets += accept_queue(s->fam[v].listen_fd);
+            epoll_ctl(s->epfd, EPOLL_CTL_DEL, s->fam[v].listen_fd, NULL);
+            close(s->fam[v].listen_fd);
+            s->fam[v].listen_fd = -1;
+        }
+    }
+    tunio_udp_end_all(s->udp);
+    tunio_link_bye_all(s->link);
+    s->stop_resets = resets;
+    struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000L};
+    while (rst_to_apps(s) - before < resets && tunio_now_ms() - start < STOP_WAIT_MS)
+        nanosleep(&ms, NULL); /* the readers' progress has no event of its own to wait on */
+    uint64_t passed = rst_to_apps(s) - before;
+    tunio_log(passed < resets ? TUNIO_LOG_WARNING : TUNIO_LOG_DEBUG,
+              "stop: %zu flows reset, %llu of their RSTs passed on to the apps in %llu ms", resets,
+              (unsigned long long)passed, (unsigned long long)(tunio_now_ms() - start));
+}
+
+static void stop_readers(struct tunio_stack *s)
+{
+    uint64_t one = 1;
+    ssize_t w = write(s->readers_stop_fd, &one, sizeof(one));
+    (void)w; /* an eventfd write only fails when the counter is saturated: already signalled */
+    for (int i = 0; i < s->n_readers; i++)
+        tunio_reader_join(s->readers[i]);
 }
 
 int tunio_stack_run(struct tunio_stack *s)
@@ -483,12 +679,12 @@ int tunio_stack_run(struct tunio_stack *s)
             tunio_link_reap(s->link);
         }
     }
-    /* Also when the loop failed: the readers end when the stop fd is readable. */
+    /* Also when the loop failed. */
     tunio_stack_stop(s);
-    tunio_link_bye_all(s->link);
+    reset_everything(s);
 out:
-    for (int i = 0; i < s->n_readers; i++)
-        tunio_reader_join(s->readers[i]);
+    stop_readers(s);
+    tunio_flows_reject_held(s->flows);
     if (caller_name[0])
         pthread_setname_np(pthread_self(), caller_name);
     return err;
@@ -509,8 +705,21 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
         o->rst_unknown_flow += atomic_load(&nat->n.rst_sent);
         o->nat_table_full += atomic_load(&nat->n.table_full);
         o->nat_entries += tunio_nat_live(nat);
+        o->nat_adopted += nat->adopted;
+        o->rst_to_apps += atomic_load(&nat->n.rst_to_app);
     }
+    o->pending = atomic_load(&s->limits.pending);
+    o->pending_peak = atomic_load(&s->limits.pending_peak);
+    o->refused_max_flows = atomic_load(&s->limits.refused_max_flows);
+    o->refused_max_pending = atomic_load(&s->limits.refused_max_pending);
+    o->refused_pending_share = atomic_load(&s->limits.refused_pending_share);
+    o->stop_resets = s->stop_resets;
     tunio_link_add_stats(s->link, o);
     tunio_flows_add_stats(s->flows, o);
     tunio_udp_add_stats(s->udp, o);
+}
+
+int tunio_stack_worker_info(struct tunio_stack *s, int index, struct tunio_worker_info *out)
+{
+    return tunio_link_worker_info(s->link, index, out);
 }

@@ -32,6 +32,11 @@ struct tunio_config {
     int vnet;                  /* the queues were opened with virtio-net headers (offloads) */
     const char *curve_secret;  /* z85 secret key of the stack: CURVE on the endpoint; NULL: off */
     const char *curve_clients; /* z85 public keys of the workers allowed in (with CURVE) */
+    int nat_region_fd;         /* the NAT region, a memfd of tunio_nat_region_size() bytes that
+                                  outlives the stack (the supervisor's); -1: a private one */
+    uint32_t max_flows;        /* TCP flows + UDP sessions at once; 0: no limit */
+    uint32_t max_pending;      /* held SYNs (dials running) at once; 0: no limit */
+    int log_json;              /* log lines as JSON objects (else text) */
 };
 
 struct tunio_stats {
@@ -62,6 +67,23 @@ struct tunio_stats {
     uint64_t udp_to_workers;
     uint64_t udp_from_workers;
     uint64_t udp_dropped;
+    uint64_t pending;               /* SYNs held now, their dial running */
+    uint64_t pending_peak;          /* the most held at once */
+    uint64_t refused_max_flows;     /* new flows refused past max_flows (TCP RST, UDP ICMP) */
+    uint64_t refused_max_pending;   /* SYNs refused past max_pending */
+    uint64_t refused_pending_share; /* SYNs refused: their destination held 1/4 of max_pending */
+    uint64_t flows_retried;         /* held flows dialled again after their worker was lost */
+    uint64_t nat_adopted;           /* NAT entries taken over from a previous stack's region */
+    uint64_t rst_to_apps;           /* RSTs of the listener translated towards apps */
+    uint64_t stop_resets;           /* RSTs the last stop waited for (flows it reset) */
+};
+
+/* One worker as the stack sees it. */
+struct tunio_worker_info {
+    char name[65];     /* as it said in HELLO */
+    int alive;         /* 0: lost (its slot is kept for a worker that takes it over) */
+    uint32_t flows;    /* its load: TCP flows and datagram sessions */
+    uint64_t capacity; /* the most it takes (HELLO's arg), 0: no limit */
 };
 
 struct tunio_stack;
@@ -71,14 +93,26 @@ struct tunio_stack;
  * Writes the fds to `fds`. */
 int tunio_tun_open(const char *name, int queues, int vnet, int *fds);
 
-/* Binds the listener and the ROUTER, so that on return workers can connect. */
+/* Bytes of the NAT region for this configuration (its prefixes and pool_count), or -errno. */
+int64_t tunio_nat_region_size(const struct tunio_config *cfg);
+
+/* Binds the listener and the ROUTER, so that on return workers can connect. With a NAT region
+ * that a previous stack of the same configuration left (killed), its table is adopted and the
+ * listeners take its ports. */
 int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out);
-/* Runs until tunio_stack_stop(). Reader threads are started and joined inside. */
+/* Runs until tunio_stack_stop(). Reader threads are started and joined inside. On the way out
+ * every TCP flow is reset towards its app (and its worker), every held SYN gets a RST and the UDP
+ * sessions end; the readers run until they have passed the resets on (at most about 1 s). */
 int tunio_stack_run(struct tunio_stack *s);
 /* Thread- and signal-safe: asks run() to return. */
 int tunio_stack_stop(struct tunio_stack *s);
 void tunio_stack_free(struct tunio_stack *s);
+/* Counters, from any thread. The loop thread's own are read without a lock: a value may be a
+ * moment stale, which is fine for statistics. */
 void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *out);
+/* Worker `index` of the stack's table (0..), from any thread (stale reads as for the stats);
+ * -ENOENT past the last. */
+int tunio_stack_worker_info(struct tunio_stack *s, int index, struct tunio_worker_info *out);
 /* The listener's port for IP `version`, or -EAFNOSUPPORT if that family is not carried. */
 int tunio_stack_listen_port(struct tunio_stack *s, int version);
 const char *tunio_version(void);

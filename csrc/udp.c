@@ -90,6 +90,7 @@ static void session_free(struct tunio_udp *u, struct udp_session *s)
         l = &(*l)->by_id;
     *l = s->by_id;
     tunio_link_load(u->cfg.link, s->worker, -1);
+    tunio_nat_put_flow(u->cfg.limits);
     u->sessions--;
     free(s);
 }
@@ -143,6 +144,19 @@ struct tunio_queue *tunio_udp_queue(struct tunio_udp *u)
     return u->queue;
 }
 
+/* A new session past --max-flows: refused as a host without that service would refuse it, with
+ * ICMP port unreachable (an echo: administratively prohibited), so a connected socket in the app
+ * sees ECONNREFUSED at once. */
+static void refuse(struct tunio_udp *u, const struct tunio_pkt *p)
+{
+    uint8_t out[160];
+    int code =
+        tunio_nat_icmp_code(p->version, p->proto == TUNIO_IPPROTO_UDP ? ECONNREFUSED : EACCES);
+    size_t n = tunio_pkt_build_icmp_unreach(p, (uint8_t)code, out, sizeof(out));
+    if (n)
+        tunio_tun_write(u->cfg.tun, -1, out, n);
+}
+
 static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_pkt *p)
 {
     uint32_t b = tuple_hash(p->src, p->sport, p->dst, p->dport);
@@ -151,10 +165,17 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
             !memcmp(s->src, p->src, 16) && !memcmp(s->dst, p->dst, 16))
             return s;
     int w = tunio_link_pick(u->cfg.link);
-    struct udp_session *s = w >= 0 ? calloc(1, sizeof(*s)) : NULL;
+    if (w < 0) {
+        u->no_worker++;
+        return NULL;
+    }
+    if (tunio_nat_take_flow(u->cfg.limits) < 0) {
+        refuse(u, p);
+        return NULL;
+    }
+    struct udp_session *s = calloc(1, sizeof(*s));
     if (!s) {
-        if (w < 0)
-            u->no_worker++;
+        tunio_nat_put_flow(u->cfg.limits);
         return NULL;
     }
     s->id = tunio_nat_next_id(u->cfg.next_id);
@@ -351,6 +372,19 @@ void tunio_udp_worker_lost(struct tunio_udp *u, int worker)
             if (s->worker == worker)
                 session_free(u, s); /* the next datagram opens a session on another worker */
             s = next;
+        }
+    }
+}
+
+void tunio_udp_end_all(struct tunio_udp *u)
+{
+    for (uint32_t b = 0; b < UDP_BUCKETS && u->sessions; b++) {
+        while (u->ids[b]) {
+            struct udp_session *s = u->ids[b];
+            int worker = s->worker;
+            uint32_t id = s->id;
+            session_free(u, s);
+            tunio_link_send(u->cfg.link, worker, TUNIO_CMD_RST, id, 0, NULL, 0);
         }
     }
 }

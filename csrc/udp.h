@@ -9,6 +9,7 @@
 #include <zmq.h>
 
 struct tunio_link;
+struct tunio_nat_limits;
 struct tunio_queue;
 struct tunio_stats;
 struct tunio_tun;
@@ -16,10 +17,11 @@ struct tunio_wire_header;
 struct tunio_udp;
 
 struct tunio_udp_config {
-    uint32_t timeout_ms;     /* a session idle this long is ended */
-    atomic_uint *next_id;    /* the stack's id counter, shared with the NAT tables' flows */
-    struct tunio_tun *tun;   /* replies and ICMP errors are written into it */
-    struct tunio_link *link; /* the workers */
+    uint32_t timeout_ms;             /* a session idle this long is ended */
+    atomic_uint *next_id;            /* the stack's id counter, shared with the NAT tables' flows */
+    struct tunio_tun *tun;           /* replies and ICMP errors are written into it */
+    struct tunio_link *link;         /* the workers */
+    struct tunio_nat_limits *limits; /* each session is a flow of the stack's budget; NULL: none */
 };
 
 int tunio_udp_new(const struct tunio_udp_config *cfg, struct tunio_udp **out);
@@ -36,6 +38,9 @@ int tunio_udp_on_message(struct tunio_udp *u, int worker, const struct tunio_wir
 void tunio_udp_tick(struct tunio_udp *u, uint64_t now);
 /* Ends the sessions of `worker`: the next datagram opens a session on another one. */
 void tunio_udp_worker_lost(struct tunio_udp *u, int worker);
+
+/* The stack stops: every session ends (RST(0) to its worker). */
+void tunio_udp_end_all(struct tunio_udp *u);
 
 /* Adds udp_sessions, udp_sessions_opened, udp_to/from_workers, and its udp_dropped, no_worker
  * and protocol_errors. */

@@ -12,33 +12,57 @@
 #include "../csrc/reasm.h"
 
 static struct tunio_nat nat4, nat6;
+static struct tunio_nat_limits limits = {.max_flows = 4096, .max_pending = 64};
 static struct tunio_reasm *reasm;
-static atomic_uint next_id = 1;
 static int ready;
 static uint64_t now_ms;
+static void *region;
+static size_t region_len;
+static struct tunio_nat_config cfg[2];
+static unsigned inputs;
+
+/* The tables live in a calloc'd region, as they would in a new memfd; small limits, so that
+ * refusals are explored too. */
+static void attach(void)
+{
+    struct tunio_nat *nats[2] = {&nat4, &nat6};
+    if (tunio_nat_attach(region, region_len, cfg, nats, &limits, now_ms))
+        abort();
+}
+
+/* Now and then the stack "restarts": the tables are adopted from the region as they are. */
+static void restart(void)
+{
+    tunio_nat_fini(&nat4);
+    tunio_nat_fini(&nat6);
+    atomic_store(&limits.flows, 0);
+    atomic_store(&limits.pending, 0);
+    attach();
+}
 
 static void setup(void)
 {
-    struct tunio_nat_config cfg = {.version = 4,
-                                   .listen_port = 4000,
-                                   .pool_count = 2,
-                                   .pending_ms = 50,
-                                   .reserve_ms = 100,
-                                   .silent_ms = 100};
+    cfg[0] = (struct tunio_nat_config){.version = 4,
+                                       .listen_port = 4000,
+                                       .pool_count = 2,
+                                       .pending_ms = 50,
+                                       .reserve_ms = 100,
+                                       .silent_ms = 100};
     const uint8_t a[4] = {198, 18, 255, 1}, base[4] = {198, 18, 255, 252};
-    memcpy(cfg.listen_addr, a, 4);
-    memcpy(cfg.pool_base, base, 4);
-    if (tunio_nat_init(&nat4, &cfg, &next_id))
-        abort();
+    memcpy(cfg[0].listen_addr, a, 4);
+    memcpy(cfg[0].pool_base, base, 4);
     /* fd00:18::1/64, pool at the top of the prefix */
     const uint8_t a6[16] = {0xfd, 0, 0, 0x18, [15] = 1};
     uint8_t base6[16] = {0xfd, 0,    0,    0x18, 0,    0,    0,    0,
                          0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xfd};
-    cfg.version = 6;
-    memcpy(cfg.listen_addr, a6, 16);
-    memcpy(cfg.pool_base, base6, 16);
-    if (tunio_nat_init(&nat6, &cfg, &next_id))
+    cfg[1] = cfg[0];
+    cfg[1].version = 6;
+    memcpy(cfg[1].listen_addr, a6, 16);
+    memcpy(cfg[1].pool_base, base6, 16);
+    region_len = tunio_nat_region_size_of(cfg);
+    if (!(region = calloc(1, region_len)))
         abort();
+    attach();
     if (!(reasm = tunio_reasm_new()))
         abort();
     ready = 1;
@@ -52,6 +76,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         setup();
     if (size > 65536)
         return 0;
+    if (++inputs % 997 == 0)
+        restart();
     uint8_t *buf = malloc(size ? size : 1);
     memcpy(buf, data, size);
     now_ms += (size & 16) ? 4000 : 7; /* now and then a jump, so held fragments expire */

@@ -111,7 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
             f"for UDP), counted and logged once a second (default: {defaults.MAX_FLOWS})", "N"),
     Setting("max-pending", "max_pending", "int",
             "new TCP flows whose dial is still running (their SYN held); past this a new one "
-            f"is refused at once with a RST (default: {defaults.MAX_PENDING})", "N"),
+            "is refused at once with a RST, as it is when its destination already holds a "
+            f"quarter of them (default: {defaults.MAX_PENDING})", "N"),
 )  # fmt: skip
 
 BY_FLAG: Mapping[str, Setting] = {s.flag: s for s in SETTINGS}

@@ -62,6 +62,12 @@ class StackConfig:
     # CURVE on the endpoint (tcp://): the stack's Z85 secret key and the worker keys let in.
     curve_secret: str | None = None
     curve_clients: tuple[str, ...] = ()
+    # The NAT region (a memfd of nat_region_size() bytes) that outlives this stack: a stack
+    # started after a killed one adopts its flows. -1: a region of the stack's own.
+    nat_region_fd: int = -1
+    max_flows: int = defaults.MAX_FLOWS  # TCP flows + UDP sessions at once
+    max_pending: int = defaults.MAX_PENDING  # SYNs held while their dial runs
+    log_json: bool = False  # the C stack's log lines as JSON objects (--log-format json)
 
 
 def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
@@ -76,17 +82,14 @@ def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
     return [int(fds[i]) for i in range(queues)]
 
 
-class Stack:
-    """One C stack: binds on construction, forwards in run(), stops on stop()."""
+class _CConfig:
+    """A `struct tunio_config` for `config`, with the buffers its pointers point into."""
 
-    def __init__(self, config: StackConfig) -> None:
-        ffi, lib = _lib()
-        self._ffi, self._lib = ffi, lib
-        self.config = config
+    def __init__(self, ffi: Any, config: StackConfig) -> None:
         cfg = ffi.new("struct tunio_config *")
-        fds = ffi.new("int[]", list(config.tun_fds))
-        endpoint = ffi.new("char[]", config.endpoint.encode())
-        cfg.tun_fds = fds
+        self._fds = ffi.new("int[]", list(config.tun_fds))
+        self._endpoint = ffi.new("char[]", config.endpoint.encode())
+        cfg.tun_fds = self._fds
         cfg.n_tun_fds = len(config.tun_fds)
         for i, iface in enumerate(config.addresses):
             px = cfg.prefixes[i]
@@ -97,7 +100,7 @@ class Stack:
         cfg.n_prefixes = len(config.addresses)
         cfg.listen_port = config.listen_port
         cfg.pool_count = config.pool_size
-        cfg.endpoint = endpoint
+        cfg.endpoint = self._endpoint
         cfg.window = config.window
         cfg.pending_ms = int(config.pending_timeout * 1000)
         cfg.reserve_ms = int(config.reserve_timeout * 1000)
@@ -105,14 +108,59 @@ class Stack:
         cfg.log_level = _LEVELS.get(config.log_level.lower(), 20)
         cfg.udp_timeout_ms = int(config.udp_timeout * 1000)
         cfg.vnet = int(config.offload)
-        curve_secret = curve_clients = ffi.NULL
+        self._secret = self._clients = ffi.NULL
         if config.curve_secret is not None:
-            curve_secret = ffi.new("char[]", config.curve_secret.encode())
-            curve_clients = ffi.new("char[]", " ".join(config.curve_clients).encode())
-        cfg.curve_secret = curve_secret
-        cfg.curve_clients = curve_clients
+            self._secret = ffi.new("char[]", config.curve_secret.encode())
+            self._clients = ffi.new("char[]", " ".join(config.curve_clients).encode())
+        cfg.curve_secret = self._secret
+        cfg.curve_clients = self._clients
+        cfg.nat_region_fd = config.nat_region_fd
+        cfg.max_flows = config.max_flows
+        cfg.max_pending = config.max_pending
+        cfg.log_json = int(config.log_json)
+        self.cfg = cfg
+
+
+def nat_region_size(config: StackConfig) -> int:
+    """Bytes of the NAT region a stack of `config` maps (its prefixes and pool decide)."""
+    ffi, lib = _lib()
+    size = int(lib.tunio_nat_region_size(_CConfig(ffi, config).cfg))
+    return check(size, StackError, "NAT region size")
+
+
+def create_nat_region(config: StackConfig) -> int:
+    """A new NAT region for stacks of `config`: a memfd of the size they map, all zero (untouched
+    pages cost no memory). The caller keeps it open across stacks and passes it as
+    `nat_region_fd`; a fork inherits it."""
+    fd = os.memfd_create("tunio-nat", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nat_region_size(config))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker as the stack sees it (a moment's view: read without the loop's lock)."""
+
+    name: str
+    alive: bool
+    flows: int  # its load: TCP flows and datagram sessions
+    capacity: int  # 0: no limit
+
+
+class Stack:
+    """One C stack: binds on construction, forwards in run(), stops on stop()."""
+
+    def __init__(self, config: StackConfig) -> None:
+        ffi, lib = _lib()
+        self._ffi, self._lib = ffi, lib
+        self.config = config
+        c = _CConfig(ffi, config)
         out = ffi.new("struct tunio_stack **")
-        rc = lib.tunio_stack_new(cfg, out)
+        rc = lib.tunio_stack_new(c.cfg, out)
         shown = ", ".join(str(a.ip) for a in config.addresses)
         check(rc, StackError, "cannot start the stack", "stack", addresses=shown)
         self._s: Any = out[0]
@@ -142,6 +190,18 @@ class Stack:
                 return {}
             self._lib.tunio_stack_stats(self._s, st)
         return {name: int(getattr(st, name)) for name, _ in self._ffi.typeof(st[0]).fields}
+
+    def workers(self) -> list[WorkerInfo]:
+        """Every worker of the stack's table, lost ones included (alive False)."""
+        info = self._ffi.new("struct tunio_worker_info *")
+        out: list[WorkerInfo] = []
+        with self._lock:
+            if self._s is None:
+                return out
+            while self._lib.tunio_stack_worker_info(self._s, len(out), info) == 0:
+                name = self._ffi.string(info.name).decode(errors="replace")
+                out.append(WorkerInfo(name, bool(info.alive), int(info.flows), int(info.capacity)))
+        return out
 
     def close(self) -> None:
         with self._lock:

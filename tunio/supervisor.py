@@ -8,6 +8,7 @@ tunio.children; process housekeeping is tunio.process. This module only supervis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -121,6 +122,7 @@ class Supervisor:
         self._stack = _Child("stack")
         self._workers: list[_Child] = []
         self._fds: list[int] = []
+        self._nat_region = -1  # the memfd holding the NAT tables, for every stack of the run
         self._stack_config: StackConfig | None = None
         self._dialer: Any = None
         self._endpoint = ""
@@ -281,9 +283,9 @@ class Supervisor:
 
         self._ctx = multiprocess.get_context("fork")
         undo.callback(self._stop_children)
-        from tunio.stack import StackConfig  # noqa: PLC0415 - the cffi extension is heavy
+        from tunio.stack import StackConfig, create_nat_region  # noqa: PLC0415 - heavy
 
-        self._stack_config = StackConfig(
+        config = StackConfig(
             tun_fds=tuple(self._fds),
             addresses=plan.addresses,
             endpoint=self._endpoint,
@@ -295,7 +297,16 @@ class Supervisor:
             offload=opts.offload,
             curve_secret=self._keys.secret if self._keys else None,
             curve_clients=(self._keys.worker.public,) if self._keys else (),
+            max_flows=opts.max_flows,
+            max_pending=opts.max_pending,
+            log_json=opts.log_format == "json",
         )
+        # The NAT tables live in memory of ours, so that a stack that dies leaves them to the
+        # next one: it adopts the old flows and their apps get a RST, not a hang (the TUN queues
+        # stay open here meanwhile, holding what the dying stack's sockets sent).
+        self._nat_region = create_nat_region(config)
+        undo.callback(self._close_nat_region)
+        self._stack_config = dataclasses.replace(config, nat_region_fd=self._nat_region)
         self._spawn_stack()
         self._await_ready([self._stack], "the stack")
         self._workers = [_Child(f"worker-{i}") for i in range(opts.workers)]
@@ -370,6 +381,11 @@ class Supervisor:
             log.debug("no default route interface: %s", describe(exc))
             return None
 
+    def _close_nat_region(self) -> None:
+        fd, self._nat_region = self._nat_region, -1
+        if fd >= 0:
+            os.close(fd)
+
     def _close_tun(self, existed: bool) -> None:
         fds, self._fds = self._fds, []
         for fd in fds:
@@ -436,8 +452,9 @@ class Supervisor:
                 "connect_timeout": self.options.connect_timeout,
                 "keys": self._keys.worker if self._keys else None,
                 "status": child.status,
-                # Workers have no use for the TUN queues: they must not keep the device alive.
-                "close_fds": (*self._inherited_fds(), *self._fds),
+                # Workers have no use for the TUN queues (they must not keep the device alive)
+                # nor for the NAT region.
+                "close_fds": (*self._inherited_fds(), *self._fds, self._nat_region),
                 "parent": self._pid,
             },
             name=f"tunio-worker-{index}",
@@ -557,7 +574,9 @@ class Supervisor:
         child.restart_at = now + child.backoff
         self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
         self.stats.pop(child.name, None)  # its counters start again with its next process
-        lost = " (its flows are lost: their segments now get a RST)" if child is self._stack else ""
+        lost = ""
+        if child is self._stack:
+            lost = " (the next one takes its flows over: their apps get a RST)"
         log.warning(
             "%s exited with %s after %.1f s%s; restarting in %.1f s",
             child.name,

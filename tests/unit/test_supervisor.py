@@ -61,6 +61,15 @@ class StackConfig:
     offload: bool = False
     curve_secret: object = None
     curve_clients: tuple = ()
+    nat_region_fd: int = -1
+    max_flows: int = 0
+    max_pending: int = 0
+    log_json: bool = False
+
+def create_nat_region(config):
+    fd = os.memfd_create("fake-nat")
+    os.ftruncate(fd, 4096)
+    return fd
 
 def open_tun(name, queues, offload=False):
     from tunio.errors import TunError, check
