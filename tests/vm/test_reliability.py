@@ -252,14 +252,15 @@ def test_syn_flood_is_held_to_max_pending(
     assert stats["pending"] == 0
     assert refused >= syns // 2 - limit  # the black hole's half, but for its share
     assert len(refusal_lines) <= 2 * syns // rate + 3  # once a second at most
-    # Not a line for a refused flow: the stack's own lines are its summaries, and the only
-    # lines a flow causes are the workers' for the dials the stack let through (each failed
-    # dial is logged by the worker: there are flows_opened of them at most).
+    # Not a line a flow: the stack's own lines are its summaries, and a worker says of the
+    # dials that failed one line a second and a count (the flood's ~10,000 failed dials make a
+    # few dozen lines between two workers, however long the dials take to fail).
     stack_lines = [line for line in flood_lines if "tunio-stack" in line]
     dial_lines = [x for x in flood_lines if "dial" in x and "failed" in x]
     assert len(stack_lines) <= 2 * syns // rate + 5
-    assert len(dial_lines) <= stats["flows_opened"]
-    assert len(flood_lines) - len(dial_lines) < 40
+    assert stats["flows_opened"] > 1000  # the dials were there to be logged
+    assert len(dial_lines) <= 2 * 2 * 15  # two workers, two lines a second, ~15 s at most
+    assert len(flood_lines) < 100
     assert growth < 64 * 1024
 
 
