@@ -17,6 +17,7 @@ from __future__ import annotations
 from tunio.config import Options
 from tunio.dialers import Address, Dialer, load_dialer
 from tunio.errors import ConfigError, DialError, StackError, TunError, TunioError
+from tunio.policy import Flow, Owner, Reject
 from tunio.supervisor import Supervisor
 
 __version__ = "0.1.0"
@@ -26,7 +27,10 @@ __all__ = [
     "ConfigError",
     "DialError",
     "Dialer",
+    "Flow",
     "Options",
+    "Owner",
+    "Reject",
     "StackError",
     "Supervisor",
     "TunError",

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from tunio.dialers import Dialer
     from tunio.keys import WorkerKeys
+    from tunio.policy import Policy
     from tunio.stack import StackConfig
 
 
@@ -75,6 +76,7 @@ def worker_entry(
     close_fds: tuple[int, ...],
     keys: WorkerKeys | None = None,
     parent: int | None = None,
+    policy: Policy | None = None,
 ) -> None:
     """Process target of a local worker: serve flows until the stack says BYE."""
     reset_child(close_fds, f"tunio-{name}", parent)
@@ -89,5 +91,6 @@ def worker_entry(
         ready=lambda: status.put(("worker-ready", name)),
         keys=keys,
         report=lambda snapshot: status.put(("stats", snapshot)),
+        policy=policy,
     )
     sys.exit(code)

@@ -76,7 +76,7 @@ def _add_setting(parser: argparse.ArgumentParser, setting: Setting) -> None:
 
 WORKER_SETTINGS = (
     "dialer", "egress-mark", "egress-interface", "connect-timeout", "window", "log-level",
-    "log-format",
+    "log-format", "policy",
 )  # fmt: skip
 
 

@@ -23,6 +23,8 @@ from tunio.settings import BY_FLAG
 
 if TYPE_CHECKING:
     from tunio.dialers import Dialer
+    from tunio.policy import Policy
+    from tunio.rules import Rule
 
 MAX_MARK = 0xFFFFFFFF
 IFNAMSIZ = 16
@@ -64,6 +66,11 @@ class Options:
     max_flows: int = defaults.MAX_FLOWS
     max_pending: int = defaults.MAX_PENDING
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
+    # Per-flow policy (tunio.policy): "module:attr" or the function itself; or the rules of a
+    # configuration file (tunio.rules), with names for the dialers they use.
+    policy: str | Policy | None = None
+    dialers: Mapping[str, str | tuple[str, ...] | Dialer] = field(default_factory=dict)
+    rules: tuple[Rule, ...] = ()
     # Where settings came from when not from the command line or the library (field name ->
     # "FILE:LINE"): an error about one of them names its line (see explain()).
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -244,6 +251,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     excludes = tuple(parse_network(text, "--exclude") for text in options.exclude)
     if options.metrics is not None:
         parse_host_port(options.metrics, "--metrics")
+    if options.policy is not None and options.rules:
+        raise ConfigError("--policy: give a policy or the rules of a configuration file, not both")
     return Plan(
         addresses=addresses,
         routes=routes,

@@ -45,6 +45,10 @@ def read(path: Path) -> FileSettings:
     origins: dict[str, str] = {}
     for key, raw in data.items():
         where = f"{path}:{_line_of(lines, key)}"
+        if key in TABLES:
+            values[TABLES[key]] = _table(key, raw, path, lines)
+            origins[TABLES[key]] = where
+            continue
         setting = BY_KEY.get(key)
         if setting is None:
             raise ConfigError(
@@ -54,6 +58,60 @@ def read(path: Path) -> FileSettings:
         values[setting.field] = _value(setting, raw, f"{where}: {key}")
         origins[setting.field] = where
     return FileSettings(path, values, origins)
+
+
+#: the tables a file may have beyond the flags' keys, and the Options fields they set
+TABLES = {"dialers": "dialers", "rule": "rules"}
+
+
+def _table(key: str, raw: object, path: Path, lines: list[str]) -> object:
+    """[dialers] (names for dialer specs) or [[rule]] (the rules, tunio.rules)."""
+    if key == "dialers":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}:{_line_of(lines, key)}: dialers: give a [dialers] table")
+        out: dict[str, str | tuple[str, ...]] = {}
+        for name, spec in raw.items():
+            where = f"{path}:{_line_in(lines, 'dialers', 0, name)}"
+            if isinstance(spec, str):
+                out[name] = spec
+            elif isinstance(spec, list) and spec and all(isinstance(x, str) for x in spec):
+                out[name] = tuple(spec)
+            else:
+                raise ConfigError(f"{where}: dialers.{name} = {_shown(spec)}: give a dialer spec "
+                                  "or an array of them (a chain)")  # fmt: skip
+            if name in ("reject", "default", "direct"):
+                raise ConfigError(f"{where}: dialers.{name}: {name!r} is built in: pick another")
+        return out
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ConfigError(f"{path}:{_line_of(lines, key)}: rule: give [[rule]] tables")
+    from tunio.rules import parse_rules  # noqa: PLC0415
+
+    return tuple(parse_rules(raw, lambda i, k: f"{path}:{_line_in(lines, 'rule', i, k)}"))
+
+
+_HEADERS = {
+    "dialers": re.compile(r"^\s*\[\s*dialers\s*\]"),
+    "rule": re.compile(r"^\s*\[\[\s*rule\s*\]\]"),
+}
+
+
+def _line_in(lines: list[str], table: str, index: int, key: str) -> int:
+    """The line of `key` in the `index`-th table `table` ([dialers], [[rule]]); the table's own
+    line when the key is "" or not found there."""
+    head = _HEADERS[table]
+    key_rx = re.compile(rf"^\s*{re.escape(key)}\s*=") if key else None
+    seen, found = -1, 0
+    for number, line in enumerate(lines, 1):
+        if head.match(line):
+            seen += 1
+            if seen > index:
+                break
+            found = number if seen == index else found
+        elif seen == index and line.lstrip().startswith("["):
+            break
+        elif seen == index and key_rx is not None and key_rx.match(line):
+            return number
+    return found
 
 
 def _line_of(lines: list[str], key: str) -> int:

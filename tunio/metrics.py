@@ -74,6 +74,10 @@ _WORKER: tuple[tuple[str, str, str, str], ...] = (
     ("tunio_worker_bytes_total", "counter", "Bytes a worker moved to its destinations.",
      "bytes_to_destination"),
     ("tunio_worker_resets_sent_total", "counter", "RSTs a worker sent the stack.", "resets_sent"),
+    ("tunio_worker_failovers_total", "counter", "Dials that failed and went on to the next "
+     "dialer of a policy's list.", "failovers"),
+    ("tunio_worker_refused_by_policy_total", "counter", "New flows a policy refused.",
+     "refused_by_policy"),
     ("tunio_worker_protocol_errors_total", "counter", "Malformed or unexpected messages a "
      "worker dropped.", "protocol_errors"),
 )  # fmt: skip

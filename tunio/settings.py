@@ -103,6 +103,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("txqueuelen", "txqueuelen", "int",
             "transmit queue length of the TUN device; short queues drop packets under load "
             f"(default: {defaults.TXQUEUELEN})", "N"),
+    Setting("policy", "policy", "str",
+            "a per-flow policy, module:attr: a function of a tunio.Flow that returns a dialer, "
+            "a list of dialers to try in order, or tunio.Reject(errno); called once a flow",
+            "MODULE:ATTR", live=True),
     Setting("metrics", "metrics", "str",
             "serve Prometheus metrics on HOST:PORT (GET /metrics): flows, bytes, dials, "
             "refusals, workers, drops", "HOST:PORT"),

@@ -29,8 +29,10 @@ from tunio.process import raise_fd_limit
 from tunio.runtime import RuntimeDir
 
 if TYPE_CHECKING:
+    from tunio.dialers import Dialer
     from tunio.keys import StackKeys
     from tunio.metrics import MetricsServer
+    from tunio.policy import Policy
     from tunio.stack import StackConfig
 
 __all__ = ["Supervisor", "next_backoff"]
@@ -125,6 +127,7 @@ class Supervisor:
         self._nat_region = -1  # the memfd holding the NAT tables, for every stack of the run
         self._stack_config: StackConfig | None = None
         self._dialer: Any = None
+        self._policy: Policy | None = None
         self._endpoint = ""
         self._keys: StackKeys | None = None
         self._socket: Path | None = None  # the ipc socket file in our runtime directory
@@ -250,6 +253,7 @@ class Supervisor:
         opts = self.options
         plan = validate(opts, self._sys_net)
         self._dialer = self._load_dialer()
+        self._policy = self._load_policy()
         device = devicelock.DeviceLock(self._lock_dir, opts.tun)
         undo.callback(self._undo, "device lock", device.release)
         device.acquire()
@@ -374,6 +378,33 @@ class Supervisor:
             egress_interface=self.options.egress_interface,
         )
 
+    def _load_policy(self) -> Policy | None:
+        """The per-flow policy of the workers: --policy's, or the rules' (their dialers loaded
+        here once, so a bad spec is an error now, not in each worker)."""
+        opts = self.options
+        from tunio import policy as policies  # noqa: PLC0415 - user code may be slow to import
+
+        if isinstance(opts.policy, str):
+            return policies.load_policy(opts.policy)
+        if opts.policy is not None:
+            return policies.as_policy(opts.policy)
+        if not opts.rules:
+            return None
+        from tunio.dialers import DirectDialer, load_dialer  # noqa: PLC0415
+        from tunio.rules import RuleTable  # noqa: PLC0415
+
+        mark, interface = self._egress_mark(), opts.egress_interface
+        named: dict[str, Dialer] = {
+            "default": self._dialer,
+            "direct": DirectDialer(mark=mark, interface=interface),
+        }
+        for name, spec in opts.dialers.items():
+            made = spec if not isinstance(spec, (str, tuple)) else load_dialer(
+                spec, egress_mark=mark, egress_interface=interface
+            )  # fmt: skip
+            named[name] = made
+        return RuleTable(opts.rules, named)
+
     def _default_interface(self) -> str | None:
         try:
             return tundev.default_route_interface()
@@ -456,6 +487,7 @@ class Supervisor:
                 # nor for the NAT region.
                 "close_fds": (*self._inherited_fds(), *self._fds, self._nat_region),
                 "parent": self._pid,
+                "policy": self._policy,
             },
             name=f"tunio-worker-{index}",
         )

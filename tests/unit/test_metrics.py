@@ -35,7 +35,7 @@ def _worker() -> dict[str, object]:
     stats.bytes_to_destination = 1234
     stats.dialed("direct", 0.0004)
     stats.dialed("direct", 0.003)
-    stats.open_failed(111, "direct")
+    stats.attempt_failed("direct", 111)
     stats.dialed('socks5://"odd"', 0.2)
     return {**stats.snapshot(), "flows_active": 2}
 

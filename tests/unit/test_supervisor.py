@@ -105,7 +105,7 @@ from pathlib import Path
 STATE = Path(os.environ["FAKE_STATE"])
 
 def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=0.0, ready=None,
-               keys=None, report=None):
+               keys=None, report=None, policy=None):
     if name in os.environ.get("FAKE_WORKER_FAIL", "").split(","):
         return 3
     wake_r, wake_w = os.pipe()

@@ -307,3 +307,74 @@ def test_credit_and_rst_for_other_ids_go_to_the_other_table(rigs: MakeRig) -> No
     rig.table.on_data(31, b"x", credit=9)  # carried credit is a CREDIT, for whoever has 31
     assert seen == [("credit", 30, 5), ("rst", 30, 0), ("credit", 31, 9)]
     assert rig.take() == [Message(Cmd.RST, 31, 0)]
+
+
+# ---- policy: the dialer a flow takes, failover, refusals -----------------------------------
+
+
+class Refusing:
+    """A coroutine dialer whose every dial is refused."""
+
+    def __init__(self) -> None:
+        self.dials = 0
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        self.dials += 1
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused by the test")
+
+
+def test_a_failed_dial_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:
+    refusing, working = Refusing(), PairDialer()
+    rig = rigs(DirectDialer(), policy=lambda flow: [refusing, working])
+    rig.open(1)
+    rig.until(lambda: bool(rig.sent), "the answer")
+    # one clean OPEN_OK: the failed first dial never reached the stack
+    assert rig.take() == [Message(Cmd.OPEN_OK, 1, WINDOW)]
+    assert (refusing.dials, len(working.peers)) == (1, 1)
+    assert rig.stats.failovers == 1
+    assert rig.stats.open_fail == 0
+    labels = rig.stats.dialers
+    assert [d.failures for d in labels.values() if d.failures] == [{"ECONNREFUSED": 1}]
+    assert sum(d.seconds.count for d in labels.values()) == 1
+    rig.table.on_data(1, b"through the second")
+    assert recv_exactly(working.peers[0], 18) == b"through the second"
+
+
+def test_when_every_dialer_fails_the_app_sees_the_last_failure(
+    rigs: MakeRig, listener: socket.socket
+) -> None:
+    first, second = Refusing(), Refusing()
+    rig = rigs(DirectDialer(), policy=lambda flow: [first, second])
+    rig.open(1)
+    rig.until(lambda: bool(rig.sent), "the answer")
+    assert rig.take() == [Message(Cmd.OPEN_FAIL, 1, errno.ECONNREFUSED)]
+    assert (first.dials, second.dials) == (1, 1)
+    assert rig.stats.failovers == 1
+    assert rig.table.flows == {}
+
+
+def test_a_refusal_by_policy_is_open_fail_with_its_errno(rigs: MakeRig) -> None:
+    from tunio.policy import Reject  # noqa: PLC0415
+
+    seen: list[object] = []
+
+    def policy(flow: object) -> Reject:
+        seen.append(flow)
+        return Reject(errno.EHOSTUNREACH)
+
+    rig = rigs(PairDialer(), policy=policy)
+    rig.open(7, 443)
+    assert rig.take() == [Message(Cmd.OPEN_FAIL, 7, errno.EHOSTUNREACH)]
+    assert rig.stats.refused_by_policy == 1
+    [flow] = seen
+    assert repr(flow) == "Flow(tcp 198.18.255.9:40007 -> 127.0.0.1:443)"
+
+
+def test_the_policy_sees_the_flow_and_picks_its_dialer(rigs: MakeRig) -> None:
+    default, chosen = PairDialer(), PairDialer()
+    rig = rigs(default, policy=lambda flow: chosen if flow.dst.port == 8443 else None)
+    rig.open(1, 8443)
+    rig.open(2, 80)
+    rig.until(lambda: len(rig.sent) == 2, "two answers")
+    assert {m.cmd for m in rig.take()} == {Cmd.OPEN_OK}
+    assert (len(chosen.peers), len(default.peers)) == (1, 1)

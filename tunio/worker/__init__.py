@@ -31,6 +31,8 @@ from typing import Any
 from tunio import defaults
 from tunio.dialers.base import Dialer
 from tunio.keys import WorkerKeys
+from tunio.owner import OwnerLookup
+from tunio.policy import Policy
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.flow import Flow
 from tunio.worker.link import Handlers, Link, Timing
@@ -59,9 +61,11 @@ class Worker:
         ready: Callable[[], None] | None = None,
         timing: Timing | None = None,
         report: Callable[[dict[str, Any]], None] | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """`report`, if given, gets `stats.snapshot()` every REPORT_INTERVAL seconds (the
-        supervisor's metrics)."""
+        supervisor's metrics); `policy` picks each flow's dialer (tunio.policy), `dialer` by
+        default."""
         self.endpoint = endpoint
         self.keys: WorkerKeys | None = None  # CURVE keys for a tcp:// stack
         self.dialer = dialer
@@ -71,6 +75,7 @@ class Worker:
         self.connect_timeout = connect_timeout
         self.ready = ready
         self.report = report
+        self.policy = policy
         self.timing = timing or Timing()
         self.stats = WorkerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,12 +119,15 @@ class Worker:
                     timing=self.timing, keys=self.keys, ready=self.ready)  # fmt: skip
         tcp = TcpTable(loop, send=link.send, error=link.protocol_error, stats=stats,
                        window=self.window)  # fmt: skip
+        owners = OwnerLookup() if self.policy is not None else None
         opener = TcpOpener(tcp, self.dialer, loop, send=link.send, error=link.protocol_error,
                            stats=stats, capacity=self.capacity,
-                           connect_timeout=self.connect_timeout, name=self.name)  # fmt: skip
+                           connect_timeout=self.connect_timeout, name=self.name,
+                           policy=self.policy, owners=owners)  # fmt: skip
         datagrams = DatagramTable(loop, self.dialer, send=link.send, error=link.protocol_error,
                                   stats=stats, tcp_flows=tcp.flows,
-                                  connect_timeout=self.connect_timeout)  # fmt: skip
+                                  connect_timeout=self.connect_timeout, name=self.name,
+                                  policy=self.policy, owners=owners)  # fmt: skip
         tcp.others = datagrams  # CREDIT and RST for ids that are not TCP flows
         self._link, self._tcp, self._datagrams = link, tcp, datagrams
 
@@ -145,6 +153,7 @@ class Worker:
         def every_interval() -> None:
             nonlocal timer
             opener.failures.flush()
+            datagrams.refusals.flush()
             if self.report is not None:
                 self.report({**stats.snapshot(), "flows_active": len(tcp) + len(datagrams)})
             timer = loop.call_later(REPORT_INTERVAL, every_interval)
@@ -156,6 +165,9 @@ class Worker:
             if timer is not None:
                 timer.cancel()
             opener.failures.flush()
+            datagrams.refusals.flush()
+            if owners is not None:
+                owners.close()
             for sig in signals:
                 loop.remove_signal_handler(sig)
             loop.remove_reader(tcp.fileno())
@@ -186,6 +198,7 @@ def run_worker(
     ready: Callable[[], None] | None = None,
     keys: WorkerKeys | None = None,
     report: Callable[[dict[str, Any]], None] | None = None,
+    policy: Policy | None = None,
 ) -> int:
     """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
 
@@ -199,6 +212,7 @@ def run_worker(
         connect_timeout=connect_timeout,
         ready=ready,
         report=report,
+        policy=policy,
     )
     worker.keys = keys
     return worker.run()

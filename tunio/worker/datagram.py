@@ -17,9 +17,14 @@ import ipaddress
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Container
+from typing import cast
 
 from tunio import defaults, wire
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
+from tunio.logs import EverySecond
+from tunio.owner import OwnerLookup
+from tunio.policy import Flow as PolicyFlow
+from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
 from tunio.worker.credit import DatagramCredit
 from tunio.worker.dial import Dial, Dialing
@@ -41,8 +46,8 @@ OpenSession = Callable[[Address, Address], Awaitable[DatagramSession]]
 class UdpSession(DatagramCredit):
     """One UDP session: the stack's flow id and the dialer's DatagramSession."""
 
-    __slots__ = ("closed", "dial", "dst", "fd", "fid", "pending", "reply_block", "session",
-                 "version")  # fmt: skip
+    __slots__ = ("closed", "dial", "dst", "fd", "fid", "pending", "ping", "reply_block", "session",
+                 "src", "tries", "version")  # fmt: skip
 
     def __init__(self, fid: int, block: wire.AddressBlock) -> None:
         super().__init__(UDP_WINDOW)
@@ -58,6 +63,9 @@ class UdpSession(DatagramCredit):
         self.dial: Dial[UdpSession, DatagramSession] | None = None
         self.pending: deque[wire.Payload] = deque()  # datagrams that came while dialing
         self.closed = False
+        self.src = Address(str(block.src), block.src_port)  # the app
+        self.ping = block.proto != wire.IPPROTO_UDP  # an ICMP echo session
+        self.tries: list[Dialer] = []  # dialers still to try if the dial in flight fails
 
     def block_from(self, src: Address) -> bytes:
         """The address block of a reply that came from `src` (to the app)."""
@@ -93,19 +101,24 @@ class DatagramTable:
         stats: WorkerStats,
         tcp_flows: Container[int] = (),
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
+        name: str = "",
+        policy: Policy | None = None,
+        owners: OwnerLookup | None = None,
     ) -> None:
+        """`policy` picks the dialer of each new session as it does for TCP flows (a list is
+        tried in order until one opens the session); `owners` looks up the app behind it."""
         self.sessions: dict[int, UdpSession] = {}
         self.stats = stats
         self._loop = loop
         self._send = send
         self._error = error
         self._tcp_flows = tcp_flows
-        self._dial_udp: OpenSession | None = (
-            dialer.dial_udp if isinstance(dialer, DatagramDialer) else None
-        )
-        self._dial_ping: OpenSession | None = (
-            dialer.dial_ping if isinstance(dialer, PingDialer) else None
-        )
+        self._default = dialer
+        self._name = name
+        self._policy = policy
+        self._owners = owners
+        # one line a second under a flood of refused sessions, not one a session
+        self.refusals = EverySecond(log, logging.INFO, "refused udp sessions")
         self._dialing: Dialing[UdpSession, DatagramSession] = Dialing(
             loop, connect_timeout, self._dialed, what="udp dial", discard=_close_session
         )
@@ -177,22 +190,45 @@ class DatagramTable:
             self._refuse(fid, None, errno.EPROTONOSUPPORT)
             return
         udp = UdpSession(fid, block)
-        # ICMP echo (proto 1/58) is a session like UDP's, opened by the dialer's dial_ping
-        opener = self._dial_udp if block.proto == wire.IPPROTO_UDP else self._dial_ping
-        if opener is None:
+        tries: list[Dialer] | Reject = [self._default]
+        if self._policy is not None:
+            lookup = self._owner_of if self._owners is not None and not udp.ping else None
+            info = PolicyFlow(udp.src, udp.dst, "icmp" if udp.ping else "udp", worker=self._name,
+                              lookup=lookup)  # fmt: skip
+            tries = decide(self._policy, info, self._default)
+        if isinstance(tries, Reject):
+            self.stats.refused_by_policy += 1
+            self._refuse(fid, udp.dst, tries.errno)
+            return
+        # ICMP echo (proto 1/58) is a session like UDP's, opened by a dialer's dial_ping; the
+        # dialers that cannot carry this kind are passed over
+        udp.tries = [d for d in tries if isinstance(d, PingDialer if udp.ping else DatagramDialer)]
+        if not udp.tries:
             self._refuse(fid, udp.dst, errno.EPROTONOSUPPORT)
             return
         self.stats.udp_opens += 1
         self.sessions[fid] = udp
         udp.accept()
         udp.pending.append(memoryview(payload)[wire.ADDRESS.size :])
-        src = Address(str(block.src), block.src_port)
-        udp.dial = self._dialing.task(udp, opener, udp.dst, src)
+        self._dial_next(udp)
+
+    def _owner_of(self, info: PolicyFlow) -> Owner | None:
+        assert self._owners is not None
+        return self._owners.owner(info.protocol, info.src, info.address)
+
+    def _dial_next(self, udp: UdpSession) -> None:
+        dialer = udp.tries.pop(0)
+        opener: OpenSession = (
+            cast(PingDialer, dialer).dial_ping if udp.ping
+            else cast(DatagramDialer, dialer).dial_udp
+        )  # fmt: skip
+        udp.dial = self._dialing.task(udp, opener, udp.dst, udp.src)
 
     def _refuse(self, fid: int, dst: Address | None, code: int) -> None:
         self.stats.udp_open_fail += 1
         self.stats.resets_sent += 1
-        log.info("udp session %d: to %s refused: %s", fid, dst, errname(code))
+        name = errname(code)
+        self.refusals.log(name, "udp session %d: to %s refused: %s", fid, dst, name)
         self._send([wire.header(Cmd.RST, fid, code)])
 
     def _dialed(self, udp: UdpSession, session: DatagramSession | None, code: int,
@@ -200,6 +236,10 @@ class DatagramTable:
         udp.dial = None
         if session is None:
             if self.sessions.get(udp.fid) is udp:
+                if udp.tries:  # a policy's list: the next dialer
+                    self.stats.failovers += 1
+                    self._dial_next(udp)
+                    return
                 self._free(udp)
                 self._refuse(udp.fid, udp.dst, code)
             return

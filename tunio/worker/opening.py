@@ -18,6 +18,9 @@ from tunio import defaults, ports, wire
 from tunio.dialers import label
 from tunio.dialers.base import Address, Dialer
 from tunio.logs import EverySecond
+from tunio.owner import OwnerLookup
+from tunio.policy import Flow as PolicyFlow
+from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
 from tunio.worker.dial import TcpDialing, abort
 from tunio.worker.flow import ErrorSink, Flow, Send, State
@@ -31,8 +34,12 @@ PORT_WARNING_INTERVAL = 60.0
 
 
 class TcpOpener:
-    """Takes OPENs for `table`: `capacity` flows at most (0: no limit), each dialled through
-    `dialer` within `connect_timeout`."""
+    """Takes OPENs for `table`: `capacity` flows at most (0: no limit), each dialled within
+    `connect_timeout` through what `policy` picks for it (tunio.policy), `dialer` by default.
+
+    A policy's list of dialers is tried in order: a failed dial moves on to the next before the
+    stack is answered, so the app sees one clean connect, or only the last failure. `owners`
+    looks up the app behind a flow, for the policies that ask (Flow.uid, .pid, .process)."""
 
     def __init__(
         self,
@@ -46,6 +53,8 @@ class TcpOpener:
         capacity: int = 0,
         connect_timeout: float = defaults.CONNECT_TIMEOUT,
         name: str = "",
+        policy: Policy | None = None,
+        owners: OwnerLookup | None = None,
     ) -> None:
         self.table = table
         self.stats = stats
@@ -54,8 +63,13 @@ class TcpOpener:
         self._capacity = capacity
         self._name = name
         self._loop = loop
-        self._dialing = TcpDialing(dialer, loop, connect_timeout, self._dialed, table.watch)
-        self._label = label(dialer)
+        self._timeout = connect_timeout
+        self._default = dialer
+        self._policy = policy
+        self._owners = owners
+        self._lookup = self._owner_of if owners is not None else None
+        # one TcpDialing (and label) per dialer a flow may take, made on its first flow
+        self._dialings: dict[int, tuple[Dialer, TcpDialing[Flow], str]] = {}
         self._next_port_warning = 0.0  # see _open_failed
         # one line a second under a flood of failing dials, not one a flow
         self.failures = EverySecond(log, logging.INFO, "failed dials")
@@ -80,8 +94,38 @@ class TcpOpener:
         if self._capacity and len(flows) >= self._capacity:
             self._open_failed(fid, dst, errno.EAGAIN)
             return
+        src = Address(str(block.src), block.src_port)
+        if self._policy is None:
+            tries: list[Dialer] | Reject = [self._default]
+        else:
+            info = PolicyFlow(src, dst, "tcp", worker=self._name, lookup=self._lookup)
+            tries = decide(self._policy, info, self._default)
+        if isinstance(tries, Reject):
+            self.stats.refused_by_policy += 1
+            self._open_failed(fid, dst, tries.errno, tries.reason)
+            return
         flow = self.table.add(fid, credit, dst)
-        flow.dial = self._dialing.dial(flow, dst, Address(str(block.src), block.src_port))
+        flow.src = src
+        flow.tries = tries
+        self._dial_next(flow)
+
+    def _owner_of(self, info: PolicyFlow) -> Owner | None:
+        assert self._owners is not None
+        return self._owners.owner(info.protocol, info.src, info.address)
+
+    def _dialing_for(self, dialer: Dialer) -> tuple[TcpDialing[Flow], str]:
+        made = self._dialings.get(id(dialer))
+        if made is None or made[0] is not dialer:
+            dialing = TcpDialing(dialer, self._loop, self._timeout, self._dialed, self.table.watch)
+            made = self._dialings[id(dialer)] = (dialer, dialing, label(dialer))
+        return made[1], made[2]
+
+    def _dial_next(self, flow: Flow) -> None:
+        dialing, via = self._dialing_for(flow.tries.pop(0))
+        flow.via = via
+        pending = dialing.dial(flow, flow.dst, flow.src)
+        if pending is not None:  # else it ended at once, and _dialed has moved the flow on
+            flow.dial = pending
 
     def _dialed(self, flow: Flow, sock: socket.socket | None, code: int, why: str) -> None:
         """How every dial ends: connected (`sock`), or failed with errno `code`."""
@@ -92,15 +136,24 @@ class TcpOpener:
                 abort(sock)  # reset while the dial finished: the destination must see it too
             return
         if sock is None:
+            name = self.stats.attempt_failed(flow.via, code)
+            if flow.tries:
+                self.stats.failovers += 1
+                log.debug("flow %d: dial %s via %s failed: %s%s; trying the next dialer",
+                          flow.fid, flow.dst, flow.via, name,
+                          f" ({why})" if why else "")  # fmt: skip
+                self.table.redial(flow)
+                self._dial_next(flow)
+                return
             self.table.dial_failed(flow)
             self._open_failed(flow.fid, flow.dst, code, why)
             return
         if started is not None:
-            self.stats.dialed(self._label, self._loop.time() - started)
+            self.stats.dialed(flow.via, self._loop.time() - started)
         self.table.connected(flow, sock)
 
     def _open_failed(self, fid: int, dst: Address | None, code: int, why: str = "") -> None:
-        name = self.stats.open_failed(code, self._label)
+        name = self.stats.open_failed(code)
         self.failures.log(name, "flow %d: dial %s failed: %s%s", fid, dst, name,
                           f" ({why})" if why else "")  # fmt: skip
         if code == errno.EADDRNOTAVAIL:

@@ -59,6 +59,8 @@ class WorkerStats:
     datagrams_dropped_credit: int = 0
     datagrams_dropped_window: int = 0
     datagrams_dropped_send: int = 0
+    refused_by_policy: int = 0  # flows the policy refused (Reject)
+    failovers: int = 0  # dials that failed and moved on to the next dialer of a list
     dialers: dict[str, DialerStats] = field(default_factory=dict, repr=False)  # by label
 
     def _dialer(self, label: str) -> DialerStats:
@@ -71,14 +73,18 @@ class WorkerStats:
         """A TCP dial through dialer `label` connected after `seconds`."""
         self._dialer(label).seconds.observe(seconds)
 
-    def open_failed(self, code: int, label: str = "") -> str:
-        """Counts a failed TCP dial (OPEN_FAIL) under its errno; returns the errno's name."""
+    def attempt_failed(self, label: str, code: int) -> str:
+        """A dial through dialer `label` failed (the flow may go on to another dialer)."""
+        name = errname(code)
+        failures = self._dialer(label).failures
+        failures[name] = failures.get(name, 0) + 1
+        return name
+
+    def open_failed(self, code: int) -> str:
+        """Counts a flow refused (OPEN_FAIL) under its errno; returns the errno's name."""
         self.open_fail += 1
         name = errname(code)
         self.dial_failures[name] = self.dial_failures.get(name, 0) + 1
-        if label:
-            failures = self._dialer(label).failures
-            failures[name] = failures.get(name, 0) + 1
         return name
 
     def snapshot(self) -> dict[str, Any]:

@@ -126,6 +126,12 @@ class TcpTable:
         if flow.credit > 0:
             self._start_reading(flow)
 
+    def redial(self, flow: Flow) -> None:
+        """`flow`'s dial failed and another is tried: the failed one's socket leaves the epoll
+        (a task-less dial closes it after this), the flow stays DIALING."""
+        self._unregister(flow)
+        flow.fd = -1
+
     def dial_failed(self, flow: Flow) -> None:
         """`flow`'s dial failed: the flow is gone (the caller answers OPEN_FAIL, and a task-less
         dial closes its socket after this)."""

@@ -1,0 +1,183 @@
+"""Per-flow policy: what a policy may answer, the rules table, and who sent a flow."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from tunio import configfile
+from tunio.dialers import Address, DirectDialer
+from tunio.errors import ConfigError
+from tunio.owner import OwnerLookup
+from tunio.policy import Flow, Owner, Reject, as_policy, decide, load_policy
+from tunio.rules import RuleTable
+
+A, B, DEFAULT = DirectDialer(mark=1), DirectDialer(mark=2), DirectDialer(mark=3)
+APP = Address("198.18.255.9", 40000)
+
+
+def flow(host: str = "192.0.2.7", port: int = 443, protocol: str = "tcp", *,
+         name: str | None = None, owner: Owner | None = None) -> Flow:  # fmt: skip
+    address = Address(host, port)
+    dst = Address(name, port) if name else address
+    return Flow(APP, dst, protocol, worker="worker-0", address=address,
+                lookup=(lambda _flow: owner))  # fmt: skip
+
+
+def test_what_a_policy_may_answer() -> None:
+    assert decide(None, flow(), DEFAULT) == [DEFAULT]
+    assert decide(lambda f: None, flow(), DEFAULT) == [DEFAULT]
+    assert decide(lambda f: A, flow(), DEFAULT) == [A]
+    assert decide(lambda f: [A, B], flow(), DEFAULT) == [A, B]
+    assert decide(lambda f: Reject(errno.EHOSTUNREACH), flow(), DEFAULT) == Reject(
+        errno.EHOSTUNREACH
+    )
+    assert decide(lambda f: [], flow(), DEFAULT) == Reject(
+        errno.ECONNREFUSED, "the policy gave an empty list of dialers"
+    )
+
+
+def test_a_policy_that_fails_refuses_the_flow(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(_flow: Flow) -> None:
+        raise KeyError("oops")
+
+    assert decide(broken, flow(), DEFAULT) == Reject(errno.ECONNREFUSED, "the policy failed")
+    assert "the policy failed on Flow(tcp" in caplog.text
+
+
+def test_policies_come_as_functions_objects_and_factories() -> None:
+    class Chooser:
+        def choose(self, f: Flow) -> object:
+            return B
+
+    def factory() -> object:
+        return Chooser()
+
+    assert decide(as_policy(lambda f: A), flow(), DEFAULT) == [A]
+    assert decide(as_policy(Chooser()), flow(), DEFAULT) == [B]
+    assert decide(as_policy(factory), flow(), DEFAULT) == [B]
+    assert decide(as_policy(Chooser), flow(), DEFAULT) == [B]
+    with pytest.raises(ConfigError, match="give a function of a Flow"):
+        as_policy(42)
+    assert load_policy("os.path:basename") is __import__("os").path.basename  # a function
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_policy("no_such_module_xyz:policy")
+    with pytest.raises(ConfigError, match="give module:attr"):
+        load_policy("nonsense")
+
+
+def test_the_owner_is_looked_up_once_and_only_when_asked() -> None:
+    calls: list[Flow] = []
+    me = Owner(1000, 42, "curl")
+
+    def lookup(x: Flow) -> Owner:
+        calls.append(x)
+        return me
+
+    f = Flow(APP, Address("192.0.2.1", 80), "tcp", lookup=lookup)
+    assert calls == []
+    assert (f.uid, f.pid, f.process) == (1000, 42, "curl")
+    assert calls == [f]
+    unknown = Flow(APP, Address("192.0.2.1", 80), "tcp", lookup=lambda _f: None)
+    assert (unknown.uid, unknown.pid, unknown.process) == (None, None, None)
+
+
+def _rules(tmp_path: Path, text: str) -> RuleTable:
+    path = tmp_path / "tunio.toml"
+    path.write_text(text)
+    read = configfile.read(path)
+    return RuleTable(read.values["rules"], {"default": DEFAULT, "direct": A,  # type: ignore[arg-type]
+                                             "proxy": B})  # fmt: skip
+
+
+RULES = """
+[[rule]]
+domain = ["example.com"]
+action = "proxy"
+
+[[rule]]
+cidr = ["10.0.0.0/8"]
+port = [22, "8000-8999"]
+action = ["proxy", "direct"]
+
+[[rule]]
+uid = [1000]
+process = ["curl"]
+action = "direct"
+
+[[rule]]
+cidr = ["192.0.2.0/24"]
+protocol = "udp"
+action = "reject"
+errno = "EHOSTUNREACH"
+"""
+
+
+def test_rules_decide_by_domain_cidr_port_uid_and_process(tmp_path: Path) -> None:
+    table = _rules(tmp_path, RULES)
+    assert table(flow(name="example.com")) == [B]
+    assert table(flow(name="www.Example.COM.")) == [B]  # under it, any case, a final dot
+    assert table(flow(name="notexample.com")) is None  # a suffix of labels, not of letters
+    assert table(flow("10.1.2.3", 22)) == [B, A]
+    assert table(flow("10.1.2.3", 8500)) == [B, A]
+    assert table(flow("10.1.2.3", 9000)) is None  # no rule: the run's own dialer
+    assert table(flow(owner=Owner(1000, 7, "curl"))) == [A]
+    assert table(flow(owner=Owner(1000, 7, "wget"))) is None  # every condition must hold
+    assert table(flow(owner=None)) is None  # unknown owner: a uid rule does not match
+    assert table(flow("192.0.2.9", 53, "udp")) == Reject(
+        errno.EHOSTUNREACH, f"rule at {tmp_path / 'tunio.toml'}:16"  # the rule's own line
+    )
+    assert table(flow("192.0.2.9", 53, "tcp")) is None
+
+
+def test_the_first_rule_that_matches_decides(tmp_path: Path) -> None:
+    table = _rules(tmp_path, '[[rule]]\nport = [443]\naction = "direct"\n\n'
+                   '[[rule]]\nport = [443]\naction = "proxy"\n')  # fmt: skip
+    assert table(flow()) == [A]
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ('[[rule]]\nport = [443]\naction = "nope"\n', ":1: action 'nope' is no dialer"),
+        ('[[rule]]\naction = "proxy"\n', ":1: a rule needs a condition"),
+        ('[[rule]]\nport = [443]\nhost = "x"\n', ":3: rule: unknown key 'host'"),
+        ('[[rule]]\nport = [70000]\n', ":2: rule port 70000"),
+        ('[[rule]]\ncidr = ["10.0.0.0/33"]\n', ":2: rule cidr"),
+        ('[[rule]]\nuid = ["root"]\n', ":2: rule uid"),
+        ('[[rule]]\nport = [1]\naction = ["reject", "proxy"]\n', ":3: rule action: reject"),
+        ('[[rule]]\nport = [1]\nerrno = "EBOGUS"\n', ":3: rule errno"),
+        ('[dialers]\nproxy = 3\n', ":2: dialers.proxy = 3"),
+        ('[dialers]\ndirect = "socks5://a:1"\n', ":2: dialers.direct: 'direct' is built in"),
+    ],
+)
+def test_a_bad_rule_names_file_and_line(tmp_path: Path, text: str, words: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        _rules(tmp_path, text)
+    assert str(tmp_path / "tunio.toml") in str(caught.value)
+    assert words in str(caught.value)
+
+
+def test_the_owner_of_a_local_socket_is_found() -> None:
+    lookup = OwnerLookup()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname()) as client:  # fmt: skip
+            src, dst = Address(*client.getsockname()), Address(*client.getpeername())
+            found = lookup.owner("tcp", src, dst)
+            assert found == Owner(os.geteuid(), os.getpid(), Path("/proc/self/comm").read_text()
+                                  .strip())  # fmt: skip
+            # a tuple no socket has: absent, not a guess
+            assert lookup.owner("tcp", Address("127.0.0.1", 1), dst) is None
+            assert lookup.owner("tcp", Address("no.such.name", 1), dst) is None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            found = lookup.owner("udp", Address(*udp.getsockname()), Address("127.0.0.9", 53))
+            assert found is not None
+            assert found.pid == os.getpid()
+    finally:
+        lookup.close()

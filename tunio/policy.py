@@ -1,0 +1,165 @@
+"""Per-flow policy: which dialer carries a flow, decided while its SYN is still held.
+
+A policy is called once for each new flow with a `Flow` (its source, its destination with the
+name when the stack knows it, its protocol, the app that sent it when that can be known, and the
+worker) and returns what to do:
+
+- a dialer: dial through it;
+- a list of dialers: try them in order; a failed dial (refused, unreachable, timeout, a proxy's
+  error) moves on to the next before the app is answered, so the app sees one clean connect,
+  or only the last failure;
+- `Reject(errno)`: refuse the flow, as a direct connect refused with that errno would look;
+- None: the run's own dialer (--dialer).
+
+`--policy module:attr` names a function (or an object with `choose(flow)`, or a factory of one);
+the rules of a configuration file (tunio.rules) are a policy too. Both run in every worker.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast, runtime_checkable
+
+from tunio.dialers.base import Address, Dialer
+from tunio.errors import ConfigError
+
+log = logging.getLogger("tunio.policy")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A refusal by policy: the app sees its connect refused as with `errno` (ECONNREFUSED: a
+    reset; EHOSTUNREACH / ENETUNREACH: ICMP unreachable; ETIMEDOUT: silence)."""
+
+    errno: int = errno.ECONNREFUSED
+    reason: str = "refused by policy"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The app that sent a flow, from the kernel's socket table (same host only)."""
+
+    uid: int
+    pid: int | None = None  # None when no process holds the socket any more, or not visible
+    process: str | None = None  # its name (comm)
+
+
+class Flow:
+    """What a policy knows of a new flow. `uid`, `pid` and `process` are looked up on first use
+    (once per flow) and are None when unknown: traffic from a container, a VM or another host
+    through the TUN has no socket on this host to look up."""
+
+    __slots__ = ("_lookup", "_owner", "address", "dst", "protocol", "src", "worker")
+
+    def __init__(self, src: Address, dst: Address, protocol: str, *, worker: str = "",
+                 address: Address | None = None,
+                 lookup: Callable[[Flow], Owner | None] | None = None) -> None:  # fmt: skip
+        self.src = src
+        self.dst = dst  # dst.host: the name, for a flow to a fake-IP address; else the IP
+        self.address = address or dst  # the IP address the app sent to
+        self.protocol = protocol  # "tcp", "udp" or "icmp"
+        self.worker = worker
+        self._lookup = lookup
+        self._owner: Owner | bool | None = False  # False: not looked up yet
+
+    @property
+    def name(self) -> str | None:
+        """The destination's name, when the app reached it by one (fake-IP DNS)."""
+        return self.dst.host if self.dst is not self.address else None
+
+    @property
+    def owner(self) -> Owner | None:
+        if self._owner is False:
+            self._owner = self._lookup(self) if self._lookup is not None else None
+        return self._owner if isinstance(self._owner, Owner) else None
+
+    @property
+    def uid(self) -> int | None:
+        owner = self.owner
+        return owner.uid if owner is not None else None
+
+    @property
+    def pid(self) -> int | None:
+        owner = self.owner
+        return owner.pid if owner is not None else None
+
+    @property
+    def process(self) -> str | None:
+        owner = self.owner
+        return owner.process if owner is not None else None
+
+    def __repr__(self) -> str:
+        return f"Flow({self.protocol} {self.src} -> {self.dst})"
+
+
+Decision = Dialer | Sequence[Dialer] | Reject | None
+
+
+@runtime_checkable
+class Chooser(Protocol):
+    def choose(self, flow: Flow) -> Decision: ...
+
+
+Policy = Callable[[Flow], Decision]
+
+
+def as_policy(obj: object, spec: str = "policy") -> Policy:
+    """A policy from a function of a Flow, an object with `choose(flow)`, or a class or a
+    zero-argument factory that makes one."""
+    if inspect.isclass(obj):
+        return as_policy(obj(), spec)
+    if isinstance(obj, Chooser):
+        return obj.choose
+    if callable(obj):
+        if _takes_an_argument(obj):
+            return cast(Policy, obj)
+        return as_policy(obj(), spec)
+    raise ConfigError(f"policy {spec!r} is a {type(obj).__name__}: give a function of a Flow, "
+                      "or an object with choose(flow)")  # fmt: skip
+
+
+def _takes_an_argument(func: Callable[..., object]) -> bool:
+    try:
+        return bool(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature: call it with the flow
+        return True
+
+
+def load_policy(spec: str) -> Policy:
+    """`module:attr` -> the policy it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"--policy {spec!r}: give module:attr")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"--policy {spec!r}: cannot import {module_name!r}: {exc}") from exc
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"--policy {spec!r}: {module_name!r} has no {attr!r}") from None
+    return as_policy(obj, spec)
+
+
+def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] | Reject:
+    """What to do with `flow`: the dialers to try in order, or a refusal. A policy that fails
+    refuses the flow (ECONNREFUSED) and is logged; it never takes the worker down."""
+    try:
+        decision = policy(flow) if policy is not None else None
+    except Exception:
+        log.exception("the policy failed on %r: refusing it", flow)
+        return Reject(errno.ECONNREFUSED, "the policy failed")
+    if isinstance(decision, Reject):
+        return decision
+    if isinstance(decision, (list, tuple)):
+        if not decision:
+            return Reject(errno.ECONNREFUSED, "the policy gave an empty list of dialers")
+        return list(decision)
+    return [default if decision is None else decision]  # type: ignore[list-item]
