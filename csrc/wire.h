@@ -25,6 +25,7 @@ enum tunio_cmd {
     TUNIO_CMD_DGRAM = 9,
     TUNIO_CMD_HEARTBEAT = 10,
     TUNIO_CMD_BYE = 11,
+    TUNIO_CMD_DRAIN = 12, /* w->s: give me no new flows; I finish mine and leave */
 };
 
 struct tunio_wire_header {

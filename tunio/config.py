@@ -66,6 +66,7 @@ class Options:
     max_flows: int = defaults.MAX_FLOWS
     max_pending: int = defaults.MAX_PENDING
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
+    drain_timeout: float = defaults.DRAIN_TIMEOUT  # a reload's old workers: their flows' time
     # Per-flow policy (tunio.policy): "module:attr" or the function itself; or the rules of a
     # configuration file (tunio.rules), with names for the dialers they use.
     policy: str | Policy | None = None
@@ -222,6 +223,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             )
     if not options.connect_timeout > 0:
         raise ConfigError(f"--connect-timeout {options.connect_timeout:g} must be above 0")
+    if not options.drain_timeout > 0:
+        raise ConfigError(f"--drain-timeout {options.drain_timeout:g} must be above 0")
     if not options.udp_timeout > 0:
         raise ConfigError(f"--udp-timeout {options.udp_timeout:g} must be above 0")
     if not 1024 <= options.window <= 1 << 30:

@@ -68,6 +68,9 @@ class _Child:
     backoff: float = 0.0
     restart_at: float | None = None
     status: StatusChannel | None = None  # while a process runs
+    generation: int = 1  # workers: which reload made it (1: the start)
+    retiring: bool = False  # workers: an older generation's, finishing its flows; not restarted
+    drain_by: float | None = None  # retiring: its flows are reset if they last past this
 
 
 def _exit_text(code: int | None) -> str:
@@ -101,7 +104,10 @@ class Supervisor:
         sys_net: str = tundev.SYS_NET,
         tun_path: str = tundev.TUN_PATH,
         lock_dir: Path | None = None,
+        reload: Callable[[], Options] | None = None,
     ) -> None:
+        """`reload`, if given, makes the options a reload (SIGHUP) puts in force: the CLI's
+        reads its configuration file and flags again. Without it, `reload_with(options)`."""
         self.options = options
         self.ready = threading.Event()
         # the latest counters of each child ("stack", "worker-0", ...), as they report them
@@ -120,6 +126,11 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._wake_lock = threading.Lock()
         self._stop_reason: str | None = None
+        self._reloader = reload
+        self._reload_pending: Options | bool = False  # True: ask the reloader
+        self._generation = 1
+        self._retiring: list[_Child] = []  # older generations' workers, draining
+        self._draining_next: list[_Child] = []  # to drain once the new generation is ready
         self._ctx: Any = None
         self._stack = _Child("stack")
         self._workers: list[_Child] = []
@@ -139,10 +150,25 @@ class Supervisor:
         """Ask run() to stop everything and return; safe from any thread and signal handlers."""
         if self._stop_reason is None:
             self._stop_reason = reason
+        self._wake()
+
+    def _wake(self) -> None:
         with self._wake_lock:
             if self._wake_w >= 0:
                 with contextlib.suppress(BlockingIOError):
                     os.write(self._wake_w, b"\0")
+
+    def reload(self) -> None:
+        """Reread the configuration (as SIGHUP does); safe from any thread and signal handlers."""
+        if self._reload_pending is False:
+            self._reload_pending = True
+        self._wake()
+
+    def reload_with(self, options: Options) -> None:
+        """Put `options` in force as a reload does: the live settings change for new flows,
+        anything else refuses the whole reload. Safe from any thread."""
+        self._reload_pending = options
+        self._wake()
 
     def run(self) -> int:
         """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime)."""
@@ -178,7 +204,7 @@ class Supervisor:
         if threading.current_thread() is not threading.main_thread():
             yield  # a library caller in another thread stops us with stop()
             return
-        signals = (signal.SIGINT, signal.SIGTERM)
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in signals}
         try:
             yield
@@ -191,6 +217,9 @@ class Supervisor:
             # A child between fork and its own set-up: die as the default action would.
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+            return
+        if signum == signal.SIGHUP:
+            self.reload()
             return
         self.stop(f"received {signal.Signals(signum).name}")
 
@@ -471,7 +500,6 @@ class Supervisor:
         self._launch(child)
 
     def _spawn_worker(self, child: _Child) -> None:
-        index = child.name.rsplit("-", 1)[1]
         child.status = StatusChannel(self._ctx)
         child.process = self._ctx.Process(
             target=worker_entry,
@@ -489,7 +517,7 @@ class Supervisor:
                 "parent": self._pid,
                 "policy": self._policy,
             },
-            name=f"tunio-worker-{index}",
+            name=f"tunio-{child.name}",
         )
         self._launch(child)
 
@@ -503,7 +531,7 @@ class Supervisor:
         log.debug("started %s (pid %d)", child.name, child.process.pid)
 
     def _children(self) -> list[_Child]:
-        return [self._stack, *self._workers]
+        return [self._stack, *self._workers, *self._retiring]
 
     def _wait(self, timeout: float | None) -> None:
         """Sleep until a signal/stop(), a status message, a child's exit or the timeout."""
@@ -538,9 +566,111 @@ class Supervisor:
             if not self.ready.is_set():
                 return
             pid = child.process.pid if child.process is not None else "?"
+            if child.generation == self._generation and self._draining_next:
+                log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
+                self._drain_old_generation()
+                return
             log.info("%s restarted (pid %s)", child.name, pid)
             if child is self._stack:
                 self._rejoin_workers()
+
+    # ---- reload
+
+    def _reload(self) -> None:
+        """Reread the configuration: live changes start a new generation of workers, which
+        takes every new flow once it is up, while the old one finishes its flows; anything else
+        refuses the reload, in one line, and the settings in force stay."""
+        pending, self._reload_pending = self._reload_pending, False
+        sdnotify.notify("RELOADING=1", "STATUS=reloading")
+        try:
+            new = self._reloaded(pending)
+            if new is not None:
+                self._start_generation(new)
+        finally:
+            sdnotify.notify("READY=1", f"STATUS=forwarding on {self.options.tun}")
+
+    def _reloaded(self, pending: Options | bool) -> Options | None:
+        """The options to put in force, or None (refused, or nothing changed)."""
+        from tunio import reload  # noqa: PLC0415
+
+        old = self.options
+        try:
+            if isinstance(pending, Options):
+                new = pending
+            else:
+                new = self._reloader() if self._reloader is not None else old
+        except (ConfigError, TunioError, OSError) as exc:  # the file: unreadable, a bad key
+            log.error("reload refused: %s; the settings in force stay", describe(exc))
+            return None
+        try:
+            validate(new, self._sys_net)
+        except ConfigError as exc:  # a bad value: named at its line
+            log.error("reload refused: %s; the settings in force stay", explain(exc, new))
+            return None
+        changes = reload.compare(old, new)
+        if changes.fixed:
+            log.error("reload refused: %s cannot change while tunio-run runs (restart it); the "
+                      "settings in force stay", changes.describe_fixed(old, new))  # fmt: skip
+            return None
+        if not changes.live:
+            log.info("reload: nothing to change")
+            return None
+        log.info("reload: %s changed", ", ".join(changes.live))
+        return new
+
+    def _start_generation(self, new: Options) -> None:
+        """Workers of a new generation with `new`'s dialer and policy; the running ones drain
+        once all the new ones are up (until then they still take new flows: none is refused)."""
+        previous = (self.options, self._dialer, self._policy)
+        self.options = new
+        try:
+            self._dialer = self._load_dialer()
+            self._policy = self._load_policy()
+        except (ConfigError, TunioError, OSError) as exc:
+            self.options, self._dialer, self._policy = previous
+            log.error("reload refused: %s; the settings in force stay", describe(exc))
+            return
+        self._generation += 1
+        gen = self._generation
+        old = [c for c in self._workers if not c.retiring]
+        self._workers = [_Child(f"worker-g{gen}-{i}", generation=gen) for i in range(new.workers)]
+        self._draining_next = old
+        for child in self._workers:
+            self._spawn_worker(child)
+        log.info("reload: generation %d (%d workers) starts; generation %d drains once it is up",
+                 gen, len(self._workers), gen - 1)  # fmt: skip
+        if not self._workers:
+            self._drain_old_generation()
+
+    def _drain_old_generation(self) -> None:
+        """Once every worker of the new generation is up: the old one drains (SIGUSR1: it says
+        DRAIN, finishes its flows and exits), for at most --drain-timeout."""
+        if not all(c.ready for c in self._workers):
+            return
+        old, self._draining_next = self._draining_next, []
+        deadline = time.monotonic() + self.options.drain_timeout
+        for child in old:
+            if child.process is None:
+                continue  # dead and waiting for its restart: it is not wanted any more
+            child.retiring = True
+            child.drain_by = deadline
+            child.restart_at = None
+            self._retiring.append(child)
+            if child.process.exitcode is None:
+                os.kill(child.process.pid, signal.SIGUSR1)
+        if old:
+            log.info("generation %d drains: %d workers finish their flows (at most %g s)",
+                     old[0].generation, len(old), self.options.drain_timeout)  # fmt: skip
+
+    def _end_drain(self, child: _Child, now: float) -> None:
+        """A retiring worker past its time: its flows are reset (SIGTERM: it says BYE)."""
+        if child.drain_by is None or now < child.drain_by:
+            return
+        child.drain_by = None
+        if child.process is not None and child.process.exitcode is None:
+            log.warning("%s did not finish its flows within --drain-timeout: they are reset",
+                        child.name)  # fmt: skip
+            child.process.terminate()
 
     def _rejoin_workers(self) -> None:
         """A new stack does not know the running workers: they would only say HELLO again once
@@ -549,8 +679,9 @@ class Supervisor:
         running = [c for c in self._workers if c.process is not None and c.process.exitcode is None]
         if running:
             log.info("restarting %d worker(s) so they join the new stack", len(running))
-        for child in running:
-            child.process.terminate()
+        for child in [*running, *self._retiring]:  # a draining one's flows went with the stack
+            if child.process is not None and child.process.exitcode is None:
+                child.process.terminate()
 
     def _await_ready(self, children: list[_Child], what: str) -> None:
         end = time.monotonic() + self._startup_deadline
@@ -577,14 +708,20 @@ class Supervisor:
     def _supervise(self) -> None:
         while self._stop_reason is None:
             due = [c.restart_at for c in self._children() if c.restart_at is not None]
+            due += [c.drain_by for c in self._retiring if c.drain_by is not None]
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
             self._wait(timeout)
             if self._stop_reason is not None:
                 return
+            if self._reload_pending is not False:
+                self._reload()
             now = time.monotonic()
             for child in self._children():
                 if child.process is not None and child.process.exitcode is not None:
                     self._reap(child, now)
+                if child.retiring:
+                    self._end_drain(child, now)
+                    continue
                 if child.restart_at is not None and child.restart_at <= now:
                     if child is self._stack:
                         self._stack_error = None
@@ -602,6 +739,12 @@ class Supervisor:
         child.process.close()
         child.process = None
         child.ready = False
+        if child.retiring:
+            self._retiring.remove(child)
+            self.stats.pop(child.name, None)
+            log.info("%s (generation %d) has ended: %s", child.name, child.generation,
+                     "its flows are done" if code == 0 else _exit_text(code))  # fmt: skip
+            return
         child.backoff = next_backoff(child.backoff, lifetime)
         child.restart_at = now + child.backoff
         self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
@@ -626,7 +769,7 @@ class Supervisor:
         if stack is not None and stack.exitcode is None:
             stack.terminate()
         end = time.monotonic() + self._stop_deadline
-        workers = [c.process for c in self._workers if c.process is not None]
+        workers = [c.process for c in [*self._workers, *self._retiring] if c.process is not None]
         for process in workers:
             process.join(max(0.0, end - time.monotonic()))
         stuck = [p for p in workers if p.exitcode is None]

@@ -82,6 +82,7 @@ class Link:
         self.ready = ready
         self._loop = loop
         self._handlers: Handlers | None = None
+        self.draining = False  # DRAIN said: no new flows, and we leave once ours are done
         self._outbox: deque[list[wire.Payload]] = deque()
         self._connected = False
         self._ready_called = False
@@ -144,6 +145,15 @@ class Link:
         log.info("worker %s leaving: %s", self.name, why)
         self.send([wire.header(Cmd.BYE, 0, 0)])
         self._done.set_result(True)
+
+    def drain(self) -> None:
+        """Ask the stack for no new flows (DRAIN): this worker finishes its flows, then goes."""
+        if not self.draining:
+            log.info("worker %s drains: no new flows, leaving when %d end", self.name,
+                     self._handlers.count() if self._handlers is not None else 0)  # fmt: skip
+        self.draining = True
+        if self._zsock is not None:
+            self.send([wire.header(Cmd.DRAIN, 0, 0)])
 
     def _send_hello(self) -> None:
         # at most 64 bytes of UTF-8, cut on a character boundary
@@ -315,6 +325,8 @@ class Link:
         log.info("worker %s: stack %s answered HELLO", self.name, stack)
         self._connected = True
         self.stats.sessions += 1
+        if self.draining:  # a new stack: it must hear it again
+            self.send([wire.header(Cmd.DRAIN, 0, 0)])
         if not self._ready_called:
             self._ready_called = True
             if self.ready is not None:
