@@ -15,7 +15,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from flood_common import CHUNK, DIGEST_SIZE, REQUEST, TURN, Stream, Yield, error_name
+from flood_common import (
+    CHUNK,
+    DIGEST_SIZE,
+    REQUEST,
+    TURN,
+    Stream,
+    Yield,
+    error_name,
+    handshake_age,
+)
 from flood_socks import Handshake, SocksError
 
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
@@ -34,6 +43,9 @@ class Plan:
     deadline: float  # time.monotonic() at which unfinished connections fail with "timeout"
     nonce: int  # distinguishes runs: part of every stream's seed
     proxy: tuple[str, int] | None = None  # a SOCKS5 proxy to reach `addr` through
+    # time.monotonic() after which no connection is opened (those open still finish); the ones
+    # not opened by then are not counted at all. None: all `count` are opened.
+    open_until: float | None = None
 
 
 @dataclass
@@ -44,7 +56,9 @@ class Outcome:
     bytes_sent: int = 0
     bytes_received: int = 0
     latencies_us: list[int] = field(default_factory=list)
-    connect_ns: list[int] = field(default_factory=list)  # connect() to established, each ok one
+    connect_ns: list[int] = field(default_factory=list)  # connect() to seen established, ok ones
+    handshake_ns: list[int] = field(default_factory=list)  # connect() to the kernel's SYN-ACK
+    syn_retransmits: int = 0  # SYNs the kernel sent again, over every ok connection
     start: float = 0.0
     end: float = 0.0
 
@@ -59,6 +73,7 @@ class _Conn:
         "check",
         "connected_ns",
         "done_ns",
+        "handshake_ns",
         "hasher",
         "out",
         "received",
@@ -78,6 +93,7 @@ class _Conn:
         self.start_ns = start_ns
         self.done_ns = 0  # when the last expected byte arrived
         self.connected_ns = 0  # when the handshake was seen done
+        self.handshake_ns = 0  # when the kernel got the SYN-ACK (TCP_INFO), however late seen
         self.sent = 0  # payload bytes sent
         self.received = 0  # payload bytes received (echo, source)
         self.shut = False  # our FIN is out
@@ -188,6 +204,7 @@ class _Client:
                 pass
             else:
                 c.connected_ns = time.monotonic_ns()
+                self._handshake_done(c)
         try:
             if c.socks is not None:
                 c.socks.step(c.sock)
@@ -203,6 +220,16 @@ class _Client:
         except OSError as exc:
             return error_name(exc)
 
+    def _handshake_done(self, c: _Conn) -> None:
+        """When the kernel finished the handshake, and its SYN retransmits: nothing is sent yet."""
+        try:
+            ack_age_ms, retransmits = handshake_age(c.sock)
+        except OSError:
+            c.handshake_ns = c.connected_ns
+            return
+        c.handshake_ns = max(c.start_ns, c.connected_ns - ack_age_ms * 1_000_000)
+        self.result.syn_retransmits += retransmits
+
     def _finish(self, c: _Conn, outcome: str) -> None:
         c.sock.close()
         if outcome:
@@ -212,6 +239,7 @@ class _Client:
             self.result.latencies_us.append((c.done_ns or time.monotonic_ns()) - c.start_ns)
             if c.connected_ns:
                 self.result.connect_ns.append(c.connected_ns - c.start_ns)
+                self.result.handshake_ns.append(c.handshake_ns - c.start_ns)
 
     def _open(self, index: int, ep: select.epoll, conns: dict[int, _Conn]) -> None:
         plan = self.plan
@@ -253,13 +281,16 @@ class _Client:
         with select.epoll() as ep:
             while True:
                 while len(conns) < plan.concurrency and opened < plan.count:
+                    if plan.open_until is not None and time.monotonic() >= plan.open_until:
+                        break
                     self._open(opened, ep, conns)
                     opened += 1
                 now = time.monotonic()
+                closing = plan.open_until is not None and now >= plan.open_until
                 if report is not None and now >= next_report:
                     report(result.ok + result.failed)
                     next_report = now + _REPORT_EVERY
-                if not conns and opened >= plan.count:
+                if not conns and (opened >= plan.count or closing):
                     break
                 if now >= plan.deadline:
                     break
@@ -272,7 +303,7 @@ class _Client:
                         self._turn(conns, fd, c)
         for c in conns.values():
             c.sock.close()
-        unfinished = len(conns) + plan.count - opened
+        unfinished = len(conns) + (plan.count - opened if plan.open_until is None else 0)
         if unfinished:
             result.fail("timeout", unfinished)
         result.end = time.monotonic()

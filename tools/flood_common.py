@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import os
 import random
 import resource
+import signal
 import socket
 import struct
 
@@ -124,3 +127,35 @@ def error_name(exc: BaseException) -> str:
     if isinstance(code, int):
         return errno.errorcode.get(code, f"errno{code}")
     return type(exc).__name__
+
+
+# struct tcp_info (linux/tcp.h): 8 bytes of u8 fields, then u32s; tcpi_last_ack_recv is the 13th
+# u32 and tcpi_total_retrans the 24th.
+_TCP_INFO = struct.Struct("56xI40xI")
+_TCP_INFO_LEN = 104
+
+
+def handshake_age(sock: socket.socket) -> tuple[int, int]:
+    """(ms since the kernel last got an ACK, segments retransmitted) for a TCP socket.
+
+    Asked as soon as a connect is seen done, before anything is sent, the ACK is the SYN-ACK and
+    the retransmits are SYNs: the handshake as the kernel lived it, whatever the client's own
+    loop lagged in noticing it."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    last_ack_ms, total_retrans = _TCP_INFO.unpack_from(info)
+    return last_ack_ms, total_retrans
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Called first in a forked process: it must not outlive the flood that started it (a
+    parent killed with SIGKILL cannot end its children itself)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent went before the prctl took hold
+        os._exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import random
 import signal
 import sys
@@ -15,7 +16,7 @@ from multiprocessing.connection import wait as wait_any
 from typing import Any
 
 from flood_client import Outcome, Plan, run_client
-from flood_common import format_endpoint
+from flood_common import die_with_parent, format_endpoint
 
 _GRACE = 10.0  # seconds past the deadline before a silent client process is killed
 
@@ -33,6 +34,9 @@ class Job:
     # A SOCKS5 proxy (no authentication) that every connection goes through to `addr`:
     # `family` is then the proxy's.
     proxy: tuple[str, int] | None = None
+    # Seconds during which new connections are opened (at most `connections` of them); those
+    # open then run to their end. None: exactly `connections`, unopened ones count as timeouts.
+    duration: float | None = None
 
 
 def _percentile(ordered: list[int], p: float) -> int:
@@ -54,13 +58,16 @@ def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
         total.bytes_received += part.bytes_received
         total.latencies_us.extend(part.latencies_us)
         total.connect_ns.extend(part.connect_ns)
+        total.handshake_ns.extend(part.handshake_ns)
+        total.syn_retransmits += part.syn_retransmits
     seconds = max(p.end for p in parts) - min(p.start for p in parts) if parts else 0.0
     lat = sorted(ns // 1000 for ns in total.latencies_us)
     connect = sorted(ns // 1000 for ns in total.connect_ns)
+    handshake = sorted(ns // 1000 for ns in total.handshake_ns)
     rate = 1 / seconds if seconds > 0 else 0.0
     return {
         "mode": job.mode,
-        "connections": job.connections,
+        "connections": job.connections if job.duration is None else total.ok + total.failed,
         "ok": total.ok,
         "failed": total.failed,
         "errors": dict(sorted(total.errors.items())),
@@ -75,12 +82,20 @@ def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
             "p99": _percentile(lat, 99),
             "max": lat[-1] if lat else 0,
         },
-        # connect() to an established connection, for the connections that ended ok
+        # connect() to an established connection as the client's loop saw it (its own lag
+        # included), for the connections that ended ok
         "connect_us": {
             "p50": _percentile(connect, 50),
             "p99": _percentile(connect, 99),
             "max": connect[-1] if connect else 0,
         },
+        # connect() to the SYN-ACK as the kernel got it (TCP_INFO), the same connections
+        "handshake_us": {
+            "p50": _percentile(handshake, 50),
+            "p99": _percentile(handshake, 99),
+            "max": handshake[-1] if handshake else 0,
+        },
+        "syn_retransmits": total.syn_retransmits,
         "processes": job.processes,
         "concurrency": job.concurrency,
         "bytes_per_connection": job.nbytes,
@@ -89,14 +104,16 @@ def merge(job: Job, parts: list[Outcome]) -> dict[str, Any]:
 
 
 def _plans(job: Job) -> list[Plan]:
-    deadline = time.monotonic() + job.timeout  # CLOCK_MONOTONIC: the same in every process
+    start = time.monotonic()  # CLOCK_MONOTONIC: the same in every process
+    deadline = start + job.timeout
+    open_until = None if job.duration is None else start + job.duration
     nonce = random.getrandbits(31)
     plans, first = [], 0
     for i in range(job.processes):
         count = job.connections // job.processes + (i < job.connections % job.processes)
         if count:
             plans.append(Plan(job.family, job.addr, job.mode, job.nbytes, first, count,
-                              job.concurrency, deadline, nonce, job.proxy))
+                              job.concurrency, deadline, nonce, job.proxy, open_until))
         first += count
     return plans
 
@@ -121,7 +138,8 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _child(plan: Plan, slot: int, done: Any, conn: Connection) -> None:
+def _child(plan: Plan, slot: int, done: Any, conn: Connection, parent: int) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the parent's to handle
 
     def report(n: int) -> None:
@@ -145,7 +163,7 @@ def run(job: Job) -> dict[str, Any]:
     readers: dict[Connection, tuple[int, Any]] = {}
     for slot, plan in enumerate(plans):
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(plan, slot, done, writer), daemon=True,
+        proc = ctx.Process(target=_child, args=(plan, slot, done, writer, os.getpid()), daemon=True,
                            name=f"flood-client-{slot}")
         proc.start()
         writer.close()

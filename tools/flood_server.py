@@ -25,6 +25,7 @@ from flood_common import (
     TURN,
     Stream,
     Yield,
+    die_with_parent,
     format_endpoint,
     raise_nofile_limit,
     resolve,
@@ -223,7 +224,8 @@ def _stop_pipe() -> int:
     return r
 
 
-def _serve_one(lsock: socket.socket, mode: str, corrupt_at: int) -> None:
+def _serve_one(lsock: socket.socket, mode: str, corrupt_at: int, parent: int) -> None:
+    die_with_parent(parent)
     raise_nofile_limit()
     _Server(lsock, mode, corrupt_at).run(_stop_pipe(), None)
 
@@ -263,7 +265,7 @@ def serve(host: str, port: int, mode: str, processes: int, *, duration: float | 
     ctx = multiprocessing.get_context("fork")
     children = [
         # The parent alone keeps time: it stops the children at the deadline.
-        ctx.Process(target=_serve_one, args=(s, mode, corrupt_at), daemon=True,
+        ctx.Process(target=_serve_one, args=(s, mode, corrupt_at, os.getpid()), daemon=True,
                     name=f"flood-server-{i}")
         for i, s in enumerate(socks)
     ]

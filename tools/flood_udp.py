@@ -23,7 +23,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_any
 from typing import Any
 
-from flood_common import CHUNK, error_name, format_endpoint, resolve
+from flood_common import CHUNK, die_with_parent, error_name, format_endpoint, resolve
 
 DGRAM_HEADER = struct.Struct(">IIIQ")  # nonce, session, seq, send time (ns, CLOCK_MONOTONIC)
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
@@ -112,7 +112,8 @@ def _echo_loop(sock: socket.socket, stop: int, deadline: float | None) -> None:
                         sock.sendto(view[:n], peer)  # a full buffer drops, as UDP does
 
 
-def _echo_child(sock: socket.socket) -> None:
+def _echo_child(sock: socket.socket, parent: int) -> None:
+    die_with_parent(parent)
     _echo_loop(sock, _stop_pipe(), None)
 
 
@@ -135,7 +136,7 @@ def serve_udp_echo(host: str, port: int, processes: int, *, duration: float | No
         _echo_loop(socks[0], stop, deadline)
         return 0
     ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_echo_child, args=(s,), daemon=True,
+    children = [ctx.Process(target=_echo_child, args=(s, os.getpid()), daemon=True,
                             name=f"flood-udp-server-{i}") for i, s in enumerate(socks)]
     for child in children:
         child.start()
@@ -326,7 +327,8 @@ def run_udp_client(plan: UdpPlan) -> UdpOutcome:
     return out
 
 
-def _child(plan: UdpPlan, conn: Connection) -> None:
+def _child(plan: UdpPlan, conn: Connection, parent: int) -> None:
+    die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn.send(run_udp_client(plan))
     conn.close()
@@ -357,7 +359,7 @@ def _run_forked(plans: list[UdpPlan], deadline: float) -> list[UdpOutcome]:
     readers: dict[Connection, tuple[UdpPlan, Any]] = {}
     for i, plan in enumerate(plans):
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child, args=(plan, writer), daemon=True,
+        proc = ctx.Process(target=_child, args=(plan, writer, os.getpid()), daemon=True,
                            name=f"flood-udp-client-{i}")
         proc.start()
         writer.close()

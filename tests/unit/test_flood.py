@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flood_common import handshake_age
 
 FLOOD = Path(__file__).resolve().parents[2] / "tools" / "flood.py"
 CHUNK = 256 * 1024  # the stream's chunk size: sizes around it cross chunk boundaries
@@ -107,6 +108,46 @@ def test_processes_on_both_sides_merge() -> None:
     assert_exact(summary, "echo", 301, 1000)
     assert summary["processes"] == 2
     assert summary["concurrency"] == 20
+
+
+def test_handshake_is_timed_by_the_kernel_not_by_the_client() -> None:
+    """handshake_age reads the SYN-ACK's age from TCP_INFO: a connect noticed late still
+    dates the handshake when it happened, and a loopback handshake needs no SYN again."""
+    with socket.socket() as listener, socket.socket() as client:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        client.connect(listener.getsockname())
+        noticed = time.monotonic() + 0.3
+        while time.monotonic() < noticed:  # a client loop busy elsewhere
+            select.select([], [], [], noticed - time.monotonic())
+        age_ms, retransmits = handshake_age(client)
+    assert 250 <= age_ms <= 2000
+    assert retransmits == 0
+
+
+def test_connect_figures_in_the_summary() -> None:
+    with flood_server("echo") as addr:
+        rc, summary = run_client(addr, "--connections", "20", "--concurrency", "5")
+    assert rc == 0, summary
+    assert summary["syn_retransmits"] == 0
+    hs, seen = summary["handshake_us"], summary["connect_us"]
+    assert 0 <= hs["p50"] <= hs["p99"] <= hs["max"] <= seen["max"]
+
+
+def test_duration_bounds_the_opening_not_the_finishing() -> None:
+    """With --duration the client opens connections for that long, lets the open ones end, and
+    counts only the ones it opened: all byte-exact, none a timeout."""
+    with flood_server("echo") as addr:
+        started = time.monotonic()
+        rc, summary = run_client(addr, "--connections", "1000000", "--concurrency", "20",
+                                 "--bytes", "20000", "--duration", "1.0")
+        took = time.monotonic() - started
+    assert rc == 0, summary
+    assert 20 < summary["connections"] < 1000000
+    assert summary["ok"] == summary["connections"]
+    assert summary["failed"] == 0
+    assert summary["bytes_sent"] == summary["bytes_received"] == 20000 * summary["ok"]
+    assert 1.0 <= took < 20.0
 
 
 def test_ipv6_loopback() -> None:

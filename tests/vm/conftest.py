@@ -65,14 +65,17 @@ def family(request: pytest.FixtureRequest) -> Family:
 
 
 @pytest.fixture(autouse=True)
-def _time_limit() -> Iterator[None]:
-    """Interrupt a test that hangs; its fixtures still tear the lab down."""
+def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Interrupt a test that hangs; its fixtures still tear the lab down. A test marked
+    `time_limit(seconds)` gets that bound instead of TEST_TIME_LIMIT."""
+    marker = request.node.get_closest_marker("time_limit")
+    limit = int(marker.args[0]) if marker else TEST_TIME_LIMIT
 
     def expire(_signum: int, _frame: FrameType | None) -> None:
-        raise TestTimeLimitError(f"test ran longer than {TEST_TIME_LIMIT} s")
+        raise TestTimeLimitError(f"test ran longer than {limit} s")
 
     old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(TEST_TIME_LIMIT)
+    signal.alarm(limit)
     try:
         yield
     finally:

@@ -4,7 +4,6 @@ flood of new connections. Each test has its own lab; figures go to stdout (pytes
 
 from __future__ import annotations
 
-import ast
 import errno
 import os
 import selectors
@@ -31,9 +30,9 @@ from lab.netlab import (
     LineReader,
     TunioProcess,
     pattern,
-    process_title,
     recv_exact,
 )
+from lab.watch import final_statistics, rss_kib, stack_pid, wait_workers
 
 from tests.vm.conftest import start_flood_server
 
@@ -43,32 +42,10 @@ MESSAGE = pattern(1000)
 
 
 def _stats(tunio: TunioProcess) -> dict[str, int]:
-    """The counters the stack logs when it stops (tunio.stack.stack_main), last run first."""
-    for line in reversed(tunio.log.lines):
-        if "stack statistics: {" in line:
-            found: dict[str, int] = ast.literal_eval(line[line.index("{") :])
-            return found
-    pytest.fail(f"no statistics line in the log:\n{tunio.log.text}")
-
-
-def _stack_pid(tunio: TunioProcess) -> int:
-    [pid] = [p for p in tunio.children() if "tunio-stack" in process_title(p)]
-    return pid
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
-def _wait_workers(tunio: TunioProcess, count: int, timeout: float = 20.0) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while len(workers := tunio.workers()) != count:
-        assert time.monotonic() < deadline, f"{count} workers expected, found {workers}"
-        time.sleep(0.05)  # polling /proc: there is no event for "a process was started"
-    return workers
+    try:
+        return final_statistics(tunio)
+    except KeyError as exc:
+        pytest.fail(str(exc))
 
 
 def _ends(socks: list[socket.socket], deadline: float,
@@ -167,7 +144,7 @@ def test_killed_stack_resets_apps_that_only_receive(
     apps = 20
     lab = fresh_lab
     tunio = lab.start_tunio()
-    stack = _stack_pid(tunio)
+    stack = stack_pid(tunio)
     servers = (SERVER_ADDRESS, SERVER_ADDRESS6)
     socks = [lab.connect(PEER_PORTS["echo"], servers[i % 2], timeout=15.0) for i in range(apps)]
     try:
@@ -210,8 +187,8 @@ def test_syn_flood_is_held_to_max_pending(
     lab = fresh_lab
     limit, syns, rate = 200, 20000, 10000
     tunio = lab.start_tunio(["--max-pending", str(limit), "--connect-timeout", "3"])
-    workers = _wait_workers(tunio, 2)
-    rss_before = {p: _rss_kib(p) for p in workers}
+    workers = wait_workers(tunio, 2)
+    rss_before = {p: rss_kib(p) for p in workers}
     start = len(tunio.log.lines)
     source = TUN_ADDRESS.split("/")[0]
     flood = lab.popen(lab.app, [
@@ -232,7 +209,7 @@ def test_syn_flood_is_held_to_max_pending(
             flood.kill()
             flood.wait()
     assert flood.returncode == 0, out
-    rss_after = {p: _rss_kib(p) for p in workers}
+    rss_after = {p: rss_kib(p) for p in workers}
     flood_lines = tunio.log.lines[start:]
     assert tunio.stop() == 0, tunio.log.text
     stats = _stats(tunio)
@@ -313,7 +290,7 @@ def test_held_connect_is_carried_by_another_worker(
                      env=env)  # fmt: skip
     tunio = TunioProcess(proc, argv, lab.runtime_dir)
     tunio.wait_ready()
-    _wait_workers(tunio, 2)
+    wait_workers(tunio, 2)
     results: dict[int, socket.socket | OSError] = {}
 
     def connect(i: int) -> None:
