@@ -137,12 +137,14 @@ asan: venv
 FUZZ_SECONDS ?= 60
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror \
 	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_TARGETS := packet wire
+FUZZ_TARGETS := packet wire dns
 fuzz: venv
 	mkdir -p build/fuzz
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_packet fuzz/fuzz_packet.c csrc/packet.c csrc/nat.c \
 		csrc/reasm.c csrc/checksum.c csrc/log.c -lpthread
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_wire fuzz/fuzz_wire.c csrc/wire.c
+	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_dns fuzz/fuzz_dns.c csrc/dns.c csrc/dnsmap.c \
+		csrc/packet.c csrc/checksum.c csrc/log.c -lpthread
 	$(PY) fuzz/seeds.py build/fuzz
 	for t in $(FUZZ_TARGETS); do \
 		build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
