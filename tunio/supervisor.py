@@ -84,6 +84,15 @@ class _Stopped(Exception):
 # ---------------------------------------------------------------- the supervisor
 
 
+def _dns_fields(plan: Plan) -> dict[str, Any]:
+    """StackConfig's DNS fields for the plan's --dns."""
+    dns = plan.dns
+    if dns is None:
+        return {}
+    return {"dns_mode": dns.mode, "dns_pools": dns.pools, "dns_addresses": dns.addresses,
+            "dns_upstream": dns.upstream, "dns_ttl": dns.ttl, "dns_hold": dns.hold}  # fmt: skip
+
+
 class Supervisor:
     """Runs tunio: `Supervisor(options).run()` blocks and returns the exit code.
 
@@ -304,6 +313,7 @@ class Supervisor:
             max_flows=opts.max_flows,
             max_pending=opts.max_pending,
             log_json=opts.log_format == "json",
+            **_dns_fields(plan),
         )
         # The NAT tables live in memory of ours, so that a stack that dies leaves them to the
         # next one: it adopts the old flows and their apps get a RST, not a hang (the TUN queues
@@ -376,7 +386,21 @@ class Supervisor:
             spec,
             egress_mark=self._egress_mark(),
             egress_interface=self.options.egress_interface,
+            resolver=self._resolver(),
         )
+
+    def _resolver(self) -> Any:
+        """The direct dialers' resolver of names (fake-IP flows): --dns-upstream, asked from
+        sockets with the egress mark and interface; None (the host's first nameserver) without
+        --dns."""
+        plan = validate(self.options, self._sys_net)
+        if plan.dns is None:
+            return None
+        from tunio.dialers.resolve import Resolver  # noqa: PLC0415
+
+        host, port = plan.dns.upstream
+        return Resolver(str(host), port, mark=self._egress_mark(),
+                        interface=self.options.egress_interface)  # fmt: skip
 
     def _load_policy(self) -> Policy | None:
         """The per-flow policy of the workers: --policy's, or the rules' (their dialers loaded
@@ -396,11 +420,11 @@ class Supervisor:
         mark, interface = self._egress_mark(), opts.egress_interface
         named: dict[str, Dialer] = {
             "default": self._dialer,
-            "direct": DirectDialer(mark=mark, interface=interface),
+            "direct": DirectDialer(mark=mark, interface=interface, resolver=self._resolver()),
         }
         for name, spec in opts.dialers.items():
             made = spec if not isinstance(spec, (str, tuple)) else load_dialer(
-                spec, egress_mark=mark, egress_interface=interface
+                spec, egress_mark=mark, egress_interface=interface, resolver=self._resolver()
             )  # fmt: skip
             named[name] = made
         return RuleTable(opts.rules, named)
