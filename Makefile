@@ -161,6 +161,7 @@ BENCH_PEERS ?= 1
 bench: setup build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) tools/bench.py --out bench/results
+	$(PY) tools/bench_policy.py
 	if [ "$(BENCH_PEERS)" != 0 ]; then $(PY) tools/bench_peers.py --out bench/results $(BENCH_PEERS_ARGS); fi
 
 # bench-peers: tunio against its peers on one path (app -> gw -> srv, danted in gw), in one run:

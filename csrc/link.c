@@ -26,6 +26,7 @@ struct worker {
     uint32_t flows; /* its flows and datagram sessions */
     uint64_t capacity;
     uint16_t features; /* HELLO's flags: TUNIO_WIRE_FEATURE_* */
+    int draining;      /* it said DRAIN: it finishes its flows and gets no new ones */
 };
 
 struct tunio_link {
@@ -230,7 +231,7 @@ int tunio_link_pick(struct tunio_link *l)
     for (int k = 0; k < l->nworkers; k++) {
         int i = (int)((l->rr + (unsigned)k) % (unsigned)l->nworkers);
         struct worker *w = &l->workers[i];
-        if (!w->alive || w->doomed || (w->capacity && w->flows >= w->capacity))
+        if (!w->alive || w->doomed || w->draining || (w->capacity && w->flows >= w->capacity))
             continue;
         if (best < 0 || w->flows < l->workers[best].flows)
             best = i;
@@ -259,9 +260,14 @@ static void worker_lost(struct tunio_link *l, int w, const char *why)
     if (!wk->alive)
         return;
     wk->alive = 0;
-    l->workers_lost++;
-    tunio_log(TUNIO_LOG_WARNING, "worker %s lost (%s): resetting its %u flows", wk->name, why,
-              wk->flows);
+    if (wk->draining && wk->flows == 0) {
+        /* A drained worker leaving once its flows are done: the end of a reload, not a loss. */
+        tunio_log(TUNIO_LOG_INFO, "worker %s left, drained (%s)", wk->name, why);
+    } else {
+        l->workers_lost++;
+        tunio_log(TUNIO_LOG_WARNING, "worker %s lost (%s): resetting its %u flows", wk->name, why,
+                  wk->flows);
+    }
     l->cfg.on_worker_lost(l->cfg.owner, w);
 }
 
@@ -341,6 +347,12 @@ static void on_message(struct tunio_link *l, zmq_msg_t *frames, int nframes)
         break;
     case TUNIO_CMD_BYE:
         worker_lost(l, w, "it said BYE");
+        break;
+    case TUNIO_CMD_DRAIN:
+        if (!l->workers[w].draining)
+            tunio_log(TUNIO_LOG_INFO, "worker %s drains: no new flows for it (%u left)",
+                      l->workers[w].name, l->workers[w].flows);
+        l->workers[w].draining = 1;
         break;
     case TUNIO_CMD_OPEN:
         l->protocol_errors++; /* only the stack opens flows */
@@ -443,6 +455,7 @@ int tunio_link_worker_info(const struct tunio_link *l, int index, struct tunio_w
     out->alive = w->alive && !w->doomed;
     out->flows = w->flows;
     out->capacity = w->capacity;
+    out->draining = w->draining;
     return 0;
 }
 

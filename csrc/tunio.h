@@ -104,6 +104,7 @@ struct tunio_worker_info {
     int alive;         /* 0: lost (its slot is kept for a worker that takes it over) */
     uint32_t flows;    /* its load: TCP flows and datagram sessions */
     uint64_t capacity; /* the most it takes (HELLO's arg), 0: no limit */
+    int draining;      /* it said DRAIN: it gets no new flows */
 };
 
 struct tunio_stack;

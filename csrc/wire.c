@@ -49,6 +49,7 @@ static int payload_rule(uint8_t cmd)
     case TUNIO_CMD_RST:
     case TUNIO_CMD_HEARTBEAT:
     case TUNIO_CMD_BYE:
+    case TUNIO_CMD_DRAIN:
         return 0;
     default:
         return -1;
@@ -57,7 +58,8 @@ static int payload_rule(uint8_t cmd)
 
 static int is_flow_cmd(uint8_t cmd)
 {
-    return cmd != TUNIO_CMD_HELLO && cmd != TUNIO_CMD_HEARTBEAT && cmd != TUNIO_CMD_BYE;
+    return cmd != TUNIO_CMD_HELLO && cmd != TUNIO_CMD_HEARTBEAT && cmd != TUNIO_CMD_BYE &&
+           cmd != TUNIO_CMD_DRAIN;
 }
 
 int tunio_wire_decode(const uint8_t *hdr, size_t hdr_len, int has_payload, size_t payload_len,
@@ -126,8 +128,9 @@ int tunio_wire_decode_addr(const uint8_t *in, size_t len, struct tunio_wire_addr
 
 const char *tunio_wire_cmd_name(int cmd)
 {
-    static const char *const names[] = {"?",      "HELLO", "OPEN", "OPEN_OK", "OPEN_FAIL", "DATA",
-                                        "CREDIT", "FIN",   "RST",  "DGRAM",   "HEARTBEAT", "BYE"};
+    static const char *const names[] = {"?",         "HELLO",  "OPEN", "OPEN_OK", "OPEN_FAIL",
+                                        "DATA",      "CREDIT", "FIN",  "RST",     "DGRAM",
+                                        "HEARTBEAT", "BYE",    "DRAIN"};
     if (cmd == TUNIO_CMD_NAME)
         return "NAME";
     return cmd > 0 && cmd < (int)(sizeof(names) / sizeof(names[0])) ? names[cmd] : "?";

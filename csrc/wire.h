@@ -27,6 +27,7 @@ enum tunio_cmd {
     TUNIO_CMD_DGRAM = 9,
     TUNIO_CMD_HEARTBEAT = 10,
     TUNIO_CMD_BYE = 11,
+    TUNIO_CMD_DRAIN = 12, /* w->s: give me no new flows; I finish mine and leave */
     TUNIO_CMD_NAME = 16,
 };
 

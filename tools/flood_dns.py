@@ -123,20 +123,8 @@ def run_dns(plan: DnsPlan) -> DnsOutcome:
             now = time.monotonic()
             allowed = pacer.allowed(now, plan.queries)
             while idle and issued < allowed:
-                slot = idle.pop()
-                slot.qid = rng.getrandbits(16)
-                msg = query(slot.qid, q)
-                slot.sent_ns = time.monotonic_ns()
+                _issue(idle.pop(), q, rng, out, idle)
                 issued += 1
-                try:
-                    slot.sock.send(msg)
-                except OSError as exc:
-                    out.fail(error_name(exc))
-                    slot.qid = -1
-                    idle.append(slot)
-                    continue
-                out.sent += 1
-                out.bytes_sent += len(msg)
             busy = [s for s in slots.values() if s.qid >= 0]
             if issued >= plan.queries and not busy:
                 break
@@ -147,17 +135,7 @@ def run_dns(plan: DnsPlan) -> DnsOutcome:
                 out.failed += plan.queries - issued
                 out.errors["timeout"] = out.errors.get("timeout", 0) + plan.queries - issued
                 break
-            # expire queries that waited too long: lost, the slot goes on with a new id
-            now_ns = time.monotonic_ns()
-            limit_ns = int(plan.query_timeout * 1e9)
-            for s in busy:
-                if now_ns - s.sent_ns >= limit_ns:
-                    out.fail("timeout")
-                    out.lost += 1
-                    s.qid = -1
-                    idle.append(s)
-            oldest = min((s.sent_ns for s in busy if s.qid >= 0), default=now_ns)
-            wait = max(0.0, (oldest + limit_ns - now_ns) / 1e9)
+            wait = _expire(plan, busy, out, idle)
             if idle and issued < plan.queries:
                 wait = min(wait, max(0.0, pacer.next_at(issued) - now))
             for fd, _ in ep.poll(min(wait, 0.1)):
@@ -166,6 +144,38 @@ def run_dns(plan: DnsPlan) -> DnsOutcome:
         for s in slots.values():
             s.sock.close()
     return out
+
+
+def _issue(slot: _Slot, q: bytes, rng: random.Random, out: DnsOutcome,
+           idle: list[_Slot]) -> None:  # fmt: skip
+    """One query on an idle slot (a failed send leaves the slot idle, counted)."""
+    slot.qid = rng.getrandbits(16)
+    msg = query(slot.qid, q)
+    slot.sent_ns = time.monotonic_ns()
+    try:
+        slot.sock.send(msg)
+    except OSError as exc:
+        out.fail(error_name(exc))
+        slot.qid = -1
+        idle.append(slot)
+        return
+    out.sent += 1
+    out.bytes_sent += len(msg)
+
+
+def _expire(plan: DnsPlan, busy: list[_Slot], out: DnsOutcome, idle: list[_Slot]) -> float:
+    """Queries that waited too long are lost (their slot goes on with a new id); returns how
+    long the oldest one left may still wait, in seconds."""
+    now_ns = time.monotonic_ns()
+    limit_ns = int(plan.query_timeout * 1e9)
+    for s in busy:
+        if now_ns - s.sent_ns >= limit_ns:
+            out.fail("timeout")
+            out.lost += 1
+            s.qid = -1
+            idle.append(s)
+    oldest = min((s.sent_ns for s in busy if s.qid >= 0), default=now_ns)
+    return max(0.0, (oldest + limit_ns - now_ns) / 1e9)
 
 
 def _receive(slot: _Slot, q: bytes, out: DnsOutcome, idle: list[_Slot]) -> None:

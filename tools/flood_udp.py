@@ -240,6 +240,39 @@ def _receive(plan: UdpPlan, s: _Session, out: UdpOutcome, buf: bytearray) -> Non
         out.latencies_ns.append(now - sent_ns)
 
 
+def _open_sessions(plan: UdpPlan, out: UdpOutcome, ep: select.epoll,
+                   sessions: list[_Session]) -> dict[int, _Session]:  # fmt: skip
+    """The plan's connected UDP sockets, in `sessions` and in `ep`; by descriptor."""
+    by_fd: dict[int, _Session] = {}
+    for i in range(plan.sessions):
+        sock = socket.socket(plan.family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        big_buffers(sock)
+        try:
+            sock.connect(plan.addr)
+        except OSError as exc:
+            out.error(error_name(exc))
+            sock.close()
+            continue
+        s = _Session(sock, plan.first + i, plan.datagrams)
+        sessions.append(s)
+        by_fd[sock.fileno()] = s
+        ep.register(sock.fileno(), select.EPOLLIN)
+    return by_fd
+
+
+def _count_sessions(plan: UdpPlan, out: UdpOutcome, sessions: list[_Session]) -> None:
+    """Each session ok (every echo back, once, in order) or failed; closes their sockets."""
+    for s in sessions:
+        missing = plan.datagrams - s.seen.count(1)
+        out.lost += missing
+        if missing or s.bad:
+            out.failed += 1
+        else:
+            out.ok += 1
+        s.sock.close()
+
+
 def run_udp_client(plan: UdpPlan) -> UdpOutcome:
     """Send every session's datagrams (paced), collect the echoes, count what came back."""
     out = UdpOutcome()
@@ -249,21 +282,7 @@ def run_udp_client(plan: UdpPlan) -> UdpOutcome:
     total = plan.sessions * plan.datagrams
     pacer = Pacer(plan.rate, out.start)
     with select.epoll() as ep:
-        by_fd: dict[int, _Session] = {}
-        for i in range(plan.sessions):
-            sock = socket.socket(plan.family, socket.SOCK_DGRAM)
-            sock.setblocking(False)
-            big_buffers(sock)
-            try:
-                sock.connect(plan.addr)
-            except OSError as exc:
-                out.error(error_name(exc))
-                sock.close()
-                continue
-            s = _Session(sock, plan.first + i, plan.datagrams)
-            sessions.append(s)
-            by_fd[sock.fileno()] = s
-            ep.register(sock.fileno(), select.EPOLLIN)
+        by_fd = _open_sessions(plan, out, ep, sessions)
         total = len(sessions) * plan.datagrams
         done = 0  # send attempts made
         last_send = out.start
@@ -301,15 +320,7 @@ def run_udp_client(plan: UdpPlan) -> UdpOutcome:
                 _receive(plan, by_fd[fd], out, buf)
         # the run ends with its last datagram: not with the wait for echoes that never came
         out.end = max(last_send, out.last_received)
-        for s in sessions:
-            back = s.seen.count(1)
-            missing = plan.datagrams - back
-            out.lost += missing
-            if missing or s.bad:
-                out.failed += 1
-            else:
-                out.ok += 1
-            s.sock.close()
+        _count_sessions(plan, out, sessions)
     out.failed += plan.sessions - len(sessions)
     out.lost += (plan.sessions - len(sessions)) * plan.datagrams
     return out

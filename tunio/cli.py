@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return _show(options, dry_run=args.dry_run)
     from tunio.supervisor import Supervisor  # noqa: PLC0415
 
-    return Supervisor(options).run()
+    # SIGHUP reads the same file with the same flags again
+    return Supervisor(options, reload=lambda: options_from(args)).run()
 
 
 def _show(options: Options, *, dry_run: bool) -> int:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunio import defaults, tundev
 from tunio.errors import ConfigError, describe
@@ -72,6 +72,7 @@ class Options:
     dns_upstream: str | None = None  # IP[:PORT]; None: the host's first nameserver
     dns_ttl: int = defaults.DNS_TTL
     dns_hold: float = defaults.DNS_HOLD
+    drain_timeout: float = defaults.DRAIN_TIMEOUT  # a reload's old workers: their flows' time
     # Per-flow policy (tunio.policy): "module:attr" or the function itself; or the rules of a
     # configuration file (tunio.rules), with names for the dialers they use.
     policy: str | Policy | None = None
@@ -96,6 +97,17 @@ class DnsPlan:
     addresses: tuple[Address, ...] = ()  # fake-ip: where it answers, IPv4 first
     ttl: int = defaults.DNS_TTL
     hold: float = defaults.DNS_HOLD
+
+    def stack_fields(self) -> dict[str, Any]:
+        """tunio.stack.StackConfig's DNS fields for this plan."""
+        return {
+            "dns_mode": self.mode,
+            "dns_pools": self.pools,
+            "dns_addresses": self.addresses,
+            "dns_upstream": self.upstream,
+            "dns_ttl": self.ttl,
+            "dns_hold": self.hold,
+        }
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             )
     if not options.connect_timeout > 0:
         raise ConfigError(f"--connect-timeout {options.connect_timeout:g} must be above 0")
+    if not options.drain_timeout > 0:
+        raise ConfigError(f"--drain-timeout {options.drain_timeout:g} must be above 0")
     if not options.udp_timeout > 0:
         raise ConfigError(f"--udp-timeout {options.udp_timeout:g} must be above 0")
     if not 1024 <= options.window <= 1 << 30:
@@ -315,13 +329,30 @@ def _pool(text: str, version: int) -> Network:
     return net
 
 
+def dns_upstream(options: Options) -> tuple[Address, int]:
+    """--dns-upstream, or the host's first nameserver (port 53)."""
+    from tunio.dialers.resolve import first_nameserver  # noqa: PLC0415 - a small module
+
+    if options.dns_upstream is not None:
+        return parse_upstream(options.dns_upstream)
+    host = first_nameserver()
+    if host is None:
+        raise ConfigError("--dns: /etc/resolv.conf names no nameserver: give --dns-upstream")
+    return ipaddress.ip_address(host), 53
+
+
+def dns_enabled(options: Options) -> bool:
+    """Whether --dns asks the stack to answer DNS (fake-ip or hijack), not off."""
+    return options.dns not in (None, "", "off")
+
+
 def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | None:
     """--dns and its settings: None when off. The upstream defaults to the host's first
     nameserver; fake-ip's pools to DNS_POOL (less the TUN's prefix, which the stack leaves out)
     and DNS_POOL6, each only where the TUN has an address of its family; its addresses to the
     second address of each TUN prefix."""
     spec = options.dns
-    if spec is None or spec in ("", "off"):
+    if spec is None or not dns_enabled(options):  # spec: str from here on
         return None
     mode, _, arg = spec.partition(":")
     if mode not in ("fake-ip", "hijack") or (mode == "hijack" and arg):
@@ -330,15 +361,7 @@ def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | N
         raise ConfigError(f"--dns-ttl {options.dns_ttl} is out of range: use 0..86400")
     if not 0 <= options.dns_hold <= 86400:
         raise ConfigError(f"--dns-hold {options.dns_hold:g} is out of range: use 0..86400")
-    from tunio.dialers.resolve import first_nameserver  # noqa: PLC0415 - a small module
-
-    if options.dns_upstream is not None:
-        upstream = parse_upstream(options.dns_upstream)
-    else:
-        host = first_nameserver()
-        if host is None:
-            raise ConfigError("--dns: /etc/resolv.conf names no nameserver: give --dns-upstream")
-        upstream = (ipaddress.ip_address(host), 53)
+    upstream = dns_upstream(options)
     if mode == "hijack":
         return DnsPlan(mode, upstream, ttl=options.dns_ttl, hold=options.dns_hold)
     texts = [t for t in arg.split(",") if t] if arg else []

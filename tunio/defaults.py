@@ -29,6 +29,7 @@ ADDRESS = "198.18.0.1/24"
 MTU = 1500
 TXQUEUELEN = 10000  # short transmit queues drop packets under load
 CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
+DRAIN_TIMEOUT = 300.0  # after a reload, the old workers' flows may run this long, s
 LOG_LEVEL = "info"
 LOG_FORMAT = "text"
 # fake-IP DNS (--dns fake-ip): the pools, the TTL of its answers, how long past the TTL an

@@ -72,13 +72,18 @@ class OwnerLookup:
             self._sock = None
 
     def owner(self, protocol: str, src: Address, dst: Address) -> Owner | None:
-        """The owner of the app's socket `src` -> `dst`, or None if there is none here."""
+        """The owner of the app's socket `src` -> `dst`, or None if there is none here. Its
+        process is looked for when it is first asked for."""
         found = self.socket_of(protocol, src, dst)
         if found is None:
             return None
         uid, inode = found
-        pid = self.pid_of(inode) if inode else None
-        return Owner(uid, pid, self._comm(pid) if pid is not None else None)
+
+        def process() -> tuple[int | None, str | None]:
+            pid = self.pid_of(inode) if inode else None
+            return pid, self._comm(pid) if pid is not None else None
+
+        return Owner(uid, resolve=process)
 
     def socket_of(self, protocol: str, src: Address, dst: Address) -> tuple[int, int] | None:
         """(uid, inode) of the socket with local address `src` and peer `dst`."""

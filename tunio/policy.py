@@ -18,8 +18,8 @@ the rules of a configuration file (tunio.rules) are a policy too. Both run in ev
 from __future__ import annotations
 
 import errno
-import importlib
 import inspect
+import ipaddress
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,8 +27,11 @@ from typing import Protocol, cast, runtime_checkable
 
 from tunio.dialers.base import Address, Dialer
 from tunio.errors import ConfigError
+from tunio.loading import load_object
 
 log = logging.getLogger("tunio.policy")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,50 @@ class Reject:
     reason: str = "refused by policy"
 
 
-@dataclass(frozen=True)
 class Owner:
-    """The app that sent a flow, from the kernel's socket table (same host only)."""
+    """The app that sent a flow, from the kernel's socket table (same host only): its `uid`,
+    and the `pid` and `process` (name) holding the socket, None when none can be seen. The
+    process is looked for only when it is asked for: a rule by uid costs one socket lookup."""
 
-    uid: int
-    pid: int | None = None  # None when no process holds the socket any more, or not visible
-    process: str | None = None  # its name (comm)
+    __slots__ = ("_pid", "_process", "_resolve", "uid")
+
+    def __init__(
+        self,
+        uid: int,
+        pid: int | None = None,
+        process: str | None = None,
+        *,
+        resolve: Callable[[], tuple[int | None, str | None]] | None = None,
+    ) -> None:
+        self.uid = uid
+        self._pid, self._process = pid, process
+        self._resolve = resolve
+
+    def _resolved(self) -> None:
+        if self._resolve is not None:
+            resolve, self._resolve = self._resolve, None
+            self._pid, self._process = resolve()
+
+    @property
+    def pid(self) -> int | None:
+        self._resolved()
+        return self._pid
+
+    @property
+    def process(self) -> str | None:
+        self._resolved()
+        return self._process
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Owner):
+            return NotImplemented
+        return (self.uid, self.pid, self.process) == (other.uid, other.pid, other.process)
+
+    def __hash__(self) -> int:
+        return hash(self.uid)
+
+    def __repr__(self) -> str:
+        return f"Owner(uid={self.uid}, pid={self.pid}, process={self.process!r})"
 
 
 class Flow:
@@ -54,7 +94,8 @@ class Flow:
     (once per flow) and are None when unknown: traffic from a container, a VM or another host
     through the TUN has no socket on this host to look up."""
 
-    __slots__ = ("_lookup", "_owner", "address", "dst", "protocol", "src", "worker")
+    __slots__ = ("_ip", "_ip_parsed", "_lookup", "_owner", "address", "dst", "protocol", "src",
+                 "worker")  # fmt: skip
 
     def __init__(self, src: Address, dst: Address, protocol: str, *, worker: str = "",
                  address: Address | None = None,
@@ -66,11 +107,24 @@ class Flow:
         self.worker = worker
         self._lookup = lookup
         self._owner: Owner | bool | None = False  # False: not looked up yet
+        self._ip: IPAddress | None = None  # `address` parsed, once asked for
+        self._ip_parsed = False
 
     @property
     def name(self) -> str | None:
         """The destination's name, when the app reached it by one (fake-IP DNS)."""
         return self.dst.host if self.dst is not self.address else None
+
+    @property
+    def ip(self) -> IPAddress | None:
+        """The address the app sent to, parsed (once); None if it is no IP address."""
+        if not self._ip_parsed:
+            self._ip_parsed = True
+            try:
+                self._ip = ipaddress.ip_address(self.address.host)
+            except ValueError:
+                self._ip = None
+        return self._ip
 
     @property
     def owner(self) -> Owner | None:
@@ -135,17 +189,7 @@ def load_policy(spec: str) -> Policy:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--policy {spec!r}: give module:attr")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"--policy {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    obj: object = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"--policy {spec!r}: {module_name!r} has no {attr!r}") from None
-    return as_policy(obj, spec)
+    return as_policy(load_object(spec, f"--policy {spec!r}"), spec)
 
 
 def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] | Reject:

@@ -77,6 +77,7 @@ def reset_child(close_fds: Iterable[int], name: str, parent: int | None = None) 
     keep_freed_memory()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's business
     for fd in close_fds:
         with contextlib.suppress(OSError):
             os.close(fd)

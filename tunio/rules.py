@@ -32,7 +32,7 @@ from typing import Any
 
 from tunio.dialers.base import Dialer
 from tunio.errors import ConfigError
-from tunio.policy import Decision, Flow, Reject
+from tunio.policy import Decision, Flow, IPAddress, Reject
 
 #: the keys a rule may have
 CONDITIONS = ("domain", "cidr", "port", "uid", "process", "protocol")
@@ -62,19 +62,15 @@ class Rule:
         return (
             (not self.protocols or flow.protocol in self.protocols)
             and (not self.ports or any(lo <= flow.dst.port <= hi for lo, hi in self.ports))
-            and (not self.networks or _in_any(flow.address.host, self.networks))
+            and (not self.networks or _in_any(flow.ip, self.networks))
             and (not self.domains or _under_any(flow.name, self.domains))
             and (not self.uids or flow.uid in self.uids)
             and (not self.processes or flow.process in self.processes)
         )
 
 
-def _in_any(host: str, networks: tuple[Network, ...]) -> bool:
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return any(ip in net for net in networks)
+def _in_any(ip: IPAddress | None, networks: tuple[Network, ...]) -> bool:
+    return ip is not None and any(ip in net for net in networks)
 
 
 def _under_any(name: str | None, domains: tuple[str, ...]) -> bool:

@@ -107,6 +107,10 @@ SETTINGS: tuple[Setting, ...] = (
             "a per-flow policy, module:attr: a function of a tunio.Flow that returns a dialer, "
             "a list of dialers to try in order, or tunio.Reject(errno); called once a flow",
             "MODULE:ATTR", live=True),
+    Setting("drain-timeout", "drain_timeout", "float",
+            "after a reload (SIGHUP), the old generation of workers finishes its flows for at "
+            f"most this many seconds; the rest are reset (default: {defaults.DRAIN_TIMEOUT:g})",
+            "SEC", live=True),
     Setting("metrics", "metrics", "str",
             "serve Prometheus metrics on HOST:PORT (GET /metrics): flows, bytes, dials, "
             "refusals, workers, drops", "HOST:PORT"),

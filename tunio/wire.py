@@ -60,6 +60,7 @@ class Cmd(enum.IntEnum):
     DGRAM = 9
     HEARTBEAT = 10
     BYE = 11
+    DRAIN = 12
     NAME = 16
 
 
@@ -111,10 +112,11 @@ _BODY: dict[int, _Body] = {
     Cmd.DGRAM: _Body.ADDRESS_PLUS,
     Cmd.HEARTBEAT: _Body.NONE,
     Cmd.BYE: _Body.NONE,
+    Cmd.DRAIN: _Body.NONE,
     Cmd.NAME: _Body.DNS_NAME,
 }
 #: commands that are about the session, not a flow: their flow id is 0
-_SESSION_CMDS = frozenset({Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE})
+_SESSION_CMDS = frozenset({Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE, Cmd.DRAIN})
 # Plain-int lookup for the hot path: IntEnum construction is slow and raises on unknown codes.
 _CMD_BY_CODE: dict[int, Cmd] = {int(c): c for c in Cmd}
 

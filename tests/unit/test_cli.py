@@ -71,7 +71,7 @@ def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[config.Options] = []
 
     class FakeSupervisor:
-        def __init__(self, options: config.Options) -> None:
+        def __init__(self, options: config.Options, **_kw: object) -> None:
             seen.append(options)
 
         def run(self) -> int:
@@ -111,7 +111,7 @@ def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[config.Options] = []
 
-    def fake(options: config.Options) -> _Zero:
+    def fake(options: config.Options, **_kw: object) -> _Zero:
         seen.append(options)
         return _Zero()
 

@@ -181,3 +181,38 @@ def test_the_owner_of_a_local_socket_is_found() -> None:
             assert found.pid == os.getpid()
     finally:
         lookup.close()
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_the_rules_example_is_valid_and_decides_as_it_says() -> None:
+    from tunio.dialers import load_dialer  # noqa: PLC0415
+
+    read = configfile.read(EXAMPLES / "rules.toml")
+    dialers = {name: load_dialer(spec) for name, spec in read.values["dialers"].items()}  # type: ignore[attr-defined]
+    table = RuleTable(read.values["rules"], {**dialers, "default": DEFAULT,  # type: ignore[arg-type]
+                                              "direct": A})  # fmt: skip
+    assert table(flow(name="www.example.com")) == [dialers["office"], A]
+    assert table(flow(owner=Owner(1001))) == [dialers["abroad"]]
+    assert table(flow("10.20.1.1", 22)) == [dialers["office"]]
+    assert table(flow("10.20.1.1", 22, "udp")) is None
+    refused = table(flow("192.0.2.1", 80))
+    assert isinstance(refused, Reject)
+    assert refused.errno == errno.EHOSTUNREACH
+
+
+def test_the_split_by_user_example_policy() -> None:
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("split_by_user", EXAMPLES / "split_by_user.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    policy = module.split_by_user(1000, B, A)
+    outside = "203.0.113.7"
+    assert policy(flow(outside, owner=Owner(1000))) == [B, A]  # the proxy, then direct
+    assert policy(flow(outside, owner=Owner(1001))) is A
+    assert policy(flow(outside, owner=None)) is A  # from a container: not the user's
+    assert policy(flow("192.0.2.5", owner=Owner(1000))) == Reject(errno.ENETUNREACH)

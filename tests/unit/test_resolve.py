@@ -4,6 +4,7 @@ on a name: against a DNS server of the test's own on loopback (UDP, answers from
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import socket
 import struct
@@ -15,6 +16,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tunio import reload, wayout
+from tunio.config import Options
 from tunio.dialers import Address, DirectDialer
 from tunio.dialers.resolve import (
     ATTEMPT_DELAY,
@@ -26,6 +29,7 @@ from tunio.dialers.resolve import (
     interleave,
 )
 from tunio.errors import DialError
+from tunio.rules import Rule, RuleTable
 
 
 class LoopbackDns:
@@ -178,3 +182,48 @@ def test_first_nameserver(tmp_path: Path) -> None:
     assert first_nameserver(conf) == "fe80::1"
     conf.write_text("search lan\n")
     assert first_nameserver(conf) is None
+
+
+
+def _resolver_of(dialer: object) -> Resolver | None:
+    assert isinstance(dialer, DirectDialer)
+    return dialer.resolver
+
+
+def test_the_run_gives_its_direct_dialers_the_upstream_resolver() -> None:
+    """tunio.wayout (at start and at each reload) gives every direct dialer of the run, its own
+    and the rules', a resolver of --dns-upstream with the egress mark; none without --dns."""
+    opts = Options(dns="fake-ip", dns_upstream="192.0.2.53:5353", egress_mark=7,
+                   egress_interface="eth9")  # fmt: skip
+    dialer = wayout.load_dialer(opts)
+    names = _resolver_of(dialer)
+    assert names is not None
+    assert (names.server, names.port, names.mark, names.interface) == (
+        "192.0.2.53", 5353, 7, "eth9"
+    )  # fmt: skip
+    v6 = _resolver_of(wayout.load_dialer(Options(dns="hijack", dns_upstream="2001:db8::53")))
+    assert v6 is not None
+    assert (v6.server, v6.port) == ("2001:db8::53", 53)
+    assert _resolver_of(wayout.load_dialer(Options())) is None
+    assert _resolver_of(wayout.load_dialer(Options(dns="off", dns_upstream="192.0.2.53"))) is None
+    ruled = dataclasses.replace(opts, rules=(Rule(action=("direct",)),), dialers={"d2": "direct"})
+    table = wayout.load_policy(ruled, dialer)
+    assert isinstance(table, RuleTable)
+    for name in ("direct", "d2"):
+        made = _resolver_of(table.dialers[name])
+        assert made is not None
+        assert (made.server, made.port, made.mark) == ("192.0.2.53", 5353, 7)
+
+
+def test_a_reload_cannot_change_the_dns_settings() -> None:
+    """The stack answers and forwards by the --dns settings it was started with: a reload that
+    changes one is refused whole (tunio.reload), live changes beside it included."""
+    old = Options(dns="fake-ip", dns_upstream="192.0.2.53")
+    changes: list[dict[str, Any]] = [
+        {"dns": "hijack"}, {"dns_upstream": "192.0.2.54"}, {"dns_ttl": 60}, {"dns_hold": 1.0},
+        {"dns_address": ("198.18.0.3",)},
+    ]  # fmt: skip
+    for change in changes:
+        found = reload.compare(old, dataclasses.replace(old, connect_timeout=3.0, **change))
+        assert found.fixed == tuple(change), change
+        assert found.live == ("connect_timeout",)

@@ -126,6 +126,39 @@ def test_a_worker_without_names_gets_no_fake_flow(tmp_path: Path) -> None:
         assert reply.flags & packets.RST
 
 
+def drain(rig: Rig, sock: Any) -> None:
+    """`sock`'s worker says DRAIN; a protocol error sent after it (an OPEN from a worker) tells
+    when the stack has taken it, since one worker's messages are handled in order."""
+    errors = rig.stack.stats()["protocol_errors"]
+    rig.send(wire.Cmd.DRAIN, sock=sock)
+    rig.send(wire.Cmd.OPEN, 1, 0, bytes(wire.ADDRESS.size), sock=sock)
+    rig.wait_stat("protocol_errors", errors + 1)
+
+
+def test_a_draining_worker_gets_no_fake_flow_another_taking_names_does(rig: Rig) -> None:
+    fresh = rig.connect_worker(b"fresh", features=wire.FEATURE_NAMES)
+    drain(rig, rig.worker)
+    _, [a], _ = ask(rig, "drained.tunio.test")
+    rig.write(rig.syn(40003, 443, dst=a))
+    name = rig.recv(fresh)
+    assert (name.cmd, bytes(name.payload or b"")) == (wire.Cmd.NAME, b"drained.tunio.test")
+    assert rig.recv(fresh).cmd is wire.Cmd.OPEN
+    assert not rig.worker.poll(100)  # nothing for the draining one
+
+
+def test_a_fake_flow_with_only_a_draining_worker_taking_names_is_refused(rig: Rig) -> None:
+    plain = rig.connect_worker(b"plain")  # takes no NAME
+    drain(rig, rig.worker)
+    _, [a], _ = ask(rig, "nobody.tunio.test")
+    rig.write(rig.syn(40004, 443, dst=a))
+    reply = rig.read()
+    assert reply.proto == 6
+    assert reply.flags & packets.RST
+    rig.write(rig.syn(40005, 443))  # a flow to a real address: the plain worker takes it
+    assert rig.recv(plain).cmd is wire.Cmd.OPEN
+    assert not rig.worker.poll(100)  # nothing for the draining one
+
+
 def test_other_queries_go_to_the_upstream_and_come_back_from_the_dns_address(rig: Rig) -> None:
     mx = query("tunio.test", TYPE_MX, 99)
     rig.write(packets.udp(APP, 5454, str(DNS), 53, mx))

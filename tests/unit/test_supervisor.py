@@ -111,6 +111,8 @@ def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=
     wake_r, wake_w = os.pipe()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: os.write(wake_w, b"x"))
+    # a reload drains an old generation: this one has no flows, so it is done at once
+    signal.signal(signal.SIGUSR1, lambda *_: os.write(wake_w, b"d"))
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(endpoint.removeprefix("ipc://"))
     with open(STATE / f"{name}.pids", "a") as f:
@@ -790,3 +792,38 @@ def test_systemd_hears_ready_and_stopping(
         assert running.stop() == 0
         stopping = sock.recv(1024).decode().split("\n")
         assert stopping[0] == "STOPPING=1"
+
+
+def test_reload_starts_a_new_generation_and_drains_the_old(
+    world: World, logwatch: LogWatch
+) -> None:
+    options = _options(world, workers=2)
+    running = _start(_supervisor(world, options))
+    assert running.supervisor.ready.wait(15)
+    first = world.pids("worker-0") + world.pids("worker-1")
+    old = [os.pidfd_open(pid) for pid in first]
+    try:
+        # a live change (the dial timeout): a new generation, the old one drains and goes
+        running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=3.0))
+        logwatch.wait_for(lambda m: m.startswith("reload: connect_timeout changed"))
+        logwatch.wait_for(lambda m: m.startswith("generation 1 drains: 2 workers"))
+        for fd in old:
+            assert select.select([fd], [], [], 10.0)[0], "an old worker did not end"
+        logwatch.wait_for(lambda m: m.startswith("worker-1 (generation 1) has ended"))
+        assert len(world.pids("worker-g2-0")) == len(world.pids("worker-g2-1")) == 1
+        assert not any(m.startswith("worker-0 restarted") for m in logwatch.messages())
+        # a change that needs a restart: refused, in one line, and nothing else happens
+        running.supervisor.reload_with(dataclasses.replace(options, mtu=9000,
+                                                           connect_timeout=3.0))  # fmt: skip
+        refused = logwatch.wait_for(lambda m: m.startswith("reload refused:"))
+        assert refused == ("reload refused: --mtu (1500 -> 9000) cannot change while tunio-run "
+                           "runs (restart it); the settings in force stay")  # fmt: skip
+        running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=3.0))
+        logwatch.wait_for(lambda m: m == "reload: nothing to change")
+        assert len(world.pids("worker-g2-0")) == 1  # no third generation
+        assert running.supervisor.options.connect_timeout == 3.0
+    finally:
+        for fd in old:
+            os.close(fd)
+    assert running.stop() == 0
+    _assert_dead(world.pids("stack") + world.pids("worker-g2-0") + world.pids("worker-g2-1"))

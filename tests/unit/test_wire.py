@@ -111,7 +111,7 @@ def test_version_is_checked_before_header_size() -> None:
         wire.decode([bytes([wire.VERSION + 1]) + bytes(30)])
 
 
-SESSION = {Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE}
+SESSION = {Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE, Cmd.DRAIN}
 
 
 @pytest.mark.parametrize(

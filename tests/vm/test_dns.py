@@ -175,10 +175,10 @@ def _connects(proxy: Proxy) -> int:
     return sum(bool(rx.search(line)) for line in proxy.log.lines)
 
 
-def _asked(upstream: LineReader, name: str) -> list[str]:
-    """The sources of the A/AAAA queries for `name` that dnsmasq logged."""
+def _asked(upstream: LineReader, name: str, start: int = 0) -> list[str]:
+    """The sources of the A/AAAA queries for `name` that dnsmasq logged (from line `start`)."""
     rx = re.compile(rf"query\[(?:A|AAAA)\] {re.escape(name)} from (\S+)")
-    return [m.group(1) for line in upstream.lines if (m := rx.search(line))]
+    return [m.group(1) for line in upstream.lines[start:] if (m := rx.search(line))]
 
 
 # ---------------------------------------------------------------- fake-IP
@@ -340,6 +340,51 @@ action = "socks"
     # danted looked the name up; the workers did for x.tunio.test only (direct)
     assert not set(_asked(upstream, "y.tunio.test")) & {APP_ADDRESS, APP_ADDRESS6}
     assert APP_ADDRESS in _asked(upstream, "x.tunio.test")
+
+
+def test_a_reload_keeps_names_flowing_and_refuses_a_dns_change(
+    dns_lab: Lab, upstream: LineReader, app_resolv: Path, tmp_path: Path
+) -> None:
+    """SIGHUP with --dns fake-ip: a flow by name opened before it keeps moving through the old
+    generation, the new generation's workers take NAME and resolve with --dns-upstream as the
+    first did, and a change of a --dns setting is refused whole."""
+    del app_resolv
+    conf = tmp_path / "tunio.toml"
+    conf.write_text("connect_timeout = 10.0\n")
+    seen = len(upstream.lines)  # other tests of the module ask dnsmasq for y.tunio.test too
+    tunio = dns_lab.start_tunio([*FAKE_IP, "--config", str(conf)])
+    try:
+        client = Client(dns_lab, DNS)
+        _, [a], _ = client.ask("x.tunio.test")
+        with dns_lab.connect(PEER_PORTS["echo"], a, timeout=30.0) as old:
+            old.sendall(MESSAGE)
+            assert recv_exact(old, len(MESSAGE)) == MESSAGE
+            start = len(tunio.log.lines)
+            conf.write_text("connect_timeout = 9.0\n")
+            tunio.proc.send_signal(signal.SIGHUP)
+            tunio.log.wait_for(r"reload: connect_timeout changed", 30.0, start)
+            tunio.log.wait_for(r"generation 1 drains", 30.0, start)
+            for _ in range(3):  # the old flow, by name, through the old generation
+                old.sendall(MESSAGE)
+                assert recv_exact(old, len(MESSAGE)) == MESSAGE
+            for family in (4, 6):  # new flows by name: the new generation's
+                _app(dns_lab, "y.tunio.test", family)
+        tunio.log.wait_for(r"\(generation 1\) has ended: its flows are done", 30.0, start)
+        lost = [line for line in tunio.log.lines[start:] if " lost " in line]
+        assert not lost, lost
+        conf.write_text("connect_timeout = 9.0\ndns_ttl = 60\n")
+        start = len(tunio.log.lines)
+        tunio.proc.send_signal(signal.SIGHUP)
+        refused = tunio.log.wait_for(r"reload refused:", 30.0, start)
+        assert "--dns-ttl (10 -> 60) cannot change while tunio-run runs" in refused
+        assert client.ask("x.tunio.test")[1:] == ([a], 10)  # the TTL in force stays
+        client.close()
+    finally:
+        assert tunio.stop() == 0, tunio.log.text
+    # the new generation resolved y.tunio.test itself, from the veth
+    asked = _asked(upstream, "y.tunio.test", seen)
+    assert asked
+    assert set(asked) <= {APP_ADDRESS, APP_ADDRESS6}
 
 
 # ---------------------------------------------------------------- hijack

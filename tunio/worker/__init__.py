@@ -112,6 +112,18 @@ class Worker:
         if self._link is not None:
             self._link.leave(why)
 
+    def drain(self) -> None:
+        """Take no new flows, finish the running ones, then stop (a reload's old generation;
+        SIGUSR1 does it from outside). Callable from any thread."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        if self._link is not None:
+            self._link.drain()
+
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
         self._loop = loop
@@ -155,6 +167,8 @@ class Worker:
 
         def every_interval() -> None:
             nonlocal timer
+            if link.draining and len(tcp) + len(datagrams) == 0:
+                link.leave("drained: every flow has ended")
             opener.failures.flush()
             datagrams.refusals.flush()
             if self.report is not None:
@@ -187,35 +201,16 @@ class Worker:
         sigs = [signal.SIGTERM, signal.SIGINT]
         for sig in sigs:
             loop.add_signal_handler(sig, self._leave, sig.name)
-        return list(sigs)
+        loop.add_signal_handler(signal.SIGUSR1, self._drain)  # a reload: this generation drains
+        return [*sigs, signal.SIGUSR1]
 
 
 def run_worker(
-    endpoint: str,
-    dialer: Dialer,
-    *,
-    name: str,
-    capacity: int = 0,
-    window: int = defaults.WINDOW,
-    connect_timeout: float = defaults.CONNECT_TIMEOUT,
-    ready: Callable[[], None] | None = None,
-    keys: WorkerKeys | None = None,
-    report: Callable[[dict[str, Any]], None] | None = None,
-    policy: Policy | None = None,
+    endpoint: str, dialer: Dialer, *, keys: WorkerKeys | None = None, **options: Any
 ) -> int:
     """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
 
-    `keys`: CURVE keys for a tcp:// endpoint (tunio.keys)."""
-    worker = Worker(
-        endpoint,
-        dialer,
-        name=name,
-        capacity=capacity,
-        window=window,
-        connect_timeout=connect_timeout,
-        ready=ready,
-        report=report,
-        policy=policy,
-    )
+    `keys`: CURVE keys for a tcp:// endpoint (tunio.keys); `options` as Worker takes them."""
+    worker = Worker(endpoint, dialer, **options)
     worker.keys = keys
     return worker.run()
