@@ -121,7 +121,8 @@ distclean: clean
 # the libc string interceptors are off (our code stays instrumented, memcpy stays checked).
 ASAN_STR_OFF := replace_str=0:intercept_strlen=0:intercept_strchr=0:intercept_strndup=0
 ASAN_OPTIONS_ALL := detect_leaks=0:abort_on_error=1:halt_on_error=1:$(ASAN_STR_OFF)
-ASAN_TESTS ?= tests/unit/test_stack_nat.py tests/unit/test_stack_reliability.py tests/unit/test_wire_c.py tests/vm
+ASAN_TESTS ?= tests/unit/test_stack_nat.py tests/unit/test_stack_reliability.py tests/unit/test_wire_c.py \
+	tests/unit/test_stack_dns.py tests/vm
 asan: venv
 	TUNIO_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	status=0; \
@@ -137,12 +138,14 @@ asan: venv
 FUZZ_SECONDS ?= 60
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror \
 	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_TARGETS := packet wire
+FUZZ_TARGETS := packet wire dns
 fuzz: venv
 	mkdir -p build/fuzz
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_packet fuzz/fuzz_packet.c csrc/packet.c csrc/nat.c \
 		csrc/reasm.c csrc/checksum.c csrc/log.c -lpthread
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_wire fuzz/fuzz_wire.c csrc/wire.c
+	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_dns fuzz/fuzz_dns.c csrc/dns.c csrc/dnsmap.c \
+		csrc/packet.c csrc/checksum.c csrc/log.c -lpthread
 	$(PY) fuzz/seeds.py build/fuzz
 	for t in $(FUZZ_TARGETS); do \
 		build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \

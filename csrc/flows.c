@@ -15,6 +15,8 @@
 
 #include "common.h"
 #include "defaults.h"
+#include "dns.h"
+#include "dnsmap.h"
 #include "link.h"
 #include "nat.h"
 #include "queue.h"
@@ -58,6 +60,8 @@ struct flow {
     struct chunk *head;
     struct chunk *tail;
     uint64_t since_ms; /* OPEN sent, or OPEN_OK received while waiting for accept */
+    int fake;          /* to a fake-IP address: holds map entry fake_index, named in NAME */
+    uint32_t fake_index;
     struct flow *hnext;
 };
 
@@ -75,6 +79,7 @@ struct tunio_flows {
     uint64_t flows_reset;
     uint64_t no_worker;
     uint64_t protocol_errors;
+    uint64_t no_name;
     uint64_t bytes_to_workers;
     uint64_t bytes_from_workers;
 };
@@ -161,6 +166,8 @@ static void flow_free(struct tunio_flows *fl, struct flow *f)
         close(f->fd);
     }
     tunio_link_load(fl->cfg.link, f->worker, -1);
+    if (f->fake)
+        tunio_dnsmap_release(fl->cfg.map, f->fake_index, tunio_now_ms());
     fl->nflows--;
     free(f);
 }
@@ -292,14 +299,33 @@ static int send_open(struct tunio_flows *fl, struct flow *f, const struct tunio_
         .proto = o->proto, .version = o->version, .sport = o->sport, .dport = o->dport};
     memcpy(a.src, o->src, 16);
     memcpy(a.dst, o->dst, 16);
+    if (fl->cfg.upstream_version &&
+        tunio_dns_to_upstream(fl->cfg.dns, o->version, o->dst, o->dport)) {
+        /* DNS over TCP: dialled to the upstream resolver; the app's address goes along only
+         * when it is of the resolver's family (for the policy). */
+        a.version = fl->cfg.upstream_version;
+        memcpy(a.dst, fl->cfg.upstream, 16);
+        a.dport = fl->cfg.upstream_port;
+        if (a.version != o->version)
+            memset(a.src, 0, 16);
+    }
     uint8_t block[TUNIO_WIRE_ADDR_LEN];
     tunio_wire_encode_addr(block, &a);
+    char name[TUNIO_WIRE_DNS_NAME_MAX + 1];
+    int name_len = f->fake ? tunio_dnsmap_name(fl->cfg.map, f->fake_index, name, sizeof(name)) : 0;
+    if (name_len < 0)
+        return -ENOTCONN;
     int w = repick ? tunio_link_pick(fl->cfg.link) : f->worker;
     for (int tries = 0; tries < TUNIO_MAX_WORKERS && w >= 0; tries++) {
         move_to(fl, f, w);
         f->since_ms = tunio_now_ms();
-        if (tunio_link_send(fl->cfg.link, w, TUNIO_CMD_OPEN, f->id, fl->cfg.window, block,
-                            sizeof(block)) == 0)
+        /* A flow to a fake-IP address: its name first, to a worker that takes names (NAME). */
+        int named =
+            !f->fake || ((tunio_link_features(fl->cfg.link, w) & TUNIO_WIRE_FEATURE_NAMES) &&
+                         tunio_link_send(fl->cfg.link, w, TUNIO_CMD_NAME, f->id, 0, name,
+                                         (size_t)name_len) == 0);
+        if (named && tunio_link_send(fl->cfg.link, w, TUNIO_CMD_OPEN, f->id, fl->cfg.window, block,
+                                     sizeof(block)) == 0)
             return 0;
         int next = tunio_link_pick(fl->cfg.link);
         if (next == w)
@@ -327,6 +353,24 @@ void tunio_flows_open(struct tunio_flows *fl)
             continue;
         }
         fl->flows_opened++;
+        uint32_t index;
+        if (tunio_dnsmap_lookup(fl->cfg.map, o->version, o->dst, &index)) {
+            char name[TUNIO_WIRE_DNS_NAME_MAX + 1];
+            if (tunio_dnsmap_acquire(fl->cfg.map, index, tunio_now_ms(), name, sizeof(name)) < 0) {
+                /* No name has this fake address (any more): unreachable, as a stale address
+                 * would be. */
+                if (fl->no_name++ == 0 || tunio_log_enabled(TUNIO_LOG_DEBUG))
+                    tunio_log(TUNIO_LOG_WARNING, "a flow to a fake-IP address no name has now: "
+                                                 "refused (host unreachable)");
+                fl->dial_failed++;
+                tunio_tun_reject(fl->cfg.tun, -1, fl->cfg.nat[o->version == 6], o->entry,
+                                 o->flow_id, EHOSTUNREACH);
+                flow_free(fl, f);
+                continue;
+            }
+            f->fake = 1;
+            f->fake_index = index;
+        }
         if (send_open(fl, f, o, 0) < 0) {
             note_no_worker(fl);
             abort_flow(fl, f, ECONNREFUSED);

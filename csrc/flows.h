@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <zmq.h>
 
+struct tunio_dns;
+struct tunio_dnsmap;
 struct tunio_link;
 struct tunio_nat;
 struct tunio_queue;
@@ -25,6 +27,15 @@ struct tunio_flows_config {
     int listen_fd[2];         /* the listeners of those families */
     struct tunio_tun *tun;    /* released SYNs and refusals are written into it */
     struct tunio_link *link;  /* the workers */
+    /* DNS (dns.h): a flow the stack's DNS sends to the upstream resolver (TCP port 53: to the
+     * DNS address, or to anywhere with hijack) is dialled there instead (version 0: none). */
+    struct tunio_dns *dns;
+    uint8_t upstream_version;
+    uint8_t upstream[16];
+    uint16_t upstream_port;
+    /* The fake-IP map: a flow to one of its addresses tells its worker the name (NAME, before
+     * OPEN) and holds the address while it lives; NULL: no fake-IP DNS. */
+    struct tunio_dnsmap *map;
 };
 
 int tunio_flows_new(const struct tunio_flows_config *cfg, struct tunio_flows **out);

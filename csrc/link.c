@@ -25,7 +25,8 @@ struct worker {
     uint64_t last_seen;
     uint32_t flows; /* its flows and datagram sessions */
     uint64_t capacity;
-    int draining; /* it said DRAIN: it finishes its flows and gets no new ones */
+    uint16_t features; /* HELLO's flags: TUNIO_WIRE_FEATURE_* */
+    int draining;      /* it said DRAIN: it finishes its flows and gets no new ones */
 };
 
 struct tunio_link {
@@ -299,6 +300,7 @@ static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
     wk->name[nl] = 0;
     wk->alive = 1;
     wk->capacity = h->arg;
+    wk->features = h->flags;
     wk->last_seen = tunio_now_ms();
     tunio_log(TUNIO_LOG_INFO, "worker %s joined (%d alive)", wk->name, alive_workers(l));
     tunio_link_send(l, w, TUNIO_CMD_HELLO, 0, 0, STACK_NAME, strlen(STACK_NAME));
@@ -433,6 +435,11 @@ void tunio_link_bye_all(struct tunio_link *l)
     for (int i = 0; i < l->nworkers; i++)
         if (l->workers[i].alive)
             tunio_link_send(l, i, TUNIO_CMD_BYE, 0, 0, NULL, 0);
+}
+
+int tunio_link_features(const struct tunio_link *l, int worker)
+{
+    return worker >= 0 && worker < l->nworkers ? l->workers[worker].features : 0;
 }
 
 int tunio_link_worker_info(const struct tunio_link *l, int index, struct tunio_worker_info *out)

@@ -67,6 +67,9 @@ int tunio_link_pick(struct tunio_link *l);
 /* A flow or session of `worker` begins (+1) or ends (-1): its load, for tunio_link_pick. */
 void tunio_link_load(struct tunio_link *l, int worker, int delta);
 
+/* What worker `worker` said it takes in its HELLO (TUNIO_WIRE_FEATURE_*). */
+int tunio_link_features(const struct tunio_link *l, int worker);
+
 /* The worker at `index` of the table (0..; -ENOENT past its end): name, alive, load, capacity. */
 int tunio_link_worker_info(const struct tunio_link *l, int index, struct tunio_worker_info *out);
 

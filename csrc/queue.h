@@ -14,6 +14,7 @@ struct tunio_queue;
 struct tunio_dgram {
     uint8_t *data;
     size_t len;
+    int upstream; /* a DNS query for the upstream resolver (dns.h), not for its destination */
 };
 
 /* A queue of items of `size` bytes; while `max` items wait, a push is refused. */

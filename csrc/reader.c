@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "dns.h"
 #include "nat.h"
 #include "packet.h"
 #include "queue.h"
@@ -20,8 +21,9 @@
 #include "tun.h"
 #include "tunio.h"
 
-#define READ_BATCH 64 /* packets per wakeup before checking the stop fd again */
-#define REPLY_MAX 128 /* a RST or an ICMP error quoting a SYN */
+#define READ_BATCH 64      /* packets per wakeup before checking the stop fd again */
+#define REPLY_MAX 128      /* a RST or an ICMP error quoting a SYN */
+#define DNS_REPLY_MAX 1024 /* an answer of the stack's DNS, with its IP and UDP headers */
 
 struct tunio_reader {
     struct tunio_reader_config cfg;
@@ -33,6 +35,7 @@ struct tunio_reader {
     atomic_ullong packets_read;
     atomic_ullong drop[5]; /* by enum tunio_pkt_status */
     atomic_ullong dgrams_dropped;
+    uint8_t dns_reply[DNS_REPLY_MAX]; /* this thread's */
 };
 
 static void count(atomic_ullong *c, unsigned n)
@@ -73,9 +76,9 @@ static void handle_fragment(struct tunio_reader *r, const struct tunio_pkt *frag
 
 /* UDP, and ICMP echo requests: datagram sessions, on the loop thread. Copied, since the read
  * buffer is reused at once. */
-static void queue_dgram(struct tunio_reader *r, const struct tunio_pkt *p)
+static void queue_dgram(struct tunio_reader *r, const struct tunio_pkt *p, int upstream)
 {
-    struct tunio_dgram d = {.data = malloc(p->len), .len = p->len};
+    struct tunio_dgram d = {.data = malloc(p->len), .len = p->len, .upstream = upstream};
     if (d.data)
         memcpy(d.data, p->buf, p->len); /* before the push: the loop may take it at once */
     if (!d.data || tunio_queue_push(r->cfg.dgrams, &d) < 0) {
@@ -106,7 +109,20 @@ static void handle_packet(struct tunio_reader *r, uint8_t *frame, size_t n, uint
         return;
     }
     if (p.proto != TUNIO_IPPROTO_TCP) {
-        queue_dgram(r, &p);
+        size_t n = 0;
+        switch (tunio_dns_serve(r->cfg.dns, &p, tunio_now_ms(), r->dns_reply, DNS_REPLY_MAX, &n)) {
+        case TUNIO_DNS_REPLY:
+            tunio_tun_write(r->cfg.tun, fd, r->dns_reply, n);
+            break;
+        case TUNIO_DNS_FORWARD:
+            queue_dgram(r, &p, 1);
+            break;
+        case TUNIO_DNS_DROP:
+            break;
+        default:
+            queue_dgram(r, &p, 0);
+            break;
+        }
         return;
     }
     if (h && (frame[0] & VNET_F_NEEDS_CSUM)) {

@@ -7,6 +7,7 @@
 struct tunio_nat;
 struct tunio_queue;
 struct tunio_stats;
+struct tunio_dns;
 struct tunio_tun;
 struct tunio_reader;
 
@@ -18,6 +19,7 @@ struct tunio_reader_config {
     struct tunio_nat *nat[2];   /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
     struct tunio_queue *opens;  /* new flows (struct tunio_nat_open) for the loop */
     struct tunio_queue *dgrams; /* datagrams (struct tunio_dgram) for the loop */
+    struct tunio_dns *dns;      /* UDP to port 53 is asked about first; NULL: no DNS of ours */
 };
 
 int tunio_reader_new(const struct tunio_reader_config *cfg, struct tunio_reader **out);

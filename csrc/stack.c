@@ -31,6 +31,8 @@
 
 #include "common.h"
 #include "defaults.h"
+#include "dns.h"
+#include "dnsmap.h"
 #include "flows.h"
 #include "link.h"
 #include "nat.h"
@@ -75,6 +77,9 @@ struct tunio_stack {
     struct family fam[2]; /* [0] IPv4, [1] IPv6 */
     void *region;         /* the NAT tables' memory: the supervisor's memfd, or private */
     size_t region_len;
+    size_t nat_len; /* the NAT tables' part of the region; the fake-IP map follows */
+    struct tunio_dnsmap *map;
+    struct tunio_dns *dns;
     atomic_uint *next_flow_id;      /* in the region: one id space for TCP flows and UDP sessions */
     struct tunio_nat_limits limits; /* --max-flows, --max-pending: one budget for all */
     uint64_t refused_logged[3];     /* refusals counted by the last log line, by reason */
@@ -215,18 +220,91 @@ static int nat_configs(const struct tunio_config *cfg, struct tunio_nat_config n
     return 0;
 }
 
+static uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+/* Whether the first `len` bits of a and b are the same. */
+static int same_prefix(const uint8_t *a, const uint8_t *b, int len)
+{
+    for (int bit = 0; bit < len; bit++)
+        if ((a[bit / 8] ^ b[bit / 8]) & (0x80u >> (bit % 8)))
+            return 0;
+    return 1;
+}
+
+/* The fake-IP map's configuration: its pools, the TUN's IPv4 prefix left out of the IPv4 one.
+ * 0 without fake-IP (mc->len4 = mc->len6 = 0), -EINVAL for a pool inside the TUN's prefix. */
+static int map_config(const struct tunio_config *cfg, struct tunio_dnsmap_config *mc)
+{
+    memset(mc, 0, sizeof(*mc));
+    if (cfg->dns_mode != TUNIO_DNS_FAKE_IP)
+        return 0;
+    const struct tunio_prefix *p4 = &cfg->dns_pool[0], *p6 = &cfg->dns_pool[1];
+    if (p4->version == 4) {
+        if (p4->prefix_len < 8 || p4->prefix_len > 30)
+            return -EINVAL;
+        uint32_t mask = ~0u << (32 - p4->prefix_len);
+        put32(mc->net4, get32(p4->address) & mask);
+        mc->len4 = p4->prefix_len;
+        for (int i = 0; i < cfg->n_prefixes; i++) {
+            const struct tunio_prefix *px = &cfg->prefixes[i];
+            if (px->version != 4)
+                continue;
+            int shorter = px->prefix_len < p4->prefix_len ? px->prefix_len : p4->prefix_len;
+            if (!same_prefix(px->address, mc->net4, shorter))
+                continue;
+            if (px->prefix_len <= p4->prefix_len)
+                return -EINVAL; /* the pool lies inside the TUN's prefix */
+            uint32_t tmask = ~0u << (32 - px->prefix_len);
+            mc->hole_lo = (get32(px->address) & tmask) - get32(mc->net4);
+            mc->hole_hi = mc->hole_lo + (uint32_t)(1ull << (32 - px->prefix_len));
+        }
+    }
+    if (p6->version == 6) {
+        if (p6->prefix_len < 96 || p6->prefix_len > 126)
+            return -EINVAL;
+        memcpy(mc->net6, p6->address, 16);
+        for (int bit = p6->prefix_len; bit < 128; bit++)
+            mc->net6[bit / 8] &= (uint8_t) ~(0x80u >> (bit % 8));
+        mc->len6 = p6->prefix_len;
+        for (int i = 0; i < cfg->n_prefixes; i++) {
+            const struct tunio_prefix *px = &cfg->prefixes[i];
+            int shorter = px->prefix_len < p6->prefix_len ? px->prefix_len : p6->prefix_len;
+            if (px->version == 6 && same_prefix(px->address, mc->net6, shorter))
+                return -EINVAL; /* the pool and the TUN's prefix overlap */
+        }
+    }
+    mc->hold_ms = cfg->dns_ttl * 1000u + cfg->dns_hold_ms;
+    return tunio_dnsmap_capacity(mc) ? 0 : -EINVAL;
+}
+
 int64_t tunio_nat_region_size(const struct tunio_config *cfg)
 {
     struct tunio_nat_config nc[2];
+    struct tunio_dnsmap_config mc;
     int err = nat_configs(cfg, nc);
-    return err ? err : (int64_t)tunio_nat_region_size_of(nc);
+    if (!err)
+        err = map_config(cfg, &mc);
+    return err ? err : (int64_t)(tunio_nat_region_size_of(nc) + tunio_dnsmap_region_size(&mc));
 }
 
 /* The NAT tables' memory: the region the caller keeps across stacks (a memfd, mapped shared), or
  * a private one that goes with this stack. Untouched pages cost nothing either way. */
-static int map_region(struct tunio_stack *s, int fd, const struct tunio_nat_config nc[2])
+static int map_region(struct tunio_stack *s, int fd, const struct tunio_nat_config nc[2],
+                      const struct tunio_dnsmap_config *mc)
 {
-    size_t len = tunio_nat_region_size_of(nc);
+    s->nat_len = tunio_nat_region_size_of(nc);
+    size_t len = s->nat_len + tunio_dnsmap_region_size(mc);
     void *mem;
     if (fd >= 0) {
         struct stat st;
@@ -256,11 +334,12 @@ static int map_region(struct tunio_stack *s, int fd, const struct tunio_nat_conf
 static int setup_families(struct tunio_stack *s, const struct tunio_config *cfg)
 {
     struct tunio_nat_config nc[2];
+    struct tunio_dnsmap_config mc;
     int err = nat_configs(cfg, nc);
-    if (err || (err = map_region(s, cfg->nat_region_fd, nc)))
+    if (err || (err = map_config(cfg, &mc)) || (err = map_region(s, cfg->nat_region_fd, nc, &mc)))
         return err;
     uint16_t ports[2];
-    tunio_nat_region_ports(s->region, s->region_len, nc, ports);
+    tunio_nat_region_ports(s->region, s->nat_len, nc, ports);
     for (int i = 0; i < cfg->n_prefixes; i++) {
         const struct tunio_prefix *px = &cfg->prefixes[i];
         int v = px->version == 6;
@@ -283,7 +362,11 @@ static int setup_families(struct tunio_stack *s, const struct tunio_config *cfg)
     }
     struct tunio_nat *nats[2] = {nc[0].version ? &s->fam[0].nat : NULL,
                                  nc[1].version ? &s->fam[1].nat : NULL};
-    if ((err = tunio_nat_attach(s->region, s->region_len, nc, nats, &s->limits, tunio_now_ms())))
+    if ((err = tunio_nat_attach(s->region, s->nat_len, nc, nats, &s->limits, tunio_now_ms())))
+        return err;
+    if (s->region_len > s->nat_len &&
+        (err = tunio_dnsmap_attach((uint8_t *)s->region + s->nat_len, s->region_len - s->nat_len,
+                                   &mc, tunio_now_ms(), &s->map)))
         return err;
     s->next_flow_id = tunio_nat_region_ids(s->region);
     for (int v = 0; v < 2; v++) {
@@ -299,6 +382,38 @@ static int setup_families(struct tunio_stack *s, const struct tunio_config *cfg)
                   nc[v].version, s->fam[v].listen_port, nc[v].pool_count);
     }
     return 0;
+}
+
+static int make_dns(struct tunio_stack *s, const struct tunio_config *cfg)
+{
+    if (cfg->dns_mode == TUNIO_DNS_OFF)
+        return 0;
+    if ((cfg->dns_mode != TUNIO_DNS_FAKE_IP && cfg->dns_mode != TUNIO_DNS_HIJACK) ||
+        (cfg->dns_upstream.version != 4 && cfg->dns_upstream.version != 6))
+        return -EINVAL;
+    struct tunio_dns_config dc = {
+        .mode = cfg->dns_mode,
+        .ttl = cfg->dns_ttl,
+        .map = s->map,
+        .carries = {s->fam[0].ready, s->fam[1].ready},
+    };
+    for (int v = 0; v < 2; v++) {
+        const struct tunio_prefix *a = &cfg->dns_address[v];
+        if (a->version == (v ? 6 : 4)) {
+            memcpy(dc.address[v], a->address, v ? 16 : 4);
+            dc.has_address[v] = 1;
+        }
+    }
+    return tunio_dns_new(&dc, &s->dns);
+}
+
+static void upstream_of(const struct tunio_config *cfg, uint8_t *version, uint8_t addr[16],
+                        uint16_t *port)
+{
+    *version = cfg->dns_mode ? cfg->dns_upstream.version : 0;
+    memset(addr, 0, 16);
+    memcpy(addr, cfg->dns_upstream.address, cfg->dns_upstream.version == 6 ? 16 : 4);
+    *port = cfg->dns_upstream_port ? cfg->dns_upstream_port : TUNIO_DNS_PORT;
 }
 
 static void on_link_message(void *owner, int worker, const struct tunio_wire_header *h,
@@ -329,7 +444,10 @@ static int make_flows(struct tunio_stack *s)
         .listen_fd = {s->fam[0].listen_fd, s->fam[1].listen_fd},
         .tun = s->tun,
         .link = s->link,
+        .dns = s->dns,
+        .map = s->map,
     };
+    upstream_of(&s->cfg, &fc.upstream_version, fc.upstream, &fc.upstream_port);
     return tunio_flows_new(&fc, &s->flows);
 }
 
@@ -341,7 +459,9 @@ static int make_udp(struct tunio_stack *s)
         .tun = s->tun,
         .link = s->link,
         .limits = &s->limits,
+        .map = s->map,
     };
+    upstream_of(&s->cfg, &uc.upstream_version, uc.upstream, &uc.upstream_port);
     return tunio_udp_new(&uc, &s->udp);
 }
 
@@ -356,6 +476,7 @@ static int make_readers(struct tunio_stack *s)
             .nat = {nat_or_null(s, 0), nat_or_null(s, 1)},
             .opens = tunio_flows_queue(s->flows),
             .dgrams = tunio_udp_queue(s->udp),
+            .dns = s->dns,
         };
         int err = tunio_reader_new(&rc, &s->readers[i]);
         if (err)
@@ -419,7 +540,7 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     tunio_log_set_json(cfg->log_json);
     int err;
     if ((err = tunio_tun_new(cfg->tun_fds, cfg->n_tun_fds, cfg->vnet, &s->tun)) ||
-        (err = setup_families(s, cfg)))
+        (err = setup_families(s, cfg)) || (err = make_dns(s, cfg)))
         goto fail;
     s->epfd = epoll_create1(EPOLL_CLOEXEC);
     s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -477,6 +598,8 @@ void tunio_stack_free(struct tunio_stack *s)
     for (int v = 0; v < 2; v++)
         if (s->fam[v].ready)
             tunio_nat_fini(&s->fam[v].nat);
+    tunio_dns_free(s->dns);
+    tunio_dnsmap_free(s->map);
     if (s->region)
         munmap(s->region, s->region_len); /* a shared region stays for the next stack */
     tunio_tun_free(s->tun);
@@ -714,6 +837,18 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
     o->refused_max_pending = atomic_load(&s->limits.refused_max_pending);
     o->refused_pending_share = atomic_load(&s->limits.refused_pending_share);
     o->stop_resets = s->stop_resets;
+    if (s->dns) {
+        const struct tunio_dns_counters *dn = tunio_dns_counters(s->dns);
+        o->dns_answered = atomic_load(&dn->answered);
+        o->dns_forwarded = atomic_load(&dn->forwarded);
+        o->dns_malformed = atomic_load(&dn->malformed);
+    }
+    if (s->map) {
+        const struct tunio_dnsmap_counters *mn = tunio_dnsmap_counters(s->map);
+        o->dns_map_entries = tunio_dnsmap_entries(s->map);
+        o->dns_recycled = atomic_load(&mn->recycled);
+        o->dns_pool_full = atomic_load(&mn->full);
+    }
     tunio_link_add_stats(s->link, o);
     tunio_flows_add_stats(s->flows, o);
     tunio_udp_add_stats(s->udp, o);

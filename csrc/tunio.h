@@ -37,6 +37,20 @@ struct tunio_config {
     uint32_t max_flows;        /* TCP flows + UDP sessions at once; 0: no limit */
     uint32_t max_pending;      /* held SYNs (dials running) at once; 0: no limit */
     int log_json;              /* log lines as JSON objects (else text) */
+    /* DNS answered by the stack (README "DNS"): 0 off, 1 fake-ip, 2 hijack. */
+    int dns_mode;
+    /* fake-ip: the IPv4 pool ([0]) and the IPv6 pool ([1]), each a network (address and
+     * prefix_len); version 0: no pool of that family. The TUN's own IPv4 prefix is left out. */
+    struct tunio_prefix dns_pool[2];
+    /* fake-ip: where the stack answers, [0] IPv4 and [1] IPv6 (prefix_len unused); version 0:
+     * none of that family. */
+    struct tunio_prefix dns_address[2];
+    /* The resolver that other queries (and, with hijack, every query) go to, through a worker
+     * (prefix_len unused; version 0: none). */
+    struct tunio_prefix dns_upstream;
+    uint16_t dns_upstream_port;
+    uint32_t dns_ttl;     /* seconds: the TTL of the fake-IP answers */
+    uint32_t dns_hold_ms; /* an answered address keeps its name this long past the TTL */
 };
 
 struct tunio_stats {
@@ -76,6 +90,12 @@ struct tunio_stats {
     uint64_t nat_adopted;           /* NAT entries taken over from a previous stack's region */
     uint64_t rst_to_apps;           /* RSTs of the listener translated towards apps */
     uint64_t stop_resets;           /* RSTs the last stop waited for (flows it reset) */
+    uint64_t dns_answered;          /* A/AAAA queries answered from the fake-IP map */
+    uint64_t dns_forwarded;         /* queries sent on to the upstream resolver */
+    uint64_t dns_malformed;         /* queries answered FORMERR or dropped */
+    uint64_t dns_map_entries;       /* names holding a fake address now */
+    uint64_t dns_recycled;          /* fake addresses taken from one name for another */
+    uint64_t dns_pool_full;         /* queries answered SERVFAIL: every fake address was held */
 };
 
 /* One worker as the stack sees it. */

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "defaults.h"
+#include "dnsmap.h"
 #include "link.h"
 #include "nat.h"
 #include "packet.h"
@@ -37,6 +38,9 @@ struct udp_session {
     uint32_t credit; /* DGRAMs we may still send to the worker */
     uint32_t owed;   /* replies written to the TUN, not yet credited back */
     uint64_t last_ms;
+    int upstream; /* DNS to the upstream resolver: replies come from dst */
+    int fake;     /* to a fake-IP address: holds map entry fake_index */
+    uint32_t fake_index;
     struct udp_session *by_tuple;
     struct udp_session *by_id;
 };
@@ -54,6 +58,8 @@ struct tunio_udp {
     uint64_t dropped;
     uint64_t no_worker;
     uint64_t protocol_errors;
+    uint64_t names_sent;
+    uint64_t no_name;
 };
 
 static uint32_t tuple_hash(const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport)
@@ -91,6 +97,8 @@ static void session_free(struct tunio_udp *u, struct udp_session *s)
     *l = s->by_id;
     tunio_link_load(u->cfg.link, s->worker, -1);
     tunio_nat_put_flow(u->cfg.limits);
+    if (s->fake)
+        tunio_dnsmap_release(u->cfg.map, s->fake_index, tunio_now_ms());
     u->sessions--;
     free(s);
 }
@@ -157,7 +165,36 @@ static void refuse(struct tunio_udp *u, const struct tunio_pkt *p)
         tunio_tun_write(u->cfg.tun, -1, out, n);
 }
 
-static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_pkt *p)
+/* A session to a fake-IP address: its name goes to the worker before its first DGRAM, and the
+ * address is held while the session lives. 0, or -1 when the app is refused (no name has that
+ * address any more, or the worker cannot take a name): it sees ICMP host unreachable. */
+static int name_session(struct tunio_udp *u, struct udp_session *s, const struct tunio_pkt *p)
+{
+    uint32_t index;
+    if (!tunio_dnsmap_lookup(u->cfg.map, p->version, p->dst, &index))
+        return 0;
+    char name[TUNIO_WIRE_DNS_NAME_MAX + 1];
+    int n = tunio_dnsmap_acquire(u->cfg.map, index, tunio_now_ms(), name, sizeof(name));
+    int named = n > 0 && (tunio_link_features(u->cfg.link, s->worker) & TUNIO_WIRE_FEATURE_NAMES);
+    if (named &&
+        tunio_link_send(u->cfg.link, s->worker, TUNIO_CMD_NAME, s->id, 0, name, (size_t)n) < 0)
+        named = 0;
+    if (!named) {
+        if (n > 0)
+            tunio_dnsmap_release(u->cfg.map, index, tunio_now_ms());
+        if (u->no_name++ == 0 || tunio_log_enabled(TUNIO_LOG_DEBUG))
+            tunio_log(TUNIO_LOG_WARNING, "a UDP session to a fake-IP address refused: %s",
+                      n > 0 ? "its worker takes no names (protocol feature NAME)"
+                            : "no name has that address now");
+        return -1;
+    }
+    s->fake = 1;
+    s->fake_index = index;
+    u->names_sent++;
+    return 0;
+}
+
+static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_pkt *p, int upstream)
 {
     uint32_t b = tuple_hash(p->src, p->sport, p->dst, p->dport);
     for (struct udp_session *s = u->tuple[b]; s; s = s->by_tuple)
@@ -187,6 +224,17 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
     s->sport = p->sport;
     s->dport = p->dport;
     s->credit = TUNIO_UDP_CREDIT;
+    s->upstream = upstream;
+    if (!upstream && name_session(u, s, p) < 0) {
+        tunio_nat_put_flow(u->cfg.limits);
+        free(s);
+        uint8_t out[160];
+        size_t n = tunio_pkt_build_icmp_unreach(
+            p, (uint8_t)tunio_nat_icmp_code(p->version, EHOSTUNREACH), out, sizeof(out));
+        if (n)
+            tunio_tun_write(u->cfg.tun, -1, out, n);
+        return NULL;
+    }
     s->by_tuple = u->tuple[b];
     u->tuple[b] = s;
     uint32_t ib = id_bucket(s->id);
@@ -198,12 +246,16 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
     return s;
 }
 
-static void forward(struct tunio_udp *u, uint8_t *pkt, size_t len)
+static void forward(struct tunio_udp *u, uint8_t *pkt, size_t len, int upstream)
 {
     struct tunio_pkt p;
     if (tunio_pkt_parse(&p, pkt, len) != TUNIO_PKT_OK)
         return;
-    struct udp_session *s = session_for(u, &p);
+    if (upstream && (!u->cfg.upstream_version || p.proto != TUNIO_IPPROTO_UDP)) {
+        u->dropped++; /* no resolver to send it to */
+        return;
+    }
+    struct udp_session *s = session_for(u, &p, upstream);
     if (!s || s->credit == 0) {
         /* No worker, or the worker is behind: UDP's answer to a full queue is a drop. */
         u->dropped++;
@@ -222,6 +274,15 @@ static void forward(struct tunio_udp *u, uint8_t *pkt, size_t len)
         .proto = p.proto, .version = p.version, .sport = p.sport, .dport = p.dport};
     memcpy(a.src, p.src, 16);
     memcpy(a.dst, p.dst, 16);
+    if (s->upstream) {
+        /* The worker sends it to the resolver; the app's address goes along only when it is of
+         * the resolver's family (it is for the policy, the worker never sends to it). */
+        a.version = u->cfg.upstream_version;
+        memcpy(a.dst, u->cfg.upstream, 16);
+        a.dport = u->cfg.upstream_port;
+        if (a.version != p.version)
+            memset(a.src, 0, 16);
+    }
     tunio_wire_encode_addr(msg, &a);
     memcpy(msg + TUNIO_WIRE_ADDR_LEN, pkt + p.l3_len + (udp ? 8 : 0), n);
     if (!udp)
@@ -239,7 +300,7 @@ void tunio_udp_drain(struct tunio_udp *u)
     struct tunio_dgram *items;
     size_t n = tunio_queue_take(u->queue, (void **)&items);
     for (size_t i = 0; i < n; i++) {
-        forward(u, items[i].data, items[i].len);
+        forward(u, items[i].data, items[i].len, items[i].upstream);
         free(items[i].data);
     }
     free(items);
@@ -283,9 +344,17 @@ static void on_dgram(struct tunio_udp *u, struct udp_session *s, zmq_msg_t *payl
     const uint8_t *data = zmq_msg_data(payload);
     size_t len = zmq_msg_size(payload);
     uint8_t *out = u->out;
-    if (tunio_wire_decode_addr(data, len, &a) < 0 || a.version != s->version) {
+    if (tunio_wire_decode_addr(data, len, &a) < 0 || (!s->upstream && a.version != s->version)) {
         u->protocol_errors++;
         return;
+    }
+    if (s->upstream) {
+        /* The resolver's reply, as if from where the app sent its query. */
+        a.version = s->version;
+        memcpy(a.src, s->dst, 16);
+        a.sport = s->dport;
+        memcpy(a.dst, s->src, 16);
+        a.dport = s->sport;
     }
     const uint8_t *body = data + TUNIO_WIRE_ADDR_LEN;
     size_t blen = len - TUNIO_WIRE_ADDR_LEN;

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <zmq.h>
 
+struct tunio_dnsmap;
 struct tunio_link;
 struct tunio_nat_limits;
 struct tunio_queue;
@@ -22,6 +23,14 @@ struct tunio_udp_config {
     struct tunio_tun *tun;           /* replies and ICMP errors are written into it */
     struct tunio_link *link;         /* the workers */
     struct tunio_nat_limits *limits; /* each session is a flow of the stack's budget; NULL: none */
+    /* DNS (dns.h): queries the readers mark `upstream` go to this resolver instead of their
+     * destination, and its replies come back from that destination (version 0: none). */
+    uint8_t upstream_version;
+    uint8_t upstream[16];
+    uint16_t upstream_port;
+    /* The fake-IP map: a session to one of its addresses tells its worker the name (NAME) and
+     * holds the address while it lives; NULL: no fake-IP DNS. */
+    struct tunio_dnsmap *map;
 };
 
 int tunio_udp_new(const struct tunio_udp_config *cfg, struct tunio_udp **out);

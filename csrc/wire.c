@@ -17,9 +17,15 @@ static uint16_t get16(const uint8_t *p)
 void tunio_wire_encode_header(uint8_t out[TUNIO_WIRE_HEADER_LEN], uint8_t cmd, uint32_t flow,
                               uint64_t arg)
 {
+    tunio_wire_encode_header_flags(out, cmd, 0, flow, arg);
+}
+
+void tunio_wire_encode_header_flags(uint8_t out[TUNIO_WIRE_HEADER_LEN], uint8_t cmd, uint16_t flags,
+                                    uint32_t flow, uint64_t arg)
+{
     out[0] = TUNIO_WIRE_VERSION;
     out[1] = cmd;
-    out[2] = out[3] = 0;
+    put16(out + 2, flags);
     for (int i = 0; i < 4; i++)
         out[4 + i] = (uint8_t)(flow >> (24 - 8 * i));
     for (int i = 0; i < 8; i++)
@@ -34,6 +40,7 @@ static int payload_rule(uint8_t cmd)
     case TUNIO_CMD_OPEN:
     case TUNIO_CMD_DATA:
     case TUNIO_CMD_DGRAM:
+    case TUNIO_CMD_NAME:
         return 1;
     case TUNIO_CMD_OPEN_OK:
     case TUNIO_CMD_OPEN_FAIL:
@@ -69,6 +76,7 @@ int tunio_wire_decode(const uint8_t *hdr, size_t hdr_len, int has_payload, size_
         return -EPROTO;
     h->version = hdr[0];
     h->cmd = hdr[1];
+    h->flags = get16(hdr + 2);
     for (int i = 0; i < 4; i++)
         h->flow = h->flow << 8 | hdr[4 + i];
     for (int i = 0; i < 8; i++)
@@ -87,6 +95,8 @@ int tunio_wire_decode(const uint8_t *hdr, size_t hdr_len, int has_payload, size_
         return payload_len >= TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
     case TUNIO_CMD_HELLO:
         return payload_len <= TUNIO_WIRE_NAME_MAX ? 0 : -EPROTO;
+    case TUNIO_CMD_NAME:
+        return payload_len >= 1 && payload_len <= TUNIO_WIRE_DNS_NAME_MAX ? 0 : -EPROTO;
     default:
         return 0;
     }
@@ -121,5 +131,7 @@ const char *tunio_wire_cmd_name(int cmd)
     static const char *const names[] = {"?",         "HELLO",  "OPEN", "OPEN_OK", "OPEN_FAIL",
                                         "DATA",      "CREDIT", "FIN",  "RST",     "DGRAM",
                                         "HEARTBEAT", "BYE",    "DRAIN"};
+    if (cmd == TUNIO_CMD_NAME)
+        return "NAME";
     return cmd > 0 && cmd < (int)(sizeof(names) / sizeof(names[0])) ? names[cmd] : "?";
 }

@@ -12,6 +12,8 @@
 #define TUNIO_WIRE_HEADER_LEN 16
 #define TUNIO_WIRE_ADDR_LEN 40
 #define TUNIO_WIRE_NAME_MAX 64
+#define TUNIO_WIRE_DNS_NAME_MAX 253 /* NAME's payload: a domain name, dotted, no final dot */
+#define TUNIO_WIRE_FEATURE_NAMES 1  /* HELLO's flags, w->s: the worker takes NAME */
 
 enum tunio_cmd {
     TUNIO_CMD_HELLO = 1,
@@ -26,11 +28,13 @@ enum tunio_cmd {
     TUNIO_CMD_HEARTBEAT = 10,
     TUNIO_CMD_BYE = 11,
     TUNIO_CMD_DRAIN = 12, /* w->s: give me no new flows; I finish mine and leave */
+    TUNIO_CMD_NAME = 16,
 };
 
 struct tunio_wire_header {
     uint8_t version;
     uint8_t cmd;
+    uint16_t flags; /* HELLO: the features its sender takes (TUNIO_WIRE_FEATURE_*); else 0 */
     uint32_t flow;
     uint64_t arg;
 };
@@ -46,6 +50,9 @@ struct tunio_wire_addr {
 
 void tunio_wire_encode_header(uint8_t out[TUNIO_WIRE_HEADER_LEN], uint8_t cmd, uint32_t flow,
                               uint64_t arg);
+/* The same with the flags field set (HELLO's features). */
+void tunio_wire_encode_header_flags(uint8_t out[TUNIO_WIRE_HEADER_LEN], uint8_t cmd, uint16_t flags,
+                                    uint32_t flow, uint64_t arg);
 /* Decodes and validates a message: the header frame and, when `has_payload`, the payload's length.
  * Returns 0, -EPROTONOSUPPORT for another protocol version (h->version tells which), or -EPROTO
  * for anything else malformed. */

@@ -71,8 +71,29 @@ def wire_seeds() -> list[bytes]:
     return out
 
 
+def _query(name: str, qtype: int, qid: int = 0x7475, flags: int = 0x0100) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".") if p)
+    return struct.pack(">HHHHHH", qid, flags, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
+        ">HH", qtype, 1)
+
+
+def dns_seeds() -> list[bytes]:
+    """Queries as resolvers send them: A, AAAA, MX, TXT, with EDNS, upper case, the root, a
+    long name, another opcode, a response, and a few broken ones."""
+    edns = bytes([0, 0, 41, 4, 208, 0, 0, 0, 0, 0, 0])
+    a = _query("www.tunio.test", 1)
+    return [
+        a, _query("www.tunio.test", 28), _query("mail.tunio.test", 15),
+        _query("txt.tunio.test", 16), a[:11] + b"\1" + a[12:] + edns,
+        _query("WWW.Tunio.TEST", 1), _query("", 1), _query(".".join(["a" * 63] * 3), 1),
+        _query("x.tunio.test", 1, flags=0x2800), _query("x.tunio.test", 1, flags=0x8180),
+        a[:-3], a[:12] + b"\xc0\x0c" + a[-4:], b"\x12\x34",
+    ]  # fmt: skip
+
+
 def main(outdir: str) -> None:
-    for name, seeds in (("packet", packet_seeds()), ("wire", wire_seeds())):
+    for name, seeds in (("packet", packet_seeds()), ("wire", wire_seeds()),
+                        ("dns", dns_seeds())):
         corpus = Path(outdir) / f"corpus-{name}"
         corpus.mkdir(parents=True, exist_ok=True)
         for i, seed in enumerate(seeds):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunio import defaults, tundev
 from tunio.errors import ConfigError, describe
@@ -66,6 +66,12 @@ class Options:
     max_flows: int = defaults.MAX_FLOWS
     max_pending: int = defaults.MAX_PENDING
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
+    # DNS answered by the stack: None (off), "fake-ip[:CIDR[,CIDR6]]" or "hijack"
+    dns: str | None = None
+    dns_address: str | tuple[str, ...] = ()  # fake-ip: where it answers (default: .2 of each)
+    dns_upstream: str | None = None  # IP[:PORT]; None: the host's first nameserver
+    dns_ttl: int = defaults.DNS_TTL
+    dns_hold: float = defaults.DNS_HOLD
     drain_timeout: float = defaults.DRAIN_TIMEOUT  # a reload's old workers: their flows' time
     # Per-flow policy (tunio.policy): "module:attr" or the function itself; or the rules of a
     # configuration file (tunio.rules), with names for the dialers they use.
@@ -77,6 +83,33 @@ class Options:
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class DnsPlan:
+    """--dns checked: what the stack answers and where other queries go."""
+
+    mode: str  # "fake-ip" or "hijack"
+    upstream: tuple[Address, int]
+    pools: tuple[Network, ...] = ()  # fake-ip: IPv4 first, then IPv6 (only families the TUN has)
+    addresses: tuple[Address, ...] = ()  # fake-ip: where it answers, IPv4 first
+    ttl: int = defaults.DNS_TTL
+    hold: float = defaults.DNS_HOLD
+
+    def stack_fields(self) -> dict[str, Any]:
+        """tunio.stack.StackConfig's DNS fields for this plan."""
+        return {
+            "dns_mode": self.mode,
+            "dns_pools": self.pools,
+            "dns_addresses": self.addresses,
+            "dns_upstream": self.upstream,
+            "dns_ttl": self.ttl,
+            "dns_hold": self.hold,
+        }
+
+
 @dataclass(frozen=True)
 class Plan:
     """Options checked and parsed: what the supervisor will set up."""
@@ -86,6 +119,7 @@ class Plan:
     runtime_dir: Path
     endpoint: str | None
     excludes: tuple[str, ...] = ()  # networks in CIDR form that keep the main table's route
+    dns: DnsPlan | None = None
 
 
 # ---------------------------------------------------------------- validation (pure functions)
@@ -256,13 +290,136 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
         parse_host_port(options.metrics, "--metrics")
     if options.policy is not None and options.rules:
         raise ConfigError("--policy: give a policy or the rules of a configuration file, not both")
+    dns = parse_dns(options, addresses)
+    if dns is not None:
+        routes = pool_routes(routes, dns.pools)
     return Plan(
         addresses=addresses,
+        dns=dns,
         routes=routes,
         runtime_dir=runtime_dir,
         endpoint=options.endpoint,
         excludes=excludes,
     )
+
+
+def parse_upstream(text: str) -> tuple[Address, int]:
+    """--dns-upstream IP[:PORT] (an IPv6 address with a port in brackets)."""
+    try:
+        return ipaddress.ip_address(text), 53
+    except ValueError:
+        pass
+    host, _ = parse_host_port(text, "--dns-upstream")
+    port = int(text.rpartition(":")[2])
+    return ipaddress.ip_address(host), port
+
+
+def _pool(text: str, version: int) -> Network:
+    try:
+        net = ipaddress.ip_network(text)
+    except ValueError:
+        raise ConfigError(f"--dns fake-ip:{text}: not a network in CIDR form "
+                          "(e.g. fake-ip:198.18.0.0/15)") from None  # fmt: skip
+    if net.version != version:
+        raise ConfigError(f"--dns fake-ip:{text}: give the IPv4 pool first, then the IPv6 one")
+    if version == 4 and not 8 <= net.prefixlen <= 30:
+        raise ConfigError(f"--dns fake-ip:{text}: an IPv4 pool is /8 to /30")
+    if version == 6 and not 96 <= net.prefixlen <= 126:
+        raise ConfigError(f"--dns fake-ip:{text}: an IPv6 pool is /96 to /126")
+    return net
+
+
+def dns_upstream(options: Options) -> tuple[Address, int]:
+    """--dns-upstream, or the host's first nameserver (port 53)."""
+    from tunio.dialers.resolve import first_nameserver  # noqa: PLC0415 - a small module
+
+    if options.dns_upstream is not None:
+        return parse_upstream(options.dns_upstream)
+    host = first_nameserver()
+    if host is None:
+        raise ConfigError("--dns: /etc/resolv.conf names no nameserver: give --dns-upstream")
+    return ipaddress.ip_address(host), 53
+
+
+def dns_enabled(options: Options) -> bool:
+    """Whether --dns asks the stack to answer DNS (fake-ip or hijack), not off."""
+    return options.dns not in (None, "", "off")
+
+
+def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | None:
+    """--dns and its settings: None when off. The upstream defaults to the host's first
+    nameserver; fake-ip's pools to DNS_POOL (less the TUN's prefix, which the stack leaves out)
+    and DNS_POOL6, each only where the TUN has an address of its family; its addresses to the
+    second address of each TUN prefix."""
+    spec = options.dns
+    if spec is None or not dns_enabled(options):  # spec: str from here on
+        return None
+    mode, _, arg = spec.partition(":")
+    if mode not in ("fake-ip", "hijack") or (mode == "hijack" and arg):
+        raise ConfigError(f"--dns {spec!r}: use fake-ip[:CIDR[,CIDR6]], hijack or off")
+    if not 0 <= options.dns_ttl <= 86400:
+        raise ConfigError(f"--dns-ttl {options.dns_ttl} is out of range: use 0..86400")
+    if not 0 <= options.dns_hold <= 86400:
+        raise ConfigError(f"--dns-hold {options.dns_hold:g} is out of range: use 0..86400")
+    upstream = dns_upstream(options)
+    if mode == "hijack":
+        return DnsPlan(mode, upstream, ttl=options.dns_ttl, hold=options.dns_hold)
+    texts = [t for t in arg.split(",") if t] if arg else []
+    if len(texts) > 2:
+        raise ConfigError(f"--dns {spec!r}: at most an IPv4 and an IPv6 pool")
+    given4 = _pool(texts[0], 4) if texts else None
+    given6 = _pool(texts[1], 6) if len(texts) > 1 else None
+    versions = {a.version for a in addresses}
+    pools: list[Network] = []
+    if 4 in versions:
+        pools.append(given4 or ipaddress.ip_network(defaults.DNS_POOL))
+    if 6 in versions:
+        pools.append(given6 or ipaddress.ip_network(defaults.DNS_POOL6))
+    for pool in pools:
+        for iface in addresses:
+            net = iface.network
+            if net.version == pool.version and pool.subnet_of(net):  # type: ignore[arg-type]
+                raise ConfigError(f"--dns: the pool {pool} lies inside the TUN's prefix {net}")
+            if net.version == 6 == pool.version and net.overlaps(pool):
+                raise ConfigError(f"--dns: the pool {pool} overlaps the TUN's prefix {net}")
+    given = (options.dns_address,) if isinstance(options.dns_address, str) else options.dns_address
+    where: dict[int, Address] = {}
+    for text in given:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(f"--dns-address {text!r} is not an IP address") from None
+        if ip.version in where:
+            raise ConfigError(f"--dns-address: give at most one IPv{ip.version} address")
+        where[ip.version] = ip
+    for iface in addresses:
+        where.setdefault(iface.version, iface.network.network_address + 2)
+    for ip in where.values():
+        if any(ip == a.ip for a in addresses):
+            raise ConfigError(f"--dns-address {ip} is the TUN's own address")
+        in_tun = any(ip in a.network for a in addresses)  # the pools leave the TUN's prefix out
+        if not in_tun and any(ip in pool for pool in pools):
+            raise ConfigError(f"--dns-address {ip} lies in the fake-IP pool")
+    return DnsPlan(
+        "fake-ip", upstream, tuple(pools), tuple(where[v] for v in sorted(where)),
+        options.dns_ttl, options.dns_hold,
+    )  # fmt: skip
+
+
+def pool_routes(routes: tuple[str, ...], pools: tuple[Network, ...]) -> tuple[str, ...]:
+    """The routes, and a route into the TUN for each fake-IP pool that none of them covers."""
+    out = list(routes)
+    for pool in pools:
+        covered = False
+        for route in routes:
+            if route in ("default", "::/0"):
+                covered = covered or (route == "default") == (pool.version == 4)
+                continue
+            net = ipaddress.ip_network(route)
+            covered = covered or (net.version == pool.version and pool.subnet_of(net))  # type: ignore[arg-type]
+        if not covered:
+            out.append(str(pool))
+    return tuple(out)
 
 
 def parse_host_port(text: str, option: str) -> tuple[str, int]:

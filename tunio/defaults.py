@@ -32,6 +32,12 @@ CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
 DRAIN_TIMEOUT = 300.0  # after a reload, the old workers' flows may run this long, s
 LOG_LEVEL = "info"
 LOG_FORMAT = "text"
+# fake-IP DNS (--dns fake-ip): the pools, the TTL of its answers, how long past the TTL an
+# answered address keeps its name
+DNS_POOL = "198.18.0.0/15"
+DNS_POOL6 = "fd00:7475:6e69:6f00::/96"  # a /96 of a ULA: 2^32 addresses, as many as IPv4 has
+DNS_TTL = 10  # seconds
+DNS_HOLD = 10.0  # seconds
 
 #: upper bounds of the dial-time histogram of the metrics, seconds (a local dial takes ~100 µs, a
 #: proxy's ~1 ms, a far one ~100 ms; the last buckets catch dials that wait for their timeout)

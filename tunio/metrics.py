@@ -65,6 +65,14 @@ _STACK: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
      (("", "workers_lost"),)),
     ("tunio_protocol_errors_total", "counter", "Malformed or unexpected messages the stack "
      "dropped.", (('side="stack"', "protocol_errors"),)),
+    ("tunio_dns_queries_total", "counter", "DNS queries of the stack's DNS (--dns), by what "
+     "became of them.",
+     (('result="answered"', "dns_answered"), ('result="forwarded"', "dns_forwarded"),
+      ('result="malformed"', "dns_malformed"), ('result="pool_full"', "dns_pool_full"))),
+    ("tunio_dns_map_entries", "gauge", "Names holding a fake-IP address now.",
+     (("", "dns_map_entries"),)),
+    ("tunio_dns_recycled_total", "counter", "Fake-IP addresses taken from one name for another.",
+     (("", "dns_recycled"),)),
 )  # fmt: skip
 
 # (metric, type, help, key of a worker's counters)

@@ -117,6 +117,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-flows", "max_flows", "int",
             "TCP flows and UDP sessions at once; a new one past this is refused (a RST, or ICMP "
             f"for UDP), counted and logged once a second (default: {defaults.MAX_FLOWS})", "N"),
+    Setting("dns", "dns", "str",
+            "answer DNS in the stack: 'fake-ip[:CIDR[,CIDR6]]' answers A and AAAA queries to "
+            "--dns-address with addresses of a pool (default "
+            f"{defaults.DNS_POOL} less the TUN's own prefix, and {defaults.DNS_POOL6}), so each "
+            "flow reaches its dialer with its name; other queries go to --dns-upstream. "
+            "'hijack' sends every query to port 53, whatever its destination, to --dns-upstream "
+            "(default: off)", "MODE"),
+    Setting("dns-address", "dns_address", "str",
+            "where fake-ip answers (UDP and TCP port 53), one per family (default: the second "
+            "address of each TUN prefix, e.g. 198.18.0.2)", "IP", repeat=True),
+    Setting("dns-upstream", "dns_upstream", "str",
+            "the resolver that other queries (and hijacked ones) go to through a worker, and "
+            "that the direct dialer resolves names with (default: the host's first nameserver "
+            "in /etc/resolv.conf)", "IP[:PORT]"),
+    Setting("dns-ttl", "dns_ttl", "int",
+            f"TTL of the fake-ip answers, seconds (default: {defaults.DNS_TTL})", "SEC"),
+    Setting("dns-hold", "dns_hold", "float",
+            "a fake address answered for a name keeps that name this many seconds past the TTL "
+            "(and as long as flows use it) before another name may take it "
+            f"(default: {defaults.DNS_HOLD:g})", "SEC"),
     Setting("max-pending", "max_pending", "int",
             "new TCP flows whose dial is still running (their SYN held); past this a new one "
             "is refused at once with a RST, as it is when its destination already holds a "

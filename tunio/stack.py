@@ -68,6 +68,13 @@ class StackConfig:
     max_flows: int = defaults.MAX_FLOWS  # TCP flows + UDP sessions at once
     max_pending: int = defaults.MAX_PENDING  # SYNs held while their dial runs
     log_json: bool = False  # the C stack's log lines as JSON objects (--log-format json)
+    # DNS answered by the stack (tunio.config.DnsPlan): "" off, "fake-ip" or "hijack"
+    dns_mode: str = ""
+    dns_pools: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    dns_addresses: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    dns_upstream: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None
+    dns_ttl: int = 10
+    dns_hold: float = 10.0
 
 
 def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
@@ -118,7 +125,29 @@ class _CConfig:
         cfg.max_flows = config.max_flows
         cfg.max_pending = config.max_pending
         cfg.log_json = int(config.log_json)
+        cfg.dns_mode = _DNS_MODES[config.dns_mode]
+        for pool in config.dns_pools:
+            _set_prefix(cfg.dns_pool[pool.version == 6], pool.network_address, pool.prefixlen)
+        for ip in config.dns_addresses:
+            _set_prefix(cfg.dns_address[ip.version == 6], ip, 0)
+        if config.dns_upstream is not None:
+            _set_prefix(cfg.dns_upstream, config.dns_upstream[0], 0)
+            cfg.dns_upstream_port = config.dns_upstream[1]
+        cfg.dns_ttl = config.dns_ttl
+        cfg.dns_hold_ms = int(config.dns_hold * 1000)
         self.cfg = cfg
+
+
+_DNS_MODES = {"": 0, "fake-ip": 1, "hijack": 2}
+
+
+def _set_prefix(
+    px: Any, ip: ipaddress.IPv4Address | ipaddress.IPv6Address, prefix_len: int
+) -> None:
+    for j, b in enumerate(ip.packed):
+        px.address[j] = b
+    px.version = ip.version
+    px.prefix_len = prefix_len
 
 
 def nat_region_size(config: StackConfig) -> int:

@@ -265,6 +265,7 @@ class Supervisor:
             max_flows=opts.max_flows,
             max_pending=opts.max_pending,
             log_json=opts.log_format == "json",
+            **(plan.dns.stack_fields() if plan.dns is not None else {}),
         )
         # The NAT tables live in memory of ours, so that a stack that dies leaves them to the
         # next one: it adopts the old flows and their apps get a RST, not a hang (the TUN queues

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from tunio import bypass
-from tunio.config import Options
+from tunio.config import Options, dns_enabled, dns_upstream
 
 if TYPE_CHECKING:
     from tunio.dialers import Dialer
+    from tunio.dialers.resolve import Resolver
     from tunio.policy import Policy
 
 
@@ -23,14 +24,33 @@ def egress_mark(options: Options) -> int | None:
     return options.egress_mark
 
 
+def resolver(options: Options) -> Resolver | None:
+    """The direct dialers' resolver of names (fake-IP flows): --dns-upstream, asked from
+    sockets with the egress mark and interface; None without --dns (a direct dialer then takes
+    IP literals only, and fake-IP flows do not exist)."""
+    if not dns_enabled(options):
+        return None
+    from tunio.dialers.resolve import Resolver  # noqa: PLC0415
+
+    host, port = dns_upstream(options)
+    return Resolver(str(host), port, mark=egress_mark(options),
+                    interface=options.egress_interface)  # fmt: skip
+
+
 def load_dialer(options: Options) -> Dialer:
-    """The run's own dialer (--dialer), with the egress mark and interface."""
+    """The run's own dialer (--dialer), with the egress mark and interface (and the resolver of
+    --dns for a direct one)."""
     spec = options.dialer
     if not isinstance(spec, (str, tuple)):
         return spec
     from tunio.dialers import load_dialer as load  # noqa: PLC0415 - user code may import slowly
 
-    return load(spec, egress_mark=egress_mark(options), egress_interface=options.egress_interface)
+    return load(
+        spec,
+        egress_mark=egress_mark(options),
+        egress_interface=options.egress_interface,
+        resolver=resolver(options),
+    )
 
 
 def load_policy(options: Options, dialer: Dialer) -> Policy | None:
@@ -50,12 +70,13 @@ def load_policy(options: Options, dialer: Dialer) -> Policy | None:
     from tunio.rules import RuleTable  # noqa: PLC0415
 
     mark, interface = egress_mark(options), options.egress_interface
+    names = resolver(options)
     named: dict[str, Dialer] = {
         "default": dialer,
-        "direct": DirectDialer(mark=mark, interface=interface),
+        "direct": DirectDialer(mark=mark, interface=interface, resolver=names),
     }
     for name, spec in options.dialers.items():
         named[name] = spec if not isinstance(spec, (str, tuple)) else load(
-            spec, egress_mark=mark, egress_interface=interface
+            spec, egress_mark=mark, egress_interface=interface, resolver=names
         )  # fmt: skip
     return RuleTable(options.rules, named)

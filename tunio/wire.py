@@ -1,5 +1,7 @@
 """Sans-I/O codec of the stack <-> worker protocol, version 2 (see docs/protocol.md).
 
+NAME (16) and HELLO's feature flags are an extension of version 2 that a worker announces.
+
 No sockets here: `encode` turns a `Message` into ZeroMQ frames and `decode` turns frames back into
 a `Message`; `decode_flow` is decode's shortcut for the data path (DATA, CREDIT, FIN). Payload
 frames are passed through untouched (a memoryview over a zmq.Frame stays a memoryview), so bulk
@@ -32,6 +34,10 @@ MAX_FLOW = 0xFFFF_FFFF
 MAX_ARG = 0xFFFF_FFFF_FFFF_FFFF
 #: a worker's name in HELLO is at most this many bytes of UTF-8
 MAX_NAME = 64
+#: NAME's payload, a domain name (dotted, no final dot), is 1 to this many bytes
+MAX_DNS_NAME = 253
+#: HELLO's flags (the header's reserved field), w->s: the worker takes NAME (docs/protocol.md)
+FEATURE_NAMES = 1
 
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
@@ -55,6 +61,7 @@ class Cmd(enum.IntEnum):
     HEARTBEAT = 10
     BYE = 11
     DRAIN = 12
+    NAME = 16
 
 
 class ProtocolError(ValueError):
@@ -90,6 +97,7 @@ class _Body(enum.IntEnum):
     NONEMPTY = 2  # a payload frame of at least one byte
     ADDRESS = 3  # exactly one address block
     ADDRESS_PLUS = 4  # an address block followed by any number of bytes
+    DNS_NAME = 5  # a payload frame of 1 to MAX_DNS_NAME bytes
 
 
 _BODY: dict[int, _Body] = {
@@ -105,6 +113,7 @@ _BODY: dict[int, _Body] = {
     Cmd.HEARTBEAT: _Body.NONE,
     Cmd.BYE: _Body.NONE,
     Cmd.DRAIN: _Body.NONE,
+    Cmd.NAME: _Body.DNS_NAME,
 }
 #: commands that are about the session, not a flow: their flow id is 0
 _SESSION_CMDS = frozenset({Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE, Cmd.DRAIN})
@@ -131,6 +140,8 @@ def _check(
         raise error("payload-size", f"{cmd.name} payload is never empty")
     if body is _Body.ADDRESS and size != ADDRESS.size:
         raise error("payload-size", f"{cmd.name} payload is {size} bytes, expected {ADDRESS.size}")
+    if body is _Body.DNS_NAME and not 1 <= size <= MAX_DNS_NAME:
+        raise error("payload-size", f"{cmd.name} name is {size} bytes, 1 to {MAX_DNS_NAME}")
     if body is _Body.ADDRESS_PLUS and size < ADDRESS.size:
         raise error("payload-size", f"{cmd.name} payload is {size} bytes, needs {ADDRESS.size}+")
 
@@ -141,11 +152,12 @@ class Message:
     flow: int = 0
     arg: int = 0
     payload: Payload | None = None
+    flags: int = 0  # HELLO: the features its sender takes (FEATURE_*); else 0
 
 
-def header(cmd: Cmd, flow: int, arg: int) -> bytes:
+def header(cmd: Cmd, flow: int, arg: int, flags: int = 0) -> bytes:
     """The 16-byte header frame; no checks beyond struct's own (for callers that know better)."""
-    return HEADER.pack(VERSION, cmd, 0, flow, arg)
+    return HEADER.pack(VERSION, cmd, flags, flow, arg)
 
 
 def encode(msg: Message) -> list[Payload]:
@@ -155,7 +167,9 @@ def encode(msg: Message) -> list[Payload]:
     if not 0 <= msg.arg <= MAX_ARG:
         raise LocalProtocolError("range", f"arg {msg.arg} is not a u64")
     _check(msg.cmd, msg.flow, msg.payload, LocalProtocolError)
-    head = HEADER.pack(VERSION, msg.cmd, 0, msg.flow, msg.arg)
+    if not 0 <= msg.flags <= 0xFFFF or (msg.flags and msg.cmd is not Cmd.HELLO):
+        raise LocalProtocolError("flags", f"flags {msg.flags:#x} on {msg.cmd.name}")
+    head = HEADER.pack(VERSION, msg.cmd, msg.flags, msg.flow, msg.arg)
     if msg.payload is None:
         return [head]
     return [head, msg.payload]
@@ -181,13 +195,14 @@ def decode(frames: Sequence[Frame]) -> Message:
         raise VersionError(head[0])
     if len(head) != HEADER.size:
         raise RemoteProtocolError("header-size", f"header is {len(head)} bytes, not 16")
-    _version, code, _reserved, flow, arg = HEADER.unpack_from(head)
+    _version, code, flags, flow, arg = HEADER.unpack_from(head)
     cmd = _CMD_BY_CODE.get(code)
     if cmd is None:
         raise RemoteProtocolError("command", f"unknown command {code}")
     payload = _view(frames[1]) if count == 2 else None
     _check(cmd, flow, payload, RemoteProtocolError)
-    return Message(cmd, flow, arg, payload)
+    # flags mean something on HELLO only; elsewhere they are ignored, as reserved bytes are
+    return Message(cmd, flow, arg, payload, flags if cmd is Cmd.HELLO else 0)
 
 
 _DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)

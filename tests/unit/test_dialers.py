@@ -83,10 +83,17 @@ def test_direct_refused_keeps_the_kernel_errno() -> None:
     assert info.value.errno == errno.ECONNREFUSED
 
 
-def test_direct_rejects_names() -> None:
-    with pytest.raises(DialError) as info:
-        dial(DirectDialer(), Address("localhost", 80))
-    assert info.value.errno == errno.EINVAL
+def test_direct_resolves_names_through_its_resolver_only() -> None:
+    """A name (a fake-IP flow) is resolved by the dialer's resolver, never by the host's own
+    (getaddrinfo would find localhost): one that does not answer leaves the dial unreachable."""
+    from tunio.dialers.resolve import Resolver  # noqa: PLC0415
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as mute:
+        mute.bind(("127.0.0.1", 0))
+        resolver = Resolver("127.0.0.1", mute.getsockname()[1], timeout=0.1, tries=1)
+        with pytest.raises(DialError) as info:
+            dial(DirectDialer(resolver=resolver), Address("localhost", 80))
+    assert info.value.errno == errno.EHOSTUNREACH
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and SO_BINDTODEVICE need root")

@@ -51,6 +51,7 @@ def test_golden_decodes(vector: dict[str, Any]) -> None:
     assert int(msg.cmd) == vector["cmd_code"]
     assert msg.flow == vector["flow"]
     assert msg.arg == vector["arg"]
+    assert msg.flags == vector.get("flags", 0)  # HELLO's features; ignored elsewhere
     expected = vector["payload_hex"]
     if expected is None:
         assert msg.payload is None
@@ -73,7 +74,9 @@ def test_golden_encodes(vector: dict[str, Any]) -> None:
         assert payload is not None
         packed = block_of(vector["address"]).pack()
         assert packed + bytes.fromhex(vector.get("datagram_hex", "")) == payload
-    frames = wire.encode(Message(Cmd[vector["cmd"]], vector["flow"], vector["arg"], payload))
+    frames = wire.encode(
+        Message(Cmd[vector["cmd"]], vector["flow"], vector["arg"], payload, vector.get("flags", 0))
+    )
     if vector["canonical"]:
         assert [bytes(f) for f in frames] == frames_of(vector)
     else:
@@ -126,8 +129,9 @@ def test_round_trip_every_command(cmd: Cmd, flow: int, arg: int) -> None:
         Cmd.OPEN: block.pack(),
         Cmd.DATA: b"\x00\xff" * 100,
         Cmd.DGRAM: block.pack() + b"datagram",
+        Cmd.NAME: b"www.tunio.test",
     }.get(cmd)
-    msg = Message(cmd, flow, arg, payload)
+    msg = Message(cmd, flow, arg, payload, wire.FEATURE_NAMES if cmd is Cmd.HELLO else 0)
     frames = wire.encode(msg)
     assert len(frames) == (1 if payload is None else 2)
     assert len(frames[0]) == wire.HEADER.size
@@ -168,6 +172,10 @@ def test_address_block_rejects_mixed_families() -> None:
         (Message(Cmd.CREDIT, 0, 1), "flow"),
         (Message(Cmd.HEARTBEAT, 1, 0), "flow"),
         (Message(Cmd.HELLO, 0, 0, b"n" * 65), "payload-size"),
+        (Message(Cmd.NAME, 1, 0, b""), "payload-size"),
+        (Message(Cmd.NAME, 1, 0, b"n" * 254), "payload-size"),
+        (Message(Cmd.NAME, 0, 0, b"n"), "flow"),
+        (Message(Cmd.OPEN, 1, 0, bytes(40), wire.FEATURE_NAMES), "flags"),
     ],
 )
 def test_encode_refuses_what_the_peer_would_reject(msg: Message, rule: str) -> None:

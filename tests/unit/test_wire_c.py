@@ -28,9 +28,13 @@ def test_c_decodes_golden_messages(case: dict[str, Any]) -> None:
     rc, h = _decode(frames)
     assert rc == 0
     assert (h.cmd, h.flow, h.arg) == (case["cmd_code"], case["flow"], case["arg"])
+    if "flags" in case:
+        assert h.flags == case["flags"]  # HELLO's features (the link keeps them per worker)
     if case.get("canonical"):
         out = ffi.new("uint8_t[16]")
-        lib.tunio_wire_encode_header(out, case["cmd_code"], case["flow"], case["arg"])
+        lib.tunio_wire_encode_header_flags(
+            out, case["cmd_code"], case.get("flags", 0), case["flow"], case["arg"]
+        )
         assert bytes(out) == frames[0]
     if "address" in case:
         a = ffi.new("struct tunio_wire_addr *")

@@ -136,11 +136,13 @@ def start_dante(
     port: int | None = None,
     ns: str | None = None,
     more_ports: Sequence[int] = (),
+    log: str = "error",
 ) -> Proxy:
     """danted on PROXY_ADDRESS in `ns` (srv by default): CONNECT and UDP ASSOCIATE, with
     username/password if `auth`; on `port` and on each of `more_ports` (one process for all:
     a benchmark gives each configuration its own port, so that the TIME_WAIT sockets one
-    leaves behind do not slow the next one's connects)."""
+    leaves behind do not slow the next one's connects). `log` is its rules' log setting:
+    "connect error" logs each destination as the client named it (a name stays a name)."""
     port = port or (DANTE_AUTH_PORT if auth else DANTE_PORT)
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / f"danted-{port}.conf"
@@ -163,7 +165,7 @@ client pass {{
 socks pass {{
     from: 0.0.0.0/0 to: 0.0.0.0/0
     command: connect udpassociate
-    log: error
+    log: {log}
 }}
 socks pass {{
     from: 0.0.0.0/0 to: 0.0.0.0/0

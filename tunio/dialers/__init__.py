@@ -19,6 +19,7 @@ from tunio.dialers.base import (
 from tunio.dialers.direct import DirectDialer
 from tunio.dialers.http import HttpDialer
 from tunio.dialers.proxy import ProxyDialer
+from tunio.dialers.resolve import Resolver
 from tunio.dialers.socks5 import Socks5Dialer
 from tunio.errors import ConfigError
 from tunio.loading import load_object
@@ -34,6 +35,7 @@ __all__ = [
     "HttpDialer",
     "PingDialer",
     "ProxyDialer",
+    "Resolver",
     "Socks5Dialer",
     "StartConnect",
     "label",
@@ -95,8 +97,9 @@ def load_dialer(
     *,
     egress_mark: int | None = None,
     egress_interface: str | None = None,
+    resolver: Resolver | None = None,
 ) -> Dialer:
-    """Turn a dialer specification into a Dialer.
+    """Turn a dialer specification into a Dialer (`resolver`: the direct dialer's, for names).
 
     A list of specifications is a chain: each proxy URL after the first is reached through the
     dialers before it (`["socks5://a:1080", "http://b:3128"]` asks a for a tunnel to b, and b
@@ -105,7 +108,7 @@ def load_dialer(
     settings from its own code.
     """
     if isinstance(spec, str):
-        return _load_one(spec, None, egress_mark, egress_interface)
+        return _load_one(spec, None, egress_mark, egress_interface, resolver)
     if isinstance(spec, Sequence):
         if not spec:
             raise ConfigError(f"an empty dialer chain: {_ACCEPTED}")
@@ -113,7 +116,7 @@ def load_dialer(
         for item in spec:
             if not isinstance(item, str):
                 raise ConfigError(f"dialer chain entry {item!r}: {_ACCEPTED}")
-            dialer = _load_one(item, dialer, egress_mark, egress_interface)
+            dialer = _load_one(item, dialer, egress_mark, egress_interface, resolver)
         assert dialer is not None
         return dialer
     if _is_dialer(spec):
@@ -122,7 +125,11 @@ def load_dialer(
 
 
 def _load_one(
-    spec: str, via: Dialer | None, egress_mark: int | None, egress_interface: str | None
+    spec: str,
+    via: Dialer | None,
+    egress_mark: int | None,
+    egress_interface: str | None,
+    resolver: Resolver | None = None,
 ) -> Dialer:
     scheme, colon_slashes, _ = spec.partition("://")
     if colon_slashes and scheme in PROXIES:
@@ -135,7 +142,7 @@ def _load_one(
     if colon_slashes:
         raise ConfigError(f"unknown dialer {spec!r}: {_ACCEPTED}")
     if spec == "direct":
-        return DirectDialer(mark=egress_mark, interface=egress_interface)
+        return DirectDialer(mark=egress_mark, interface=egress_interface, resolver=resolver)
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"unknown dialer {spec!r}: {_ACCEPTED}")

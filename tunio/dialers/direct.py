@@ -1,4 +1,8 @@
-"""The direct dialer: a plain outbound TCP connection (or UDP socket) from this host."""
+"""The direct dialer: a plain outbound TCP connection (or UDP socket) from this host.
+
+A destination that is a name (a flow to a fake-IP address) is resolved here through the
+dialer's resolver (tunio.dialers.resolve: --dns-upstream, asked from marked sockets), and a TCP
+connect then races the addresses by happy eyeballs (RFC 8305)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import socket
 
 from tunio.dialers.base import Address
 from tunio.dialers.ping import PingSession, open_ping
+from tunio.dialers.resolve import Resolver, happy_eyeballs, interleave
 from tunio.dialers.udp import SocketSession
 from tunio.errors import DialError
 
@@ -28,14 +33,38 @@ class DirectDialer:
     """
 
     def __init__(
-        self, *, mark: int | None = None, interface: str | None = None, nodelay: bool = False
+        self,
+        *,
+        mark: int | None = None,
+        interface: str | None = None,
+        nodelay: bool = False,
+        resolver: Resolver | None = None,
     ) -> None:
+        """`resolver` resolves names (tunio-run gives one with --dns: --dns-upstream from
+        marked sockets); without one a name is EINVAL, as before names could come."""
         self.mark = mark
         self.interface = interface
         self.nodelay = nodelay
+        self.resolver = resolver
 
     def __repr__(self) -> str:
         return f"DirectDialer(mark={self.mark!r}, interface={self.interface!r})"
+
+    def _resolver(self, dst: Address) -> Resolver:
+        if self.resolver is None:
+            raise DialError(
+                errno.EINVAL, f"direct dialer needs an IP literal (or a resolver), got {dst.host!r}"
+            )
+        return self.resolver
+
+    async def _addresses(self, dst: Address, prefer_v4: bool = False) -> list[Address]:
+        """`dst` itself if it is an IP address, else the addresses of its name (IPv6 and IPv4
+        alternating, IPv6 first, or IPv4 first with `prefer_v4`)."""
+        if is_literal(dst.host):
+            return [dst]
+        v6, v4 = await self._resolver(dst).resolve(dst.host)
+        order = interleave(v4, v6) if prefer_v4 else interleave(v6, v4)
+        return [Address(ip, dst.port) for ip in order]
 
     def _socket(self, dst: Address, kind: int) -> tuple[socket.socket, tuple[str, int]]:
         """A non-blocking socket of `kind` for `dst`, with our mark and interface set."""
@@ -59,6 +88,16 @@ class DirectDialer:
         return sock, (str(ip), dst.port)
 
     async def dial(self, dst: Address, src: Address) -> socket.socket:  # noqa: ARG002
+        if not is_literal(dst.host):
+            addresses = await self._addresses(dst)
+
+            async def attempt(ip: str) -> socket.socket:
+                return await self._dial_ip(Address(ip, dst.port))
+
+            return await happy_eyeballs([a.host for a in addresses], attempt)
+        return await self._dial_ip(dst)
+
+    async def _dial_ip(self, dst: Address) -> socket.socket:
         sock, addr = self._socket(dst, socket.SOCK_STREAM)
         try:
             if self.nodelay:
@@ -96,7 +135,10 @@ class DirectDialer:
 
     async def dial_udp(self, dst: Address, src: Address) -> SocketSession:  # noqa: ARG002
         """A UDP socket connected to `dst`: connecting only picks a route and a source port, so
-        this does not wait; an unroutable destination fails here (EHOSTUNREACH, ENETUNREACH)."""
+        this does not wait; an unroutable destination fails here (EHOSTUNREACH, ENETUNREACH).
+        A name takes its first IPv4 address, else its first IPv6 one (UDP has no handshake to
+        race: a datagram cannot tell a dead family from a silent peer)."""
+        dst = (await self._addresses(dst, prefer_v4=True))[0]
         sock, addr = self._socket(dst, socket.SOCK_DGRAM)
         try:
             # A burst of replies waits here while the worker is busy with other flows: room for
@@ -111,7 +153,14 @@ class DirectDialer:
     async def dial_ping(self, dst: Address, src: Address) -> PingSession:  # noqa: ARG002
         """An ICMP echo session to `dst` from this host (tunio/dialers/ping.py): a ping socket,
         or a raw one for a process with CAP_NET_RAW; EACCES if neither is allowed."""
+        dst = (await self._addresses(dst, prefer_v4=True))[0]
         return open_ping(dst, mark=self.mark, interface=self.interface)
+
+
+def is_literal(host: str) -> bool:
+    """Whether `host` is an IP address rather than a name (a name never has a colon, and the
+    fake-IP DNS never names an all-digit IPv4 address a name: such a name is dialled as one)."""
+    return ":" in host or host.replace(".", "").isdigit()
 
 
 def _dial_error(dst: Address, exc: OSError) -> DialError:

@@ -28,18 +28,21 @@ DEADLINE = 5.0
 
 class Rig:
     def __init__(self, stack: Stack, tun: socket.socket, ctx: zmq.Context[zmq.Socket[bytes]],
-                 endpoint: str) -> None:
+                 endpoint: str, features: int = 0) -> None:
         self.stack = stack
         self.tun = tun  # our end of the "TUN queue"
         self.ctx = ctx
         self.endpoint = endpoint
-        self.worker = self.connect_worker()
+        self.worker = self.connect_worker(features=features)
 
-    def connect_worker(self, name: bytes = b"test-worker") -> zmq.Socket[bytes]:
+    def connect_worker(self, name: bytes = b"test-worker", features: int = 0
+                       ) -> zmq.Socket[bytes]:  # fmt: skip
+        """A worker of the test's; `features`: HELLO's flags (wire.FEATURE_NAMES)."""
         sock = self.ctx.socket(zmq.DEALER)
         sock.linger = 0
         sock.connect(self.endpoint)
-        sock.send_multipart(wire.encode(wire.Message(wire.Cmd.HELLO, payload=name)))
+        hello = wire.Message(wire.Cmd.HELLO, payload=name, flags=features)
+        sock.send_multipart(wire.encode(hello))
         msg = self.recv(sock)
         assert msg.cmd is wire.Cmd.HELLO
         return sock
@@ -97,7 +100,7 @@ class Rig:
 
 
 @contextmanager
-def stack_rig(tmp_path: Path, **overrides: float) -> Iterator[Rig]:
+def stack_rig(tmp_path: Path, features: int = 0, **overrides: object) -> Iterator[Rig]:
     # The test's worker answers heartbeats only while it reads: a long interval keeps a loaded
     # machine from declaring it dead; the test of dead workers sets a short one.
     overrides.setdefault("heartbeat_interval", 30.0)
@@ -117,7 +120,7 @@ def stack_rig(tmp_path: Path, **overrides: float) -> Iterator[Rig]:
     thread.start()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
-        yield Rig(stack, ours, ctx, endpoint)
+        yield Rig(stack, ours, ctx, endpoint, features)
     finally:
         stack.stop()
         thread.join()

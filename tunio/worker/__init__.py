@@ -36,6 +36,7 @@ from tunio.policy import Policy
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.flow import Flow
 from tunio.worker.link import Handlers, Link, Timing
+from tunio.worker.names import Names
 from tunio.worker.opening import TcpOpener
 from tunio.worker.stats import WorkerStats
 from tunio.worker.tcp import TcpTable
@@ -132,14 +133,15 @@ class Worker:
         tcp = TcpTable(loop, send=link.send, error=link.protocol_error, stats=stats,
                        window=self.window)  # fmt: skip
         owners = OwnerLookup() if self.policy is not None else None
+        names = Names()
         opener = TcpOpener(tcp, self.dialer, loop, send=link.send, error=link.protocol_error,
                            stats=stats, capacity=self.capacity,
                            connect_timeout=self.connect_timeout, name=self.name,
-                           policy=self.policy, owners=owners)  # fmt: skip
+                           policy=self.policy, owners=owners, names=names)  # fmt: skip
         datagrams = DatagramTable(loop, self.dialer, send=link.send, error=link.protocol_error,
                                   stats=stats, tcp_flows=tcp.flows,
                                   connect_timeout=self.connect_timeout, name=self.name,
-                                  policy=self.policy, owners=owners)  # fmt: skip
+                                  policy=self.policy, owners=owners, names=names)  # fmt: skip
         tcp.others = datagrams  # CREDIT and RST for ids that are not TCP flows
         self._link, self._tcp, self._datagrams = link, tcp, datagrams
 
@@ -150,11 +152,12 @@ class Worker:
         def drop() -> None:
             tcp.drop_all()
             datagrams.drop_all()
+            names.clear()
 
         handlers = Handlers(
             data=tcp.on_data, credit=tcp.on_credit, fin=tcp.on_fin, rst=tcp.on_rst,
             open=opener.on_open, dgram=datagrams.on_dgram, flush=flush, drop=drop,
-            count=lambda: len(tcp) + len(datagrams),
+            count=lambda: len(tcp) + len(datagrams), name=names.on_name,
         )  # fmt: skip
         signals = self._install_signals(loop)
         if self._stop_requested:  # stop() came before the loop could take it

@@ -29,6 +29,7 @@ from tunio.wire import Cmd
 from tunio.worker.credit import DatagramCredit
 from tunio.worker.dial import Dial, Dialing
 from tunio.worker.flow import ErrorSink, Send
+from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats, errname
 
 log = logging.getLogger("tunio.worker")
@@ -46,13 +47,17 @@ OpenSession = Callable[[Address, Address], Awaitable[DatagramSession]]
 class UdpSession(DatagramCredit):
     """One UDP session: the stack's flow id and the dialer's DatagramSession."""
 
-    __slots__ = ("closed", "dial", "dst", "fd", "fid", "pending", "ping", "reply_block", "session",
-                 "src", "tries", "version")  # fmt: skip
+    __slots__ = ("address", "closed", "dial", "dst", "fd", "fid", "named", "pending", "ping",
+                 "reply_block", "session", "src", "tries", "version")  # fmt: skip
 
-    def __init__(self, fid: int, block: wire.AddressBlock) -> None:
+    def __init__(self, fid: int, block: wire.AddressBlock, name: str | None = None) -> None:
         super().__init__(UDP_WINDOW)
         self.fid = fid
-        self.dst = Address(str(block.dst), block.dst_port)
+        self.address = Address(str(block.dst), block.dst_port)  # the IP the app sent to
+        # to a fake-IP address: the name the stack said (NAME) is what the dialer gets, and
+        # every reply is said to come from the fake address the app knows
+        self.named = name is not None
+        self.dst = Address(name, block.dst_port) if name is not None else self.address
         self.version = block.version
         # replies normally come from the destination: their address block is made once
         self.reply_block = wire.AddressBlock(
@@ -69,7 +74,7 @@ class UdpSession(DatagramCredit):
 
     def block_from(self, src: Address) -> bytes:
         """The address block of a reply that came from `src` (to the app)."""
-        if src is self.dst or src == self.dst:
+        if self.named or src is self.dst or src == self.dst:
             return self.reply_block
         try:
             ip = ipaddress.ip_address(src.host)
@@ -104,10 +109,12 @@ class DatagramTable:
         name: str = "",
         policy: Policy | None = None,
         owners: OwnerLookup | None = None,
+        names: Names | None = None,
     ) -> None:
         """`policy` picks the dialer of each new session as it does for TCP flows (a list is
         tried in order until one opens the session); `owners` looks up the app behind it."""
         self.sessions: dict[int, UdpSession] = {}
+        self._names = names
         self.stats = stats
         self._loop = loop
         self._send = send
@@ -189,12 +196,13 @@ class DatagramTable:
             self._error(wire.RemoteProtocolError("address", why))
             self._refuse(fid, None, errno.EPROTONOSUPPORT)
             return
-        udp = UdpSession(fid, block)
+        name = self._names.take(fid) if self._names is not None else None
+        udp = UdpSession(fid, block, name)
         tries: list[Dialer] | Reject = [self._default]
         if self._policy is not None:
             lookup = self._owner_of if self._owners is not None and not udp.ping else None
             info = PolicyFlow(udp.src, udp.dst, "icmp" if udp.ping else "udp", worker=self._name,
-                              lookup=lookup)  # fmt: skip
+                              address=udp.address, lookup=lookup)  # fmt: skip
             tries = decide(self._policy, info, self._default)
         if isinstance(tries, Reject):
             self.stats.refused_by_policy += 1

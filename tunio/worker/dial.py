@@ -180,6 +180,10 @@ class Dialing(Generic[K, T]):
         return pending
 
 
+def _literal(host: str) -> bool:
+    return ":" in host or host.replace(".", "").isdigit()
+
+
 class TcpDialing(Dialing[K, socket.socket]):
     """A dialer's TCP dials: by `start_connect` if it has it, else by `dial` in a task.
 
@@ -206,7 +210,8 @@ class TcpDialing(Dialing[K, socket.socket]):
     def dial(self, key: K, dst: Address, src: Address) -> Dial[K, socket.socket] | None:
         """Starts dialing `dst`; None if the dial ended at once (`done` has been called)."""
         start = self._start
-        if start is None:
+        if start is None or not _literal(dst.host):
+            # a name (a fake-IP flow) is resolved first: that takes the dialer's own dial
             return self.task(key, self.dialer.dial, dst, src)
         try:
             sock = start(dst, src)

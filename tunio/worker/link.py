@@ -62,6 +62,8 @@ class Handlers:
     flush: Callable[[], None]  # a batch of messages is done: send the credit due
     drop: Callable[[], None]  # the stack is gone: end every flow
     count: Callable[[], int]  # flows and sessions open, for the log
+    # NAME: a fake-IP flow's destination name, before its OPEN or first DGRAM (flow, name)
+    name: Callable[[int, wire.Payload], None] | None = None
 
 
 class Link:
@@ -163,7 +165,8 @@ class Link:
         # at most 64 bytes of UTF-8, cut on a character boundary
         name = self.name.encode()[: wire.MAX_NAME].decode(errors="ignore").encode()
         self._last_hello = self._loop.time()
-        self.send([wire.header(Cmd.HELLO, 0, self.capacity), name])
+        # flags: we take NAME (a fake-IP flow's name before its OPEN or first DGRAM)
+        self.send([wire.header(Cmd.HELLO, 0, self.capacity, wire.FEATURE_NAMES), name])
 
     def _tick(self) -> None:
         assert self._handlers is not None
@@ -240,8 +243,7 @@ class Link:
         self._draining = True
         heard = False
         try:
-            budget = DRAIN_BUDGET
-            deadline = self._loop.time() + DRAIN_TIME
+            budget, deadline = DRAIN_BUDGET, self._loop.time() + DRAIN_TIME
             while not done.done():
                 if self._outbox:
                     self._flush_outbox()
@@ -311,6 +313,10 @@ class Link:
             handlers.credit(fid, msg.arg)
         elif cmd is Cmd.FIN:
             handlers.fin(fid)
+        elif cmd is Cmd.NAME:
+            assert payload is not None
+            if handlers.name is not None:
+                handlers.name(fid, payload)
         elif cmd is Cmd.HEARTBEAT:
             pass
         elif cmd is Cmd.HELLO:

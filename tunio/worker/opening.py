@@ -24,6 +24,7 @@ from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
 from tunio.worker.dial import TcpDialing, abort
 from tunio.worker.flow import ErrorSink, Flow, Send, State
+from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats
 from tunio.worker.tcp import TcpTable
 
@@ -55,8 +56,10 @@ class TcpOpener:
         name: str = "",
         policy: Policy | None = None,
         owners: OwnerLookup | None = None,
+        names: Names | None = None,
     ) -> None:
         self.table = table
+        self._names = names
         self.stats = stats
         self._send = send
         self._error = error
@@ -87,7 +90,10 @@ class TcpOpener:
             self._error(exc)
             self._open_failed(fid, None, errno.EINVAL)
             return
-        dst = Address(str(block.dst), block.dst_port)
+        address = Address(str(block.dst), block.dst_port)  # the IP the app connected to
+        # A flow to a fake-IP address: the stack said its name first (NAME); the dialer gets it
+        name = self._names.take(fid) if self._names is not None else None
+        dst = Address(name, block.dst_port) if name is not None else address
         if block.proto != wire.IPPROTO_TCP:
             self._open_failed(fid, dst, errno.EPROTONOSUPPORT)
             return
@@ -98,7 +104,8 @@ class TcpOpener:
         if self._policy is None:
             tries: list[Dialer] | Reject = [self._default]
         else:
-            info = PolicyFlow(src, dst, "tcp", worker=self._name, lookup=self._lookup)
+            info = PolicyFlow(src, dst, "tcp", worker=self._name, address=address,
+                              lookup=self._lookup)  # fmt: skip
             tries = decide(self._policy, info, self._default)
         if isinstance(tries, Reject):
             self.stats.refused_by_policy += 1

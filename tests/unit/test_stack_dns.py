@@ -1,0 +1,209 @@
+"""The C stack's DNS (--dns), through a socketpair TUN and the test as its worker: A/AAAA answered
+from the fake-IP pool, recycling and its limits, NAME before a fake address's OPEN, other queries
+sent to the upstream with the reply's source put back, and the map adopted from the region by
+the next stack."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tunio import wire
+from tunio.dialers.resolve import TYPE_A, TYPE_AAAA, parse_answer, query
+from tunio.stack import StackConfig, create_nat_region
+from tunio.testing import packets
+from tunio.testing.stackrig import APP, Rig, stack_rig
+
+POOL = ipaddress.ip_network("198.18.64.0/28")  # 14 usable addresses
+POOL6 = ipaddress.ip_network("fd00:7475::/124")
+DNS = ipaddress.ip_address("127.0.0.53")
+UPSTREAM = (ipaddress.ip_address("127.0.0.9"), 5353)
+TYPE_MX = 15
+
+
+def dns_fields(**extra: Any) -> dict[str, Any]:
+    fields = {"dns_mode": "fake-ip", "dns_pools": (POOL, POOL6), "dns_addresses": (DNS,),
+              "dns_upstream": UPSTREAM, "dns_ttl": 0, "dns_hold": 0.0}  # fmt: skip
+    fields.update(extra)
+    return fields
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    with stack_rig(tmp_path, features=wire.FEATURE_NAMES, **dns_fields()) as r:
+        yield r
+
+
+def read_udp(rig: Rig) -> tuple[str, int, str, int, bytes]:
+    """The next packet out, a UDP datagram: (src, sport, dst, dport, data); checksums right."""
+    pkt = rig.read()
+    assert pkt.proto == 17
+    assert pkt.checksums_ok
+    sport, dport, length, _ = struct.unpack_from("!HHHH", pkt.payload)
+    assert length == len(pkt.payload)
+    return pkt.src, sport, pkt.dst, dport, pkt.payload[8:]
+
+
+def ask(rig: Rig, name: str, qtype: int = TYPE_A, qid: int = 7, sport: int = 5353
+        ) -> tuple[int, list[str], bytes]:  # fmt: skip
+    rig.write(packets.udp(APP, sport, str(DNS), 53, query(name, qtype, qid)))
+    src, got_sport, dst, dport, data = read_udp(rig)
+    assert (src, got_sport, dst, dport) == (str(DNS), 53, APP, sport)
+    rcode, found, _, _ = parse_answer(data, qid, qtype)
+    return rcode, found, data
+
+
+def test_a_and_aaaa_come_from_the_pool_one_index_per_name(rig: Rig) -> None:
+    rcode, [a], _ = ask(rig, "www.tunio.test")
+    assert rcode == 0
+    assert ipaddress.ip_address(a) == POOL[1]  # the first usable address
+    _, [a6], _ = ask(rig, "WWW.TUNIO.TEST", TYPE_AAAA)
+    assert ipaddress.ip_address(a6) == POOL6[1]
+    assert ask(rig, "other.tunio.test")[1] == [str(POOL[2])]
+    assert ask(rig, "www.tunio.test")[1] == [a]
+    stats = rig.stack.stats()
+    assert (stats["dns_answered"], stats["dns_map_entries"]) == (4, 2)
+
+
+def test_the_pool_is_recycled_least_recently_used_first(rig: Rig) -> None:
+    first = ask(rig, "n0.tunio.test")[1]
+    for i in range(1, 14):
+        ask(rig, f"n{i}.tunio.test")
+    ask(rig, "n0.tunio.test")  # n0 used again: n1 is now the least recently used
+    got = ask(rig, "n14.tunio.test")[1]
+    assert got == ask(rig, "n14.tunio.test")[1]
+    assert got != first
+    assert ask(rig, "n0.tunio.test")[1] == first  # kept
+    stats = rig.stack.stats()
+    assert (stats["dns_recycled"], stats["dns_map_entries"]) == (1, 14)
+    assert ask(rig, "n1.tunio.test")[1] != []  # n1 lost its address: it gets another
+
+
+def test_a_pool_held_within_the_ttl_and_hold_answers_servfail(tmp_path: Path) -> None:
+    with stack_rig(tmp_path, features=wire.FEATURE_NAMES, **dns_fields(dns_hold=600.0)) as rig:
+        for i in range(14):
+            assert ask(rig, f"n{i}.tunio.test")[0] == 0
+        rcode, found, _ = ask(rig, "n14.tunio.test")
+        assert (rcode, found) == (2, [])  # SERVFAIL, nothing taken
+        assert ask(rig, "n3.tunio.test")[1] == [str(POOL[4])]  # still its own
+        stats = rig.stack.stats()
+        assert (stats["dns_pool_full"], stats["dns_recycled"]) == (1, 0)
+
+
+def test_a_flow_to_a_fake_address_sends_its_name_first_and_holds_it(rig: Rig) -> None:
+    _, [a], _ = ask(rig, "held.tunio.test")
+    rig.write(rig.syn(40000, 443, dst=a))
+    name = rig.recv()
+    assert (name.cmd, bytes(name.payload or b"")) == (wire.Cmd.NAME, b"held.tunio.test")
+    opened = rig.recv()
+    assert opened.cmd is wire.Cmd.OPEN
+    assert opened.flow == name.flow
+    assert opened.payload is not None
+    assert str(wire.AddressBlock.unpack(opened.payload).dst) == a
+    for i in range(20):  # with the flow pending, its address is never given away
+        assert ask(rig, f"n{i}.tunio.test")[1] != [a]
+    assert ask(rig, "held.tunio.test")[1] == [a]
+
+
+def test_a_flow_to_a_fake_address_no_name_has_is_unreachable(rig: Rig) -> None:
+    rig.write(rig.syn(40001, 443, dst=str(POOL[9])))
+    reply = rig.read()
+    assert (reply.proto, reply.icmp_type, reply.icmp_code) == (1, 3, 1)  # host unreachable
+
+
+def test_a_worker_without_names_gets_no_fake_flow(tmp_path: Path) -> None:
+    with stack_rig(tmp_path, **dns_fields()) as rig:  # its HELLO says no NAME
+        _, [a], _ = ask(rig, "www.tunio.test")
+        rig.write(rig.syn(40002, 443, dst=a))
+        reply = rig.read()
+        assert reply.proto == 6
+        assert reply.flags & packets.RST
+
+
+def drain(rig: Rig, sock: Any) -> None:
+    """`sock`'s worker says DRAIN; a protocol error sent after it (an OPEN from a worker) tells
+    when the stack has taken it, since one worker's messages are handled in order."""
+    errors = rig.stack.stats()["protocol_errors"]
+    rig.send(wire.Cmd.DRAIN, sock=sock)
+    rig.send(wire.Cmd.OPEN, 1, 0, bytes(wire.ADDRESS.size), sock=sock)
+    rig.wait_stat("protocol_errors", errors + 1)
+
+
+def test_a_draining_worker_gets_no_fake_flow_another_taking_names_does(rig: Rig) -> None:
+    fresh = rig.connect_worker(b"fresh", features=wire.FEATURE_NAMES)
+    drain(rig, rig.worker)
+    _, [a], _ = ask(rig, "drained.tunio.test")
+    rig.write(rig.syn(40003, 443, dst=a))
+    name = rig.recv(fresh)
+    assert (name.cmd, bytes(name.payload or b"")) == (wire.Cmd.NAME, b"drained.tunio.test")
+    assert rig.recv(fresh).cmd is wire.Cmd.OPEN
+    assert not rig.worker.poll(100)  # nothing for the draining one
+
+
+def test_a_fake_flow_with_only_a_draining_worker_taking_names_is_refused(rig: Rig) -> None:
+    plain = rig.connect_worker(b"plain")  # takes no NAME
+    drain(rig, rig.worker)
+    _, [a], _ = ask(rig, "nobody.tunio.test")
+    rig.write(rig.syn(40004, 443, dst=a))
+    reply = rig.read()
+    assert reply.proto == 6
+    assert reply.flags & packets.RST
+    rig.write(rig.syn(40005, 443))  # a flow to a real address: the plain worker takes it
+    assert rig.recv(plain).cmd is wire.Cmd.OPEN
+    assert not rig.worker.poll(100)  # nothing for the draining one
+
+
+def test_other_queries_go_to_the_upstream_and_come_back_from_the_dns_address(rig: Rig) -> None:
+    mx = query("tunio.test", TYPE_MX, 99)
+    rig.write(packets.udp(APP, 5454, str(DNS), 53, mx))
+    msg = rig.recv()
+    assert msg.cmd is wire.Cmd.DGRAM
+    assert msg.payload is not None
+    block = wire.AddressBlock.unpack(msg.payload)
+    assert (block.dst, block.dst_port) == UPSTREAM
+    assert bytes(msg.payload[wire.ADDRESS.size :]) == mx
+    answer = mx[:2] + b"\x81\x80" + mx[4:]
+    back = wire.AddressBlock(17, 4, UPSTREAM[0], UPSTREAM[1], block.src, block.src_port)
+    rig.send(wire.Cmd.DGRAM, msg.flow, 0, back.pack() + answer)
+    assert read_udp(rig) == (str(DNS), 53, APP, 5454, answer)
+    assert rig.stack.stats()["dns_forwarded"] == 1
+
+
+def test_malformed_queries_get_formerr_or_nothing(rig: Rig) -> None:
+    good = query("x.tunio.test", TYPE_A, 0x4242)
+    rig.write(packets.udp(APP, 5353, str(DNS), 53, good[:4] + b"\0\2" + good[6:]))
+    data = read_udp(rig)[4]
+    assert data[:2] == b"\x42\x42"
+    assert data[3] & 0xF == 1  # FORMERR
+    assert struct.unpack_from(">H", data, 4)[0] == 0  # no question echoed
+    rig.write(packets.udp(APP, 5353, str(DNS), 53, good[:20]))  # the question cut short
+    assert read_udp(rig)[4][:4] == b"\x42\x42\x81\x81"  # FORMERR again
+    for bad in (b"\1\2\3", good[:2] + b"\x81\x80" + good[4:]):  # dropped: no answer at all
+        rig.write(packets.udp(APP, 5353, str(DNS), 53, bad))
+    assert ask(rig, "x.tunio.test", qid=5)[0] == 0  # the next packet out is this answer
+    stats = rig.stack.stats()
+    assert (stats["dns_malformed"], stats["dns_map_entries"]) == (4, 1)
+
+
+def test_the_next_stack_adopts_the_map_from_the_region(tmp_path: Path) -> None:
+    probe = StackConfig(tun_fds=(0,), addresses=(ipaddress.IPv4Interface("127.0.0.1/8"),
+                        ipaddress.IPv6Interface("fd00:18::1/64")), endpoint="ipc://x",
+                        **dns_fields())  # fmt: skip
+    region = create_nat_region(probe)
+    try:
+        with stack_rig(tmp_path, features=wire.FEATURE_NAMES, nat_region_fd=region,
+                       **dns_fields()) as rig:  # fmt: skip
+            before = {n: ask(rig, n)[1] for n in ("a.test", "b.test", "c.test")}
+        with stack_rig(tmp_path, features=wire.FEATURE_NAMES, nat_region_fd=region,
+                       **dns_fields()) as rig:  # fmt: skip
+            assert rig.stack.stats()["dns_map_entries"] == 3
+            assert {n: ask(rig, n)[1] for n in ("c.test", "b.test", "a.test")} == before
+            assert ask(rig, "d.test")[1] == [str(POOL[4])]
+    finally:
+        os.close(region)
