@@ -54,7 +54,7 @@ struct flow {
     uint32_t flags;
     uint64_t credit;     /* bytes we may still send to the worker */
     uint64_t uncredited; /* bytes written to the app and not yet returned (CREDIT, or DATA's arg) */
-    uint64_t queued;     /* bytes held for the app */
+    uint64_t queued;     /* bytes of the DATA held for the app, written or not (their buffers) */
     struct chunk *head;
     struct chunk *tail;
     uint64_t since_ms; /* OPEN sent, or OPEN_OK received while waiting for accept */
@@ -374,10 +374,12 @@ static void return_credit(struct tunio_flows *fl, struct flow *f)
 }
 
 /* Writes what the worker sent on to the app, returns credit, passes FIN on. 0, or -1 if the flow
- * ended. */
+ * ended. A DATA's credit goes back once all of it is written and its buffer freed, not byte by
+ * byte: a partly written one holds its whole buffer, and credit for its written part would let
+ * the worker send that much again on top of it (two windows held for a stalled app, not one). */
 static int flush_to_app(struct tunio_flows *fl, struct flow *f)
 {
-    uint64_t written = 0;
+    uint64_t freed = 0;
     while (f->head && (f->flags & FLOW_WRITABLE)) {
         struct chunk *c = f->head;
         size_t len = zmq_msg_size(&c->msg) - c->off;
@@ -391,9 +393,9 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
             app_failed(fl, f, errno);
             return -1;
         }
-        written += (uint64_t)n;
         c->off += (size_t)n;
         if (c->off == zmq_msg_size(&c->msg)) {
+            freed += c->off;
             f->head = c->next;
             if (!f->head)
                 f->tail = NULL;
@@ -401,8 +403,8 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
             free(c);
         }
     }
-    f->queued -= written;
-    f->uncredited += written;
+    f->queued -= freed;
+    f->uncredited += freed;
     if (credit_due(fl, f))
         return_credit(fl, f);
     if (!f->head && (f->flags & FLOW_WORKER_FIN) && !(f->flags & FLOW_APP_SHUT)) {

@@ -37,6 +37,7 @@ struct tunio_config {
     uint32_t max_flows;        /* TCP flows + UDP sessions at once; 0: no limit */
     uint32_t max_pending;      /* held SYNs (dials running) at once; 0: no limit */
     int log_json;              /* log lines as JSON objects (else text) */
+    uint32_t trim_idle_ms;     /* without flows this long, freed heap goes back to the system */
 };
 
 struct tunio_stats {
@@ -76,6 +77,7 @@ struct tunio_stats {
     uint64_t nat_adopted;           /* NAT entries taken over from a previous stack's region */
     uint64_t rst_to_apps;           /* RSTs of the listener translated towards apps */
     uint64_t stop_resets;           /* RSTs the last stop waited for (flows it reset) */
+    uint64_t memory_trims;          /* freed heap given back after trim_idle_ms without flows */
 };
 
 /* One worker as the stack sees it. */

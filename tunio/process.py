@@ -8,7 +8,7 @@ import ctypes
 import os
 import resource
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 PR_SET_NAME = 15
@@ -47,6 +47,47 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)) and bool(
         mallopt(M_TRIM_THRESHOLD, KEEP_FREED)
     )
+
+
+def give_back_freed_memory() -> bool:
+    """Hands the freed heap of every arena back to the system (glibc's malloc_trim(0)): what
+    keep_freed_memory() keeps, and what free() can never unmap because it lies below the top of
+    its arena. Returns False where malloc_trim is missing (not glibc)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
+class IdleTrim:
+    """Gives the freed heap back once a process has had no flows for `after` seconds, and not
+    again until flows have come and gone: `tick(now, flows)` from a periodic timer. Sans I/O but
+    for the `trim` it calls (give_back_freed_memory by default)."""
+
+    def __init__(self, after: float, now: float, trim: Callable[[], bool] | None = None) -> None:
+        self.after = after
+        self.trims = 0
+        self._trim = trim or give_back_freed_memory
+        self._idle_since = now
+        self._trimmed = False
+
+    def tick(self, now: float, flows: int) -> bool:
+        """True if the heap was trimmed now."""
+        if flows:
+            self._idle_since = now
+            self._trimmed = False
+            return False
+        if self._trimmed or now - self._idle_since < self.after:
+            return False
+        self._trimmed = True
+        if not self._trim():
+            return False
+        self.trims += 1
+        return True
 
 
 def set_process_name(name: str) -> None:

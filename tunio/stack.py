@@ -68,6 +68,7 @@ class StackConfig:
     max_flows: int = defaults.MAX_FLOWS  # TCP flows + UDP sessions at once
     max_pending: int = defaults.MAX_PENDING  # SYNs held while their dial runs
     log_json: bool = False  # the C stack's log lines as JSON objects (--log-format json)
+    trim_idle: float = defaults.TRIM_IDLE  # no flows this long: freed heap goes back, s
 
 
 def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
@@ -118,6 +119,7 @@ class _CConfig:
         cfg.max_flows = config.max_flows
         cfg.max_pending = config.max_pending
         cfg.log_json = int(config.log_json)
+        cfg.trim_idle_ms = int(config.trim_idle * 1000)
         self.cfg = cfg
 
 

@@ -108,7 +108,7 @@ def stack_rig(tmp_path: Path, **overrides: float) -> Iterator[Rig]:
         tun_fds=(theirs.fileno(),),
         addresses=(ipaddress.IPv4Interface("127.0.0.1/8"), ipaddress.IPv6Interface(f"{APP6}/64")),
         endpoint=endpoint,
-        window=WINDOW,
+        window=int(overrides.pop("window", WINDOW)),
         log_level="warning",
         **overrides,  # type: ignore[arg-type]
     )
