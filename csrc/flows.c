@@ -485,7 +485,10 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
         f->flags |= FLOW_READABLE;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         f->flags |= FLOW_WRITABLE;
-    if ((events & EPOLLERR) && !(events & EPOLLIN)) {
+    /* With input waiting the read finds the error after the data, but without credit nothing is
+     * read: an app that reset a flow whose destination takes nothing (so no credit comes back)
+     * would hold the flow, and the window its worker holds, for good. */
+    if ((events & EPOLLERR) && (!(events & EPOLLIN) || !f->credit)) {
         int err = 0;
         socklen_t len = sizeof(err);
         getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &err, &len);

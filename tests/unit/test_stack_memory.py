@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -49,6 +50,26 @@ def test_credit_for_a_data_comes_back_once_all_of_it_is_written(tmp_path: Path) 
             # while the rest of the DATA still held its buffer here.
             assert (credit.cmd, credit.flow, credit.arg) == (wire.Cmd.CREDIT, msg.flow, BIG)
         assert rig.stack.stats()["protocol_errors"] == 0
+
+
+def test_an_app_that_resets_a_flow_without_credit_ends_it(tmp_path: Path) -> None:
+    with stack_rig(tmp_path) as rig:
+        msg = rig.open(40102, 94)
+        rig.send(wire.Cmd.OPEN_OK, msg.flow, 0)  # no credit: nothing is read from the app
+        syn = rig.read()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as app:
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            app.bind((syn.src, syn.sport))
+            app.settimeout(10)
+            app.connect(("127.0.0.1", rig.stack.listen_port))
+            app.sendall(b"waiting for credit")
+            rig.wait_stat("flows_active", 1)
+            app.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The flow would have stayed until credit came, which a destination that takes nothing
+        # never sends: the app's reset must end it (and the window its worker holds).
+        reset = rig.recv()
+        assert (reset.cmd, reset.flow, reset.arg) == (wire.Cmd.RST, msg.flow, errno.ECONNRESET)
+        rig.wait_stat("flows_active", 0)
 
 
 def test_freed_heap_goes_back_once_no_flow_has_run_for_a_while(tmp_path: Path) -> None:

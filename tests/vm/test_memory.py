@@ -7,16 +7,20 @@ real tunio-run: the stack's peak RSS may grow by a window a flow and FLOW_CONSTA
 reset and no flow has run for the idle trim (TUNIO_DEFAULT_TRIM_IDLE_MS), the RSS of the stack
 and of each worker comes back within 20% of what it was before the load. Once over bulk writes
 (tools/flood.py's source: 256 KiB writes, DATA of up to the window), once over 1,000-byte writes
-(peers.py's trickle: DATA of about 1,000 bytes, hundreds of them queued per flow). Figures go to
-stdout (pytest -s shows them).
+(peers.py's trickle: DATA of about 1,000 bytes, hundreds of them queued per flow). And the other
+way: apps that push while the destination never reads (peers.py's deaf), where the workers hold
+the window. Figures go to stdout (pytest -s shows them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +37,15 @@ PUSHED = 50 * 1024 * 1024  # what each destination would send: far beyond any bu
 #: ~150 bytes a queued DATA (its chunk and ZeroMQ's message), ~40 KiB at 1,000-byte DATA
 FLOW_CONSTANT = 48 * 1024
 WORKER_PER_FLOW = WINDOW // 2  # a worker holds no window of a stalled app's flow
+#: a worker holding a stalled destination's window: Python's own per flow and per queued DATA
+#: (the flow, its socket, a frame and a view a DATA) cost more than the stack's
+WORKER_UPLOAD = WINDOW + 2 * FLOW_CONSTANT
 BACK_WITHIN = 1.2  # RSS after the idle trim, against the RSS before the load
 STALL_QUIET = 2.5  # s without a byte moving (the stack reports once a second): stalled
 TRICKLE_PORT = 5003
+DEAF_PORT = 5004
+PUSH = bytes(65536)  # what an app of the upload case sends at a time
+ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets
 REQUEST = struct.Struct(">QQ")  # tools/flood_common.py: the source's (seed, length)
 
 
@@ -60,10 +70,22 @@ def processes(tunio: TunioProcess) -> tuple[int, list[int]]:
     return stack, workers
 
 
-def wait_stalled(lab: Lab, flows: int, deadline: float) -> float:
-    """Until the bytes towards the apps stop moving with every flow open: the bytes then."""
+def push(socks: list[socket.socket]) -> None:
+    """Each app sends until its socket is full."""
+    for sock in socks:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                sock.send(PUSH)
+
+
+def wait_stalled(
+    lab: Lab, flows: int, deadline: float, feed: Callable[[], None] = lambda: None
+) -> float:
+    """Until no byte of the flows moves with every flow open (`feed` keeps the apps that push
+    pushing): the bytes moved then."""
     last, since = -1.0, time.monotonic()
     while True:
+        feed()
         samples = scrape(lab)
         moved = total(samples, "tunio_transferred_bytes_total")
         now = time.monotonic()
@@ -92,7 +114,7 @@ def wait_no_flows(lab: Lab, deadline: float) -> None:
 
 @pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
                     reason="under ASan (make asan) RSS measures the sanitizer's allocator")
-@pytest.mark.parametrize(("source", "flows"), [("bulk", 200), ("trickle", 40)])
+@pytest.mark.parametrize(("source", "flows"), [("bulk", 200), ("trickle", 40), ("upload", 100)])
 def test_stalled_flows_hold_a_window_and_give_it_back(
     fresh_lab: Lab, source: str, flows: int
 ) -> None:
@@ -101,9 +123,10 @@ def test_stalled_flows_hold_a_window_and_give_it_back(
         start_flood_server(lab, "source")
         port, request = FLOOD_PORTS["source"], [REQUEST.pack(i + 1, PUSHED) for i in range(flows)]
     else:
-        lab.serve([sys.executable, str(PEERS), "trickle", "--listen",
-                   f"{SERVER_ADDRESS}:{TRICKLE_PORT}"])  # fmt: skip
-        port, request = TRICKLE_PORT, [b"%d\n" % PUSHED] * flows
+        port = TRICKLE_PORT if source == "trickle" else DEAF_PORT
+        lab.serve([sys.executable, str(PEERS), "trickle" if source == "trickle" else "deaf",
+                   "--listen", f"{SERVER_ADDRESS}:{port}"])  # fmt: skip
+        request = [b"%d\n" % PUSHED if source == "trickle" else b""] * flows
     tunio = lab.start_tunio(["--window", str(WINDOW), "--metrics", "127.0.0.1:9184"])
     stack, workers = processes(tunio)
     pids = [stack, *workers]
@@ -114,11 +137,16 @@ def test_stalled_flows_hold_a_window_and_give_it_back(
             sock = lab.connect(port, SERVER_ADDRESS, timeout=15.0)
             socks.append(sock)
             sock.sendall(req)  # and never a read
-        moved = wait_stalled(lab, flows, time.monotonic() + 60.0)
+        if source == "upload":
+            for sock in socks:
+                sock.setblocking(False)
+        feed = (lambda: push(socks)) if source == "upload" else (lambda: None)
+        moved = wait_stalled(lab, flows, time.monotonic() + 60.0, feed)
         loaded = {p: rss(p) for p in pids}
     finally:
-        for sock in socks:
-            sock.close()  # unread bytes: the app's close is a reset
+        for sock in socks:  # the apps go with a reset: unsent bytes would wait for a deaf peer
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
+            sock.close()
     wait_no_flows(lab, time.monotonic() + 30.0)
     back = wait_back(pids, idle, time.monotonic() + defaults.TRIM_IDLE + 20.0)
     stack_per_flow = (loaded[stack].peak - idle[stack]) * 1024 // flows
@@ -133,7 +161,8 @@ def test_stalled_flows_hold_a_window_and_give_it_back(
     # each flow took in more than the stack may hold of it: every flow really was stalled
     assert moved > flows * WINDOW
     assert stack_per_flow <= WINDOW + FLOW_CONSTANT
-    assert worker_per_flow <= WORKER_PER_FLOW
+    # each flow is on one worker: their growth, a flow, is what one worker holds of it
+    assert worker_per_flow <= (WORKER_UPLOAD if source == "upload" else WORKER_PER_FLOW)
     for p in pids:
         assert back[p] <= idle[p] * BACK_WITHIN, (process_title(p), idle[p], back[p])
     assert tunio.stop() == 0, tunio.log.text

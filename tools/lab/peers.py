@@ -17,12 +17,15 @@ Modes:
 - ``trickle``: reads one line ``N\\n``, then sends N bytes in writes of ``--write`` bytes
   (1,000: ``pattern(1000)`` each time), one a millisecond, so that the other side reads them in
   small pieces; then closes.
+- ``deaf``: never reads, never writes: holds each connection until the server stops, so that
+  whatever the client sends fills the buffers on the way (no port either).
 - ``halfclose``: sends ``pattern(--bytes)``, shuts down its write side at once (the client sees
   EOF), then reads to EOF while the client keeps sending and prints
   ``received <byte count> <sha256 hex>`` on stdout: the test reads that line.
 
 `lab.netlab.pattern(n)` gives the deterministic bytes both sides compare against;
-the ports are `lab.netlab.PEER_PORTS` (trickle has none: a test that wants it starts it).
+the ports are `lab.netlab.PEER_PORTS` (trickle and deaf have none: a test that wants one starts
+it).
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ def serve_trickle(conn: socket.socket, args: argparse.Namespace) -> None:
         time.sleep(0.001)  # the pace of a slow source, not a synchronisation
 
 
+def serve_deaf(_conn: socket.socket, _args: argparse.Namespace) -> None:
+    threading.Event().wait()  # until the process ends
+
+
 def serve_rst(conn: socket.socket, _args: argparse.Namespace) -> None:
     read_line(conn)
     # SO_LINGER on with a zero timeout: close() sends a RST instead of a FIN.
@@ -119,6 +126,7 @@ HANDLERS: dict[str, Callable[[socket.socket, argparse.Namespace], None]] = {
     "rst": serve_rst,
     "halfclose": serve_halfclose,
     "trickle": serve_trickle,
+    "deaf": serve_deaf,
 }
 MODES = tuple(HANDLERS)
 
