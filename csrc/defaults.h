@@ -20,6 +20,9 @@
 #define TUNIO_DEFAULT_UDP_TIMEOUT_MS 60000
 /* DGRAMs a side may have in flight per datagram session (protocol.md). */
 #define TUNIO_UDP_CREDIT 256
+/* After this long without flows (TCP flows and UDP sessions), ms, the stack and each worker give
+ * their freed heap back to the system, once until flows come back (malloc_trim). */
+#define TUNIO_DEFAULT_TRIM_IDLE_MS 10000
 /* NAT pool addresses taken from the top of each TUN prefix. */
 #define TUNIO_DEFAULT_POOL 16
 /* Flows (TCP and UDP) at once, and new TCP flows whose dial runs (their SYN held): past these

@@ -56,7 +56,7 @@ struct flow {
     uint32_t flags;
     uint64_t credit;     /* bytes we may still send to the worker */
     uint64_t uncredited; /* bytes written to the app and not yet returned (CREDIT, or DATA's arg) */
-    uint64_t queued;     /* bytes held for the app */
+    uint64_t queued;     /* bytes of the DATA held for the app, written or not (their buffers) */
     struct chunk *head;
     struct chunk *tail;
     uint64_t since_ms; /* OPEN sent, or OPEN_OK received while waiting for accept */
@@ -418,10 +418,12 @@ static void return_credit(struct tunio_flows *fl, struct flow *f)
 }
 
 /* Writes what the worker sent on to the app, returns credit, passes FIN on. 0, or -1 if the flow
- * ended. */
+ * ended. A DATA's credit goes back once all of it is written and its buffer freed, not byte by
+ * byte: a partly written one holds its whole buffer, and credit for its written part would let
+ * the worker send that much again on top of it (two windows held for a stalled app, not one). */
 static int flush_to_app(struct tunio_flows *fl, struct flow *f)
 {
-    uint64_t written = 0;
+    uint64_t freed = 0;
     while (f->head && (f->flags & FLOW_WRITABLE)) {
         struct chunk *c = f->head;
         size_t len = zmq_msg_size(&c->msg) - c->off;
@@ -435,9 +437,9 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
             app_failed(fl, f, errno);
             return -1;
         }
-        written += (uint64_t)n;
         c->off += (size_t)n;
         if (c->off == zmq_msg_size(&c->msg)) {
+            freed += c->off;
             f->head = c->next;
             if (!f->head)
                 f->tail = NULL;
@@ -445,8 +447,8 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
             free(c);
         }
     }
-    f->queued -= written;
-    f->uncredited += written;
+    f->queued -= freed;
+    f->uncredited += freed;
     if (credit_due(fl, f))
         return_credit(fl, f);
     if (!f->head && (f->flags & FLOW_WORKER_FIN) && !(f->flags & FLOW_APP_SHUT)) {
@@ -527,7 +529,10 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
         f->flags |= FLOW_READABLE;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         f->flags |= FLOW_WRITABLE;
-    if ((events & EPOLLERR) && !(events & EPOLLIN)) {
+    /* With input waiting the read finds the error after the data, but without credit nothing is
+     * read: an app that reset a flow whose destination takes nothing (so no credit comes back)
+     * would hold the flow, and the window its worker holds, for good. */
+    if ((events & EPOLLERR) && (!(events & EPOLLIN) || !f->credit)) {
         int err = 0;
         socklen_t len = sizeof(err);
         getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &err, &len);

@@ -13,6 +13,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <netinet/in.h>
 #include <netinet/ip6.h>
 #include <netinet/tcp.h>
@@ -85,6 +86,9 @@ struct tunio_stack {
     uint64_t refused_logged[3];     /* refusals counted by the last log line, by reason */
     uint64_t refusals_logged_ms;
     uint64_t stop_resets;
+    uint64_t idle_since_ms; /* the last tick that saw a flow (or the start) */
+    int trimmed;            /* the freed heap went back during this idle spell */
+    uint64_t memory_trims;
     struct tunio_tun *tun;
     struct tunio_link *link;
     struct tunio_flows *flows;
@@ -536,6 +540,9 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         s->cfg.heartbeat_ms = TUNIO_DEFAULT_HEARTBEAT_MS;
     if (!s->cfg.udp_timeout_ms)
         s->cfg.udp_timeout_ms = TUNIO_DEFAULT_UDP_TIMEOUT_MS;
+    if (!s->cfg.trim_idle_ms)
+        s->cfg.trim_idle_ms = TUNIO_DEFAULT_TRIM_IDLE_MS;
+    s->idle_since_ms = tunio_now_ms();
     tunio_log_set_level(cfg->log_level ? cfg->log_level : TUNIO_LOG_INFO);
     tunio_log_set_json(cfg->log_json);
     int err;
@@ -661,6 +668,31 @@ static void report_refusals(struct tunio_stack *s, uint64_t now)
     s->refusals_logged_ms = now;
 }
 
+/* Freed heap stays with the process for reuse while flows run: what lies below the top of an
+ * arena cannot be unmapped by free() at all, and the ZeroMQ I/O thread allocates the workers'
+ * DATA in arenas of its own. Once no flow (TCP flow or UDP session) has run for trim_idle_ms,
+ * malloc_trim hands every arena's free pages back, once until flows come back. */
+static void trim_when_idle(struct tunio_stack *s, uint64_t now)
+{
+    struct tunio_stats st = {0};
+    tunio_flows_add_stats(s->flows, &st);
+    tunio_udp_add_stats(s->udp, &st);
+    if (st.flows_active || st.udp_sessions) {
+        s->idle_since_ms = now;
+        s->trimmed = 0;
+        return;
+    }
+    if (s->trimmed || now - s->idle_since_ms < s->cfg.trim_idle_ms)
+        return;
+    s->trimmed = 1;
+#ifdef __GLIBC__
+    malloc_trim(0);
+    s->memory_trims++;
+    tunio_log(TUNIO_LOG_DEBUG, "no flows for %u ms: freed heap given back to the system",
+              s->cfg.trim_idle_ms);
+#endif
+}
+
 static void on_timer(struct tunio_stack *s)
 {
     uint64_t ticks;
@@ -671,6 +703,7 @@ static void on_timer(struct tunio_stack *s)
     tunio_flows_tick(s->flows, now);
     tunio_udp_tick(s->udp, now);
     report_refusals(s, now);
+    trim_when_idle(s, now);
 }
 
 static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
@@ -849,6 +882,7 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
         o->dns_recycled = atomic_load(&mn->recycled);
         o->dns_pool_full = atomic_load(&mn->full);
     }
+    o->memory_trims = s->memory_trims;
     tunio_link_add_stats(s->link, o);
     tunio_flows_add_stats(s->flows, o);
     tunio_udp_add_stats(s->udp, o);

@@ -49,8 +49,9 @@ struct tunio_config {
      * (prefix_len unused; version 0: none). */
     struct tunio_prefix dns_upstream;
     uint16_t dns_upstream_port;
-    uint32_t dns_ttl;     /* seconds: the TTL of the fake-IP answers */
-    uint32_t dns_hold_ms; /* an answered address keeps its name this long past the TTL */
+    uint32_t dns_ttl;      /* seconds: the TTL of the fake-IP answers */
+    uint32_t dns_hold_ms;  /* an answered address keeps its name this long past the TTL */
+    uint32_t trim_idle_ms; /* without flows this long, freed heap goes back to the system */
 };
 
 struct tunio_stats {
@@ -96,6 +97,7 @@ struct tunio_stats {
     uint64_t dns_map_entries;       /* names holding a fake address now */
     uint64_t dns_recycled;          /* fake addresses taken from one name for another */
     uint64_t dns_pool_full;         /* queries answered SERVFAIL: every fake address was held */
+    uint64_t memory_trims;          /* freed heap given back after trim_idle_ms without flows */
 };
 
 /* One worker as the stack sees it. */

@@ -191,8 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cleanup(options)
     if args.print_config or args.dry_run:
         return _show(options, dry_run=args.dry_run)
+    from tunio.process import one_arena  # noqa: PLC0415
     from tunio.supervisor import Supervisor  # noqa: PLC0415
 
+    one_arena()  # before any thread: the children forked later inherit our arenas
     # SIGHUP reads the same file with the same flags again
     return Supervisor(options, reload=lambda: options_from(args)).run()
 

@@ -8,7 +8,7 @@ import ctypes
 import os
 import resource
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 PR_SET_NAME = 15
@@ -26,6 +26,7 @@ def raise_fd_limit() -> None:
 # mallopt(3) parameters (glibc)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
 KEEP_FREED = 32 * 1024 * 1024  # freed heap kept for reuse, per process
 LARGE_BLOCK = 4 * 1024 * 1024  # below this, blocks come from the heap, not from mmap
 
@@ -36,17 +37,79 @@ def keep_freed_memory() -> bool:
     The data path allocates a block per message of up to half a window (the stack's reads of
     the app, the workers' ZeroMQ receives). With glibc's defaults such blocks are mapped fresh
     and unmapped again, and every 4 KiB page of them costs a page fault and a clearing: about a
-    sixth of a page per byte forwarded. Returns False where mallopt is missing (not glibc)."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    sixth of a page per byte forwarded. Also one_arena(), so that what is kept can be given
+    back. Returns False where mallopt is missing (not glibc)."""
+    mallopt = _mallopt()
+    if mallopt is None:
         return False
+    return (
+        bool(mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK))
+        and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED))
+        and one_arena()
+    )
+
+
+def one_arena() -> bool:
+    """Every thread allocates from the main arena (M_ARENA_MAX 1), so give_back_freed_memory()
+    can give all of the free heap back: malloc_trim releases the free top of the main arena
+    only, and a thread's own arena (the stack's loop thread, ZeroMQ's I/O threads) kept its top,
+    up to the trim threshold, for good. Measured with 100 stalled uploads: after the idle trim
+    the stack came back to 26 MB (its idle RSS) instead of 36, the workers to 27 MB instead of
+    37-40; throughput and peak RSS the same. Call it before the threads start: a thread arena
+    that exists (one a fork inherits among them) stays in use. False where mallopt is missing."""
+    mallopt = _mallopt()
+    return mallopt is not None and bool(mallopt(M_ARENA_MAX, 1))
+
+
+def _mallopt() -> Callable[[int, int], int] | None:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)) and bool(
-        mallopt(M_TRIM_THRESHOLD, KEEP_FREED)
-    )
+    return mallopt
+
+
+def give_back_freed_memory() -> bool:
+    """Hands the freed heap of every arena back to the system (glibc's malloc_trim(0)): what
+    keep_freed_memory() keeps, and what free() can never unmap because it lies below the top of
+    its arena. Returns False where malloc_trim is missing (not glibc)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    trim(0)
+    return True
+
+
+class IdleTrim:
+    """Gives the freed heap back once a process has had no flows for `after` seconds, and not
+    again until flows have come and gone: `tick(now, flows)` from a periodic timer. Sans I/O but
+    for the `trim` it calls (give_back_freed_memory by default)."""
+
+    def __init__(self, after: float, now: float, trim: Callable[[], bool] | None = None) -> None:
+        self.after = after
+        self.trims = 0
+        self._trim = trim or give_back_freed_memory
+        self._idle_since = now
+        self._trimmed = False
+
+    def tick(self, now: float, flows: int) -> bool:
+        """True if the heap was trimmed now."""
+        if flows:
+            self._idle_since = now
+            self._trimmed = False
+            return False
+        if self._trimmed or now - self._idle_since < self.after:
+            return False
+        self._trimmed = True
+        if not self._trim():
+            return False
+        self.trims += 1
+        return True
 
 
 def set_process_name(name: str) -> None:

@@ -75,6 +75,7 @@ class StackConfig:
     dns_upstream: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None = None
     dns_ttl: int = 10
     dns_hold: float = 10.0
+    trim_idle: float = defaults.TRIM_IDLE  # no flows this long: freed heap goes back, s
 
 
 def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
@@ -135,6 +136,7 @@ class _CConfig:
             cfg.dns_upstream_port = config.dns_upstream[1]
         cfg.dns_ttl = config.dns_ttl
         cfg.dns_hold_ms = int(config.dns_hold * 1000)
+        cfg.trim_idle_ms = int(config.trim_idle * 1000)
         self.cfg = cfg
 
 

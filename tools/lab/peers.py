@@ -14,12 +14,18 @@ Modes:
 - ``source``: reads one line ``N\\n``, sends ``pattern(N)``, shuts down its write side, reads to
   EOF and closes.
 - ``rst``: reads one line, then closes with SO_LINGER 0 (the client sees a reset).
+- ``trickle``: reads one line ``N\\n``, then sends N bytes in writes of ``--write`` bytes
+  (1,000: ``pattern(1000)`` each time), one a millisecond, so that the other side reads them in
+  small pieces; then closes.
+- ``deaf``: never reads, never writes: holds each connection until the server stops, so that
+  whatever the client sends fills the buffers on the way (no port either).
 - ``halfclose``: sends ``pattern(--bytes)``, shuts down its write side at once (the client sees
   EOF), then reads to EOF while the client keeps sending and prints
   ``received <byte count> <sha256 hex>`` on stdout: the test reads that line.
 
 `lab.netlab.pattern(n)` gives the deterministic bytes both sides compare against;
-the ports are `lab.netlab.PEER_PORTS`.
+the ports are `lab.netlab.PEER_PORTS` (trickle and deaf have none: a test that wants one starts
+it).
 """
 
 from __future__ import annotations
@@ -31,14 +37,15 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
-from lab.netlab import PEER_PORTS, pattern
+from lab.netlab import pattern
 
 CHUNK = 256 * 1024
 HALFCLOSE_BYTES = 1 << 20
-MODES = tuple(PEER_PORTS)
+TRICKLE_WRITE = 1000
 
 _print_lock = threading.Lock()
 
@@ -88,6 +95,17 @@ def serve_source(conn: socket.socket, _args: argparse.Namespace) -> None:
     drain(conn)
 
 
+def serve_trickle(conn: socket.socket, args: argparse.Namespace) -> None:
+    size, piece = int(read_line(conn)), pattern(args.write)
+    for _ in range(0, size, args.write):
+        conn.sendall(piece)
+        time.sleep(0.001)  # the pace of a slow source, not a synchronisation
+
+
+def serve_deaf(_conn: socket.socket, _args: argparse.Namespace) -> None:
+    threading.Event().wait()  # until the process ends
+
+
 def serve_rst(conn: socket.socket, _args: argparse.Namespace) -> None:
     read_line(conn)
     # SO_LINGER on with a zero timeout: close() sends a RST instead of a FIN.
@@ -107,7 +125,10 @@ HANDLERS: dict[str, Callable[[socket.socket, argparse.Namespace], None]] = {
     "source": serve_source,
     "rst": serve_rst,
     "halfclose": serve_halfclose,
+    "trickle": serve_trickle,
+    "deaf": serve_deaf,
 }
+MODES = tuple(HANDLERS)
 
 
 def handle(conn: socket.socket, mode: str, args: argparse.Namespace) -> None:
@@ -130,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--bytes", type=int, default=HALFCLOSE_BYTES, help="halfclose: bytes sent first"
     )
+    parser.add_argument("--write", type=int, default=TRICKLE_WRITE, help="trickle: bytes a write")
     args = parser.parse_args(argv)
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

@@ -33,6 +33,7 @@ from tunio.dialers.base import Dialer
 from tunio.keys import WorkerKeys
 from tunio.owner import OwnerLookup
 from tunio.policy import Policy
+from tunio.process import IdleTrim
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.flow import Flow
 from tunio.worker.link import Handlers, Link, Timing
@@ -63,10 +64,12 @@ class Worker:
         timing: Timing | None = None,
         report: Callable[[dict[str, Any]], None] | None = None,
         policy: Policy | None = None,
+        trim_idle: float = defaults.TRIM_IDLE,
     ) -> None:
         """`report`, if given, gets `stats.snapshot()` every REPORT_INTERVAL seconds (the
         supervisor's metrics); `policy` picks each flow's dialer (tunio.policy), `dialer` by
-        default."""
+        default; after `trim_idle` seconds without flows the freed heap goes back to the system
+        (tunio.process.IdleTrim)."""
         self.endpoint = endpoint
         self.keys: WorkerKeys | None = None  # CURVE keys for a tcp:// stack
         self.dialer = dialer
@@ -78,6 +81,8 @@ class Worker:
         self.report = report
         self.policy = policy
         self.timing = timing or Timing()
+        self.trim_idle = trim_idle
+        self.trim: IdleTrim | None = None  # once run() has started
         self.stats = WorkerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: Link | None = None
@@ -164,15 +169,18 @@ class Worker:
             link.leave("stop requested")
         loop.add_reader(tcp.fileno(), tcp.on_events)
         timer: asyncio.TimerHandle | None = None
+        self.trim = IdleTrim(self.trim_idle, loop.time())
 
         def every_interval() -> None:
             nonlocal timer
-            if link.draining and len(tcp) + len(datagrams) == 0:
+            active = len(tcp) + len(datagrams)
+            if link.draining and active == 0:
                 link.leave("drained: every flow has ended")
+            self._trim_when_idle(loop.time(), active)
             opener.failures.flush()
             datagrams.refusals.flush()
             if self.report is not None:
-                self.report({**stats.snapshot(), "flows_active": len(tcp) + len(datagrams)})
+                self.report({**stats.snapshot(), "flows_active": active})
             timer = loop.call_later(REPORT_INTERVAL, every_interval)
 
         timer = loop.call_later(REPORT_INTERVAL, every_interval)
@@ -181,17 +189,30 @@ class Worker:
         finally:
             if timer is not None:
                 timer.cancel()
-            opener.failures.flush()
-            datagrams.refusals.flush()
-            if owners is not None:
-                owners.close()
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            loop.remove_reader(tcp.fileno())
-            tcp.close()
-            datagrams.drop_all()
+            self._tear_down(loop, opener, owners, signals)
         log.info("worker %s stopped: %s", self.name, self.stats)
         return 0
+
+    def _tear_down(self, loop: asyncio.AbstractEventLoop, opener: TcpOpener,
+                   owners: OwnerLookup | None, signals: list[int]) -> None:  # fmt: skip
+        """What the loop leaves when it ends: the last summaries, the tables, the handlers."""
+        tcp, datagrams = self._tcp, self._datagrams
+        assert tcp is not None
+        assert datagrams is not None
+        opener.failures.flush()
+        datagrams.refusals.flush()
+        if owners is not None:
+            owners.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        loop.remove_reader(tcp.fileno())
+        tcp.close()
+        datagrams.drop_all()
+
+    def _trim_when_idle(self, now: float, flows: int) -> None:
+        if self.trim is not None and self.trim.tick(now, flows):
+            log.debug("worker %s: no flows for %.0f s: freed heap given back to the system",
+                      self.name, self.trim_idle)
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         # Signal handlers can only be installed from the main thread; a worker run in a thread

@@ -46,8 +46,9 @@ class Credit:
         return True
 
     def written(self, size: int) -> bool:
-        """`size` of the stack's bytes were written on to the destination: True if a CREDIT is
-        due now (a quarter window held back, or any at all after our FIN)."""
+        """A DATA of `size` bytes from the stack was written on whole to the destination (a part
+        written holds its buffer, and so its credit): True if a CREDIT is due now (a quarter
+        window held back, or any at all after our FIN)."""
         self.uncredited += size
         return self.uncredited >= self.due_at
 

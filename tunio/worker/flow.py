@@ -51,8 +51,8 @@ class Flow(Credit):
     In STACK_FIN the write side is shut down as soon as the queue is empty, so an empty queue
     there means SHUT_WR is done."""
 
-    __slots__ = ("dial", "dst", "fd", "fid", "hup", "queue", "readable", "sock", "src", "state",
-                 "tries", "via")  # fmt: skip
+    __slots__ = ("dial", "dst", "fd", "fid", "head_written", "hup", "queue", "readable", "sock",
+                 "src", "state", "tries", "via")  # fmt: skip
 
     def __init__(self, fid: int, credit: int, window: int, dst: Address) -> None:
         super().__init__(credit, window)
@@ -65,6 +65,7 @@ class Flow(Credit):
         self.readable = False  # an input edge came and the socket was not read empty since
         self.hup = False  # the destination's EOF (or an error) is waiting behind any data
         self.queue: deque[wire.Payload] = deque()  # stack's bytes not yet accepted by the socket
+        self.head_written = 0  # bytes of the first DATA in the queue written already
         self.src: Address = dst  # the app (set by the opener)
         self.tries: list[Dialer] = []  # dialers still to try if the dial in flight fails
         self.via = ""  # the label of the dialer carrying it

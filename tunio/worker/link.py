@@ -12,6 +12,7 @@ they never see the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 from collections import deque
@@ -38,6 +39,8 @@ DRAIN_BUDGET = 512
 DRAIN_TIME = 0.05
 #: how long a final BYE may take to leave when we stop on a signal
 BYE_LINGER_MS = 1000
+#: libzmq's context option ZMQ_ZERO_COPY_RECV (declared in zmq.h only with its draft API)
+ZERO_COPY_RECV = 10
 
 _HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
 _DATA, _CREDIT = int(Cmd.DATA), int(Cmd.CREDIT)
@@ -109,6 +112,11 @@ class Link:
         self._handlers = handlers
         self._done = loop.create_future()
         ctx = zmq.Context()
+        # Every message in a buffer of its own size: by default one under 8 KiB is a view into
+        # the connection's receive buffer and keeps all of it (~18 KiB) alive while a slow
+        # destination leaves it queued. A libzmq without the option keeps its default.
+        with contextlib.suppress(zmq.ZMQError):
+            ctx.set(ZERO_COPY_RECV, 0)
         zsock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         zsock.setsockopt(zmq.LINGER, 0)
         zsock.setsockopt(zmq.SNDHWM, HWM)

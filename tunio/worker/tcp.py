@@ -290,15 +290,19 @@ class TcpTable:
         except OSError as exc:
             self._destination_failed(flow, exc)
             return
-        if sent:
-            self._written(flow, sent)
+        self.stats.bytes_to_destination += sent
         if sent < size:
             # the socket is full: its room comes as an output edge, and on_events writes the
             # queue then
+            flow.head_written = sent
             flow.queue.append(memoryview(payload)[sent:])
+        else:
+            self._written(flow, size)
 
     def _written(self, flow: Flow, size: int) -> None:
-        self.stats.bytes_to_destination += size
+        """A DATA of `size` bytes is written whole. Its credit goes back only now: a DATA partly
+        written holds all of its buffer, and credit for the written part would let the stack
+        send that much again on top of it (two windows held for a stalled destination)."""
         if flow.written(size):
             self._credit_due[flow.fid] = flow
 
@@ -334,14 +338,17 @@ class TcpTable:
             except OSError as exc:
                 self._destination_failed(flow, exc)
                 return
-            self._written(flow, sent)
+            self.stats.bytes_to_destination += sent
             while sent:
                 head = queue[0]
                 if sent < len(head):
                     queue[0] = memoryview(head)[sent:]
+                    flow.head_written += sent
                     break
                 sent -= len(head)
                 queue.popleft()
+                self._written(flow, flow.head_written + len(head))
+                flow.head_written = 0
             else:
                 continue
             break  # the socket took less than offered: it is full
