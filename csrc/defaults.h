@@ -29,6 +29,13 @@
  * a new flow is refused. Enough for a busy gateway, bounded for a small machine. */
 #define TUNIO_DEFAULT_MAX_FLOWS 65536
 #define TUNIO_DEFAULT_MAX_PENDING 8192
+/* The TUN readers' nice value (reader.c): ahead of the workers and the apps, as packet
+ * processing is in the kernel. */
+#define TUNIO_READER_NICE -10
+/* Packets each TUN queue holds for its reader (the device's txqueuelen): past it the kernel drops.
+ * Thousands of flows keep tens of thousands of segments in flight; a drop costs the flow a
+ * retransmit, a lost SYN-ACK a second, where a longer queue costs a few milliseconds. */
+#define TUNIO_DEFAULT_TXQUEUELEN 50000
 /* TUN queues (one reader thread each) and workers the stack can hold. */
 #define TUNIO_MAX_QUEUES 64
 #define TUNIO_MAX_WORKERS 256

@@ -99,7 +99,8 @@ static uint32_t dst_bucket(const uint8_t dst[16])
     return (h ^ h >> 16) & (TUNIO_NAT_DST_BUCKETS - 1);
 }
 
-/* A new held SYN: 0, or -ENOSPC past a limit (counted by reason). Under the table's lock. */
+/* A new held SYN: 0; -ENOSPC past a limit, or -EAGAIN past its destination's share (counted by
+ * reason). Under the table's lock. */
 static int take_pending(struct tunio_nat *nat, const uint8_t dst[16])
 {
     struct tunio_nat_limits *l = nat->limits;
@@ -108,8 +109,8 @@ static int take_pending(struct tunio_nat *nat, const uint8_t dst[16])
     uint32_t b = dst_bucket(dst);
     uint32_t share = l->max_pending / 4 ? l->max_pending / 4 : 1;
     if (l->max_pending && nat->dst_pending[b] >= share) {
-        atomic_fetch_add_explicit(&l->refused_pending_share, 1, memory_order_relaxed);
-        return -ENOSPC;
+        atomic_fetch_add_explicit(&l->deferred_pending_share, 1, memory_order_relaxed);
+        return -EAGAIN;
     }
     unsigned n = atomic_fetch_add(&l->pending, 1);
     if (l->max_pending && n >= l->max_pending) {
@@ -519,7 +520,8 @@ static int take_slot(struct tunio_nat *nat, uint8_t *pool_index, uint16_t *port)
     return -ENOSPC;
 }
 
-/* 0 with nothing taken, -ENOSPC past an admission limit (nothing counted as table_full). */
+/* 0 with nothing taken, -ENOSPC or -EAGAIN past an admission limit (take_pending; nothing
+ * counted as table_full). */
 static int new_entry(struct tunio_nat *nat, const struct tunio_pkt *p, uint64_t now, uint32_t *out)
 {
     struct nat_table_header *h = nat->hdr;
@@ -538,9 +540,10 @@ static int new_entry(struct tunio_nat *nat, const struct tunio_pkt *p, uint64_t 
     uint8_t *held = malloc(p->len);
     if (!held)
         return 0;
-    if (take_pending(nat, p->dst) < 0) {
+    int err = take_pending(nat, p->dst);
+    if (err < 0) {
         free(held);
-        return -ENOSPC;
+        return err;
     }
     if (h->free_head)
         h->free_head = entry_at(nat, idx)->hnext;
@@ -656,7 +659,15 @@ static enum tunio_nat_verdict from_app(struct tunio_nat *nat, struct tunio_pkt *
     if (!e) {
         if (!syn || nat->refuse_new)
             return answer_unknown(nat, p, reply, cap, reply_len, &nat->n.rst_sent);
-        if (new_entry(nat, p, now, &idx) < 0) {
+        int err = new_entry(nat, p, now, &idx);
+        if (err == -EAGAIN) {
+            /* Its destination holds its share of --max-pending: the SYN goes unanswered, as a
+             * server with a full SYN queue leaves it, and the app's next one may get in. A
+             * burst of connects to one busy server waits a second; a host that never answers
+             * cannot take every pending place. */
+            return TUNIO_NAT_DROP;
+        }
+        if (err < 0) {
             /* Past --max-flows or --max-pending: refused as a busy server refuses, at once
              * and before any worker hears of it (counted by reason in take_pending). */
             return answer_unknown(nat, p, reply, cap, reply_len, NULL);

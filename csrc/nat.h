@@ -47,7 +47,7 @@ struct tunio_nat_limits {
     atomic_uint pending_peak;
     atomic_ullong refused_max_flows;
     atomic_ullong refused_max_pending;
-    atomic_ullong refused_pending_share;
+    atomic_ullong deferred_pending_share;
 };
 
 /* Takes one flow of the budget: 0, or -ENOSPC (counted as refused_max_flows) past max_flows. */

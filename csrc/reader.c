@@ -10,9 +10,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "common.h"
+#include "defaults.h"
 #include "dns.h"
 #include "nat.h"
 #include "packet.h"
@@ -152,9 +155,21 @@ static void handle_packet(struct tunio_reader *r, uint8_t *frame, size_t n, uint
     }
 }
 
+/* The readers carry every packet both ways, and each write runs the kernel's receive path: they
+ * are this stack's softirq. Starved of CPU by busier processes (the workers, the apps), they let
+ * the TUN's transmit ring overflow, and its drops cost every flow retransmits and seconds. So
+ * they run at a higher priority than the rest of the machine, when allowed (CAP_SYS_NICE). */
+static void raise_priority(void)
+{
+    pid_t tid = (pid_t)syscall(SYS_gettid);
+    if (setpriority(PRIO_PROCESS, (id_t)tid, TUNIO_READER_NICE) < 0)
+        tunio_log(TUNIO_LOG_DEBUG, "reader: keeps its priority (setpriority: %s)", strerror(errno));
+}
+
 static void *reader_main(void *arg)
 {
     struct tunio_reader *r = arg;
+    raise_priority();
     uint8_t *buf = malloc(TUNIO_TUN_BUF);
     uint8_t reply[REPLY_MAX];
     r->reasm = tunio_reasm_new(); /* without it, fragments are dropped as before */

@@ -526,7 +526,7 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
     atomic_init(&s->limits.pending_peak, 0);
     atomic_init(&s->limits.refused_max_flows, 0);
     atomic_init(&s->limits.refused_max_pending, 0);
-    atomic_init(&s->limits.refused_pending_share, 0);
+    atomic_init(&s->limits.deferred_pending_share, 0);
     s->cfg = *cfg;
     s->cfg.tun_fds = NULL; /* the caller's: only what the parts copied is kept */
     s->cfg.endpoint = NULL;
@@ -645,21 +645,21 @@ static void on_worker_lost(void *owner, int worker)
     tunio_udp_worker_lost(s->udp, worker);
 }
 
-/* New flows refused past a limit are logged from the tick, at most once a second, with how many
+/* New flows refused or deferred past a limit are logged from the tick, at most once a second, with how many
  * and why: a flood costs a line a second, never a line a flow. */
 static void report_refusals(struct tunio_stack *s, uint64_t now)
 {
     uint64_t n[3] = {atomic_load(&s->limits.refused_max_flows),
                      atomic_load(&s->limits.refused_max_pending),
-                     atomic_load(&s->limits.refused_pending_share)};
+                     atomic_load(&s->limits.deferred_pending_share)};
     uint64_t *last = s->refused_logged;
     if ((n[0] == last[0] && n[1] == last[1] && n[2] == last[2]) ||
         now - s->refusals_logged_ms < REFUSAL_LOG_MS)
         return;
     tunio_log(TUNIO_LOG_WARNING,
-              "refused %llu new flows since the last report: %llu past --max-flows %u, %llu "
-              "past --max-pending %u, %llu to a destination already holding a quarter of it (%u "
-              "held now)",
+              "held back %llu new flows since the last report: %llu refused past --max-flows %u, "
+              "%llu refused past --max-pending %u, %llu SYNs left for the app to send again (their "
+              "destination held a quarter of it; %u held now)",
               (unsigned long long)(n[0] + n[1] + n[2] - last[0] - last[1] - last[2]),
               (unsigned long long)(n[0] - last[0]), s->limits.max_flows,
               (unsigned long long)(n[1] - last[1]), s->limits.max_pending,
@@ -868,7 +868,7 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
     o->pending_peak = atomic_load(&s->limits.pending_peak);
     o->refused_max_flows = atomic_load(&s->limits.refused_max_flows);
     o->refused_max_pending = atomic_load(&s->limits.refused_max_pending);
-    o->refused_pending_share = atomic_load(&s->limits.refused_pending_share);
+    o->deferred_pending_share = atomic_load(&s->limits.deferred_pending_share);
     o->stop_resets = s->stop_resets;
     if (s->dns) {
         const struct tunio_dns_counters *dn = tunio_dns_counters(s->dns);

@@ -82,22 +82,23 @@ struct tunio_stats {
     uint64_t udp_to_workers;
     uint64_t udp_from_workers;
     uint64_t udp_dropped;
-    uint64_t pending;               /* SYNs held now, their dial running */
-    uint64_t pending_peak;          /* the most held at once */
-    uint64_t refused_max_flows;     /* new flows refused past max_flows (TCP RST, UDP ICMP) */
-    uint64_t refused_max_pending;   /* SYNs refused past max_pending */
-    uint64_t refused_pending_share; /* SYNs refused: their destination held 1/4 of max_pending */
-    uint64_t flows_retried;         /* held flows dialled again after their worker was lost */
-    uint64_t nat_adopted;           /* NAT entries taken over from a previous stack's region */
-    uint64_t rst_to_apps;           /* RSTs of the listener translated towards apps */
-    uint64_t stop_resets;           /* RSTs the last stop waited for (flows it reset) */
-    uint64_t dns_answered;          /* A/AAAA queries answered from the fake-IP map */
-    uint64_t dns_forwarded;         /* queries sent on to the upstream resolver */
-    uint64_t dns_malformed;         /* queries answered FORMERR or dropped */
-    uint64_t dns_map_entries;       /* names holding a fake address now */
-    uint64_t dns_recycled;          /* fake addresses taken from one name for another */
-    uint64_t dns_pool_full;         /* queries answered SERVFAIL: every fake address was held */
-    uint64_t memory_trims;          /* freed heap given back after trim_idle_ms without flows */
+    uint64_t pending;             /* SYNs held now, their dial running */
+    uint64_t pending_peak;        /* the most held at once */
+    uint64_t refused_max_flows;   /* new flows refused past max_flows (TCP RST, UDP ICMP) */
+    uint64_t refused_max_pending; /* SYNs refused past max_pending */
+    uint64_t
+        deferred_pending_share; /* SYNs left unanswered (the app retries): their destination held 1/4 of max_pending */
+    uint64_t flows_retried;   /* held flows dialled again after their worker was lost */
+    uint64_t nat_adopted;     /* NAT entries taken over from a previous stack's region */
+    uint64_t rst_to_apps;     /* RSTs of the listener translated towards apps */
+    uint64_t stop_resets;     /* RSTs the last stop waited for (flows it reset) */
+    uint64_t dns_answered;    /* A/AAAA queries answered from the fake-IP map */
+    uint64_t dns_forwarded;   /* queries sent on to the upstream resolver */
+    uint64_t dns_malformed;   /* queries answered FORMERR or dropped */
+    uint64_t dns_map_entries; /* names holding a fake address now */
+    uint64_t dns_recycled;    /* fake addresses taken from one name for another */
+    uint64_t dns_pool_full;   /* queries answered SERVFAIL: every fake address was held */
+    uint64_t memory_trims;    /* freed heap given back after trim_idle_ms without flows */
 };
 
 /* One worker as the stack sees it. */

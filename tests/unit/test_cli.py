@@ -126,7 +126,7 @@ def test_defaults_match_the_documented_ones(monkeypatch: pytest.MonkeyPatch) -> 
         1500,
         1048576,
     )
-    assert (options.txqueuelen, options.connect_timeout, options.dialer) == (10000, 10.0, "direct")
+    assert (options.txqueuelen, options.connect_timeout, options.dialer) == (50000, 10.0, "direct")
 
 
 class _Zero:

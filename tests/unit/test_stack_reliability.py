@@ -46,15 +46,23 @@ def test_past_max_pending_a_syn_gets_a_rst_from_the_reader(tmp_path: Path) -> No
 
 
 def test_a_destination_holds_a_quarter_of_max_pending(tmp_path: Path) -> None:
+    """Past its share a destination's SYN goes unanswered, as a server with a full SYN queue
+    leaves it: the app sends it again, and it gets in once a held one is answered."""
     with stack_rig(tmp_path, max_flows=100, max_pending=8) as rig:
-        rig.open(41010, 80)
+        first = rig.open(41010, 80)
         rig.open(41011, 80)
         rig.write(rig.syn(41012, 80))  # a third held SYN for DST: past its share of 2
-        assert _rst_to(rig.read(), 41012)
+        probe = rig.probe()  # the probe's RST comes first: nothing was written for 41012
+        assert (probe.dport, probe.flags) == (9, packets.RST)
         rig.open(41013, 80, dst="127.0.0.9")  # another destination still gets in
         stats = rig.stack.stats()
-        assert (stats["refused_pending_share"], stats["refused_max_pending"]) == (1, 0)
+        assert (stats["deferred_pending_share"], stats["refused_max_pending"]) == (1, 0)
         assert stats["pending"] == 3
+        rig.send(wire.Cmd.OPEN_FAIL, first.flow, 111)  # a held one is answered: a place frees
+        assert _rst_to(rig.read(), 41010)
+        rig.wait_stat("pending", 2)
+        again = rig.open(41012, 80)  # the app's retransmitted SYN now gets in
+        assert again.cmd is wire.Cmd.OPEN
 
 
 def test_released_flows_count_against_max_flows_until_closed(tmp_path: Path) -> None:

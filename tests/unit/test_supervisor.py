@@ -537,7 +537,7 @@ def test_run_ready_restart_and_clean_stop(world: World, logwatch: LogWatch) -> N
         "-o -4 addr show",
         f"addr add 198.18.255.1/24 dev {TUN}",
         f"link set dev {TUN} mtu 1500",
-        f"link set dev {TUN} txqueuelen 10000",
+        f"link set dev {TUN} txqueuelen 50000",
         f"link set dev {TUN} up",
         f"-4 route add default dev {TUN}",
         f"-4 route add 10.0.0.0/8 dev {TUN}",

@@ -198,7 +198,7 @@ def test_syn_flood_is_held_to_max_pending(
     ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         # The flood is on once the stack reports refusals; a normal connection then still works.
-        tunio.log.wait_for(r"refused \d+ new flows", 10.0, start)
+        tunio.log.wait_for(r"held back \d+ new flows", 10.0, start)
         with lab.connect(PEER_PORTS["echo"], SERVER_ADDRESS, timeout=10.0) as sock:
             sock.sendall(MESSAGE)
             assert recv_exact(sock, len(MESSAGE)) == MESSAGE
@@ -213,12 +213,12 @@ def test_syn_flood_is_held_to_max_pending(
     flood_lines = tunio.log.lines[start:]
     assert tunio.stop() == 0, tunio.log.text
     stats = _stats(tunio)
-    refused = stats["refused_max_pending"] + stats["refused_pending_share"]
-    refusal_lines = [line for line in flood_lines if "refused" in line]
+    refused = stats["refused_max_pending"] + stats["deferred_pending_share"]
+    refusal_lines = [line for line in flood_lines if "held back" in line]
     growth = max(rss_after[p] - rss_before[p] for p in workers)
     print(f"\nSYN flood: {out.strip()}; pending peak {stats['pending_peak']} (limit {limit}), "
           f"{stats['flows_opened']} flows opened, refused {refused} "
-          f"({stats['refused_max_pending']} past the limit, {stats['refused_pending_share']} "
+          f"({stats['refused_max_pending']} past the limit, {stats['deferred_pending_share']} "
           f"past a destination's share); {len(flood_lines)} log lines during the flood "
           f"({len(refusal_lines)} about refusals, "
           f"{sum('dial' in x and 'failed' in x for x in flood_lines)} workers' failed dials); "
