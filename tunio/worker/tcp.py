@@ -149,14 +149,27 @@ class TcpTable:
                 continue
             state = flow.state
             if state is _DIALING:
-                if not ev & _OUT_EVENTS:
-                    continue
                 dial = flow.dial
                 assert isinstance(dial, Connecting)
-                dial.connect_done()
-                state = flow.state
-                if state is not _OPEN:
-                    continue
+                if not dial.handshaking:
+                    if not ev & _OUT_EVENTS:
+                        continue
+                    dial.connect_done()  # a proxy's handshake starts here
+                    if not dial.handshaking or not ev & _IN_EVENTS or flow.dial is not dial:
+                        state = flow.state
+                        if state is not _OPEN:
+                            continue
+                if dial.handshaking:
+                    if not ev & _IN_EVENTS:
+                        continue
+                    dial.readable()
+                    state = flow.state
+                    if state is not _OPEN:
+                        continue
+                    hs = dial.handshake
+                    assert hs is not None
+                    if not hs.leftover and not ev & _HUP_EVENTS:
+                        continue  # the proxy's answer was all that came: nothing to relay yet
             if ev & select.EPOLLERR and self._failed(flow):
                 continue
             if ev & _IN_EVENTS:
