@@ -585,6 +585,22 @@ static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload)
     pump(fl, f);
 }
 
+/* The released SYN goes into the TUN from a reader's thread (see releases in flows.h), or from
+ * here if it cannot be handed over. */
+static void release_syn(struct tunio_flows *fl, uint32_t id, const uint8_t *syn, size_t n)
+{
+    if (fl->cfg.n_releases > 0) {
+        struct tunio_dgram d = {.data = malloc(n), .len = n};
+        if (d.data) {
+            memcpy(d.data, syn, n);
+            if (tunio_queue_push(fl->cfg.releases[id % (uint32_t)fl->cfg.n_releases], &d) == 0)
+                return;
+            free(d.data);
+        }
+    }
+    tunio_tun_write(fl->cfg.tun, -1, syn, n);
+}
+
 static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
 {
     if (f->flags & FLOW_OPEN_OK) {
@@ -603,7 +619,7 @@ static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
     f->flags |= FLOW_OPEN_OK;
     f->credit = window;
     f->since_ms = tunio_now_ms();
-    tunio_tun_write(fl->cfg.tun, -1, syn, n);
+    release_syn(fl, f->id, syn, n);
 }
 
 static void on_open_fail(struct tunio_flows *fl, struct flow *f, int err)

@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <zmq.h>
 
+#include "defaults.h"
+
 struct tunio_link;
 struct tunio_nat;
 struct tunio_queue;
@@ -23,8 +25,15 @@ struct tunio_flows_config {
     uint8_t tag;              /* tagged (flow id << 8) | tag */
     struct tunio_nat *nat[2]; /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
     int listen_fd[2];         /* the listeners of those families */
-    struct tunio_tun *tun;    /* released SYNs and refusals are written into it */
+    struct tunio_tun *tun;    /* refusals are written into it (released SYNs too, without
+                               * readers to hand them to) */
     struct tunio_link *link;  /* the workers */
+    /* Released SYNs (struct tunio_dgram, malloc'd) go to the readers through these, one per
+     * reader (flow id modulo n_releases), so that the kernel's handling of the SYN (the
+     * listener's SYN-ACK), most of a connection's cost on this side, runs on a reader's thread,
+     * not on the loop's. None: the loop writes them itself. */
+    struct tunio_queue *releases[TUNIO_MAX_QUEUES];
+    int n_releases;
 };
 
 int tunio_flows_new(const struct tunio_flows_config *cfg, struct tunio_flows **out);

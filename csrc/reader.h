@@ -18,6 +18,8 @@ struct tunio_reader_config {
     struct tunio_nat *nat[2];   /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
     struct tunio_queue *opens;  /* new flows (struct tunio_nat_open) for the loop */
     struct tunio_queue *dgrams; /* datagrams (struct tunio_dgram) for the loop */
+    struct tunio_queue *releases; /* from the loop: released SYNs (struct tunio_dgram) to write
+                                   * into this queue (NULL: none) */
 };
 
 int tunio_reader_new(const struct tunio_reader_config *cfg, struct tunio_reader **out);
