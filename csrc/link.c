@@ -335,7 +335,7 @@ static void on_message(struct tunio_link *l, zmq_msg_t *frames, int nframes)
     if (w < 0 || !l->workers[w].alive) {
         /* Not (or no longer) a worker of ours: it will say HELLO again once our silence tells
          * it so. DATA still gets its RST so nothing waits on it. */
-        if (h.cmd == TUNIO_CMD_DATA)
+        if (h.cmd == TUNIO_CMD_DATA || h.cmd == TUNIO_CMD_DATA_FIN)
             send_to_peer(l, id, id_len, TUNIO_CMD_RST, h.flow, ENOTCONN);
         return;
     }

@@ -459,8 +459,8 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         err = -errno;
         goto fail;
     }
-    if ((err = make_link(s, cfg)) || (err = make_releases(s)) || (err = make_flows(s)) || (err = make_udp(s)) ||
-        (err = make_readers(s)) || (err = start_timer(s)))
+    if ((err = make_link(s, cfg)) || (err = make_releases(s)) || (err = make_flows(s)) ||
+        (err = make_udp(s)) || (err = make_readers(s)) || (err = start_timer(s)))
         goto fail;
     int zap_fd = tunio_link_zap_fd(s->link);
     if ((s->fam[0].ready && (err = watch(s, s->fam[0].listen_fd, TAG_LISTENER4))) ||

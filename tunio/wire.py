@@ -55,6 +55,8 @@ class Cmd(enum.IntEnum):
     HEARTBEAT = 10
     BYE = 11
     DRAIN = 12
+    DATA_FIN = 14
+    CREDIT_FIN = 15
 
 
 class ProtocolError(ValueError):
@@ -105,6 +107,8 @@ _BODY: dict[int, _Body] = {
     Cmd.HEARTBEAT: _Body.NONE,
     Cmd.BYE: _Body.NONE,
     Cmd.DRAIN: _Body.NONE,
+    Cmd.DATA_FIN: _Body.NONEMPTY,
+    Cmd.CREDIT_FIN: _Body.NONE,
 }
 #: commands that are about the session, not a flow: their flow id is 0
 _SESSION_CMDS = frozenset({Cmd.HELLO, Cmd.HEARTBEAT, Cmd.BYE, Cmd.DRAIN})
@@ -191,11 +195,12 @@ def decode(frames: Sequence[Frame]) -> Message:
 
 
 _DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
+_DATA_FIN, _CREDIT_FIN = int(Cmd.DATA_FIN), int(Cmd.CREDIT_FIN)
 
 
 def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] | None:
-    """The data path's decode: (command, flow, arg) of a well-formed DATA, CREDIT or FIN; None
-    for any other message.
+    """The data path's decode: (command, flow, arg) of a well-formed DATA, CREDIT, FIN,
+    DATA_FIN or CREDIT_FIN; None for any other message.
 
     `head` is the header frame and `payload` the second frame, or None for a message of one frame
     (a message of more frames is not for this function). This runs once per message of bulk data,
@@ -210,11 +215,23 @@ def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] 
     if not flow:
         return None
     if payload is None:
-        if code in (_CREDIT, _FIN):
+        if code in (_CREDIT, _FIN, _CREDIT_FIN):
             return fields
-    elif code == _DATA and len(payload):
+    elif code in (_DATA, _DATA_FIN) and len(payload):
         return fields
     return None
+
+
+def unfold(msg: Message) -> list[Message]:
+    """A message as the plain ones it stands for: DATA_FIN is DATA and then FIN, CREDIT_FIN is
+    CREDIT (none for 0) and then FIN; any other message is itself. For tests and tools that
+    follow a flow message by message."""
+    if msg.cmd is Cmd.DATA_FIN:
+        return [Message(Cmd.DATA, msg.flow, msg.arg, msg.payload), Message(Cmd.FIN, msg.flow)]
+    if msg.cmd is Cmd.CREDIT_FIN:
+        fin = Message(Cmd.FIN, msg.flow)
+        return [Message(Cmd.CREDIT, msg.flow, msg.arg), fin] if msg.arg else [fin]
+    return [msg]
 
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -36,7 +36,8 @@ DRAIN_BUDGET = 512
 BYE_LINGER_MS = 1000
 
 _HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
-_DATA, _CREDIT = int(Cmd.DATA), int(Cmd.CREDIT)
+_DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
+_DATA_FIN = int(Cmd.DATA_FIN)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ class Handlers:
     data: Callable[[int, wire.Payload, int], None]  # (flow, payload, carried credit)
     credit: Callable[[int, int], None]  # (flow, amount)
     fin: Callable[[int], None]
+    data_fin: Callable[[int, wire.Payload, int], None]  # DATA then FIN: (flow, payload, credit)
+    credit_fin: Callable[[int, int], None]  # CREDIT then FIN: (flow, amount)
     rst: Callable[[int], None]
     open: Callable[[int, int, wire.Payload], None]  # (flow, window, address block)
     dgram: Callable[[int, wire.Payload], None]
@@ -222,7 +225,7 @@ class Link:
 
     # ---- receiving -------------------------------------------------------------------------
 
-    def _drain(self) -> None:
+    def _drain(self) -> None:  # noqa: PLR0915 - the data path: one loop, no call per message
         self._drain_scheduled = False
         if self._draining or self._zsock is None:
             return
@@ -233,6 +236,7 @@ class Link:
         # building a Message and handed on here; the rest takes wire.decode in _handle.
         decode_flow = wire.decode_flow
         on_data, on_credit, on_fin = handlers.data, handlers.credit, handlers.fin
+        on_data_fin, on_credit_fin = handlers.data_fin, handlers.credit_fin
         self._draining = True
         heard = False
         try:
@@ -261,8 +265,13 @@ class Link:
                             on_data(fid, payload, arg)
                         elif code == _CREDIT:
                             on_credit(fid, arg)
-                        else:
+                        elif code == _FIN:
                             on_fin(fid)
+                        elif code == _DATA_FIN:
+                            assert payload is not None
+                            on_data_fin(fid, payload, arg)
+                        else:
+                            on_credit_fin(fid, arg)
                 except Exception:
                     # a bug in one handler must not leave the rest of the queue unread
                     log.exception("worker %s: handling a message failed", self.name)
@@ -306,6 +315,11 @@ class Link:
             handlers.credit(fid, msg.arg)
         elif cmd is Cmd.FIN:
             handlers.fin(fid)
+        elif cmd is Cmd.DATA_FIN:
+            assert payload is not None
+            handlers.data_fin(fid, payload, msg.arg)
+        elif cmd is Cmd.CREDIT_FIN:
+            handlers.credit_fin(fid, msg.arg)
         elif cmd is Cmd.HEARTBEAT:
             pass
         elif cmd is Cmd.HELLO:

@@ -209,7 +209,7 @@ class TcpTable:
         if flow.readable and (state is _OPEN or state is _STACK_FIN):
             self._on_readable(flow)
 
-    def _on_readable(self, flow: Flow) -> None:
+    def _on_readable(self, flow: Flow) -> None:  # noqa: PLR0911 - each return ends a read loop
         sock = flow.sock
         assert sock is not None
         for _ in range(READ_BUDGET):
@@ -226,6 +226,24 @@ class TcpTable:
                 self._on_eof(flow)
                 return
             size = len(data)
+            if size < want and flow.hup:
+                # the EOF (or an error) waits behind these bytes: read on, and an EOF goes
+                # with them in one message (DATA_FIN)
+                try:
+                    rest = sock.recv(want - size)
+                except (BlockingIOError, InterruptedError):
+                    rest = None
+                except OSError as exc:
+                    self._destination_failed(flow, exc)
+                    return
+                if rest == b"":
+                    self.stats.bytes_to_stack += size
+                    self._send([wire.header(Cmd.DATA_FIN, flow.fid, flow.sent(size)), data])
+                    self._on_eof(flow, said=True)
+                    return
+                if rest:
+                    data += rest
+                    size = len(data)
             self.stats.bytes_to_stack += size
             self._send([wire.header(Cmd.DATA, flow.fid, flow.sent(size)), data])
             if size < want and not flow.hup:
@@ -241,13 +259,17 @@ class TcpTable:
             self._more_scheduled = True
             self._loop.call_soon(self._read_more)
 
-    def _on_eof(self, flow: Flow) -> None:
+    def _on_eof(self, flow: Flow, *, said: bool = False) -> None:
+        """The destination's EOF: FIN to the stack (`said`: it went with the last DATA, as
+        DATA_FIN), with the credit held back (no DATA will carry it now) as CREDIT_FIN."""
         flow.readable = False
         self._more.pop(flow.fid, None)
-        held = flow.fin_sent()  # no DATA will carry it now
-        if held:
-            self._send([wire.header(Cmd.CREDIT, flow.fid, held)])
-        self._send([wire.header(Cmd.FIN, flow.fid, 0)])
+        held = flow.fin_sent()
+        if not said:
+            if held:
+                self._send([wire.header(Cmd.CREDIT_FIN, flow.fid, held)])
+            else:
+                self._send([wire.header(Cmd.FIN, flow.fid, 0)])
         if flow.state is _OPEN:
             flow.state = _DEST_FIN
         elif flow.queue:  # STACK_FIN, with the stack's last bytes still to write
@@ -273,6 +295,19 @@ class TcpTable:
             self._start_reading(flow)
 
     # ---- stack -> destination --------------------------------------------------------------
+
+    def on_data_fin(self, fid: int, payload: wire.Payload, credit: int = 0) -> None:
+        """DATA_FIN: the stack's last bytes and its FIN in one message."""
+        self.on_data(fid, payload, credit)
+        flow = self.flows.get(fid)
+        if flow is not None:
+            self.on_fin(fid)
+
+    def on_credit_fin(self, fid: int, amount: int) -> None:
+        """CREDIT_FIN: credit, then the stack's FIN."""
+        if amount:
+            self.on_credit(fid, amount)
+        self.on_fin(fid)
 
     def on_data(self, fid: int, payload: wire.Payload, credit: int = 0) -> None:
         if credit:  # credit the stack carried along (DATA's arg), as if a CREDIT came first
