@@ -151,10 +151,8 @@ static void flow_free(struct tunio_flows *fl, struct flow *f)
         zmq_msg_close(&c->msg);
         free(c);
     }
-    if (f->fd >= 0) {
-        epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
-        close(f->fd);
-    }
+    if (f->fd >= 0)
+        close(f->fd); /* which takes it out of the epoll: the socket has no other descriptor */
     tunio_link_load(fl->cfg.link, f->worker, -1);
     fl->nflows--;
     free(f);
@@ -218,7 +216,8 @@ static void set_abortive(int fd, int on)
 static void end_flow(struct tunio_flows *fl, struct flow *f, int orderly)
 {
     if (f->fd >= 0) {
-        epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
+        /* No EPOLL_CTL_DEL: the close takes it out (events of this batch still to come name
+         * the flow by id, which is gone by then). */
         if (orderly)
             set_abortive(f->fd, 0);
         close(f->fd);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -232,6 +233,25 @@ def unfold(msg: Message) -> list[Message]:
         fin = Message(Cmd.FIN, msg.flow)
         return [Message(Cmd.CREDIT, msg.flow, msg.arg), fin] if msg.arg else [fin]
     return [msg]
+
+
+_AF_INET = socket.AF_INET
+
+
+def unpack_endpoints(buf: Payload) -> tuple[int, str, int, str, int]:
+    """(protocol, source host, source port, destination host, destination port) of an address
+    block, the hosts as `str()` of their addresses: what `AddressBlock.unpack` gives, without
+    the address objects (an IPv4 flow's OPEN costs a fifth of it)."""
+    if len(buf) < ADDRESS.size:
+        raise RemoteProtocolError("address", f"address block is {len(buf)} bytes, not 40")
+    proto, version, src_port, dst_port, _reserved, src, dst = ADDRESS.unpack_from(buf)
+    if version == 4:
+        return proto, socket.inet_ntop(_AF_INET, src[:4]), src_port, \
+            socket.inet_ntop(_AF_INET, dst[:4]), dst_port  # fmt: skip
+    if version == 6:  # (ipaddress's spelling, which inet_ntop does not always share)
+        return proto, str(ipaddress.IPv6Address(src)), src_port, \
+            str(ipaddress.IPv6Address(dst)), dst_port  # fmt: skip
+    raise RemoteProtocolError("address", f"IP version {version}, expected 4 or 6")
 
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address

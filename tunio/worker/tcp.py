@@ -194,11 +194,14 @@ class TcpTable:
         self._destination_failed(flow, OSError(code, errname(code)))
         return True
 
-    def _unregister(self, flow: Flow) -> None:
+    def _unregister(self, flow: Flow, *, closing: bool = False) -> None:
+        """Out of the table's view; `closing`: its socket is closed right after, which takes it
+        out of the epoll too (one epoll_ctl less per flow)."""
         if flow.fd >= 0 and self._by_fd.get(flow.fd) is flow:
             del self._by_fd[flow.fd]
-            with contextlib.suppress(OSError, ValueError):  # ValueError: the epoll is closed
-                self._epoll.unregister(flow.fd)
+            if not closing:
+                with contextlib.suppress(OSError, ValueError):  # ValueError: the epoll is closed
+                    self._epoll.unregister(flow.fd)
         self._more.pop(flow.fid, None)
 
     # ---- destination -> stack --------------------------------------------------------------
@@ -460,7 +463,9 @@ class TcpTable:
 
     def _free(self, flow: Flow, *, abortive: bool) -> None:
         self._forget(flow)
-        self._unregister(flow)  # before the close: the fd number may be reused at once
+        # out of _by_fd before the close, for the fd number may be reused at once; the close
+        # takes it out of the epoll (a socket is never shared with another descriptor)
+        self._unregister(flow, closing=True)
         dial = flow.dial
         if dial is not None:
             flow.dial = None
