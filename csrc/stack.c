@@ -606,7 +606,10 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
     case TAG_FLOW:
         tunio_flows_event(s->flows, (uint32_t)(ev->data.u64 >> 8), ev->events);
         break;
-    default: /* the ROUTER is drained after every batch; the stop fd ends the loop */
+    case TAG_ROUTER: /* drained after every batch */
+        tunio_link_fired(s->link);
+        break;
+    default: /* the stop fd ends the loop */
         break;
     }
 }

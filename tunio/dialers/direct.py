@@ -48,9 +48,8 @@ class DirectDialer:
             raise DialError(
                 errno.EINVAL, f"direct dialer needs an IP literal, got {dst.host!r}"
             ) from None
-        sock = socket.socket(family, kind)
+        sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)  # non-blocking without an ioctl
         try:
-            sock.setblocking(False)
             if self.mark is not None:
                 sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
             if self.interface is not None:

@@ -91,6 +91,7 @@ class Link:
         self._ready_called = False
         self._draining = False
         self._drain_scheduled = False
+        self._sent = False  # a message went out since _drain last looked (see _drain)
         self._last_heard = 0.0
         self._last_hello = 0.0
         self._done: asyncio.Future[bool] | None = None
@@ -200,6 +201,7 @@ class Link:
             except zmq.Again:
                 log.warning("send queue full: holding messages until the stack reads")
                 self._outbox.append(frames)
+            self._sent = True
         # ZMQ_FD is edge-triggered and any call on the socket may consume its edge, so look
         # for input again before the loop sleeps.
         if not self._draining and not self._drain_scheduled:
@@ -247,8 +249,12 @@ class Link:
                 try:
                     frames = zsock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
+                    # The receive that found nothing has processed every pending command, so
+                    # ZMQ_FD fires for the next message, unless a send (the credit flush)
+                    # consumes that signal: only then look again.
+                    self._sent = False
                     handlers.flush()
-                    if cast(int, zsock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    if self._sent and cast(int, zsock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         continue
                     break
                 heard = True

@@ -113,7 +113,8 @@ class TcpTable:
 
     def connected(self, flow: Flow, sock: socket.socket) -> None:
         """`flow`'s dial is done: OPEN_OK, and the relay starts."""
-        sock.setblocking(False)
+        if sock.getblocking():  # (a dialer's own socket; ours are non-blocking from the start)
+            sock.setblocking(False)
         flow.sock = sock
         if flow.fd < 0:  # dialed by a task: not in our epoll yet
             flow.fd = sock.fileno()
