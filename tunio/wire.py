@@ -197,11 +197,12 @@ def decode(frames: Sequence[Frame]) -> Message:
 
 _DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
 _DATA_FIN, _CREDIT_FIN = int(Cmd.DATA_FIN), int(Cmd.CREDIT_FIN)
+_OPEN = int(Cmd.OPEN)
 
 
 def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] | None:
     """The data path's decode: (command, flow, arg) of a well-formed DATA, CREDIT, FIN,
-    DATA_FIN or CREDIT_FIN; None for any other message.
+    DATA_FIN, CREDIT_FIN or OPEN (one a connection); None for any other message.
 
     `head` is the header frame and `payload` the second frame, or None for a message of one frame
     (a message of more frames is not for this function). This runs once per message of bulk data,
@@ -218,7 +219,10 @@ def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] 
     if payload is None:
         if code in (_CREDIT, _FIN, _CREDIT_FIN):
             return fields
-    elif code in (_DATA, _DATA_FIN) and len(payload):
+    elif code in (_DATA, _DATA_FIN):
+        if len(payload):
+            return fields
+    elif code == _OPEN and len(payload) == ADDRESS.size:
         return fields
     return None
 

@@ -197,7 +197,7 @@ def test_decode_accepts_bytearray_and_memoryview_headers() -> None:
 
 # ---- the data path's decode ----------------------------------------------------------------
 
-DATA_PATH = {Cmd.DATA, Cmd.CREDIT, Cmd.FIN, Cmd.DATA_FIN, Cmd.CREDIT_FIN}
+DATA_PATH = {Cmd.DATA, Cmd.CREDIT, Cmd.FIN, Cmd.DATA_FIN, Cmd.CREDIT_FIN, Cmd.OPEN}
 
 
 def decode_flow_of(frames: list[bytes]) -> tuple[int, int, int] | None:

@@ -37,7 +37,7 @@ BYE_LINGER_MS = 1000
 
 _HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
 _DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
-_DATA_FIN = int(Cmd.DATA_FIN)
+_DATA_FIN, _OPEN = int(Cmd.DATA_FIN), int(Cmd.OPEN)
 
 
 @dataclass(frozen=True)
@@ -196,8 +196,17 @@ class Link:
         if self._outbox:
             self._outbox.append(frames)  # keep order behind what is already waiting
         else:
+            zsock = self._zsock
             try:
-                self._zsock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                # (one or two frames, sent by hand: send_multipart costs twice as much)
+                if len(frames) == 1:
+                    zsock.send(frames[0], zmq.NOBLOCK)
+                elif len(frames) == 2:
+                    zsock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE)
+                    zsock.send(frames[1], zmq.NOBLOCK, copy=False)  # the DEALER's queue took
+                    # the first frame, so it takes the rest of the message
+                else:
+                    zsock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 log.warning("send queue full: holding messages until the stack reads")
                 self._outbox.append(frames)
@@ -238,7 +247,7 @@ class Link:
         # building a Message and handed on here; the rest takes wire.decode in _handle.
         decode_flow = wire.decode_flow
         on_data, on_credit, on_fin = handlers.data, handlers.credit, handlers.fin
-        on_data_fin, on_credit_fin = handlers.data_fin, handlers.credit_fin
+        on_data_fin, on_credit_fin, on_open = handlers.data_fin, handlers.credit_fin, handlers.open
         self._draining = True
         heard = False
         try:
@@ -276,6 +285,9 @@ class Link:
                         elif code == _DATA_FIN:
                             assert payload is not None
                             on_data_fin(fid, payload, arg)
+                        elif code == _OPEN:
+                            assert payload is not None
+                            on_open(fid, arg, payload)
                         else:
                             on_credit_fin(fid, arg)
                 except Exception:
