@@ -22,8 +22,13 @@
 #include "tunio.h"
 #include "wire.h"
 
-#define SMALL_DATA 16384u        /* below this a DATA payload is copied; above, handed over */
-#define ACCEPT_TIMEOUT_MS 10000u /* a released SYN must be accepted within this */
+#define SMALL_DATA 16384u /* below this a DATA payload is copied; above, handed over */
+/* A released SYN must be accepted within this. The kernel keeps completing the handshake for
+ * longer: under load the TUN drops segments, and the listener's SYN-ACK retransmits (after 1, 3,
+ * 7, 15 and 31 s, with tcp_synack_retries at 5) can bring the app's ACK 31 s or more after the
+ * release. A flow dropped before then is reset at its accept, after the app saw it connect: wait
+ * out the listener's 63 s of retries. */
+#define ACCEPT_TIMEOUT_MS 75000u
 
 enum flow_flag {
     FLOW_OPEN_OK = 1u << 0,    /* the worker's dial succeeded */

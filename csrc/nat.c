@@ -860,7 +860,12 @@ size_t tunio_nat_sweep(struct tunio_nat *nat, uint64_t now, uint32_t *expired, s
     pthread_mutex_lock(&nat->lock);
     for (uint32_t i = 1; i <= nat->hdr->used; i++) {
         struct tunio_nat_entry *e = entry_at(nat, i);
-        uint64_t age = now - e->last_ms;
+        /* A reader stamps last_ms with the time it read before it took the lock, and the loop
+         * reads `now` before it sweeps: an entry a reader touched in between is stamped after
+         * `now`. It was just used; unsigned, now - last_ms would make it 2^64 ms old, and a
+         * held SYN would go silent at once, a closed flow still delivering its last bytes would
+         * lose its slot. */
+        uint64_t age = now > e->last_ms ? now - e->last_ms : 0;
         switch (e->state) {
         case ENTRY_PENDING:
             if (age >= nat->cfg.pending_ms && n < cap) {

@@ -11,13 +11,12 @@ its holder dies, so a lock file left by a run that was killed is taken over (wit
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import tempfile
 from pathlib import Path
 
+from tunio import pidfile
 from tunio.errors import TunioError
 
 log = logging.getLogger("tunio.devicelock")
@@ -66,14 +65,13 @@ class DeviceLock:
             if same:
                 break
             os.close(fd)
-        previous = _read_pid(fd)
+        previous = pidfile.read_pid(fd)
         if previous is not None and previous != os.getpid():
             log.warning(
                 "taking over the lock of TUN device %s from a run that is gone (pid %d): %s",
                 self.tun, previous, self.path,
             )  # fmt: skip
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        pidfile.write_pid(fd)
         self._fd = fd
 
     def _lock_file(self) -> int:
@@ -81,27 +79,17 @@ class DeviceLock:
         for _ in range(3):  # the directory may be removed under us by a cleanup once it is empty
             try:
                 self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-                break
+                return pidfile.lock(self.path, 0o644, self._busy)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 msg = f"cannot open the device lock {self.path}: {exc.strerror}"
                 raise TunioError(msg) from exc
-        else:
-            raise TunioError(f"cannot open the device lock {self.path}: its directory vanished")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_pid(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise TunioError(
-                    f"another tunio-run (pid {holder or '?'}) already runs on TUN device "
-                    f"{self.tun} in this network namespace (lock {self.path})"
-                ) from exc
-            raise TunioError(f"cannot lock {self.path}: {exc.strerror}") from exc
-        return fd
+        raise TunioError(f"cannot open the device lock {self.path}: its directory vanished")
+
+    def _busy(self, holder: int | None) -> str:
+        return (f"another tunio-run (pid {holder or '?'}) already runs on TUN device {self.tun} "
+                f"in this network namespace (lock {self.path})")  # fmt: skip
 
     def release(self) -> None:
         if self._fd is None:
@@ -111,7 +99,3 @@ class DeviceLock:
         os.close(self._fd)
         self._fd = None
 
-
-def _read_pid(fd: int) -> int | None:
-    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-    return int(text) if text.isdigit() else None

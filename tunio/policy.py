@@ -18,7 +18,6 @@ the rules of a configuration file (tunio.rules) are a policy too. Both run in ev
 from __future__ import annotations
 
 import errno
-import importlib
 import inspect
 import ipaddress
 import logging
@@ -28,6 +27,7 @@ from typing import Protocol, cast, runtime_checkable
 
 from tunio.dialers.base import Address, Dialer
 from tunio.errors import ConfigError
+from tunio.loading import load_object
 
 log = logging.getLogger("tunio.policy")
 
@@ -189,17 +189,7 @@ def load_policy(spec: str) -> Policy:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--policy {spec!r}: give module:attr")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"--policy {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    obj: object = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"--policy {spec!r}: {module_name!r} has no {attr!r}") from None
-    return as_policy(obj, spec)
+    return as_policy(load_object(spec, f"--policy {spec!r}"), spec)
 
 
 def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] | Reject:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import stat
 import tempfile
 from pathlib import Path
 
+from tunio import pidfile
 from tunio.errors import ConfigError, TunioError
 
 LOCK_NAME = "tunio.pid"
@@ -104,20 +103,12 @@ class RuntimeDir:
             )
 
     def _lock(self) -> None:
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "?"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise TunioError(
-                    f"another tunio-run (pid {holder}) already runs on {self.tun} "
-                    f"(lock {self.lock_path})"
-                ) from exc
-            raise TunioError(f"cannot lock {self.lock_path}: {exc.strerror}") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        def busy(holder: int | None) -> str:
+            return (f"another tunio-run (pid {holder or '?'}) already runs on {self.tun} "
+                    f"(lock {self.lock_path})")  # fmt: skip
+
+        fd = pidfile.lock(self.lock_path, 0o600, busy)
+        pidfile.write_pid(fd)
         self._lock_fd = fd
 
     def release(self) -> None:

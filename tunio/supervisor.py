@@ -1,8 +1,10 @@
-"""tunio-run's supervisor: set up the TUN device, start the stack and the workers, restart what
-dies, and undo everything it set up when it stops.
+"""tunio-run's supervisor: start the stack and the workers, restart what dies, reload, and
+stop everything when asked.
 
-What the options are and how they are checked is tunio.config; the children's entry points are
-tunio.children; process housekeeping is tunio.process. This module only supervises.
+What the options are and how they are checked is tunio.config; what a run sets up on the host
+(and takes back) is tunio.host; the dialer and policy of the workers are tunio.wayout; the
+children's entry points are tunio.children; process housekeeping is tunio.process; what a
+reload may change is tunio.reload. This module only supervises.
 """
 
 from __future__ import annotations
@@ -20,17 +22,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from tunio import bypass, defaults, devicelock, netplan, sdnotify, tundev
+from tunio import defaults, sdnotify, tundev, wayout
 from tunio.children import StatusChannel, stack_entry, worker_entry
-from tunio.config import Options, Plan, explain, validate
-from tunio.errors import ConfigError, TunError, TunioError, describe
+from tunio.config import Options, explain, validate
+from tunio.errors import ConfigError, TunioError, describe
+from tunio.host import Host
 from tunio.netplan import Change
 from tunio.process import raise_fd_limit
-from tunio.runtime import RuntimeDir
 
 if TYPE_CHECKING:
-    from tunio.dialers import Dialer
-    from tunio.keys import StackKeys
     from tunio.metrics import MetricsServer
     from tunio.policy import Policy
     from tunio.stack import StackConfig
@@ -115,12 +115,10 @@ class Supervisor:
         self.restarts: dict[str, int] = {}  # how often each child was started again
         self._startup_deadline = startup_deadline
         self._stop_deadline = stop_deadline
-        self._proc = proc
         self._sys_net = sys_net
-        self._tun_path = tun_path
-        self._lock_dir = lock_dir if lock_dir is not None else devicelock.default_directory()
-        # held while we run; every child closes them
-        self._locks: list[devicelock.DeviceLock | RuntimeDir] = []
+        # what the run sets up on the host (device, routes, locks, runtime directory)
+        self._host = Host(options, proc=proc, sys_net=sys_net, tun_path=tun_path,
+                          lock_dir=lock_dir)  # fmt: skip
         self._metrics: MetricsServer | None = None
         self._pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -134,14 +132,10 @@ class Supervisor:
         self._ctx: Any = None
         self._stack = _Child("stack")
         self._workers: list[_Child] = []
-        self._fds: list[int] = []
         self._nat_region = -1  # the memfd holding the NAT tables, for every stack of the run
         self._stack_config: StackConfig | None = None
         self._dialer: Any = None
         self._policy: Policy | None = None
-        self._endpoint = ""
-        self._keys: StackKeys | None = None
-        self._socket: Path | None = None  # the ipc socket file in our runtime directory
         self._stack_error: str | None = None
 
     # ---- public
@@ -236,81 +230,18 @@ class Supervisor:
 
     def plan_changes(self) -> list[Change]:
         """What a run would change on this host, in order, changing nothing (--dry-run)."""
-        plan = validate(self.options, self._sys_net)
-        existed, held = self._device_state(plan)
-        return self._changes(plan, existed, held)
-
-    def _device_state(self, plan: Plan) -> tuple[bool, list[bool]]:
-        """Whether the device exists (and is one we can use), and which addresses it holds."""
-        opts = self.options
-        tundev.check_tun_device(self._tun_path)
-        existed = tundev.link_exists(opts.tun, self._sys_net)
-        if existed:
-            tundev.check_existing_link(opts.tun, self._sys_net)
-        held = [tundev.check_address_free(opts.tun, address) for address in plan.addresses]
-        return existed, held
-
-    def _changes(self, plan: Plan, existed: bool, held: list[bool]) -> list[Change]:
-        """Every change of the run, computed from what the host has before any is made."""
-        opts = self.options
-        changes = netplan.device_changes(opts, plan, existed, held)
-        changes += netplan.exclude_changes(opts.tun, plan.excludes)
-        if opts.auto_bypass:
-            changes += bypass.plan(opts.tun, self._egress_mark() or bypass.MARK, self._proc)
-        changes += netplan.route_changes(opts.tun, plan.routes)
-        return changes
-
-    def _egress_mark(self) -> int | None:
-        """The workers' mark: the one given, or the bypass's own."""
-        if self.options.egress_mark is None and self.options.auto_bypass:
-            return bypass.MARK
-        return self.options.egress_mark
-
-    def _apply(self, changes: list[Change], journal: netplan.Journal,
-               undo: contextlib.ExitStack) -> None:  # fmt: skip
-        """Makes each change (the device's own was made by opening its queues), notes it in the
-        journal, and registers its undo: at exit they are taken back in reverse order."""
-        for change in changes:
-            if change.do:
-                tundev.run(*change.do)
-            journal.add(change)
-            if change.do and change.undo:
-                undo.callback(self._undo, change.what, tundev.run, *change.undo)
-            log.debug("made: %s", change.what)
+        return self._host.plan_changes()
 
     def _start(self, undo: contextlib.ExitStack) -> None:
         opts = self.options
         plan = validate(opts, self._sys_net)
-        self._dialer = self._load_dialer()
-        self._policy = self._load_policy()
-        device = devicelock.DeviceLock(self._lock_dir, opts.tun)
-        undo.callback(self._undo, "device lock", device.release)
-        device.acquire()
-        rundir = RuntimeDir(plan.runtime_dir, opts.tun)
-        undo.callback(self._undo, "runtime directory", rundir.release)
-        rundir.acquire()
-        self._locks = [device, rundir]
+        self._dialer = wayout.load_dialer(opts)
+        self._policy = wayout.load_policy(opts, self._dialer)
+        host = self._host
+        host.set_up(plan, undo, self._check_stop)
         if opts.metrics is not None:
             self._serve_metrics(opts.metrics, undo)
-        self._endpoint = plan.endpoint or rundir.endpoint
-        if self._endpoint.startswith("tcp://"):
-            self._keys = self._load_keys(plan, undo)
-        self._socket = rundir.socket_path if plan.endpoint is None else None
-
-        existed, held = self._device_state(plan)
-        uplink = opts.egress_interface or self._default_interface()
-        changes = self._changes(plan, existed, held)
-        journal = netplan.Journal(plan.runtime_dir)
-        undo.callback(journal.remove)  # after every change is taken back
-        self._check_stop()
-
-        from tunio.stack import open_tun  # noqa: PLC0415 - the cffi extension is heavy
-
-        self._fds = open_tun(opts.tun, opts.queues, offload=opts.offload)
-        undo.callback(self._close_tun, existed)
-        self._apply(changes, journal, undo)
-        self._warn_egress(plan, uplink)
-        self._check_stop()
+        host.warn_egress(plan, self._dialer)
 
         import multiprocess  # noqa: PLC0415 - import cost only for a real run
 
@@ -318,18 +249,19 @@ class Supervisor:
         undo.callback(self._stop_children)
         from tunio.stack import StackConfig, create_nat_region  # noqa: PLC0415 - heavy
 
+        keys = host.keys
         config = StackConfig(
-            tun_fds=tuple(self._fds),
+            tun_fds=tuple(host.fds),
             addresses=plan.addresses,
-            endpoint=self._endpoint,
+            endpoint=host.endpoint,
             window=opts.window,
             # A held SYN must outlive the worker's own connect timeout.
             pending_timeout=max(defaults.PENDING_TIMEOUT, opts.connect_timeout + 5.0),
             log_level=opts.log_level,
             udp_timeout=opts.udp_timeout,
             offload=opts.offload,
-            curve_secret=self._keys.secret if self._keys else None,
-            curve_clients=(self._keys.worker.public,) if self._keys else (),
+            curve_secret=keys.secret if keys else None,
+            curve_clients=(keys.worker.public,) if keys else (),
             max_flows=opts.max_flows,
             max_pending=opts.max_pending,
             log_json=opts.log_format == "json",
@@ -352,7 +284,7 @@ class Supervisor:
             ",".join(str(a) for a in plan.addresses),
             opts.queues,
             opts.workers,
-            self._endpoint,
+            host.endpoint,
         )
         self.ready.set()
         sdnotify.notify("READY=1", f"STATUS=forwarding on {opts.tun}", f"MAINPID={os.getpid()}")
@@ -377,114 +309,17 @@ class Supervisor:
         server.start()
         log.info("metrics on http://%s/metrics", where)
 
-    def _load_keys(self, plan: Plan, undo: contextlib.ExitStack) -> StackKeys:
-        """Workers on other hosts: CURVE, and only workers holding our worker key get in. Keys
-        of --keys are the user's; without it a pair is made for this run only, in the runtime
-        directory, and removed at exit (a pair a killed run left there is replaced)."""
-        from tunio.keys import key_files, load_or_create  # noqa: PLC0415
-
-        if self.options.keys:
-            path = Path(self.options.keys)
-        else:
-            path = plan.runtime_dir / "keys"
-            for stale in key_files(path):
-                stale.unlink(missing_ok=True)
-            for made in key_files(path):
-                undo.callback(made.unlink, missing_ok=True)
-        keys = load_or_create(path)
-        log.info("workers on other hosts need %s.worker (tunio-worker --keys)", path)
-        return keys
-
-    def _load_dialer(self) -> Any:
-        spec = self.options.dialer
-        if not isinstance(spec, (str, tuple)):
-            return spec
-        from tunio.dialers import load_dialer  # noqa: PLC0415 - user code may be slow to import
-
-        return load_dialer(
-            spec,
-            egress_mark=self._egress_mark(),
-            egress_interface=self.options.egress_interface,
-        )
-
-    def _load_policy(self) -> Policy | None:
-        """The per-flow policy of the workers: --policy's, or the rules' (their dialers loaded
-        here once, so a bad spec is an error now, not in each worker)."""
-        opts = self.options
-        from tunio import policy as policies  # noqa: PLC0415 - user code may be slow to import
-
-        if isinstance(opts.policy, str):
-            return policies.load_policy(opts.policy)
-        if opts.policy is not None:
-            return policies.as_policy(opts.policy)
-        if not opts.rules:
-            return None
-        from tunio.dialers import DirectDialer, load_dialer  # noqa: PLC0415
-        from tunio.rules import RuleTable  # noqa: PLC0415
-
-        mark, interface = self._egress_mark(), opts.egress_interface
-        named: dict[str, Dialer] = {
-            "default": self._dialer,
-            "direct": DirectDialer(mark=mark, interface=interface),
-        }
-        for name, spec in opts.dialers.items():
-            made = spec if not isinstance(spec, (str, tuple)) else load_dialer(
-                spec, egress_mark=mark, egress_interface=interface
-            )  # fmt: skip
-            named[name] = made
-        return RuleTable(opts.rules, named)
-
-    def _default_interface(self) -> str | None:
-        try:
-            return tundev.default_route_interface()
-        except TunError as exc:
-            log.debug("no default route interface: %s", describe(exc))
-            return None
-
     def _close_nat_region(self) -> None:
         fd, self._nat_region = self._nat_region, -1
         if fd >= 0:
             os.close(fd)
-
-    def _close_tun(self, existed: bool) -> None:
-        fds, self._fds = self._fds, []
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        # A device we created goes with its last fd unless something made it persistent.
-        if not existed and tundev.link_exists(self.options.tun, self._sys_net):
-            self._undo("device", tundev.delete_link, self.options.tun)
-
-    def _warn_egress(self, plan: Plan, uplink: str | None) -> None:
-        opts = self.options
-        if opts.auto_bypass:
-            return  # the bypass made the workers' way out, reverse path included
-        if plan.routes and uplink is not None and uplink != opts.tun:
-            line = tundev.rp_filter_warning(uplink, opts.tun, self._proc)
-            if line is not None:
-                log.warning("%s", line)
-        from tunio.dialers import DirectDialer  # noqa: PLC0415 - dialers load with user code
-
-        direct = isinstance(self._dialer, DirectDialer)
-        if (
-            "default" in plan.routes
-            and direct
-            and opts.egress_mark is None
-            and opts.egress_interface is None
-        ):
-            log.warning(
-                "--route default with the direct dialer and neither --egress-mark nor "
-                "--egress-interface: the workers' own connections will be routed into %s and "
-                "loop",
-                opts.tun,
-            )
 
     # ---- children
 
     def _inherited_fds(self) -> tuple[int, ...]:
         """What a child must close: our wake-up pipe and our locks (a child that kept a lock
         would hold the device after tunio-run is gone)."""
-        held = [lock.fileno() for lock in self._locks]
+        held = [lock.fileno() for lock in self._host.locks]
         if self._metrics is not None:
             held.append(self._metrics.fileno())  # a child must not keep our port open
         return (self._wake_r, self._wake_w, *(fd for fd in held if fd is not None))
@@ -504,16 +339,16 @@ class Supervisor:
         child.process = self._ctx.Process(
             target=worker_entry,
             kwargs={
-                "endpoint": self._endpoint,
+                "endpoint": self._host.endpoint,
                 "dialer": self._dialer,
                 "name": child.name,
                 "window": self.options.window,
                 "connect_timeout": self.options.connect_timeout,
-                "keys": self._keys.worker if self._keys else None,
+                "keys": self._host.keys.worker if self._host.keys else None,
                 "status": child.status,
                 # Workers have no use for the TUN queues (they must not keep the device alive)
                 # nor for the NAT region.
-                "close_fds": (*self._inherited_fds(), *self._fds, self._nat_region),
+                "close_fds": (*self._inherited_fds(), *self._host.fds, self._nat_region),
                 "parent": self._pid,
                 "policy": self._policy,
             },
@@ -624,8 +459,8 @@ class Supervisor:
         previous = (self.options, self._dialer, self._policy)
         self.options = new
         try:
-            self._dialer = self._load_dialer()
-            self._policy = self._load_policy()
+            self._dialer = wayout.load_dialer(new)
+            self._policy = wayout.load_policy(new, self._dialer)
         except (ConfigError, TunioError, OSError) as exc:
             self.options, self._dialer, self._policy = previous
             log.error("reload refused: %s; the settings in force stay", describe(exc))
@@ -725,9 +560,10 @@ class Supervisor:
                 if child.restart_at is not None and child.restart_at <= now:
                     if child is self._stack:
                         self._stack_error = None
-                        if self._socket is not None:  # a killed stack leaves its socket file
+                        socket_file = self._host.socket
+                        if socket_file is not None:  # a killed stack leaves its socket file
                             with contextlib.suppress(FileNotFoundError):
-                                self._socket.unlink()
+                                socket_file.unlink()
                         self._spawn_stack()
                     else:
                         self._spawn_worker(child)
@@ -797,10 +633,3 @@ class Supervisor:
                     self._on_status(child, message)
             child.status.close()
             child.status = None
-
-    def _undo(self, what: str, action: Callable[..., object], *args: object) -> None:
-        """One step of the teardown: a failure is logged and the other steps still run."""
-        try:
-            action(*args)
-        except (TunioError, OSError) as exc:
-            log.warning("could not remove the %s: %s", what, describe(exc))

@@ -21,32 +21,17 @@ import struct
 import sys
 import time
 
+from tunio.testing import packets
+
 PORT_BASE = 20000
 PORT_SPAN = 40000
 BATCH = 100  # SYNs between two looks at the clock
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
     """An IPv4 SYN (MSS option) with correct checksums."""
-    s, d = socket.inet_aton(src), socket.inet_aton(dst)
-    options = struct.pack("!BBH", 2, 4, 1460)
-    offset = (20 + len(options)) // 4
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, offset << 4, 0x02, 65535, 0, 0) + options
-    pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_TCP, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", _checksum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), sport & 0xFFFF, 0, 64,
-                     socket.IPPROTO_TCP, 0, s, d)  # fmt: skip
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    return ip + tcp
+    return packets.tcp(src, sport, dst, dport, flags=packets.SYN, seq=seq,
+                       options=struct.pack("!BBH", 2, 4, 1460), window=65535)  # fmt: skip
 
 
 def flood(sock: socket.socket, source: str, targets: list[tuple[str, int]], *, count: int,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,7 @@ from tunio.dialers.http import HttpDialer
 from tunio.dialers.proxy import ProxyDialer
 from tunio.dialers.socks5 import Socks5Dialer
 from tunio.errors import ConfigError
+from tunio.loading import load_object
 
 __all__ = [
     "Address",
@@ -139,14 +139,4 @@ def _load_one(
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"unknown dialer {spec!r}: {_ACCEPTED}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"dialer {spec!r}: cannot import {module_name!r}: {exc}") from exc
-    obj: object = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"dialer {spec!r}: {module_name!r} has no {attr!r}") from None
-    return _from_object(obj, spec)
+    return _from_object(load_object(spec, f"dialer {spec!r}"), spec)

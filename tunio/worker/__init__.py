@@ -204,31 +204,11 @@ class Worker:
 
 
 def run_worker(
-    endpoint: str,
-    dialer: Dialer,
-    *,
-    name: str,
-    capacity: int = 0,
-    window: int = defaults.WINDOW,
-    connect_timeout: float = defaults.CONNECT_TIMEOUT,
-    ready: Callable[[], None] | None = None,
-    keys: WorkerKeys | None = None,
-    report: Callable[[dict[str, Any]], None] | None = None,
-    policy: Policy | None = None,
+    endpoint: str, dialer: Dialer, *, keys: WorkerKeys | None = None, **options: Any
 ) -> int:
     """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
 
-    `keys`: CURVE keys for a tcp:// endpoint (tunio.keys)."""
-    worker = Worker(
-        endpoint,
-        dialer,
-        name=name,
-        capacity=capacity,
-        window=window,
-        connect_timeout=connect_timeout,
-        ready=ready,
-        report=report,
-        policy=policy,
-    )
+    `keys`: CURVE keys for a tcp:// endpoint (tunio.keys); `options` as Worker takes them."""
+    worker = Worker(endpoint, dialer, **options)
     worker.keys = keys
     return worker.run()

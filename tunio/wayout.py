@@ -1,0 +1,61 @@
+"""How a run's workers reach destinations: the dialer and the per-flow policy its options name.
+
+Made once at start and again at each reload (tunio.reload), in the supervisor, so that a bad
+spec is an error there and then, not in every worker; the workers get the objects by fork.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tunio import bypass
+from tunio.config import Options
+
+if TYPE_CHECKING:
+    from tunio.dialers import Dialer
+    from tunio.policy import Policy
+
+
+def egress_mark(options: Options) -> int | None:
+    """The workers' firewall mark: the one given, or the bypass's own."""
+    if options.egress_mark is None and options.auto_bypass:
+        return bypass.MARK
+    return options.egress_mark
+
+
+def load_dialer(options: Options) -> Dialer:
+    """The run's own dialer (--dialer), with the egress mark and interface."""
+    spec = options.dialer
+    if not isinstance(spec, (str, tuple)):
+        return spec
+    from tunio.dialers import load_dialer as load  # noqa: PLC0415 - user code may import slowly
+
+    return load(spec, egress_mark=egress_mark(options), egress_interface=options.egress_interface)
+
+
+def load_policy(options: Options, dialer: Dialer) -> Policy | None:
+    """The workers' per-flow policy: --policy's, or the rules' with their named dialers
+    ("default" is `dialer`, "direct" a direct dialer with the egress settings); None: every
+    flow takes `dialer`."""
+    from tunio import policy as policies  # noqa: PLC0415 - user code may import slowly
+
+    if isinstance(options.policy, str):
+        return policies.load_policy(options.policy)
+    if options.policy is not None:
+        return policies.as_policy(options.policy)
+    if not options.rules:
+        return None
+    from tunio.dialers import DirectDialer  # noqa: PLC0415
+    from tunio.dialers import load_dialer as load  # noqa: PLC0415
+    from tunio.rules import RuleTable  # noqa: PLC0415
+
+    mark, interface = egress_mark(options), options.egress_interface
+    named: dict[str, Dialer] = {
+        "default": dialer,
+        "direct": DirectDialer(mark=mark, interface=interface),
+    }
+    for name, spec in options.dialers.items():
+        named[name] = spec if not isinstance(spec, (str, tuple)) else load(
+            spec, egress_mark=mark, egress_interface=interface
+        )  # fmt: skip
+    return RuleTable(options.rules, named)
