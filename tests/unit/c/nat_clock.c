@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "../../../csrc/checksum.h"
@@ -73,7 +74,6 @@ static enum tunio_nat_verdict translate(struct tunio_nat *nat, uint8_t *b, size_
 
 int main(void)
 {
-    static atomic_uint next_id = 1;
     struct tunio_nat nat;
     struct tunio_nat_config cfg = {.version = 4,
                                    .listen_port = 4000,
@@ -83,8 +83,14 @@ int main(void)
                                    .silent_ms = 60000};
     memcpy(cfg.listen_addr, LISTEN, 4);
     memcpy(cfg.pool_base, POOL, 4);
-    if (tunio_nat_init(&nat, &cfg, &next_id)) {
-        fprintf(stderr, "FAIL: tunio_nat_init\n");
+    /* The table in a fresh region, as the stack attaches it (csrc/nat.h). */
+    struct tunio_nat_config cfgs[2] = {cfg, {0}};
+    struct tunio_nat *nats[2] = {&nat, NULL};
+    static struct tunio_nat_limits limits;
+    size_t region_len = tunio_nat_region_size_of(cfgs);
+    void *region = calloc(1, region_len);
+    if (!region || tunio_nat_attach(region, region_len, cfgs, nats, &limits, T)) {
+        fprintf(stderr, "FAIL: tunio_nat_attach\n");
         return 1;
     }
     uint8_t b[64], out[256];
@@ -127,6 +133,7 @@ int main(void)
     check(tunio_nat_live(&nat) == 0, "closed slots are released after reserve_ms");
 
     tunio_nat_fini(&nat);
+    free(region);
     if (!failures)
         printf("nat_clock: all checks passed\n");
     return failures != 0;
