@@ -21,7 +21,7 @@ PROGRAM_PACKAGES := $(shell awk '{ sub(/\#.*/, "") } NF >= 2 && $$2 !~ /^pypi:/ 
 APT_PACKAGES := $(BUILD_PACKAGES) $(PROGRAM_PACKAGES)
 
 .PHONY: help setup apt print-packages venv build test test-unit test-vm lint format format-check demo \
-	clean distclean asan fuzz bench bench-peers bench-udp
+	clean distclean asan fuzz bench bench-peers bench-udp bench-conn
 
 help:
 	@echo "make setup      install Debian packages (if missing), create $(VENV), install tunio"
@@ -34,6 +34,7 @@ help:
 	@echo "make demo       setup + build + a short end-to-end demonstration (root)"
 	@echo "make bench      benchmarks against the plain path, then bench-peers (root)"
 	@echo "make bench-peers  tunio against sing-box and danted on one path (root)"
+	@echo "make bench-conn   a connection's and an exchange's cost, for A/B runs (root)"
 	@echo "make clean      remove build products; distclean also removes $(VENV)"
 
 setup: apt venv
@@ -174,6 +175,14 @@ BENCH_PEERS_ARGS ?=
 bench-peers: setup build
 	$(PIP) install -q -e '.[bench]'
 	$(PY) tools/bench_peers.py --out bench/results $(BENCH_PEERS_ARGS)
+
+# bench-conn: what one connection and one exchange cost, tunio socks5:// and direct on the
+# bench-peers path: conn/s, sequential connect p50, rr p50, one flow's Gbit/s, CPU per connection
+# by stack thread and workers, median and spread of --repeat runs (tools/bench_conn.py). Run it
+# before and after a change for an A/B. About 2 minutes.
+BENCH_CONN_ARGS ?=
+bench-conn: setup build
+	$(PY) tools/bench_conn.py --out bench/results $(BENCH_CONN_ARGS)
 
 # bench-udp: UDP datagrams/s and loss at 1,400 B, and DNS queries/s, through tunio and plain.
 bench-udp: setup build

@@ -162,10 +162,8 @@ static void flow_free(struct tunio_flows *fl, struct flow *f)
         zmq_msg_close(&c->msg);
         free(c);
     }
-    if (f->fd >= 0) {
-        epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
-        close(f->fd);
-    }
+    if (f->fd >= 0)
+        close(f->fd); /* which takes it out of the epoll: the socket has no other descriptor */
     tunio_link_load(fl->cfg.link, f->worker, -1);
     if (f->fake)
         tunio_dnsmap_release(fl->cfg.map, f->fake_index, tunio_now_ms());
@@ -231,7 +229,8 @@ static void set_abortive(int fd, int on)
 static void end_flow(struct tunio_flows *fl, struct flow *f, int orderly)
 {
     if (f->fd >= 0) {
-        epoll_ctl(fl->cfg.epfd, EPOLL_CTL_DEL, f->fd, NULL);
+        /* No EPOLL_CTL_DEL: the close takes it out (events of this batch still to come name
+         * the flow by id, which is gone by then). */
         if (orderly)
             set_abortive(f->fd, 0);
         close(f->fd);
@@ -406,7 +405,9 @@ static void reopen(struct tunio_flows *fl, struct flow *f)
  * quarter of the window, so it has three quarters left to send. */
 static int credit_due(const struct tunio_flows *fl, const struct flow *f)
 {
-    return f->uncredited && (f->uncredited >= fl->cfg.window / 4 || (f->flags & FLOW_APP_EOF));
+    /* A worker that said FIN sends no more DATA: it needs no credit (docs/protocol.md). */
+    return f->uncredited && !(f->flags & FLOW_WORKER_FIN) &&
+           (f->uncredited >= fl->cfg.window / 4 || (f->flags & FLOW_APP_EOF));
 }
 
 /* Sends the credit held back for `f` now, as CREDIT. */
@@ -459,47 +460,68 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
     return 0;
 }
 
-/* Reads from the app while there is credit, sends DATA (carrying held-back credit), and FIN at
- * the app's end of input (with any credit held back sent first: no DATA will carry it now). 0, or
- * -1 if the flow ended. */
+/* The app's end of input: FIN to the worker, with the credit held back on it (no DATA will
+ * carry it now). */
+static void app_eof(struct tunio_flows *fl, struct flow *f)
+{
+    f->flags |= FLOW_APP_EOF;
+    if (f->uncredited && !(f->flags & FLOW_WORKER_FIN))
+        send_to_worker(fl, f, TUNIO_CMD_CREDIT_FIN, f->uncredited);
+    else
+        send_to_worker(fl, f, TUNIO_CMD_FIN, 0);
+    f->uncredited = 0;
+}
+
+/* Reads from the app while there is credit and sends it as DATA (carrying held-back credit); an
+ * EOF found right behind the bytes goes with them (DATA_FIN), else alone at the app's end of
+ * input (FIN, or CREDIT_FIN with credit held back). A read that comes back short is followed by
+ * one more (which the edge-triggered socket needs anyway): its EAGAIN, EOF or bytes decide what
+ * goes. 0, or -1 if the flow ended. */
 static int read_from_app(struct tunio_flows *fl, struct flow *f)
 {
     while ((f->flags & FLOW_READABLE) && !(f->flags & FLOW_APP_EOF) && f->credit > 0) {
         if (!fl->rbuf && !(fl->rbuf = malloc(TUNIO_READ_CHUNK)))
             return 0; /* try again on the next event */
         size_t want = f->credit < TUNIO_READ_CHUNK ? (size_t)f->credit : TUNIO_READ_CHUNK;
-        ssize_t n = recv(f->fd, fl->rbuf, want, MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR) {
-                f->flags &= ~(uint32_t)FLOW_READABLE;
-                return 0;
+        size_t n = 0;
+        int eof = 0;
+        while (n < want) {
+            ssize_t r = recv(f->fd, fl->rbuf + n, want - n, MSG_DONTWAIT);
+            if (r < 0) {
+                if (errno == EAGAIN || errno == EINTR) {
+                    f->flags &= ~(uint32_t)FLOW_READABLE;
+                    break;
+                }
+                app_failed(fl, f, errno);
+                return -1;
             }
-            app_failed(fl, f, errno);
-            return -1;
+            if (r == 0) {
+                eof = 1;
+                break;
+            }
+            n += (size_t)r;
         }
         if (n == 0) {
-            f->flags |= FLOW_APP_EOF;
-            return_credit(fl, f); /* no DATA will carry it now */
-            send_to_worker(fl, f, TUNIO_CMD_FIN, 0);
+            if (eof)
+                app_eof(fl, f);
             return 0;
         }
         int err;
-        uint64_t credit = f->uncredited; /* what we held back rides along */
-        if ((size_t)n >= SMALL_DATA) {
+        uint8_t cmd = eof ? TUNIO_CMD_DATA_FIN : TUNIO_CMD_DATA;
+        uint64_t credit = (f->flags & FLOW_WORKER_FIN) ? 0 : f->uncredited; /* rides along */
+        if (n >= SMALL_DATA) {
             /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
              * flow holds in flight stays close to the bytes it sent. */
             uint8_t *buf = fl->rbuf;
-            if ((size_t)n < TUNIO_READ_CHUNK / 2) {
-                uint8_t *smaller = realloc(buf, (size_t)n);
+            if (n < TUNIO_READ_CHUNK / 2) {
+                uint8_t *smaller = realloc(buf, n);
                 if (smaller)
                     buf = smaller;
             }
             fl->rbuf = NULL;
-            err = tunio_link_send_owned(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, buf,
-                                        (size_t)n);
+            err = tunio_link_send_owned(fl->cfg.link, f->worker, cmd, f->id, credit, buf, n);
         } else {
-            err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, fl->rbuf,
-                                  (size_t)n);
+            err = tunio_link_send(fl->cfg.link, f->worker, cmd, f->id, credit, fl->rbuf, n);
         }
         if (err) {
             abort_flow(fl, f, -err);
@@ -508,6 +530,10 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
         f->uncredited = 0;
         f->credit -= (uint64_t)n;
         fl->bytes_to_workers += (uint64_t)n;
+        if (eof) {
+            f->flags |= FLOW_APP_EOF;
+            return 0;
+        }
     }
     return 0;
 }
@@ -609,7 +635,8 @@ void tunio_flows_accept(struct tunio_flows *fl, int version)
 
 /* ---- messages from the worker ---- */
 
-static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload)
+/* DATA, or DATA_FIN (`fin`): the worker's bytes, and for DATA_FIN its FIN behind them. */
+static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload, int fin)
 {
     size_t len = zmq_msg_size(payload);
     if (!(f->flags & FLOW_OPEN_OK) || (f->flags & FLOW_WORKER_FIN) ||
@@ -637,7 +664,25 @@ static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload)
     f->tail = c;
     f->queued += len;
     fl->bytes_from_workers += len;
+    if (fin)
+        f->flags |= FLOW_WORKER_FIN;
     pump(fl, f);
+}
+
+/* The released SYN goes into the TUN from a reader's thread (see releases in flows.h), or from
+ * here if it cannot be handed over. */
+static void release_syn(struct tunio_flows *fl, uint32_t id, const uint8_t *syn, size_t n)
+{
+    if (fl->cfg.n_releases > 0) {
+        struct tunio_dgram d = {.data = malloc(n), .len = n};
+        if (d.data) {
+            memcpy(d.data, syn, n);
+            if (tunio_queue_push(fl->cfg.releases[id % (uint32_t)fl->cfg.n_releases], &d) == 0)
+                return;
+            free(d.data);
+        }
+    }
+    tunio_tun_write(fl->cfg.tun, -1, syn, n);
 }
 
 static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
@@ -658,7 +703,7 @@ static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
     f->flags |= FLOW_OPEN_OK;
     f->credit = window;
     f->since_ms = tunio_now_ms();
-    tunio_tun_write(fl->cfg.tun, -1, syn, n);
+    release_syn(fl, f->id, syn, n);
 }
 
 static void on_open_fail(struct tunio_flows *fl, struct flow *f, int err)
@@ -680,7 +725,7 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
     if (!f || f->worker != worker) {
         /* Late messages for a flow that is gone are normal; DATA gets a RST so the worker
          * stops sending. */
-        if (h->cmd == TUNIO_CMD_DATA)
+        if (h->cmd == TUNIO_CMD_DATA || h->cmd == TUNIO_CMD_DATA_FIN)
             tunio_link_send(fl->cfg.link, worker, TUNIO_CMD_RST, h->flow, ENOTCONN, NULL, 0);
         return;
     }
@@ -692,14 +737,21 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
         on_open_fail(fl, f, h->arg > 4095 ? ECONNREFUSED : (int)h->arg);
         break;
     case TUNIO_CMD_DATA:
+    case TUNIO_CMD_DATA_FIN:
         f->credit += h->arg; /* credit the worker carried along: see credit_due */
-        on_data(fl, f, payload);
+        on_data(fl, f, payload, h->cmd == TUNIO_CMD_DATA_FIN);
         break;
     case TUNIO_CMD_CREDIT:
         f->credit += h->arg;
         pump(fl, f);
         break;
     case TUNIO_CMD_FIN:
+    case TUNIO_CMD_CREDIT_FIN:
+        if (f->flags & FLOW_WORKER_FIN) {
+            fl->protocol_errors++; /* a second FIN */
+            break;
+        }
+        f->credit += h->cmd == TUNIO_CMD_CREDIT_FIN ? h->arg : 0;
         f->flags |= FLOW_WORKER_FIN;
         pump(fl, f);
         break;

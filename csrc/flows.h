@@ -11,6 +11,8 @@
 
 struct tunio_dns;
 struct tunio_dnsmap;
+#include "defaults.h"
+
 struct tunio_link;
 struct tunio_nat;
 struct tunio_queue;
@@ -25,7 +27,8 @@ struct tunio_flows_config {
     uint8_t tag;              /* tagged (flow id << 8) | tag */
     struct tunio_nat *nat[2]; /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
     int listen_fd[2];         /* the listeners of those families */
-    struct tunio_tun *tun;    /* released SYNs and refusals are written into it */
+    struct tunio_tun *tun;    /* refusals are written into it (released SYNs too, without
+                               * readers to hand them to) */
     struct tunio_link *link;  /* the workers */
     /* DNS (dns.h): a flow the stack's DNS sends to the upstream resolver (TCP port 53: to the
      * DNS address, or to anywhere with hijack) is dialled there instead (version 0: none). */
@@ -36,6 +39,12 @@ struct tunio_flows_config {
     /* The fake-IP map: a flow to one of its addresses tells its worker the name (NAME, before
      * OPEN) and holds the address while it lives; NULL: no fake-IP DNS. */
     struct tunio_dnsmap *map;
+    /* Released SYNs (struct tunio_dgram, malloc'd) go to the readers through these, one per
+     * reader (flow id modulo n_releases), so that the kernel's handling of the SYN (the
+     * listener's SYN-ACK), most of a connection's cost on this side, runs on a reader's thread,
+     * not on the loop's. None: the loop writes them itself. */
+    struct tunio_queue *releases[TUNIO_MAX_QUEUES];
+    int n_releases;
 };
 
 int tunio_flows_new(const struct tunio_flows_config *cfg, struct tunio_flows **out);

@@ -44,6 +44,10 @@ struct tunio_link {
     int nworkers;
     unsigned rr;
     int doomed; /* some worker is doomed */
+    /* No message waits and ZMQ_FD will fire for the next: true from a ZMQ_EVENTS without
+     * POLLIN or a receive that found nothing (both process every pending command, so the next
+     * one signals the fd again) until the next call on the socket or the fd firing. */
+    int quiet;
     uint64_t last_heartbeat;
     uint64_t workers_lost;
     uint64_t protocol_errors;
@@ -142,6 +146,7 @@ void tunio_link_zap_drain(struct tunio_link *l)
 
 static int send_frame(struct tunio_link *l, const void *data, size_t len, int more)
 {
+    l->quiet = 0; /* a send may process commands, and with them the fd's signal */
     int rc = zmq_send(l->router, data, len, ZMQ_DONTWAIT | (more ? ZMQ_SNDMORE : 0));
     return rc < 0 ? -zmq_errno() : 0;
 }
@@ -203,6 +208,7 @@ int tunio_link_send_owned(struct tunio_link *l, int w, uint8_t cmd, uint32_t flo
     } else {
         zmq_msg_t m;
         zmq_msg_init_data(&m, buf, len, free_owned, NULL);
+        l->quiet = 0;
         if (zmq_msg_send(&m, l->router, ZMQ_DONTWAIT) < 0) {
             err = -zmq_errno();
             zmq_msg_close(&m);
@@ -346,7 +352,7 @@ static void on_message(struct tunio_link *l, zmq_msg_t *frames, int nframes)
     if (w < 0 || !l->workers[w].alive) {
         /* Not (or no longer) a worker of ours: it will say HELLO again once our silence tells
          * it so. DATA still gets its RST so nothing waits on it. */
-        if (h.cmd == TUNIO_CMD_DATA)
+        if (h.cmd == TUNIO_CMD_DATA || h.cmd == TUNIO_CMD_DATA_FIN)
             send_to_peer(l, id, id_len, TUNIO_CMD_RST, h.flow, ENOTCONN);
         return;
     }
@@ -374,11 +380,19 @@ static void on_message(struct tunio_link *l, zmq_msg_t *frames, int nframes)
 
 int tunio_link_readable(struct tunio_link *l)
 {
+    if (l->quiet)
+        return 0;
     int events = 0;
     size_t len = sizeof(events);
     if (zmq_getsockopt(l->router, ZMQ_EVENTS, &events, &len) < 0)
         return 0;
+    l->quiet = !(events & ZMQ_POLLIN);
     return events & ZMQ_POLLIN;
+}
+
+void tunio_link_fired(struct tunio_link *l)
+{
+    l->quiet = 0;
 }
 
 void tunio_link_drain(struct tunio_link *l)
@@ -394,8 +408,10 @@ void tunio_link_drain(struct tunio_link *l)
             if (zmq_msg_recv(m, l->router, ZMQ_DONTWAIT) < 0) {
                 zmq_msg_close(m);
                 failed = 1;
+                l->quiet = n == 0 && zmq_errno() == EAGAIN; /* nothing waits: see quiet */
                 break;
             }
+            l->quiet = 0;
             more = zmq_msg_more(m);
             n++;
         }

@@ -42,8 +42,12 @@ int tunio_link_zap_fd(const struct tunio_link *l);
 /* Answers the ZAP handler's waiting requests (a no-op without CURVE). */
 void tunio_link_zap_drain(struct tunio_link *l);
 
-/* ZMQ_FD only signals that the socket's state may have changed: whether messages are waiting. */
+/* ZMQ_FD only signals that the socket's state may have changed: whether messages are waiting.
+ * Asks ZeroMQ (ZMQ_EVENTS: a getpid and a poll in libzmq) only when something may have changed
+ * since it last found none: a call on the socket, or the fd firing (tunio_link_fired). */
 int tunio_link_readable(struct tunio_link *l);
+/* The loop's epoll found ZMQ_FD readable. */
+void tunio_link_fired(struct tunio_link *l);
 /* Handles up to a batch of waiting messages. */
 void tunio_link_drain(struct tunio_link *l);
 /* Reports the workers whose connection a send found gone (after the event that found it). */

@@ -76,11 +76,16 @@ int tunio_queue_push(struct tunio_queue *q, const void *item)
         q->cap = cap;
     }
     memcpy(q->items + q->len * q->size, item, q->size);
-    q->len++;
+    int was_empty = q->len++ == 0;
     pthread_mutex_unlock(&q->lock);
-    uint64_t one = 1;
-    ssize_t w = write(q->efd, &one, sizeof(one));
-    (void)w; /* an eventfd write only fails when the counter is saturated: already signalled */
+    /* Only the first item after a take signals: the consumer reads the eventfd before it takes
+     * (under the lock) everything queued, so a later item is taken with it, or finds the queue
+     * empty again and signals itself. Under load one wake-up and one write carry a batch. */
+    if (was_empty) {
+        uint64_t one = 1;
+        ssize_t w = write(q->efd, &one, sizeof(one));
+        (void)w; /* an eventfd write only fails when the counter is saturated: signalled */
+    }
     return 0;
 }
 

@@ -166,6 +166,19 @@ static void raise_priority(void)
         tunio_log(TUNIO_LOG_DEBUG, "reader: keeps its priority (setpriority: %s)", strerror(errno));
 }
 
+/* The SYNs the loop released: written into our queue, so the kernel answers them (the listener's
+ * SYN-ACK) on this thread. */
+static void write_releases(struct tunio_reader *r)
+{
+    struct tunio_dgram *items;
+    size_t n = tunio_queue_take(r->cfg.releases, (void **)&items);
+    for (size_t i = 0; i < n; i++) {
+        tunio_tun_write(r->cfg.tun, r->cfg.fd, items[i].data, items[i].len);
+        free(items[i].data);
+    }
+    free(items);
+}
+
 static void *reader_main(void *arg)
 {
     struct tunio_reader *r = arg;
@@ -180,9 +193,12 @@ static void *reader_main(void *arg)
         return NULL;
     }
     int fd = r->cfg.fd;
-    struct pollfd pfd[2] = {{.fd = fd, .events = POLLIN}, {.fd = r->cfg.stop_fd, .events = POLLIN}};
+    struct pollfd pfd[3] = {
+        {.fd = fd, .events = POLLIN},
+        {.fd = r->cfg.stop_fd, .events = POLLIN},
+        {.fd = r->cfg.releases ? tunio_queue_fd(r->cfg.releases) : -1, .events = POLLIN}};
     for (;;) {
-        if (poll(pfd, 2, -1) < 0) {
+        if (poll(pfd, 3, -1) < 0) {
             if (errno == EINTR)
                 continue;
             tunio_log(TUNIO_LOG_ERROR, "reader: poll: %s", strerror(errno));
@@ -190,6 +206,8 @@ static void *reader_main(void *arg)
         }
         if (pfd[1].revents)
             break;
+        if (pfd[2].revents)
+            write_releases(r);
         if (pfd[0].revents & (POLLERR | POLLNVAL)) {
             tunio_log(TUNIO_LOG_ERROR, "reader: TUN queue fd %d failed", fd);
             break;

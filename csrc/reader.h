@@ -12,14 +12,16 @@ struct tunio_tun;
 struct tunio_reader;
 
 struct tunio_reader_config {
-    int index;                  /* the queue's number: the thread is named tunio-rd<index> */
-    int fd;                     /* its TUN queue */
-    int stop_fd;                /* the thread ends once this is readable */
-    struct tunio_tun *tun;      /* packets are written back through it */
-    struct tunio_nat *nat[2];   /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
-    struct tunio_queue *opens;  /* new flows (struct tunio_nat_open) for the loop */
-    struct tunio_queue *dgrams; /* datagrams (struct tunio_dgram) for the loop */
-    struct tunio_dns *dns;      /* UDP to port 53 is asked about first; NULL: no DNS of ours */
+    int index;                    /* the queue's number: the thread is named tunio-rd<index> */
+    int fd;                       /* its TUN queue */
+    int stop_fd;                  /* the thread ends once this is readable */
+    struct tunio_tun *tun;        /* packets are written back through it */
+    struct tunio_nat *nat[2];     /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */
+    struct tunio_queue *opens;    /* new flows (struct tunio_nat_open) for the loop */
+    struct tunio_queue *dgrams;   /* datagrams (struct tunio_dgram) for the loop */
+    struct tunio_dns *dns;        /* UDP to port 53 is asked about first; NULL: no DNS of ours */
+    struct tunio_queue *releases; /* from the loop: released SYNs (struct tunio_dgram) to write
+                                   * into this queue (NULL: none) */
 };
 
 int tunio_reader_new(const struct tunio_reader_config *cfg, struct tunio_reader **out);

@@ -95,6 +95,8 @@ struct tunio_stack {
     struct tunio_udp *udp;
     struct tunio_reader *readers[TUNIO_MAX_QUEUES];
     int n_readers;
+    struct tunio_queue *releases[TUNIO_MAX_QUEUES]; /* released SYNs, loop to reader i */
+    int n_releases;
     int epfd;
     int stop_fd;         /* ends the loop */
     int readers_stop_fd; /* ends the readers: after the loop, once the stop's resets are out */
@@ -438,6 +440,31 @@ static int make_link(struct tunio_stack *s, const struct tunio_config *cfg)
     return tunio_link_new(&lc, &s->link);
 }
 
+/* One queue of released SYNs per reader (see flows.h). */
+static int make_releases(struct tunio_stack *s)
+{
+    for (int i = 0; i < tunio_tun_queues(s->tun); i++) {
+        int err = tunio_queue_new(sizeof(struct tunio_dgram), SIZE_MAX, &s->releases[i]);
+        if (err)
+            return err;
+        s->n_releases = i + 1;
+    }
+    return 0;
+}
+
+static void free_releases(struct tunio_stack *s)
+{
+    for (int i = 0; i < s->n_releases; i++) {
+        struct tunio_dgram *items;
+        size_t n = tunio_queue_take(s->releases[i], (void **)&items);
+        for (size_t k = 0; k < n; k++)
+            free(items[k].data);
+        free(items);
+        tunio_queue_free(s->releases[i]);
+    }
+    s->n_releases = 0;
+}
+
 static int make_flows(struct tunio_stack *s)
 {
     struct tunio_flows_config fc = {
@@ -450,7 +477,9 @@ static int make_flows(struct tunio_stack *s)
         .link = s->link,
         .dns = s->dns,
         .map = s->map,
+        .n_releases = s->n_releases,
     };
+    memcpy(fc.releases, s->releases, sizeof(fc.releases));
     upstream_of(&s->cfg, &fc.upstream_version, fc.upstream, &fc.upstream_port);
     return tunio_flows_new(&fc, &s->flows);
 }
@@ -481,6 +510,7 @@ static int make_readers(struct tunio_stack *s)
             .opens = tunio_flows_queue(s->flows),
             .dgrams = tunio_udp_queue(s->udp),
             .dns = s->dns,
+            .releases = i < s->n_releases ? s->releases[i] : NULL,
         };
         int err = tunio_reader_new(&rc, &s->readers[i]);
         if (err)
@@ -557,8 +587,8 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         err = -errno;
         goto fail;
     }
-    if ((err = make_link(s, cfg)) || (err = make_flows(s)) || (err = make_udp(s)) ||
-        (err = make_readers(s)) || (err = start_timer(s)))
+    if ((err = make_link(s, cfg)) || (err = make_releases(s)) || (err = make_flows(s)) ||
+        (err = make_udp(s)) || (err = make_readers(s)) || (err = start_timer(s)))
         goto fail;
     int zap_fd = tunio_link_zap_fd(s->link);
     if ((s->fam[0].ready && (err = watch(s, s->fam[0].listen_fd, TAG_LISTENER4))) ||
@@ -588,6 +618,7 @@ void tunio_stack_free(struct tunio_stack *s)
         return;
     for (int i = 0; i < s->n_readers; i++)
         tunio_reader_free(s->readers[i]);
+    free_releases(s);
     tunio_flows_free(s->flows);
     tunio_udp_free(s->udp);
     tunio_link_free(s->link);
@@ -731,7 +762,10 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
     case TAG_FLOW:
         tunio_flows_event(s->flows, (uint32_t)(ev->data.u64 >> 8), ev->events);
         break;
-    default: /* the ROUTER is drained after every batch; the stop fd ends the loop */
+    case TAG_ROUTER: /* drained after every batch */
+        tunio_link_fired(s->link);
+        break;
+    default: /* the stop fd ends the loop */
         break;
     }
 }

@@ -39,6 +39,7 @@ static int payload_rule(uint8_t cmd)
     case TUNIO_CMD_HELLO:
     case TUNIO_CMD_OPEN:
     case TUNIO_CMD_DATA:
+    case TUNIO_CMD_DATA_FIN:
     case TUNIO_CMD_DGRAM:
     case TUNIO_CMD_NAME:
         return 1;
@@ -50,6 +51,7 @@ static int payload_rule(uint8_t cmd)
     case TUNIO_CMD_HEARTBEAT:
     case TUNIO_CMD_BYE:
     case TUNIO_CMD_DRAIN:
+    case TUNIO_CMD_CREDIT_FIN:
         return 0;
     default:
         return -1;
@@ -90,6 +92,7 @@ int tunio_wire_decode(const uint8_t *hdr, size_t hdr_len, int has_payload, size_
     case TUNIO_CMD_OPEN:
         return payload_len == TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
     case TUNIO_CMD_DATA:
+    case TUNIO_CMD_DATA_FIN:
         return payload_len > 0 ? 0 : -EPROTO;
     case TUNIO_CMD_DGRAM:
         return payload_len >= TUNIO_WIRE_ADDR_LEN ? 0 : -EPROTO;
@@ -128,9 +131,9 @@ int tunio_wire_decode_addr(const uint8_t *in, size_t len, struct tunio_wire_addr
 
 const char *tunio_wire_cmd_name(int cmd)
 {
-    static const char *const names[] = {"?",         "HELLO",  "OPEN", "OPEN_OK", "OPEN_FAIL",
-                                        "DATA",      "CREDIT", "FIN",  "RST",     "DGRAM",
-                                        "HEARTBEAT", "BYE",    "DRAIN"};
+    static const char *const names[] = {
+        "?",   "HELLO", "OPEN",      "OPEN_OK", "OPEN_FAIL", "DATA", "CREDIT",   "FIN",
+        "RST", "DGRAM", "HEARTBEAT", "BYE",     "DRAIN",     "?",    "DATA_FIN", "CREDIT_FIN"};
     if (cmd == TUNIO_CMD_NAME)
         return "NAME";
     return cmd > 0 && cmd < (int)(sizeof(names) / sizeof(names[0])) ? names[cmd] : "?";

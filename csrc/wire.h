@@ -27,7 +27,9 @@ enum tunio_cmd {
     TUNIO_CMD_DGRAM = 9,
     TUNIO_CMD_HEARTBEAT = 10,
     TUNIO_CMD_BYE = 11,
-    TUNIO_CMD_DRAIN = 12, /* w->s: give me no new flows; I finish mine and leave */
+    TUNIO_CMD_DRAIN = 12,      /* w->s: give me no new flows; I finish mine and leave */
+    TUNIO_CMD_DATA_FIN = 14,   /* DATA (payload, arg: credit carried) and then FIN, in one */
+    TUNIO_CMD_CREDIT_FIN = 15, /* CREDIT (arg, may be 0) and then FIN, in one */
     TUNIO_CMD_NAME = 16,
 };
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ class Cmd(enum.IntEnum):
     HEARTBEAT = 10
     BYE = 11
     DRAIN = 12
+    DATA_FIN = 14
+    CREDIT_FIN = 15
     NAME = 16
 
 
@@ -113,6 +116,8 @@ _BODY: dict[int, _Body] = {
     Cmd.HEARTBEAT: _Body.NONE,
     Cmd.BYE: _Body.NONE,
     Cmd.DRAIN: _Body.NONE,
+    Cmd.DATA_FIN: _Body.NONEMPTY,
+    Cmd.CREDIT_FIN: _Body.NONE,
     Cmd.NAME: _Body.DNS_NAME,
 }
 #: commands that are about the session, not a flow: their flow id is 0
@@ -206,11 +211,13 @@ def decode(frames: Sequence[Frame]) -> Message:
 
 
 _DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
+_DATA_FIN, _CREDIT_FIN = int(Cmd.DATA_FIN), int(Cmd.CREDIT_FIN)
+_OPEN = int(Cmd.OPEN)
 
 
 def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] | None:
-    """The data path's decode: (command, flow, arg) of a well-formed DATA, CREDIT or FIN; None
-    for any other message.
+    """The data path's decode: (command, flow, arg) of a well-formed DATA, CREDIT, FIN,
+    DATA_FIN, CREDIT_FIN or OPEN (one a connection); None for any other message.
 
     `head` is the header frame and `payload` the second frame, or None for a message of one frame
     (a message of more frames is not for this function). This runs once per message of bulk data,
@@ -225,11 +232,45 @@ def decode_flow(head: Payload, payload: Payload | None) -> tuple[int, int, int] 
     if not flow:
         return None
     if payload is None:
-        if code in (_CREDIT, _FIN):
+        if code in (_CREDIT, _FIN, _CREDIT_FIN):
             return fields
-    elif code == _DATA and len(payload):
+    elif code in (_DATA, _DATA_FIN):
+        if len(payload):
+            return fields
+    elif code == _OPEN and len(payload) == ADDRESS.size:
         return fields
     return None
+
+
+def unfold(msg: Message) -> list[Message]:
+    """A message as the plain ones it stands for: DATA_FIN is DATA and then FIN, CREDIT_FIN is
+    CREDIT (none for 0) and then FIN; any other message is itself. For tests and tools that
+    follow a flow message by message."""
+    if msg.cmd is Cmd.DATA_FIN:
+        return [Message(Cmd.DATA, msg.flow, msg.arg, msg.payload), Message(Cmd.FIN, msg.flow)]
+    if msg.cmd is Cmd.CREDIT_FIN:
+        fin = Message(Cmd.FIN, msg.flow)
+        return [Message(Cmd.CREDIT, msg.flow, msg.arg), fin] if msg.arg else [fin]
+    return [msg]
+
+
+_AF_INET = socket.AF_INET
+
+
+def unpack_endpoints(buf: Payload) -> tuple[int, str, int, str, int]:
+    """(protocol, source host, source port, destination host, destination port) of an address
+    block, the hosts as `str()` of their addresses: what `AddressBlock.unpack` gives, without
+    the address objects (an IPv4 flow's OPEN costs a fifth of it)."""
+    if len(buf) < ADDRESS.size:
+        raise RemoteProtocolError("address", f"address block is {len(buf)} bytes, not 40")
+    proto, version, src_port, dst_port, _reserved, src, dst = ADDRESS.unpack_from(buf)
+    if version == 4:
+        return proto, socket.inet_ntop(_AF_INET, src[:4]), src_port, \
+            socket.inet_ntop(_AF_INET, dst[:4]), dst_port  # fmt: skip
+    if version == 6:  # (ipaddress's spelling, which inet_ntop does not always share)
+        return proto, str(ipaddress.IPv6Address(src)), src_port, \
+            str(ipaddress.IPv6Address(dst)), dst_port  # fmt: skip
+    raise RemoteProtocolError("address", f"IP version {version}, expected 4 or 6")
 
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -55,7 +55,8 @@ class Rig:
 
     def __init__(self, dialer: Dialer, **options: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.sent: list[Message] = []
+        self.sent: list[Message] = []  # folded messages as the plain ones (wire.unfold)
+        self.raw: list[Message] = []  # as sent
         self.errors: list[wire.ProtocolError] = []
         self.stats = WorkerStats()
         window = options.pop("window", WINDOW)
@@ -67,8 +68,10 @@ class Rig:
     def _send(self, frames: list[wire.Payload]) -> None:
         msg = wire.decode(frames)
         # the payload may be a view of a buffer the table reuses: keep a copy
-        self.sent.append(Message(msg.cmd, msg.flow, msg.arg,
-                                 None if msg.payload is None else bytes(msg.payload)))  # fmt: skip
+        msg = Message(msg.cmd, msg.flow, msg.arg,
+                      None if msg.payload is None else bytes(msg.payload))  # fmt: skip
+        self.raw.append(msg)
+        self.sent.extend(wire.unfold(msg))
 
     def take(self) -> list[Message]:
         taken, self.sent = self.sent, []

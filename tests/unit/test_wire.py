@@ -128,6 +128,7 @@ def test_round_trip_every_command(cmd: Cmd, flow: int, arg: int) -> None:
         Cmd.HELLO: "wörker".encode(),
         Cmd.OPEN: block.pack(),
         Cmd.DATA: b"\x00\xff" * 100,
+        Cmd.DATA_FIN: b"last bytes",
         Cmd.DGRAM: block.pack() + b"datagram",
         Cmd.NAME: b"www.tunio.test",
     }.get(cmd)
@@ -204,7 +205,7 @@ def test_decode_accepts_bytearray_and_memoryview_headers() -> None:
 
 # ---- the data path's decode ----------------------------------------------------------------
 
-DATA_PATH = {Cmd.DATA, Cmd.CREDIT, Cmd.FIN}
+DATA_PATH = {Cmd.DATA, Cmd.CREDIT, Cmd.FIN, Cmd.DATA_FIN, Cmd.CREDIT_FIN, Cmd.OPEN}
 
 
 def decode_flow_of(frames: list[bytes]) -> tuple[int, int, int] | None:

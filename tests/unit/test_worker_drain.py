@@ -67,7 +67,7 @@ def _link(loop: FakeLoop, messages: int, cost: float = PER_MESSAGE) -> tuple[Lin
     link._done = NotDone()  # type: ignore[assignment]
     link._handlers = Handlers(
         data=data, credit=nothing, fin=nothing, rst=nothing, open=nothing, dgram=nothing,
-        flush=nothing, drop=nothing, count=lambda: 1,
+        data_fin=nothing, credit_fin=nothing, flush=nothing, drop=nothing, count=lambda: 1,
     )  # fmt: skip
     return link, handled
 

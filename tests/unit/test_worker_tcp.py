@@ -204,6 +204,39 @@ def test_fin_from_the_destination_then_from_the_stack(opened: Opened) -> None:
     assert rig.table.flows == {}
 
 
+def test_bytes_and_eof_together_are_one_data_fin(opened: Opened) -> None:
+    rig, peer = opened
+    rig.raw.clear()
+    rig.table.on_data(1, b"request")
+    assert recv_exactly(peer, 7) == b"request"
+    peer.sendall(b"response")
+    peer.shutdown(socket.SHUT_WR)  # behind the bytes: both are there when the worker looks
+    rig.until(lambda: any(m.cmd is Cmd.FIN for m in rig.sent), "FIN")
+    # one message: the bytes, the credit for the request held back on them, and the FIN
+    assert rig.raw == [Message(Cmd.DATA_FIN, 1, 7, b"response")]
+
+
+def test_eof_with_credit_held_back_is_one_credit_fin(opened: Opened) -> None:
+    rig, peer = opened
+    rig.table.on_data(1, b"request")
+    assert recv_exactly(peer, 7) == b"request"
+    rig.raw.clear()
+    peer.shutdown(socket.SHUT_WR)
+    rig.until(lambda: any(m.cmd is Cmd.FIN for m in rig.sent), "FIN")
+    assert rig.raw == [Message(Cmd.CREDIT_FIN, 1, 7)]
+    assert rig.take() == [Message(Cmd.CREDIT, 1, 7), Message(Cmd.FIN, 1, 0)]
+
+
+def test_data_fin_and_credit_fin_from_the_stack(opened: Opened) -> None:
+    rig, peer = opened
+    rig.table.on_data_fin(1, b"last", 0)
+    assert recv_exactly(peer, 4) == b"last"
+    assert peer.recv(1) == b""  # its FIN: shut down towards the destination after the bytes
+    assert rig.table.flows[1].state is State.STACK_FIN
+    rig.table.on_credit_fin(1, 5)  # a second FIN: a protocol error, the flow stays
+    assert [e.rule for e in rig.errors] == ["flow"]
+
+
 def test_fin_from_the_stack_then_from_the_destination(opened: Opened) -> None:
     rig, peer = opened
     flow = rig.table.flows[1]

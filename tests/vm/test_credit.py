@@ -31,6 +31,8 @@ class ProtocolWorker:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.linger = 0
         self.sock.connect(endpoint)
+        self.received: list[Message] = []  # as they came (DATA_FIN, CREDIT_FIN folded)
+        self._unfolded: list[Message] = []  # the plain messages a folded one stands for
         self.send(Cmd.HELLO, payload=b"by-hand")
         assert self.recv().cmd is Cmd.HELLO
 
@@ -39,13 +41,18 @@ class ProtocolWorker:
 
     def _next(self, until: float) -> Message | None:
         """The next message that is not a heartbeat (heartbeats are answered), or None when
-        none came by the monotonic time `until`."""
+        none came by the monotonic time `until`; a folded one as the plain ones it stands for
+        (tunio.wire.unfold)."""
+        if self._unfolded:
+            return self._unfolded.pop(0)
         while (left := until - time.monotonic()) > 0:
             if not self.sock.poll(int(left * 1000)):
                 continue
             msg = wire.decode([bytes(f) for f in self.sock.recv_multipart()])
             if msg.cmd is not Cmd.HEARTBEAT:
-                return msg
+                self.received.append(msg)
+                self._unfolded = wire.unfold(msg)
+                return self._unfolded.pop(0)
             self.send(Cmd.HEARTBEAT)
         return None
 
@@ -130,5 +137,34 @@ def test_credit_rides_on_data_and_comes_before_fin(
         assert (credit.cmd, credit.flow, credit.arg) == (Cmd.CREDIT, flow, 7)
         fin = worker.recv()
         assert (fin.cmd, fin.flow) == (Cmd.FIN, flow)
+        assert worker.received[-1] == Message(Cmd.CREDIT_FIN, flow, 7)  # both in one message
         worker.send(Cmd.FIN, flow)
         assert app.recv(1) == b""
+
+
+def test_data_fin_from_the_worker_is_the_bytes_then_the_end(
+    only_worker: tuple[Lab, ProtocolWorker],
+) -> None:
+    lab, worker = only_worker
+    conns: list[socket.socket] = []
+    connecting = threading.Thread(
+        target=lambda: conns.append(lab.connect(PORT, SERVER_ADDRESS, timeout=DEADLINE))
+    )
+    connecting.start()
+    opened = worker.recv()
+    assert opened.cmd is Cmd.OPEN
+    flow = opened.flow
+    worker.send(Cmd.OPEN_OK, flow, 1 << 16)
+    connecting.join(DEADLINE)
+    assert conns, "the app's connect did not complete"
+    with conns[0] as app:
+        app.settimeout(DEADLINE)
+        worker.send(Cmd.DATA_FIN, flow, 0, b"all of it")
+        assert recv_exact(app, 9) == b"all of it"
+        assert app.recv(1) == b""  # and the FIN behind it: EOF, the other way still open
+        app.sendall(b"late")
+        # the worker said FIN: it sends no more DATA, so the stack returns no credit to it
+        assert data_of(worker, flow, 4) == (b"late", 0)
+        app.shutdown(socket.SHUT_WR)
+        assert worker.recv().cmd is Cmd.FIN
+        assert worker.received[-1] == Message(Cmd.FIN, flow, 0)

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import socket
 
+from tunio.dialers.base import Handshake
 from tunio.errors import DialError
 
 HEAD_END = b"\r\n\r\n"
@@ -102,3 +103,18 @@ async def recv_some(sock: socket.socket, limit: int, timeout: float) -> bytes:
     with contextlib.suppress(asyncio.TimeoutError, TimeoutError, OSError):
         await asyncio.wait_for(read(), timeout)
     return bytes(buf)
+
+
+async def drive(hs: Handshake, sock: socket.socket) -> None:
+    """Speak a handshake (tunio.dialers.base.Handshake) from a coroutine: what the worker does
+    from its epoll without a task, for a dial made by a task (chains, tests, libraries)."""
+    hs.begin(sock)
+    while not hs.advance(sock):
+        if hs.patience is None:
+            await wait_readable(sock)
+            continue
+        try:
+            await asyncio.wait_for(wait_readable(sock), hs.patience)
+        except TimeoutError:
+            hs.expire()
+            raise  # expire() raises the failure; this is for a handshake that did not

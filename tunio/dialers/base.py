@@ -1,6 +1,6 @@
 """What a dialer is: given a flow's destination (and source), return a connected TCP socket, and
 for UDP (optionally) a datagram session; a dialer may also start a connect without a coroutine
-(`StartConnect`, optional)."""
+(`StartConnect`, optional), and a proxy dialer its handshake too (`StartHandshake`, optional)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,51 @@ class StartConnect(Protocol):
         the socket's SO_ERROR once it is writable.
         """
         ...
+
+
+class Handshake(Protocol):
+    """A proxy's handshake on a connection to the proxy, driven without a coroutine: the
+    worker calls `begin` once the connection is up and `advance` on each readable edge.
+
+    Neither blocks. `advance` reads only what the handshake is made of, never a byte of the
+    destination's after it (the worker relays the socket from then on); `leftover` says whether
+    such bytes were seen waiting behind the proxy's answer. A failure is raised as OSError (or
+    tunio.errors.DialError) with the errno the app should see. `patience`, when not None after
+    an `advance` that returned False, is how long (s) the handshake will wait for the rest of
+    an error answer before `expire` gives it up (it raises the failure it has)."""
+
+    leftover: bool
+    patience: float | None
+
+    def begin(self, sock: socket.socket) -> None:
+        """The connection to the proxy is up: send the request (all of it, in one write)."""
+        ...
+
+    def advance(self, sock: socket.socket) -> bool:
+        """Read what has arrived: True once the tunnel is up, False while more is to come."""
+        ...
+
+    def expire(self) -> None:
+        """Give up waiting (after `patience`): raise the failure the answer so far says."""
+        ...
+
+    def failed_to_connect(self, code: int) -> str:
+        """The words for a connection to the proxy that failed with errno `code`."""
+        ...
+
+
+@runtime_checkable
+class StartHandshake(Protocol):
+    """A proxy dialer that can dial without a coroutine (optional; SOCKS5 and HTTP CONNECT to a
+    proxy given by address, reached directly, can): `start_handshake` starts the connect to the
+    proxy and returns its socket with the `Handshake` to speak on it once it is up. The worker
+    watches the socket in its epoll through the connect and the handshake, as for
+    `StartConnect`. None: this dialer dials with `dial` after all (a chain, a proxy name to
+    resolve)."""
+
+    def start_handshake(
+        self, dst: Address, src: Address
+    ) -> tuple[socket.socket, Handshake] | None: ...
 
 
 class DatagramSession(Protocol):

@@ -20,7 +20,7 @@ import socket
 
 from tunio.dialers import _stream
 from tunio.dialers.base import Address
-from tunio.dialers.proxy import ProxyDialer
+from tunio.dialers.proxy import ProxyDialer, ProxyHandshake
 from tunio.errors import DialError
 
 HEAD_LIMIT = 16 * 1024
@@ -75,27 +75,90 @@ class HttpDialer(ProxyDialer):
 
     scheme = "http"
 
-    async def handshake(self, sock: socket.socket, dst: Address) -> None:
-        await _stream.send_all(sock, connect_request(dst, self.username, self.password))
-        head = await _stream.recv_head(sock, HEAD_LIMIT, self.name)
+    def machine(self, dst: Address) -> HttpHandshake:
+        return HttpHandshake(self, dst)
+
+
+class HttpHandshake(ProxyHandshake):
+    """CONNECT, sent as soon as the connection is up; the answer's head is peeked at and
+    consumed to its blank line and not one byte more (what the destination sent behind it
+    stays in the socket). A refusal's body is read too, for a sharper errno, for at most
+    BODY_WAIT seconds after its head."""
+
+    def __init__(self, dialer: HttpDialer, dst: Address) -> None:
+        super().__init__(dialer)
+        self.dst = dst
+        self.username = dialer.username
+        self.request = connect_request(dst, dialer.username, dialer.password)
+        self._head = b""  # head bytes consumed so far; the whole head once `_status` is set
+        self._status = 0
+        self._reason = ""
+        self._body = bytearray()
+        self._body_limit = 0
+
+    def _advance(self, sock: socket.socket) -> bool:
+        if self._status:
+            return self._read_body(sock)
+        while True:
+            seen = self.peek(sock, HEAD_LIMIT - len(self._head))
+            if seen is None:
+                return False
+            held = self._head
+            # the blank line may straddle what we hold and what we peeked
+            start = max(0, len(held) - len(_stream.HEAD_END) + 1)
+            found = (held[start:] + seen).find(_stream.HEAD_END)
+            if found < 0:
+                self._head = held + sock.recv(len(seen))  # all head bytes: no blank line yet
+                if len(self._head) >= HEAD_LIMIT:
+                    raise DialError(
+                        errno.EPROTO, f"{self.name} sent a head longer than {HEAD_LIMIT} bytes"
+                    )
+                continue
+            take = start + found + len(_stream.HEAD_END) - len(held)
+            head = held + sock.recv(take)
+            self.leftover = len(seen) > take
+            return self._on_head(head, sock)
+
+    def _on_head(self, head: bytes, sock: socket.socket) -> bool:
         match = _STATUS.match(head)
         if match is None:
             line = head.split(b"\r\n", 1)[0][:80]
             raise DialError(errno.EPROTO, f"{self.name} answered no HTTP status line: {line!r}")
         status = int(match.group(1))
         if 200 <= status < 300:
-            return
-        reason = (match.group(2) or b"").decode("latin-1").strip()
-        body = await self._error_body(sock, head)
-        code = errno_for(status, head + body)
+            return True
+        self._head = head
+        self._status = status
+        self._reason = (match.group(2) or b"").decode("latin-1").strip()
+        length = _LENGTH.search(head)
+        self._body_limit = min(int(length.group(1)), BODY_LIMIT) if length else BODY_LIMIT
+        self.leftover = False
+        return self._read_body(sock)
+
+    def _read_body(self, sock: socket.socket) -> bool:
+        """A refusal's body, as much as comes (the connection is given up after it): raises
+        the failure once it is all there, or at its end; False while more may come."""
+        body = self._body
+        while len(body) < self._body_limit:
+            try:
+                chunk = sock.recv(self._body_limit - len(body))
+            except (BlockingIOError, InterruptedError):
+                self.patience = BODY_WAIT
+                return False
+            except OSError:
+                break  # what came is all we use: it only makes the errno more precise
+            if not chunk:
+                break
+            body += chunk
+        self.expire()
+        return False  # (expire raised)
+
+    def expire(self) -> None:
+        if not self._status:
+            super().expire()
+        status = self._status
+        code = errno_for(status, self._head + bytes(self._body))
         if status in (401, 407):
             who = f"user {self.username}" if self.username is not None else "no credentials"
             raise DialError(code, f"{self.name}: proxy authentication failed ({who})")
-        raise DialError(code, f"{self.name}: {dst}: {status} {reason}".rstrip())
-
-    async def _error_body(self, sock: socket.socket, head: bytes) -> bytes:
-        match = _LENGTH.search(head)
-        limit = min(int(match.group(1)), BODY_LIMIT) if match else BODY_LIMIT
-        if limit == 0:
-            return b""
-        return await _stream.recv_some(sock, limit, BODY_WAIT)
+        raise DialError(code, f"{self.name}: {self.dst}: {status} {self._reason}".rstrip())

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import socket
 from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
-from tunio.dialers.base import Address, Dialer
+from tunio.dialers import _stream
+from tunio.dialers.base import Address, Dialer, Handshake
 from tunio.dialers.direct import DirectDialer
 from tunio.errors import ConfigError, DialError
 
@@ -57,8 +59,65 @@ def parse_proxy_url(spec: str, schemes: tuple[str, ...]) -> ProxyURL:
     return ProxyURL(url.scheme, url.hostname, port, username, password)
 
 
+class ProxyHandshake:
+    """What the proxies' handshakes (tunio.dialers.base.Handshake) share: the request sent in
+    one write once the connection is up, peeking at the answer, and the proxy's name in every
+    failure. Subclasses set `request` and parse in `_advance`."""
+
+    request = b""
+
+    def __init__(self, dialer: ProxyDialer) -> None:
+        self.dialer = dialer
+        self.name = dialer.name
+        self.leftover = False
+        self.patience: float | None = None
+
+    def begin(self, sock: socket.socket) -> None:
+        try:
+            sent = sock.send(self.request)
+        except OSError as exc:
+            raise self.dialer.error(exc) from exc
+        if sent != len(self.request):  # a fresh connection's buffer holds far more
+            raise DialError(errno.ECONNABORTED, f"{self.name}: the request did not fit in a write")
+
+    def advance(self, sock: socket.socket) -> bool:
+        try:
+            return self._advance(sock)
+        except DialError:
+            raise
+        except OSError as exc:
+            raise self.dialer.error(exc) from exc
+
+    def _advance(self, sock: socket.socket) -> bool:
+        raise NotImplementedError
+
+    def expire(self) -> None:
+        raise DialError(errno.ETIMEDOUT, f"{self.name}: no complete answer")
+
+    def failed_to_connect(self, code: int) -> str:
+        return f"{self.name}: cannot reach it: {os.strerror(code)}"
+
+    def peek(self, sock: socket.socket, size: int) -> bytes | None:
+        """What has arrived (up to `size` bytes, left in the socket); None if nothing has;
+        DialError(ECONNRESET) if the proxy closed the connection."""
+        try:
+            seen = sock.recv(size, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if not seen:
+            raise DialError(
+                errno.ECONNRESET, f"{self.name} closed the connection in the handshake"
+            )
+        return seen
+
+
 class ProxyDialer:
-    """Base of the proxy dialers: subclasses speak their handshake on the proxy connection."""
+    """Base of the proxy dialers: subclasses speak their handshake on the proxy connection.
+
+    A subclass gives its handshake as a `machine` (a tunio.dialers.base.Handshake): `dial`
+    drives it from a coroutine, and `start_handshake` hands it to the worker, which drives it
+    from its own epoll without a task when the proxy is reached directly by address. A subclass
+    may instead override the coroutine `handshake`; it is then always dialled by a task."""
 
     scheme: ClassVar[str]
 
@@ -105,9 +164,34 @@ class ProxyDialer:
         user = f"{self.username}:***@" if self.username is not None else ""
         return f"{type(self).__name__}({self.scheme}://{user}{self.proxy}, via={self.via!r})"
 
+    def machine(self, dst: Address) -> Handshake:
+        """The handshake asking the proxy for a tunnel to `dst` (DialError if it cannot be
+        asked: a name too long, say)."""
+        raise NotImplementedError
+
     async def handshake(self, sock: socket.socket, dst: Address) -> None:
         """Ask the proxy, over `sock`, for a tunnel to `dst`; DialError if it says no."""
-        raise NotImplementedError
+        await _stream.drive(self.machine(dst), sock)
+
+    def start_handshake(
+        self, dst: Address, src: Address
+    ) -> tuple[socket.socket, Handshake] | None:
+        """tunio.dialers.base.StartHandshake: the connect to the proxy started, and the
+        handshake to speak once it is up; None if this dialer must dial with `dial` (a chain,
+        a proxy given by name, or a subclass with a `handshake` of its own)."""
+        via = self.via
+        if (
+            type(via) is not DirectDialer
+            or type(self).handshake is not ProxyDialer.handshake
+            or not is_ip(self.proxy.host)
+        ):
+            return None
+        hs = self.machine(dst)
+        try:
+            sock = via.start_connect(self.proxy, src)
+        except OSError as exc:
+            raise self.error(exc, "cannot reach it: ") from exc
+        return sock, hs
 
     async def dial(self, dst: Address, src: Address) -> socket.socket:
         sock = await self.connect_proxy(src)

@@ -15,7 +15,7 @@ import struct
 from tunio.dialers import _stream
 from tunio.dialers.base import Address
 from tunio.dialers.direct import SO_BINDTODEVICE, SO_MARK, DirectDialer
-from tunio.dialers.proxy import ProxyDialer
+from tunio.dialers.proxy import ProxyDialer, ProxyHandshake
 from tunio.dialers.udp import send_or_drop
 from tunio.errors import DialError
 
@@ -102,9 +102,8 @@ class Socks5Dialer(ProxyDialer):
 
     scheme = "socks5"
 
-    async def handshake(self, sock: socket.socket, dst: Address) -> None:
-        await self.negotiate(sock)
-        await self.request(sock, CMD_CONNECT, dst)
+    def machine(self, dst: Address) -> Socks5Handshake:
+        return Socks5Handshake(self, dst)
 
     async def negotiate(self, sock: socket.socket) -> None:
         """Method selection and, if the proxy picks it, username/password authentication."""
@@ -129,16 +128,18 @@ class Socks5Dialer(ProxyDialer):
             )
         raise DialError(errno.EPROTO, f"{self.name} chose a method we did not offer ({method:#x})")
 
-    async def _authenticate(self, sock: socket.socket) -> None:
+    def credentials(self) -> bytes:
+        """RFC 1929's username/password request."""
         assert self.username is not None
         assert self.password is not None
         user = self.username.encode()
         password = self.password.encode()
         if not (0 < len(user) <= 255 and 0 < len(password) <= 255):
             raise DialError(errno.EINVAL, f"{self.name}: user and password must have 1-255 bytes")
-        await _stream.send_all(
-            sock, bytes([AUTH_VERSION, len(user)]) + user + bytes([len(password)]) + password
-        )
+        return bytes([AUTH_VERSION, len(user)]) + user + bytes([len(password)]) + password
+
+    async def _authenticate(self, sock: socket.socket) -> None:
+        await _stream.send_all(sock, self.credentials())
         _version, status = await _stream.recv_exact(sock, 2, self.name)
         if status != 0:
             raise DialError(
@@ -209,6 +210,96 @@ class Socks5Dialer(ProxyDialer):
             sock.close()
             raise
         return sock
+
+
+#: the longest answer to a CONNECT: method selection, authentication, a reply with a name
+MAX_ANSWER = 2 + 2 + 4 + 1 + 255 + 2
+
+
+class Socks5Handshake(ProxyHandshake):
+    """CONNECT in one round trip: the method is known before the proxy answers (no
+    authentication without credentials, username/password with them), so the greeting, the
+    credentials and the request go in one write, and the answers come back together. Peeks at
+    them and consumes exactly their bytes: what the destination sent behind them stays in the
+    socket."""
+
+    def __init__(self, dialer: Socks5Dialer, dst: Address) -> None:
+        super().__init__(dialer)
+        self.dst = dst
+        self.username = dialer.username
+        if dialer.username is None:
+            self.method = METHOD_NONE
+            auth = b""
+        else:
+            self.method = METHOD_USERPASS
+            auth = dialer.credentials()
+        request = bytes([VERSION, CMD_CONNECT, 0]) + encode_address(dst)
+        self.request = bytes([VERSION, 1, self.method]) + auth + request
+        self._got = b""  # answer bytes consumed so far (all of them the handshake's)
+
+    def _advance(self, sock: socket.socket) -> bool:
+        while True:
+            seen = self.peek(sock, MAX_ANSWER - len(self._got))
+            if seen is None:
+                return False
+            data = self._got + seen
+            end = self._answer_end(data)
+            if end is None:  # all of it is the answer's, which is not complete yet
+                sock.recv(len(seen))
+                self._got = data
+                continue
+            sock.recv(end - len(self._got))
+            self.leftover = len(data) > end
+            return True
+
+    def _answer_end(self, data: bytes) -> int | None:
+        """Where the whole answer ends in `data` (None: not all there); DialError if it says
+        no."""
+        if len(data) < 2:
+            return None
+        version, method = data[0], data[1]
+        if version != VERSION:
+            raise DialError(errno.EPROTO, f"{self.name} is not a SOCKS5 server (version {version})")
+        if method == METHOD_REFUSED:
+            hint = (
+                "it requires authentication: give user:password@ in the URL"
+                if self.username is None
+                else "offered: username/password"
+            )
+            raise DialError(
+                errno.EACCES, f"{self.name} accepts none of our authentication methods ({hint})"
+            )
+        if method != self.method:
+            raise DialError(
+                errno.EPROTO, f"{self.name} chose a method we did not offer ({method:#x})"
+            )
+        at = 2
+        if method == METHOD_USERPASS:
+            if len(data) < 4:
+                return None
+            if data[3] != 0:
+                raise DialError(
+                    errno.EACCES, f"{self.name} refused the credentials for user {self.username}"
+                )
+            at = 4
+        if len(data) < at + 4:
+            return None
+        version, reply, _rsv, atyp = data[at : at + 4]
+        if version != VERSION:
+            raise DialError(errno.EPROTO, f"{self.name} answered with version {version}")
+        if reply != 0:
+            code, text = REPLIES.get(reply, (errno.ECONNABORTED, "unknown reply"))
+            raise DialError(code, f"{self.name}: {self.dst}: {text} (reply {reply:#x})")
+        if len(data) < at + 5:
+            return None
+        end = at + 4 + _address_size(atyp, data[at + 4])
+        if len(data) < end:
+            return None
+        try:
+            decode_address(data[: end], at + 3)
+        except (ValueError, UnicodeError) as exc:
+            raise DialError(errno.EPROTO, f"{self.name}: bad bound address: {exc}") from None
+        return end
 
 
 class Socks5Session:

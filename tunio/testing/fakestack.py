@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,17 +28,26 @@ class FakeStack:
         self.router.bind(endpoint)
         self.identity: bytes | None = None
         self.skipped: list[Message] = []
+        self.received: list[Message] = []  # every message as it came (DATA_FIN, CREDIT_FIN)
+        self._unfolded: deque[Message] = deque()
 
     def close(self) -> None:
         self.router.close()
         self.ctx.term()
 
     def recv(self, timeout: float = DEADLINE) -> Message:
+        """The next message, a folded one (DATA_FIN, CREDIT_FIN) as the plain ones it stands
+        for (tunio.wire.unfold); `received` keeps them as they came."""
+        if self._unfolded:
+            return self._unfolded.popleft()
         if not self.router.poll(int(timeout * 1000)):
             raise AssertionError(f"no message from the worker within {timeout}s")
         frames = self.router.recv_multipart()
         self.identity = frames[0]
-        return wire.decode(frames[1:])
+        msg = wire.decode(frames[1:])
+        self.received.append(msg)
+        self._unfolded.extend(wire.unfold(msg))
+        return self._unfolded.popleft()
 
     def expect(
         self, cmd: Cmd, flow: int | None = None, *, skip: frozenset[Cmd] = SKIP,

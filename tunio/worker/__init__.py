@@ -161,6 +161,7 @@ class Worker:
 
         handlers = Handlers(
             data=tcp.on_data, credit=tcp.on_credit, fin=tcp.on_fin, rst=tcp.on_rst,
+            data_fin=tcp.on_data_fin, credit_fin=tcp.on_credit_fin,
             open=opener.on_open, dgram=datagrams.on_dgram, flush=flush, drop=drop,
             count=lambda: len(tcp) + len(datagrams), name=names.on_name,
         )  # fmt: skip

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from tunio.dialers.base import Address, Dialer, StartConnect
+from tunio.dialers.base import Address, Dialer, Handshake, StartConnect, StartHandshake
 
 log = logging.getLogger("tunio.worker")
 
@@ -127,11 +127,20 @@ class Connecting(Dial[K, socket.socket]):
     """A task-less dial: `sock`'s connect was started, and the caller watches it for
     writability (then calls `connect_done()`)."""
 
-    __slots__ = ("sock",)
+    __slots__ = ("_patience", "handshake", "handshaking", "sock")
 
-    def __init__(self, dialing: Dialing[K, socket.socket], key: K, sock: socket.socket) -> None:
+    def __init__(
+        self,
+        dialing: Dialing[K, socket.socket],
+        key: K,
+        sock: socket.socket,
+        handshake: Handshake | None = None,
+    ) -> None:
         super().__init__(dialing, key)
         self.sock: socket.socket | None = sock
+        self.handshake = handshake
+        self.handshaking = False
+        self._patience: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
         """Stop dialing; the connect in flight is reset, so the destination sees a reset too."""
@@ -146,11 +155,53 @@ class Connecting(Dial[K, socket.socket]):
         sock = self.sock
         assert sock is not None
         code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        hs = self.handshake
         if code:
-            self._end(None, code, os.strerror(code))
+            self._end(None, code, hs.failed_to_connect(code) if hs else os.strerror(code))
             return
-        self.sock = None  # the caller's now
-        self._end(sock, 0, "")
+        if hs is None:
+            self.sock = None  # the caller's now
+            self._end(sock, 0, "")
+            return
+        try:
+            hs.begin(sock)
+        except Exception as exc:  # every failure becomes an errno for the app
+            self._end(None, *dial_failure(exc, f"dial {self.key}", self._dialing.timeout))
+            return
+        self.handshaking = True
+
+    def readable(self) -> None:
+        """Input (or an error) on a handshaking socket: the handshake reads what came."""
+        sock, hs = self.sock, self.handshake
+        assert sock is not None
+        assert hs is not None
+        try:
+            done = hs.advance(sock)
+        except Exception as exc:  # every failure becomes an errno for the app
+            self._end(None, *dial_failure(exc, f"dial {self.key}", self._dialing.timeout))
+            return
+        if done:
+            self.sock = None  # the caller's now
+            self._end(sock, 0, "")
+        elif hs.patience is not None and self._patience is None:
+            self._patience = self._dialing.loop.call_later(hs.patience, self._impatient)
+
+    def _impatient(self) -> None:
+        self._patience = None
+        hs = self.handshake
+        assert hs is not None
+        try:
+            hs.expire()
+        except Exception as exc:
+            self._end(None, *dial_failure(exc, f"dial {self.key}", self._dialing.timeout))
+            return
+        self._end(None, errno.ETIMEDOUT, _no_connection(self._dialing.timeout))
+
+    def _stop(self) -> None:
+        super()._stop()
+        if self._patience is not None:
+            self._patience.cancel()
+            self._patience = None
 
     def _end(self, result: socket.socket | None, code: int, why: str) -> None:
         super()._end(result, code, why)
@@ -206,12 +257,25 @@ class TcpDialing(Dialing[K, socket.socket]):
         self._start: Callable[[Address, Address], socket.socket] | None = (
             dialer.start_connect if isinstance(dialer, StartConnect) else None
         )
+        self._start_handshake: (
+            Callable[[Address, Address], tuple[socket.socket, Handshake] | None] | None
+        ) = dialer.start_handshake if isinstance(dialer, StartHandshake) else None
 
     def dial(self, key: K, dst: Address, src: Address) -> Dial[K, socket.socket] | None:
         """Starts dialing `dst`; None if the dial ended at once (`done` has been called)."""
         start = self._start
         if start is None or not _literal(dst.host):
             # a name (a fake-IP flow) is resolved first: that takes the dialer's own dial
+            if self._start_handshake is not None:
+                try:
+                    made = self._start_handshake(dst, src)
+                except Exception as exc:  # every failure becomes an errno for the app
+                    self.done(key, None, *dial_failure(exc, f"dial {dst}", self.timeout))
+                    return None
+                if made is not None:
+                    pending = Connecting(self, key, made[0], made[1])
+                    self.watch(key, made[0])
+                    return pending
             return self.task(key, self.dialer.dial, dst, src)
         try:
             sock = start(dst, src)

@@ -43,7 +43,8 @@ BYE_LINGER_MS = 1000
 ZERO_COPY_RECV = 10
 
 _HEARTBEAT = wire.header(Cmd.HEARTBEAT, 0, 0)
-_DATA, _CREDIT = int(Cmd.DATA), int(Cmd.CREDIT)
+_DATA, _CREDIT, _FIN = int(Cmd.DATA), int(Cmd.CREDIT), int(Cmd.FIN)
+_DATA_FIN, _OPEN = int(Cmd.DATA_FIN), int(Cmd.OPEN)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Handlers:
     data: Callable[[int, wire.Payload, int], None]  # (flow, payload, carried credit)
     credit: Callable[[int, int], None]  # (flow, amount)
     fin: Callable[[int], None]
+    data_fin: Callable[[int, wire.Payload, int], None]  # DATA then FIN: (flow, payload, credit)
+    credit_fin: Callable[[int, int], None]  # CREDIT then FIN: (flow, amount)
     rst: Callable[[int], None]
     open: Callable[[int, int, wire.Payload], None]  # (flow, window, address block)
     dgram: Callable[[int, wire.Payload], None]
@@ -97,6 +100,7 @@ class Link:
         self._ready_called = False
         self._draining = False
         self._drain_scheduled = False
+        self._sent = False  # a message went out since _drain last looked (see _drain)
         self._last_heard = 0.0
         self._last_hello = 0.0
         self._done: asyncio.Future[bool] | None = None
@@ -207,11 +211,21 @@ class Link:
         if self._outbox:
             self._outbox.append(frames)  # keep order behind what is already waiting
         else:
+            zsock = self._zsock
             try:
-                self._zsock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                # (one or two frames, sent by hand: send_multipart costs twice as much)
+                if len(frames) == 1:
+                    zsock.send(frames[0], zmq.NOBLOCK)
+                elif len(frames) == 2:
+                    zsock.send(frames[0], zmq.NOBLOCK | zmq.SNDMORE)
+                    zsock.send(frames[1], zmq.NOBLOCK, copy=False)  # the DEALER's queue took
+                    # the first frame, so it takes the rest of the message
+                else:
+                    zsock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 log.warning("send queue full: holding messages until the stack reads")
                 self._outbox.append(frames)
+            self._sent = True
         # ZMQ_FD is edge-triggered and any call on the socket may consume its edge, so look
         # for input again before the loop sleeps.
         if not self._draining and not self._drain_scheduled:
@@ -237,7 +251,7 @@ class Link:
 
     # ---- receiving -------------------------------------------------------------------------
 
-    def _drain(self) -> None:
+    def _drain(self) -> None:  # noqa: PLR0915 - the data path: one loop, no call per message
         self._drain_scheduled = False
         if self._draining or self._zsock is None:
             return
@@ -248,6 +262,7 @@ class Link:
         # building a Message and handed on here; the rest takes wire.decode in _handle.
         decode_flow = wire.decode_flow
         on_data, on_credit, on_fin = handlers.data, handlers.credit, handlers.fin
+        on_data_fin, on_credit_fin, on_open = handlers.data_fin, handlers.credit_fin, handlers.open
         self._draining = True
         heard = False
         try:
@@ -258,8 +273,12 @@ class Link:
                 try:
                     frames = zsock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
+                    # The receive that found nothing has processed every pending command, so
+                    # ZMQ_FD fires for the next message, unless a send (the credit flush)
+                    # consumes that signal: only then look again.
+                    self._sent = False
                     handlers.flush()
-                    if cast(int, zsock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    if self._sent and cast(int, zsock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
                         continue
                     break
                 heard = True
@@ -276,8 +295,16 @@ class Link:
                             on_data(fid, payload, arg)
                         elif code == _CREDIT:
                             on_credit(fid, arg)
-                        else:
+                        elif code == _FIN:
                             on_fin(fid)
+                        elif code == _DATA_FIN:
+                            assert payload is not None
+                            on_data_fin(fid, payload, arg)
+                        elif code == _OPEN:
+                            assert payload is not None
+                            on_open(fid, arg, payload)
+                        else:
+                            on_credit_fin(fid, arg)
                 except Exception:
                     # a bug in one handler must not leave the rest of the queue unread
                     log.exception("worker %s: handling a message failed", self.name)
@@ -321,6 +348,11 @@ class Link:
             handlers.credit(fid, msg.arg)
         elif cmd is Cmd.FIN:
             handlers.fin(fid)
+        elif cmd is Cmd.DATA_FIN:
+            assert payload is not None
+            handlers.data_fin(fid, payload, msg.arg)
+        elif cmd is Cmd.CREDIT_FIN:
+            handlers.credit_fin(fid, msg.arg)
         elif cmd is Cmd.NAME:
             assert payload is not None
             if handlers.name is not None:

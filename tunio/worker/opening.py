@@ -85,22 +85,22 @@ class TcpOpener:
             self._error(wire.RemoteProtocolError("flow", f"OPEN of flow {fid} in use"))
             return
         try:
-            block = wire.AddressBlock.unpack(payload)
+            proto, src_host, src_port, dst_host, dst_port = wire.unpack_endpoints(payload)
         except wire.ProtocolError as exc:
             self._error(exc)
             self._open_failed(fid, None, errno.EINVAL)
             return
-        address = Address(str(block.dst), block.dst_port)  # the IP the app connected to
+        address = Address(dst_host, dst_port)  # the IP the app connected to
         # A flow to a fake-IP address: the stack said its name first (NAME); the dialer gets it
         name = self._names.take(fid) if self._names is not None else None
-        dst = Address(name, block.dst_port) if name is not None else address
-        if block.proto != wire.IPPROTO_TCP:
+        dst = Address(name, dst_port) if name is not None else address
+        if proto != wire.IPPROTO_TCP:
             self._open_failed(fid, dst, errno.EPROTONOSUPPORT)
             return
         if self._capacity and len(flows) >= self._capacity:
             self._open_failed(fid, dst, errno.EAGAIN)
             return
-        src = Address(str(block.src), block.src_port)
+        src = Address(src_host, src_port)
         if self._policy is None:
             tries: list[Dialer] | Reject = [self._default]
         else:

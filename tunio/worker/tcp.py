@@ -113,7 +113,8 @@ class TcpTable:
 
     def connected(self, flow: Flow, sock: socket.socket) -> None:
         """`flow`'s dial is done: OPEN_OK, and the relay starts."""
-        sock.setblocking(False)
+        if sock.getblocking():  # (a dialer's own socket; ours are non-blocking from the start)
+            sock.setblocking(False)
         flow.sock = sock
         if flow.fd < 0:  # dialed by a task: not in our epoll yet
             flow.fd = sock.fileno()
@@ -149,14 +150,27 @@ class TcpTable:
                 continue
             state = flow.state
             if state is _DIALING:
-                if not ev & _OUT_EVENTS:
-                    continue
                 dial = flow.dial
                 assert isinstance(dial, Connecting)
-                dial.connect_done()
-                state = flow.state
-                if state is not _OPEN:
-                    continue
+                if not dial.handshaking:
+                    if not ev & _OUT_EVENTS:
+                        continue
+                    dial.connect_done()  # a proxy's handshake starts here
+                    if not dial.handshaking or not ev & _IN_EVENTS or flow.dial is not dial:
+                        state = flow.state
+                        if state is not _OPEN:
+                            continue
+                if dial.handshaking:
+                    if not ev & _IN_EVENTS:
+                        continue
+                    dial.readable()
+                    state = flow.state
+                    if state is not _OPEN:
+                        continue
+                    hs = dial.handshake
+                    assert hs is not None
+                    if not hs.leftover and not ev & _HUP_EVENTS:
+                        continue  # the proxy's answer was all that came: nothing to relay yet
             if ev & select.EPOLLERR and self._failed(flow):
                 continue
             if ev & _IN_EVENTS:
@@ -181,11 +195,14 @@ class TcpTable:
         self._destination_failed(flow, OSError(code, errname(code)))
         return True
 
-    def _unregister(self, flow: Flow) -> None:
+    def _unregister(self, flow: Flow, *, closing: bool = False) -> None:
+        """Out of the table's view; `closing`: its socket is closed right after, which takes it
+        out of the epoll too (one epoll_ctl less per flow)."""
         if flow.fd >= 0 and self._by_fd.get(flow.fd) is flow:
             del self._by_fd[flow.fd]
-            with contextlib.suppress(OSError, ValueError):  # ValueError: the epoll is closed
-                self._epoll.unregister(flow.fd)
+            if not closing:
+                with contextlib.suppress(OSError, ValueError):  # ValueError: the epoll is closed
+                    self._epoll.unregister(flow.fd)
         self._more.pop(flow.fid, None)
 
     # ---- destination -> stack --------------------------------------------------------------
@@ -196,7 +213,7 @@ class TcpTable:
         if flow.readable and (state is _OPEN or state is _STACK_FIN):
             self._on_readable(flow)
 
-    def _on_readable(self, flow: Flow) -> None:
+    def _on_readable(self, flow: Flow) -> None:  # noqa: PLR0911 - each return ends a read loop
         sock = flow.sock
         assert sock is not None
         for _ in range(READ_BUDGET):
@@ -213,6 +230,24 @@ class TcpTable:
                 self._on_eof(flow)
                 return
             size = len(data)
+            if size < want and flow.hup:
+                # the EOF (or an error) waits behind these bytes: read on, and an EOF goes
+                # with them in one message (DATA_FIN)
+                try:
+                    rest = sock.recv(want - size)
+                except (BlockingIOError, InterruptedError):
+                    rest = None
+                except OSError as exc:
+                    self._destination_failed(flow, exc)
+                    return
+                if rest == b"":
+                    self.stats.bytes_to_stack += size
+                    self._send([wire.header(Cmd.DATA_FIN, flow.fid, flow.sent(size)), data])
+                    self._on_eof(flow, said=True)
+                    return
+                if rest:
+                    data += rest
+                    size = len(data)
             self.stats.bytes_to_stack += size
             self._send([wire.header(Cmd.DATA, flow.fid, flow.sent(size)), data])
             if size < want and not flow.hup:
@@ -228,13 +263,17 @@ class TcpTable:
             self._more_scheduled = True
             self._loop.call_soon(self._read_more)
 
-    def _on_eof(self, flow: Flow) -> None:
+    def _on_eof(self, flow: Flow, *, said: bool = False) -> None:
+        """The destination's EOF: FIN to the stack (`said`: it went with the last DATA, as
+        DATA_FIN), with the credit held back (no DATA will carry it now) as CREDIT_FIN."""
         flow.readable = False
         self._more.pop(flow.fid, None)
-        held = flow.fin_sent()  # no DATA will carry it now
-        if held:
-            self._send([wire.header(Cmd.CREDIT, flow.fid, held)])
-        self._send([wire.header(Cmd.FIN, flow.fid, 0)])
+        held = flow.fin_sent()
+        if not said:
+            if held:
+                self._send([wire.header(Cmd.CREDIT_FIN, flow.fid, held)])
+            else:
+                self._send([wire.header(Cmd.FIN, flow.fid, 0)])
         if flow.state is _OPEN:
             flow.state = _DEST_FIN
         elif flow.queue:  # STACK_FIN, with the stack's last bytes still to write
@@ -260,6 +299,19 @@ class TcpTable:
             self._start_reading(flow)
 
     # ---- stack -> destination --------------------------------------------------------------
+
+    def on_data_fin(self, fid: int, payload: wire.Payload, credit: int = 0) -> None:
+        """DATA_FIN: the stack's last bytes and its FIN in one message."""
+        self.on_data(fid, payload, credit)
+        flow = self.flows.get(fid)
+        if flow is not None:
+            self.on_fin(fid)
+
+    def on_credit_fin(self, fid: int, amount: int) -> None:
+        """CREDIT_FIN: credit, then the stack's FIN."""
+        if amount:
+            self.on_credit(fid, amount)
+        self.on_fin(fid)
 
     def on_data(self, fid: int, payload: wire.Payload, credit: int = 0) -> None:
         if credit:  # credit the stack carried along (DATA's arg), as if a CREDIT came first
@@ -419,7 +471,9 @@ class TcpTable:
 
     def _free(self, flow: Flow, *, abortive: bool) -> None:
         self._forget(flow)
-        self._unregister(flow)  # before the close: the fd number may be reused at once
+        # out of _by_fd before the close, for the fd number may be reused at once; the close
+        # takes it out of the epoll (a socket is never shared with another descriptor)
+        self._unregister(flow, closing=True)
         dial = flow.dial
         if dial is not None:
             flow.dial = None

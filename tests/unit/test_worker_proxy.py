@@ -1,0 +1,218 @@
+"""Proxy handshakes in the worker's TCP table, without a task: SOCKS5 and HTTP CONNECT dialled
+through `start_handshake`, the connect and the handshake driven from the table's epoll
+(tests/unit/tablerig.py), against scripted proxies in a thread that answer only once they hold
+the whole request (so a handshake in more than one round trip would hang here)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.unit.tablerig import MakeRig, Rig, rig_maker
+from tunio.dialers import HttpDialer, Socks5Dialer
+from tunio.wire import Cmd
+from tunio.worker.dial import Connecting
+from tunio.worker.flow import State
+
+BOUND = bytes([1, 10, 0, 0, 1]) + struct.pack("!H", 4321)
+Script = Callable[[socket.socket], None]
+
+
+@pytest.fixture
+def rigs() -> Iterator[MakeRig]:
+    with rig_maker() as make:
+        yield make
+
+
+class Proxy:
+    """A listener on loopback whose one connection `script` serves, in a thread."""
+
+    def __init__(self, script: Script) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._serve, args=(script,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, script: Script) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            with conn:
+                conn.settimeout(10.0)
+                script(conn)
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def close(self) -> None:
+        self.thread.join(10.0)
+        self.listener.close()
+        if self.errors:
+            raise self.errors[0]
+
+
+def read_exactly(conn: socket.socket, size: int) -> bytes:
+    buf = b""
+    while len(buf) < size:
+        chunk = conn.recv(size - len(buf))
+        assert chunk, f"EOF after {len(buf)} of {size} bytes"
+        buf += chunk
+    return buf
+
+
+def socks5_request(auth: bytes = b"") -> bytes:
+    method = 2 if auth else 0
+    return bytes([5, 1, method]) + auth + bytes([5, 1, 0, 1, 127, 0, 0, 1, 0, 9])
+
+
+def opened(rig: Rig, fid: int = 1) -> None:
+    rig.open(fid)
+    dial = rig.table.flows[fid].dial
+    assert isinstance(dial, Connecting)  # no task: the table's epoll carries it
+    assert dial.handshake is not None
+
+
+def no_tasks(rig: Rig) -> bool:
+    return not asyncio.all_tasks(rig.loop)
+
+
+def test_socks5_connect_in_one_round_trip_keeps_the_bytes_behind_it(rigs: MakeRig) -> None:
+    def script(conn: socket.socket) -> None:
+        assert read_exactly(conn, 13) == socks5_request()  # all of it before any answer
+        conn.sendall(b"\x05\x00" + b"\x05\x00\x00" + BOUND + b"early")
+        assert read_exactly(conn, 4) == b"ping"
+        conn.sendall(b"pong")
+
+    proxy = Proxy(script)
+    rig = rigs(Socks5Dialer("127.0.0.1", proxy.port))
+    opened(rig)
+    assert rig.expect(Cmd.OPEN_OK, 1).arg > 0
+    assert no_tasks(rig)
+    assert rig.expect(Cmd.DATA, 1).payload == b"early"
+    rig.table.on_data(1, b"ping")
+    assert rig.expect(Cmd.DATA, 1).payload == b"pong"
+    proxy.close()
+
+
+def test_socks5_credentials_go_with_the_greeting(rigs: MakeRig) -> None:
+    auth = b"\x01\x04user\x06secret"
+
+    def script(conn: socket.socket) -> None:
+        assert read_exactly(conn, 13 + len(auth)) == socks5_request(auth)
+        conn.sendall(b"\x05\x02\x01\x00\x05\x00\x00" + BOUND)
+
+    proxy = Proxy(script)
+    rig = rigs(Socks5Dialer("127.0.0.1", proxy.port, username="user", password="secret"))
+    opened(rig)
+    rig.expect(Cmd.OPEN_OK, 1)
+    rig.expect(Cmd.FIN, 1)  # the proxy closed behind its answer: the destination's EOF
+    assert rig.table.flows[1].state is State.DEST_FIN
+    proxy.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        (b"\x05\x00\x05\x05\x00" + BOUND, errno.ECONNREFUSED),
+        (b"\x05\x00\x05\x04\x00" + BOUND, errno.EHOSTUNREACH),
+        (b"\x05\xff", errno.EACCES),
+        (b"\x05\x02\x01\x01", errno.EACCES),
+        (b"\x04\x00", errno.EPROTO),
+        (b"\x05\x00\x05", errno.ECONNRESET),  # closed in the middle of the reply
+    ],
+)
+def test_socks5_failures_are_the_apps_errno(rigs: MakeRig, answer: bytes, code: int) -> None:
+    def script(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(answer)
+
+    proxy = Proxy(script)
+    creds = {"username": "u", "password": "p"} if answer[1] == 2 else {}
+    rig = rigs(Socks5Dialer("127.0.0.1", proxy.port, **creds))  # type: ignore[arg-type]
+    opened(rig)
+    assert rig.expect(Cmd.OPEN_FAIL, 1).arg == code
+    assert rig.table.flows == {}
+    proxy.close()
+
+
+def test_a_reply_in_pieces_is_put_together(rigs: MakeRig) -> None:
+    def script(conn: socket.socket) -> None:
+        read_exactly(conn, 13)
+        for piece in (b"\x05", b"\x00\x05\x00", b"\x00\x01\x0a", b"\x00\x00\x01\x10\xe1x"):
+            conn.sendall(piece)
+            threading.Event().wait(0.02)
+
+    proxy = Proxy(script)
+    rig = rigs(Socks5Dialer("127.0.0.1", proxy.port))
+    opened(rig)
+    rig.expect(Cmd.OPEN_OK, 1)
+    assert rig.expect(Cmd.DATA, 1).payload == b"x"
+    proxy.close()
+
+
+def test_http_connect_without_a_task(rigs: MakeRig) -> None:
+    def script(conn: socket.socket) -> None:
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            head += conn.recv(1024)
+        assert head.startswith(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n")
+        conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\nhello")
+
+    proxy = Proxy(script)
+    rig = rigs(HttpDialer("127.0.0.1", proxy.port))
+    opened(rig)
+    rig.expect(Cmd.OPEN_OK, 1)
+    assert no_tasks(rig)
+    assert rig.expect(Cmd.DATA, 1).payload == b"hello"
+    proxy.close()
+
+
+def test_http_refusal_waits_for_its_page_to_say_why(rigs: MakeRig) -> None:
+    page = b"<p>(113) No route to host</p>"
+
+    def script(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(page))
+        threading.Event().wait(0.05)  # the page comes behind its head
+        conn.sendall(page)
+
+    proxy = Proxy(script)
+    rig = rigs(HttpDialer("127.0.0.1", proxy.port))
+    opened(rig)
+    assert rig.expect(Cmd.OPEN_FAIL, 1).arg == errno.EHOSTUNREACH
+    proxy.close()
+
+
+def test_proxy_down_is_refused(rigs: MakeRig) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        port = gone.getsockname()[1]
+    rig = rigs(Socks5Dialer("127.0.0.1", port))
+    rig.open(1)
+    assert rig.expect(Cmd.OPEN_FAIL, 1).arg == errno.ECONNREFUSED
+
+
+def test_rst_while_handshaking_resets_the_proxy_connection(rigs: MakeRig) -> None:
+    seen: list[bytes] = []
+
+    def script(conn: socket.socket) -> None:
+        read_exactly(conn, 13)
+        try:
+            seen.append(conn.recv(1))  # no answer from us: the dial is reset meanwhile
+        except ConnectionResetError:
+            seen.append(b"reset")
+
+    proxy = Proxy(script)
+    rig = rigs(Socks5Dialer("127.0.0.1", proxy.port))
+    opened(rig)
+    dial = rig.table.flows[1].dial
+    assert isinstance(dial, Connecting)
+    rig.until(lambda: dial.handshaking, "the request sent")
+    rig.table.on_rst(1)
+    proxy.close()
+    assert seen == [b"reset"]
+    assert rig.take() == []
