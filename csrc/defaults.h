@@ -7,6 +7,12 @@
 
 /* Credit window per flow and direction, bytes (protocol.md: OPEN's and OPEN_OK's arg). */
 #define TUNIO_DEFAULT_WINDOW 1048576
+/* DATA bytes a worker may have sent to it and not yet credited back, all its flows together: past
+ * it the stack reads no more from those apps until credit comes. Every message to a worker queues
+ * behind what it has not handled yet, a new flow's OPEN too: this bounds how long a dial waits in
+ * that queue (and what the queue holds), where the windows alone let 5,000 flows queue gigabytes.
+ * Sixteen full windows, so a few fast flows still reach their own window's speed. */
+#define TUNIO_DEFAULT_WORKER_BACKLOG 16777216
 /* Bytes read from a socket per DATA, on both sides: half the default window, two in flight. */
 #define TUNIO_READ_CHUNK 524288
 /* A held SYN waits this long for its dial's outcome, ms (more than the default dial timeout). */

@@ -58,12 +58,24 @@ struct flow {
     uint64_t credit;     /* bytes we may still send to the worker */
     uint64_t uncredited; /* bytes written to the app and not yet returned (CREDIT, or DATA's arg) */
     uint64_t queued;     /* bytes of the DATA held for the app, written or not (their buffers) */
+    uint64_t unanswered; /* DATA bytes sent to the worker and not credited back yet */
     struct chunk *head;
     struct chunk *tail;
     uint64_t since_ms; /* OPEN sent, or OPEN_OK received while waiting for accept */
     int fake;          /* to a fake-IP address: holds map entry fake_index, named in NAME */
     uint32_t fake_index;
     struct flow *hnext;
+    /* In its worker's queue of flows waiting for backlog (see struct backlog) */
+    struct flow *wnext;
+    struct flow **wprev; /* NULL: not waiting */
+};
+
+/* What a worker has been sent and not yet answered with credit, all its flows together, and the
+ * flows with credit and input that wait for it to come under the bound, in arrival order. */
+struct backlog {
+    uint64_t bytes;
+    struct flow *head;
+    struct flow **tail;
 };
 
 struct tunio_flows {
@@ -83,11 +95,70 @@ struct tunio_flows {
     uint64_t no_name;
     uint64_t bytes_to_workers;
     uint64_t bytes_from_workers;
+    uint64_t backlog_waits; /* times a flow with credit waited for its worker's backlog */
+    struct backlog backlog[TUNIO_MAX_WORKERS];
 };
 
 static struct tunio_nat *nat_of(struct tunio_flows *fl, const struct flow *f)
 {
     return fl->cfg.nat[f->version == 6];
+}
+
+/* ---- a worker's backlog ---- */
+
+static void wait_for_backlog(struct tunio_flows *fl, struct flow *f)
+{
+    if (f->wprev)
+        return;
+    struct backlog *b = &fl->backlog[f->worker];
+    if (!b->tail)
+        b->tail = &b->head;
+    f->wnext = NULL;
+    f->wprev = b->tail;
+    *b->tail = f;
+    b->tail = &f->wnext;
+    fl->backlog_waits++;
+}
+
+static void stop_waiting(struct tunio_flows *fl, struct flow *f)
+{
+    if (!f->wprev)
+        return;
+    struct backlog *b = &fl->backlog[f->worker];
+    *f->wprev = f->wnext;
+    if (f->wnext)
+        f->wnext->wprev = f->wprev;
+    else
+        b->tail = f->wprev;
+    f->wnext = NULL;
+    f->wprev = NULL;
+}
+
+/* Credit from the worker answers bytes of ours: they leave the backlog. */
+static void answered(struct tunio_flows *fl, struct flow *f, uint64_t credit)
+{
+    uint64_t n = credit < f->unanswered ? credit : f->unanswered;
+    f->unanswered -= n;
+    fl->backlog[f->worker].bytes -= n;
+}
+
+static int backlog_full(const struct tunio_flows *fl, int worker)
+{
+    return fl->backlog[worker].bytes >= fl->cfg.worker_backlog;
+}
+
+static void pump(struct tunio_flows *fl, struct flow *f);
+
+/* The worker's backlog went down: the flows that waited read again, first come first, while it
+ * stays under the bound (a flow that fills it again waits at the end of the queue). */
+static void resume_waiting(struct tunio_flows *fl, int worker)
+{
+    struct backlog *b = &fl->backlog[worker];
+    while (b->head && !backlog_full(fl, worker)) {
+        struct flow *f = b->head;
+        stop_waiting(fl, f);
+        pump(fl, f);
+    }
 }
 
 /* ---- flow table ---- */
@@ -164,6 +235,8 @@ static void flow_free(struct tunio_flows *fl, struct flow *f)
     }
     if (f->fd >= 0)
         close(f->fd); /* which takes it out of the epoll: the socket has no other descriptor */
+    stop_waiting(fl, f);
+    fl->backlog[f->worker].bytes -= f->unanswered;
     tunio_link_load(fl->cfg.link, f->worker, -1);
     if (f->fake)
         tunio_dnsmap_release(fl->cfg.map, f->fake_index, tunio_now_ms());
@@ -480,6 +553,10 @@ static void app_eof(struct tunio_flows *fl, struct flow *f)
 static int read_from_app(struct tunio_flows *fl, struct flow *f)
 {
     while ((f->flags & FLOW_READABLE) && !(f->flags & FLOW_APP_EOF) && f->credit > 0) {
+        if (backlog_full(fl, f->worker)) {
+            wait_for_backlog(fl, f);
+            return 0;
+        }
         if (!fl->rbuf && !(fl->rbuf = malloc(TUNIO_READ_CHUNK)))
             return 0; /* try again on the next event */
         size_t want = f->credit < TUNIO_READ_CHUNK ? (size_t)f->credit : TUNIO_READ_CHUNK;
@@ -529,6 +606,8 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
         }
         f->uncredited = 0;
         f->credit -= (uint64_t)n;
+        f->unanswered += (uint64_t)n;
+        fl->backlog[f->worker].bytes += (uint64_t)n;
         fl->bytes_to_workers += (uint64_t)n;
         if (eof) {
             f->flags |= FLOW_APP_EOF;
@@ -552,6 +631,7 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
     struct flow *f = flow_find(fl, id);
     if (!f)
         return;
+    int worker = f->worker; /* a flow that ends gives its backlog back to the others */
     if (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         f->flags |= FLOW_READABLE;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -565,10 +645,12 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
         getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &err, &len);
         if (err) {
             app_failed(fl, f, err);
+            resume_waiting(fl, worker);
             return;
         }
     }
     pump(fl, f);
+    resume_waiting(fl, worker);
 }
 
 /* ---- accepting ---- */
@@ -739,10 +821,12 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
     case TUNIO_CMD_DATA:
     case TUNIO_CMD_DATA_FIN:
         f->credit += h->arg; /* credit the worker carried along: see credit_due */
+        answered(fl, f, h->arg);
         on_data(fl, f, payload, h->cmd == TUNIO_CMD_DATA_FIN);
         break;
     case TUNIO_CMD_CREDIT:
         f->credit += h->arg;
+        answered(fl, f, h->arg);
         pump(fl, f);
         break;
     case TUNIO_CMD_FIN:
@@ -752,6 +836,7 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
             break;
         }
         f->credit += h->cmd == TUNIO_CMD_CREDIT_FIN ? h->arg : 0;
+        answered(fl, f, h->cmd == TUNIO_CMD_CREDIT_FIN ? h->arg : 0);
         f->flags |= FLOW_WORKER_FIN;
         pump(fl, f);
         break;
@@ -762,6 +847,7 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
         fl->protocol_errors++;
         break;
     }
+    resume_waiting(fl, worker);
 }
 
 /* ---- workers lost, expiries ---- */
@@ -810,6 +896,8 @@ void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
             f = next;
         }
     }
+    for (int w = 0; w < TUNIO_MAX_WORKERS; w++)
+        resume_waiting(fl, w); /* backlog given back by the flows that ended here */
 }
 
 /* ---- the stack stops ---- */
@@ -880,4 +968,7 @@ void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o)
     o->protocol_errors += fl->protocol_errors;
     o->bytes_to_workers += fl->bytes_to_workers;
     o->bytes_from_workers += fl->bytes_from_workers;
+    o->backlog_waits += fl->backlog_waits;
+    for (int w = 0; w < TUNIO_MAX_WORKERS; w++)
+        o->backlog_bytes += fl->backlog[w].bytes;
 }

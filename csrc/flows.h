@@ -9,10 +9,10 @@
 #include <stdint.h>
 #include <zmq.h>
 
-struct tunio_dns;
-struct tunio_dnsmap;
 #include "defaults.h"
 
+struct tunio_dns;
+struct tunio_dnsmap;
 struct tunio_link;
 struct tunio_nat;
 struct tunio_queue;
@@ -23,6 +23,7 @@ struct tunio_flows;
 
 struct tunio_flows_config {
     uint32_t window;          /* credit window per flow and direction, bytes */
+    uint64_t worker_backlog;  /* DATA bytes a worker may have unanswered (not yet credited) */
     int epfd;                 /* the loop's epoll: accepted sockets join it, edge-triggered, */
     uint8_t tag;              /* tagged (flow id << 8) | tag */
     struct tunio_nat *nat[2]; /* [0] IPv4, [1] IPv6; NULL: a family the stack does not carry */

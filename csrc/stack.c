@@ -469,6 +469,8 @@ static int make_flows(struct tunio_stack *s)
 {
     struct tunio_flows_config fc = {
         .window = s->cfg.window,
+        .worker_backlog =
+            s->cfg.worker_backlog ? s->cfg.worker_backlog : TUNIO_DEFAULT_WORKER_BACKLOG,
         .epfd = s->epfd,
         .tag = TAG_FLOW,
         .nat = {nat_or_null(s, 0), nat_or_null(s, 1)},

@@ -24,6 +24,7 @@ struct tunio_config {
     unsigned pool_count;       /* NAT pool addresses; 0: up to 16 */
     const char *endpoint;      /* ZeroMQ endpoint the ROUTER binds */
     uint32_t window;           /* credit window per flow and direction, bytes */
+    uint64_t worker_backlog;   /* DATA bytes a worker may have uncredited (0: the default) */
     uint32_t pending_ms;       /* a held SYN waits this long for the dial's outcome */
     uint32_t reserve_ms;       /* a NAT slot stays reserved this long after its flow ends */
     uint32_t heartbeat_ms;     /* heartbeat interval; a worker silent 3 intervals is dead */
@@ -99,6 +100,8 @@ struct tunio_stats {
     uint64_t dns_recycled;    /* fake addresses taken from one name for another */
     uint64_t dns_pool_full;   /* queries answered SERVFAIL: every fake address was held */
     uint64_t memory_trims;    /* freed heap given back after trim_idle_ms without flows */
+    uint64_t backlog_waits;   /* times a flow with credit waited for its worker's backlog */
+    uint64_t backlog_bytes;   /* DATA bytes the workers have not credited back, now */
 };
 
 /* One worker as the stack sees it. */

@@ -60,6 +60,7 @@ class Options:
     # CURVE keys for a tcp:// endpoint; None: <runtime dir>/keys, made anew for each run.
     keys: str | None = None
     window: int = defaults.WINDOW
+    worker_backlog: int = defaults.WORKER_BACKLOG
     txqueuelen: int = defaults.TXQUEUELEN
     log_level: str = defaults.LOG_LEVEL
     log_format: str = defaults.LOG_FORMAT
@@ -224,6 +225,22 @@ def check_ifname(name: str, option: str) -> None:
         )
 
 
+def _check_timeouts_and_sizes(options: Options) -> None:
+    if not options.connect_timeout > 0:
+        raise ConfigError(f"--connect-timeout {options.connect_timeout:g} must be above 0")
+    if not options.drain_timeout > 0:
+        raise ConfigError(f"--drain-timeout {options.drain_timeout:g} must be above 0")
+    if not options.udp_timeout > 0:
+        raise ConfigError(f"--udp-timeout {options.udp_timeout:g} must be above 0")
+    if not 1024 <= options.window <= 1 << 30:
+        raise ConfigError(f"--window {options.window} is out of range: use 1024..{1 << 30}")
+    if not options.window <= options.worker_backlog <= 1 << 40:
+        raise ConfigError(f"--worker-backlog {options.worker_backlog} is out of range: use "
+                          f"--window ({options.window})..{1 << 40}")
+    if not 1 <= options.txqueuelen <= 1 << 20:
+        raise ConfigError(f"--txqueuelen {options.txqueuelen} is out of range: use 1..{1 << 20}")
+
+
 def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     """Check every option; ConfigError naming the first one that is wrong."""
     check_ifname(options.tun, "--tun")
@@ -255,16 +272,7 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             raise ConfigError(
                 f"--egress-interface {options.egress_interface}: no such network interface"
             )
-    if not options.connect_timeout > 0:
-        raise ConfigError(f"--connect-timeout {options.connect_timeout:g} must be above 0")
-    if not options.drain_timeout > 0:
-        raise ConfigError(f"--drain-timeout {options.drain_timeout:g} must be above 0")
-    if not options.udp_timeout > 0:
-        raise ConfigError(f"--udp-timeout {options.udp_timeout:g} must be above 0")
-    if not 1024 <= options.window <= 1 << 30:
-        raise ConfigError(f"--window {options.window} is out of range: use 1024..{1 << 30}")
-    if not 1 <= options.txqueuelen <= 1 << 20:
-        raise ConfigError(f"--txqueuelen {options.txqueuelen} is out of range: use 1..{1 << 20}")
+    _check_timeouts_and_sizes(options)
     if options.log_level not in LEVELS:
         raise ConfigError(f"--log-level {options.log_level!r}: use one of {', '.join(LEVELS)}")
     if options.log_format not in FORMATS:

@@ -28,6 +28,7 @@ MAX_WORKERS: int = lib.TUNIO_MAX_WORKERS  # workers the stack holds at once
 TUN = "tunio0"
 ADDRESS = "198.18.0.1/24"
 MTU = 1500
+WORKER_BACKLOG: int = lib.TUNIO_DEFAULT_WORKER_BACKLOG  # DATA bytes a worker may leave uncredited
 TXQUEUELEN: int = lib.TUNIO_DEFAULT_TXQUEUELEN  # packets a TUN queue holds for its reader
 CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
 DRAIN_TIMEOUT = 300.0  # after a reload, the old workers' flows may run this long, s

@@ -50,6 +50,12 @@ _STACK: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ("tunio_refused_flows_total", "counter", "New flows refused before any dial, by why.",
      (('reason="max_flows"', "refused_max_flows"), ('reason="max_pending"', "refused_max_pending"),
       ('reason="no_worker"', "no_worker"), ('reason="nat_full"', "nat_table_full"))),
+    ("tunio_deferred_syns_total", "counter", "SYNs left for the app to send again: their "
+     "destination held its share of --max-pending.", (("", "deferred_pending_share"),)),
+    ("tunio_worker_backlog_bytes", "gauge", "DATA bytes the workers have not credited back yet "
+     "(each at most --worker-backlog).", (("", "backlog_bytes"),)),
+    ("tunio_backlog_waits_total", "counter", "Times a flow with credit waited for its worker's "
+     "backlog to go under --worker-backlog.", (("", "backlog_waits"),)),
     ("tunio_failed_dials_total", "counter", "TCP flows whose dial failed (OPEN_FAIL).",
      (("", "dial_failed"),)),
     ("tunio_resets_total", "counter", "TCP flows the stack reset, and RSTs it sent for "

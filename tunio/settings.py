@@ -68,6 +68,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("window", "window", "int",
             f"flow-control window per flow and direction, bytes (default: {defaults.WINDOW})",
             "BYTES"),
+    Setting("worker-backlog", "worker_backlog", "int",
+            "data bytes a worker may have unanswered, all its flows together: past it the "
+            "stack waits before reading more from those apps, so a new flow's dial never "
+            f"queues behind more (default: {defaults.WORKER_BACKLOG})", "BYTES"),
     Setting("log-level", "log_level", "choice",
             f"least severe messages to print (default: {defaults.LOG_LEVEL})",
             choices=("debug", "info", "warning", "error")),

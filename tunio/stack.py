@@ -50,6 +50,7 @@ class StackConfig:
     addresses: tuple[Interface, ...]
     endpoint: str
     window: int = defaults.WINDOW
+    worker_backlog: int = defaults.WORKER_BACKLOG  # DATA bytes a worker may leave uncredited
     pending_timeout: float = defaults.PENDING_TIMEOUT
     log_level: str = defaults.LOG_LEVEL
     listen_port: int = 0
@@ -110,6 +111,7 @@ class _CConfig:
         cfg.pool_count = config.pool_size
         cfg.endpoint = self._endpoint
         cfg.window = config.window
+        cfg.worker_backlog = config.worker_backlog
         cfg.pending_ms = int(config.pending_timeout * 1000)
         cfg.reserve_ms = int(config.reserve_timeout * 1000)
         cfg.heartbeat_ms = int(config.heartbeat_interval * 1000)

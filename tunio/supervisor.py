@@ -255,6 +255,7 @@ class Supervisor:
             addresses=plan.addresses,
             endpoint=host.endpoint,
             window=opts.window,
+            worker_backlog=opts.worker_backlog,
             # A held SYN must outlive the worker's own connect timeout.
             pending_timeout=max(defaults.PENDING_TIMEOUT, opts.connect_timeout + 5.0),
             log_level=opts.log_level,

@@ -47,6 +47,7 @@ def rundir(tmp_path: Path) -> list[str]:
         (["--egress-interface", "nosuchif0"], "nosuchif0: no such network interface"),
         (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
         (["--queues", "0"], "--queues 0 is out of range"),
+        (["--worker-backlog", "4096"], "--worker-backlog 4096 is out of range: use --window"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )

@@ -55,6 +55,7 @@ class StackConfig:
     addresses: tuple
     endpoint: str
     window: int = 256 * 1024
+    worker_backlog: int = 0
     pending_timeout: float = 15.0
     log_level: str = "info"
     udp_timeout: float = 60.0
