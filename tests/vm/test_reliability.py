@@ -213,21 +213,21 @@ def test_syn_flood_is_held_to_max_pending(
     flood_lines = tunio.log.lines[start:]
     assert tunio.stop() == 0, tunio.log.text
     stats = _stats(tunio)
-    refused = stats["refused_max_pending"] + stats["deferred_pending_share"]
+    held_back = stats["refused_max_pending"] + stats["deferred_pending_share"]
     refusal_lines = [line for line in flood_lines if "held back" in line]
     growth = max(rss_after[p] - rss_before[p] for p in workers)
     print(f"\nSYN flood: {out.strip()}; pending peak {stats['pending_peak']} (limit {limit}), "
-          f"{stats['flows_opened']} flows opened, refused {refused} "
-          f"({stats['refused_max_pending']} past the limit, {stats['deferred_pending_share']} "
-          f"past a destination's share); {len(flood_lines)} log lines during the flood "
-          f"({len(refusal_lines)} about refusals, "
+          f"{stats['flows_opened']} flows opened, {held_back} SYNs held back "
+          f"({stats['refused_max_pending']} refused past the limit, "
+          f"{stats['deferred_pending_share']} left unanswered past a destination's share); "
+          f"{len(flood_lines)} log lines during the flood ({len(refusal_lines)} about them, "
           f"{sum('dial' in x and 'failed' in x for x in flood_lines)} workers' failed dials); "
           f"worker RSS growth {growth} KiB; normal connection made while the flood ran: "
           f"{still_flooding}")
     assert still_flooding
     assert 0 < stats["pending_peak"] <= limit
     assert stats["pending"] == 0
-    assert refused >= syns // 2 - limit  # the black hole's half, but for its share
+    assert held_back >= syns // 2 - limit  # the black hole's half, but for its share
     assert len(refusal_lines) <= 2 * syns // rate + 3  # once a second at most
     # Not a line a flow: the stack's own lines are its summaries, and a worker says of the
     # dials that failed one line a second and a count (the flood's ~10,000 failed dials make a
@@ -266,7 +266,7 @@ def test_udp_session_past_max_flows_is_refused(fresh_lab: Lab) -> None:
         socks[0].send(b"still")
         assert socks[0].recv(100) == b"still"
         # Counted, and reported from the stack's tick (once a second at most).
-        tunio.log.wait_for(rf"refused 1 new flows .*: 1 past --max-flows {limit}", 5.0)
+        tunio.log.wait_for(rf"held back 1 new flows .*: 1 refused past --max-flows {limit}", 5.0)
     finally:
         for s in socks:
             s.close()

@@ -29,6 +29,27 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def rss_parts_kib(pid: int) -> dict[str, int]:
+    """The resident set by kind, KiB: "anon" (the heap and stacks), "file" (mapped files, the
+    code) and "shmem" (shared memory: the stack's NAT region and DNS map, tables of a fixed size
+    whose touched pages stay resident); empty once the process is gone."""
+    parts: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            for key, name in (("RssAnon:", "anon"), ("RssFile:", "file"), ("RssShmem:", "shmem")):
+                if line.startswith(key):
+                    parts[name] = int(line.split()[1])
+    except OSError:
+        pass
+    return parts
+
+
+def private_rss_kib(pid: int) -> int:
+    """RSS without shared memory: what a process's own allocations hold."""
+    parts = rss_parts_kib(pid)
+    return parts.get("anon", 0) + parts.get("file", 0)
+
+
 def stack_pid(tunio: TunioProcess) -> int:
     [pid] = [p for p in tunio.children() if "tunio-stack" in process_title(p)]
     return pid
