@@ -9,6 +9,7 @@ worker. The figures (rates, handshake times, the TUN's drops, peak memory) go to
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ BYTES = 256 * 1024  # echoed per connection
 SECONDS = 60.0  # new connections are opened for this long; the open ones then finish
 BOUND = 180.0  # seconds the whole run may take before unfinished ones count as timeouts
 HANDSHAKE_LIMIT_US = 5_000_000
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
 IDLE_TRIM = 30.0  # seconds for the memory to come back (the trim comes after 10 s without flows)
 
 
@@ -100,8 +102,9 @@ def test_soak_5000_concurrent_for_a_minute(soak_lab: Lab) -> None:
     assert stats["rst_unknown_flow"] == 0
     assert stats["workers_lost"] == 0
     assert stats["flows_active"] == 0
-    assert all(trimmed[p] <= idle_private[p] * 1.2 for p in idle), (idle_private, trimmed)
     assert stats["memory_trims"] >= 1
+    if not UNDER_ASAN:  # under make asan, RSS measures the sanitizer's allocator and quarantine
+        assert all(trimmed[p] <= idle_private[p] * 1.2 for p in idle), (idle_private, trimmed)
 
 
 def _back_to_idle(idle: dict[int, int]) -> dict[int, int]:
