@@ -21,6 +21,7 @@ from tunio.config import Options
 from tunio.dialers import Address, DirectDialer
 from tunio.dialers.resolve import (
     ATTEMPT_DELAY,
+    RESOLUTION_DELAY,
     TYPE_A,
     TYPE_AAAA,
     Resolver,
@@ -34,10 +35,12 @@ from tunio.rules import Rule, RuleTable
 
 class LoopbackDns:
     """A UDP DNS server on 127.0.0.1: `records[(name, qtype)]` are its answers, NXDOMAIN for the
-    rest; `asked` lists the (name, qtype) of every query it got."""
+    rest; `asked` lists the (name, qtype) of every query it got; queries of a type in `mute`
+    go unanswered (a resolver, or a middlebox, that drops AAAA)."""
 
     def __init__(self, records: dict[tuple[str, int], list[str]]) -> None:
         self.records = records
+        self.mute: set[int] = set()
         self.asked: list[tuple[str, int]] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -60,6 +63,8 @@ class LoopbackDns:
             qtype = struct.unpack_from(">H", msg, off + 1)[0]
             name = ".".join(labels)
             self.asked.append((name, qtype))
+            if qtype in self.mute:
+                continue
             found = self.records.get((name.lower(), qtype))
             known = any(k[0] == name.lower() for k in self.records)
             rcode = 3 if found is None and not known else 0
@@ -100,6 +105,50 @@ def test_resolve_asks_a_and_aaaa_and_keeps_answers_for_their_ttl(dns: LoopbackDn
     run(resolver.resolve("www.tunio.test"))  # cached (30 s TTL): nothing asked
     assert len(dns.asked) == 2
     assert resolver.queries == 2
+
+
+def test_an_unanswered_aaaa_costs_the_resolution_delay_not_the_timeout(dns: LoopbackDns) -> None:
+    """RFC 8305 §3: the A answer waits RESOLUTION_DELAY for the AAAA one, then goes alone."""
+    dns.records[("www.tunio.test", TYPE_A)] = ["192.0.2.1"]
+    dns.mute.add(TYPE_AAAA)
+    resolver = Resolver("127.0.0.1", dns.port, timeout=2.0, tries=2)
+
+    async def twice() -> tuple[float, tuple[list[str], list[str]], tuple[list[str], list[str]]]:
+        started = time.monotonic()
+        first = await resolver.resolve("www.tunio.test")
+        took = time.monotonic() - started
+        return took, first, await resolver.resolve("www.tunio.test")
+
+    took, first, again = run(twice())
+    assert first == ([], ["192.0.2.1"]) == again
+    assert RESOLUTION_DELAY <= took < 1.0  # far below one AAAA timeout (2 s)
+    # the AAAA lookup was left to finish alone, not asked again by the second connect
+    assert dns.asked.count(("www.tunio.test", TYPE_AAAA)) == 1
+
+
+def test_connects_to_one_name_at_once_share_one_query_and_one_cancel_leaves_the_rest(
+    dns: LoopbackDns,
+) -> None:
+    dns.records[("www.tunio.test", TYPE_A)] = ["192.0.2.1"]
+    dns.records[("www.tunio.test", TYPE_AAAA)] = ["2001:db8::1"]
+    resolver = Resolver("127.0.0.1", dns.port)
+
+    async def many() -> list[tuple[list[str], list[str]]]:
+        first = asyncio.ensure_future(resolver.resolve("www.tunio.test"))
+        rest = [asyncio.ensure_future(resolver.resolve("WWW.tunio.test")) for _ in range(20)]
+        await asyncio.sleep(0)  # every resolve has started its wait (one loop turn, no timer)
+        first.cancel()  # one flow's dial timeout: the shared lookups go on for the others
+        return await asyncio.gather(*rest)
+
+    assert run(many()) == [(["2001:db8::1"], ["192.0.2.1"])] * 20
+    assert sorted(dns.asked) == [("www.tunio.test", TYPE_A), ("www.tunio.test", TYPE_AAAA)]
+
+
+def test_an_empty_first_answer_waits_for_the_other_family(dns: LoopbackDns) -> None:
+    """AAAA comes back with nothing (the name is IPv4-only): the A answer is waited for whole."""
+    dns.records[("v4.tunio.test", TYPE_A)] = ["192.0.2.7"]
+    resolver = Resolver("127.0.0.1", dns.port)
+    assert run(resolver.resolve("v4.tunio.test", delay=0.0)) == ([], ["192.0.2.7"])
 
 
 def test_a_name_that_does_not_resolve_is_ehostunreach(dns: LoopbackDns) -> None:

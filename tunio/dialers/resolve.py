@@ -39,6 +39,9 @@ CACHE_SIZE = 1024
 MAX_TTL = 300
 #: RFC 8305 §5: the Connection Attempt Delay between two attempts (seconds)
 ATTEMPT_DELAY = 0.25
+#: RFC 8305 §3: the Resolution Delay, how long one family's addresses wait for the other's
+#: answer (seconds): a resolver that drops AAAA queries costs a connect this, not its timeout
+RESOLUTION_DELAY = 0.05
 RESOLV_CONF = Path("/etc/resolv.conf")
 
 
@@ -137,6 +140,9 @@ class Resolver:
         self.tries = tries
         self._cache: OrderedDict[tuple[str, int], tuple[float, list[str]]] = OrderedDict()
         self.queries = 0  # sent, for tests and logs
+        # lookups on their way, by (name, type): connects to one name at once share one query,
+        # and one that stopped waiting (RESOLUTION_DELAY) leaves its lookup to fill the cache
+        self._inflight: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
 
     def __repr__(self) -> str:
         return f"Resolver({self.server}:{self.port}, mark={self.mark!r})"
@@ -183,12 +189,36 @@ class Resolver:
 
     async def lookup(self, name: str, qtype: int) -> list[str]:
         """The addresses of `qtype` of `name` (empty: none, or NXDOMAIN)."""
+        # shielded: one waiter cancelled (its flow's dial timeout) does not cancel the others'
+        return await asyncio.shield(self._lookup(name, qtype))
+
+    def _lookup(self, name: str, qtype: int) -> asyncio.Future[list[str]]:
+        """The cached answer as a finished future, else the lookup on its way (started if none)."""
+        key = (name.lower(), qtype)
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            self._cache.move_to_end(key)
+            answer: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+            answer.set_result(cached[1])
+            return answer
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._ask(name, qtype))
+            self._inflight[key] = task
+            task.add_done_callback(self._landed)
+        return task
+
+    def _landed(self, task: asyncio.Task[list[str]]) -> None:
+        for key, pending in list(self._inflight.items()):
+            if pending is task:
+                del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # marked seen: a lookup nobody waits for any more fails quietly
+
+    async def _ask(self, name: str, qtype: int) -> list[str]:
+        """Asks the server (tries times), keeps the answer for its TTL."""
         key = (name.lower(), qtype)
         now = time.monotonic()
-        cached = self._cache.get(key)
-        if cached is not None and cached[0] > now:
-            self._cache.move_to_end(key)
-            return cached[1]
         last: Exception | None = None
         for _ in range(self.tries):
             qid = secrets.randbelow(0x10000)
@@ -213,22 +243,35 @@ class Resolver:
             f"{name}: no answer from {self.server}:{self.port} ({why or 'timeout'})",
         )
 
-    async def resolve(self, name: str) -> tuple[list[str], list[str]]:
-        """(IPv6 addresses, IPv4 addresses) of `name`, asked at once. A name with neither is
+    async def resolve(
+        self, name: str, delay: float = RESOLUTION_DELAY
+    ) -> tuple[list[str], list[str]]:
+        """(IPv6 addresses, IPv4 addresses) of `name`, asked at once. Once one family has
+        addresses, the other's answer is waited for at most `delay` (RFC 8305 §3) and left to
+        finish alone (it still fills the cache for the next connect). A name with neither is
         EHOSTUNREACH (DialError), as a connect to no address would be."""
-        six, four = await asyncio.gather(
-            self.lookup(name, TYPE_AAAA), self.lookup(name, TYPE_A), return_exceptions=True
-        )
-        v6 = six if isinstance(six, list) else []
-        v4 = four if isinstance(four, list) else []
+        six, four = self._lookup(name, TYPE_AAAA), self._lookup(name, TYPE_A)
+        # waited on, never cancelled here: a lookup may be shared with other connects
+        done, pending = await asyncio.wait((six, four), return_when=asyncio.FIRST_COMPLETED)
+        if pending and _addresses_of(done.pop()):
+            await asyncio.wait(pending, timeout=delay)
+        elif pending:
+            await asyncio.wait(pending)  # the first had nothing: the other is all there is
+        v6, v4 = _addresses_of(six), _addresses_of(four)
         if not v6 and not v4:
             for failed in (four, six):
-                if isinstance(failed, BaseException) and not isinstance(failed, Exception):
-                    raise failed  # cancelled
-                if isinstance(failed, DialError):
-                    raise failed
+                exc = failed.exception() if failed.done() and not failed.cancelled() else None
+                if isinstance(exc, DialError):
+                    raise exc
             raise DialError(errno.EHOSTUNREACH, f"{name}: the name has no address")
         return v6, v4
+
+
+def _addresses_of(task: asyncio.Future[list[str]]) -> list[str]:
+    """A finished lookup's addresses; none for one not finished, failed or cancelled."""
+    if not task.done() or task.cancelled() or task.exception() is not None:
+        return []
+    return task.result()
 
 
 def interleave(v6: Sequence[str], v4: Sequence[str]) -> list[str]:
