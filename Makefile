@@ -139,7 +139,7 @@ asan: venv
 FUZZ_SECONDS ?= 60
 FUZZ_CFLAGS := -std=c11 -D_GNU_SOURCE -g -O1 -Wall -Wextra -Werror \
 	-fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
-FUZZ_TARGETS := packet wire dns
+FUZZ_TARGETS := packet wire dns dnstcp
 fuzz: venv
 	mkdir -p build/fuzz
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_packet fuzz/fuzz_packet.c csrc/packet.c csrc/nat.c \
@@ -147,6 +147,8 @@ fuzz: venv
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_wire fuzz/fuzz_wire.c csrc/wire.c
 	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_dns fuzz/fuzz_dns.c csrc/dns.c csrc/dnsmap.c \
 		csrc/packet.c csrc/checksum.c csrc/log.c -lpthread
+	clang $(FUZZ_CFLAGS) -o build/fuzz/fuzz_dnstcp fuzz/fuzz_dnstcp.c csrc/dnstcp.c csrc/dns.c \
+		csrc/dnsmap.c csrc/packet.c csrc/checksum.c csrc/log.c -lpthread
 	$(PY) fuzz/seeds.py build/fuzz
 	for t in $(FUZZ_TARGETS); do \
 		build/fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \

@@ -15,7 +15,6 @@
 #define DNS_RD 0x0100u
 #define DNS_RA 0x0080u
 #define DNS_OPCODE(f) (((f) >> 11) & 0xfu)
-#define DNS_ANSWER_MAX 640u /* a question of at most 255 bytes of name and one AAAA record */
 
 struct tunio_dns {
     struct tunio_dns_config cfg;
@@ -169,6 +168,13 @@ static int is_dns_address(const struct tunio_dns *d, int version, const uint8_t 
     return d->cfg.has_address[v] && !memcmp(dst, d->cfg.address[v], v ? 16 : 4);
 }
 
+int tunio_dns_serves_tcp(const struct tunio_dns *d, int version, const uint8_t dst[16],
+                         uint16_t dport)
+{
+    return d && dport == TUNIO_DNS_PORT && d->cfg.mode == TUNIO_DNS_FAKE_IP &&
+           is_dns_address(d, version, dst);
+}
+
 int tunio_dns_to_upstream(const struct tunio_dns *d, int version, const uint8_t dst[16],
                           uint16_t dport)
 {
@@ -204,6 +210,43 @@ static size_t answer_from_map(struct tunio_dns *d, const uint8_t *msg,
     return tunio_dns_answer(msg, q, addr, version == 6 ? 16 : 4, d->cfg.ttl, out, cap);
 }
 
+enum tunio_dns_verdict tunio_dns_message(struct tunio_dns *d, const uint8_t *msg, size_t len,
+                                         uint64_t now, uint8_t *out, size_t cap, size_t *out_len)
+{
+    *out_len = 0;
+    struct tunio_dns_question q;
+    size_t n = 0;
+    switch (tunio_dns_parse(msg, len, &q)) {
+    case TUNIO_DNS_QUERY:
+        if ((q.qtype == TUNIO_DNS_TYPE_A || q.qtype == TUNIO_DNS_TYPE_AAAA) &&
+            q.qclass == TUNIO_DNS_CLASS_IN && q.plain) {
+            n = answer_from_map(d, msg, &q, now, out, cap);
+            if (n)
+                count(&d->n.answered);
+            break;
+        }
+        count(&d->n.forwarded);
+        return TUNIO_DNS_FORWARD;
+    case TUNIO_DNS_OTHER:
+        count(&d->n.forwarded);
+        return TUNIO_DNS_FORWARD;
+    case TUNIO_DNS_BAD:
+        count(&d->n.malformed);
+        n = tunio_dns_error(msg, len, NULL, TUNIO_DNS_FORMERR, out, cap);
+        break;
+    default:
+        count(&d->n.malformed);
+        return TUNIO_DNS_DROP;
+    }
+    *out_len = n;
+    return n ? TUNIO_DNS_REPLY : TUNIO_DNS_DROP;
+}
+
+void tunio_dns_note_malformed(struct tunio_dns *d)
+{
+    count(&d->n.malformed);
+}
+
 enum tunio_dns_verdict tunio_dns_serve(struct tunio_dns *d, const struct tunio_pkt *p, uint64_t now,
                                        uint8_t *out, size_t cap, size_t *out_len)
 {
@@ -216,35 +259,12 @@ enum tunio_dns_verdict tunio_dns_serve(struct tunio_dns *d, const struct tunio_p
     }
     if (d->cfg.mode != TUNIO_DNS_FAKE_IP || !is_dns_address(d, p->version, p->dst))
         return TUNIO_DNS_PASS;
-    const uint8_t *msg = p->buf + p->l3_len + 8;
-    size_t len = p->payload_len;
-    struct tunio_dns_question q;
-    uint8_t answer[DNS_ANSWER_MAX];
-    size_t n = 0;
-    switch (tunio_dns_parse(msg, len, &q)) {
-    case TUNIO_DNS_QUERY:
-        if ((q.qtype == TUNIO_DNS_TYPE_A || q.qtype == TUNIO_DNS_TYPE_AAAA) &&
-            q.qclass == TUNIO_DNS_CLASS_IN && q.plain) {
-            n = answer_from_map(d, msg, &q, now, answer, sizeof(answer));
-            if (n)
-                count(&d->n.answered);
-            break;
-        }
-        count(&d->n.forwarded);
-        return TUNIO_DNS_FORWARD;
-    case TUNIO_DNS_OTHER:
-        count(&d->n.forwarded);
-        return TUNIO_DNS_FORWARD;
-    case TUNIO_DNS_BAD:
-        count(&d->n.malformed);
-        n = tunio_dns_error(msg, len, NULL, TUNIO_DNS_FORMERR, answer, sizeof(answer));
-        break;
-    default:
-        count(&d->n.malformed);
-        return TUNIO_DNS_DROP;
-    }
-    if (!n)
-        return TUNIO_DNS_DROP;
+    uint8_t answer[TUNIO_DNS_ANSWER_MAX];
+    size_t n;
+    enum tunio_dns_verdict v = tunio_dns_message(d, p->buf + p->l3_len + 8, p->payload_len, now,
+                                                 answer, sizeof(answer), &n);
+    if (v != TUNIO_DNS_REPLY)
+        return v;
     *out_len = tunio_pkt_build_udp(p->version, p->dst, TUNIO_DNS_PORT, p->src, p->sport, answer, n,
                                    out, cap);
     return *out_len ? TUNIO_DNS_REPLY : TUNIO_DNS_DROP;

@@ -5,8 +5,9 @@
  * here, from the fake-IP map (dnsmap.h), with a short TTL; a malformed query gets FORMERR (or is
  * dropped when it cannot be answered at all); every other query is forwarded: the datagram goes
  * to a worker's UDP session whose destination is the upstream resolver, and the reply comes back
- * from the DNS address (udp.c rewrites both ways). Hijack mode: every query to port 53, whatever
- * its destination, is forwarded so. */
+ * from the DNS address (udp.c rewrites both ways). TCP to the DNS address's port 53 is served
+ * the same, message by message (dnstcp.h). Hijack mode: every query to port 53, whatever its
+ * destination, is forwarded so (over TCP: relayed to the upstream). */
 #ifndef TUNIO_DNS_H
 #define TUNIO_DNS_H
 
@@ -24,6 +25,8 @@ struct tunio_pkt;
 #define TUNIO_DNS_CLASS_IN 1
 #define TUNIO_DNS_FORMERR 1
 #define TUNIO_DNS_SERVFAIL 2
+/* An answer built here: a question of at most 255 bytes of name and one AAAA record. */
+#define TUNIO_DNS_ANSWER_MAX 640u
 
 enum tunio_dns_mode {
     TUNIO_DNS_OFF = 0,
@@ -91,11 +94,23 @@ enum tunio_dns_verdict {
     TUNIO_DNS_DROP = 3,    /* malformed beyond an answer: counted, dropped */
 };
 
+/* A message to the DNS address in fake-IP mode, whatever carried it (a datagram, or a TCP
+ * stream: dnstcp.h): answered here (REPLY: the answer in `out`, `*out_len` bytes), for the
+ * upstream (FORWARD), or not to be answered at all (DROP); counted. Thread-safe. */
+enum tunio_dns_verdict tunio_dns_message(struct tunio_dns *d, const uint8_t *msg, size_t len,
+                                         uint64_t now, uint8_t *out, size_t cap, size_t *out_len);
+/* Counts a malformed message that never got as far as tunio_dns_message (a TCP stream cut short
+ * inside one). */
+void tunio_dns_note_malformed(struct tunio_dns *d);
 /* A datagram the reader read (parsed, UDP): what to do with it. Thread-safe. */
 enum tunio_dns_verdict tunio_dns_serve(struct tunio_dns *d, const struct tunio_pkt *p, uint64_t now,
                                        uint8_t *out, size_t cap, size_t *out_len);
-/* The mode, and whether a TCP flow to `dst`:`dport` (IP `version`) goes to the upstream instead. */
+/* The mode; whether a TCP flow to `dst`:`dport` (IP `version`) is the stack's to serve (fake-IP
+ * mode, to the DNS address's port 53: dnstcp.h), and whether it goes to the upstream instead
+ * (also true of the former: what it forwards does). */
 int tunio_dns_mode(const struct tunio_dns *d);
+int tunio_dns_serves_tcp(const struct tunio_dns *d, int version, const uint8_t dst[16],
+                         uint16_t dport);
 int tunio_dns_to_upstream(const struct tunio_dns *d, int version, const uint8_t dst[16],
                           uint16_t dport);
 const struct tunio_dns_counters *tunio_dns_counters(const struct tunio_dns *d);

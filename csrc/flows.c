@@ -17,6 +17,7 @@
 #include "defaults.h"
 #include "dns.h"
 #include "dnsmap.h"
+#include "dnstcp.h"
 #include "link.h"
 #include "nat.h"
 #include "queue.h"
@@ -40,12 +41,32 @@ enum flow_flag {
     FLOW_APP_SHUT = 1u << 3,   /* we shut the write side towards the app */
     FLOW_READABLE = 1u << 4,   /* edge seen, not yet drained to EAGAIN */
     FLOW_WRITABLE = 1u << 5,
+    FLOW_RELEASED = 1u << 6, /* the app's SYN is released: after OPEN_OK, or at once (DNS) */
 };
 
+/* Bytes for the app: a DATA's (credit: how many count for its worker's credit once written), or,
+ * on a DNS flow, answers made here (local: how many). */
 struct chunk {
     zmq_msg_t msg;
     size_t off;
+    size_t credit;
+    size_t local;
     struct chunk *next;
+};
+
+/* A flow to the DNS address's port 53 in fake-IP mode is the stack's own DNS server over TCP
+ * (dnstcp.h): its SYN is released at once, with no worker; the upstream is dialled, through a
+ * worker and the run's dialer, only when a query needs it. Until then the flow has no worker
+ * (-1). */
+#define DNS_READ 16384u     /* bytes read from the app at a time */
+#define DNS_HELD_MAX 65536u /* answers or queries held past this: the app is not read */
+struct dns_flow {
+    struct tunio_dnstcp *t;
+    struct tunio_nat_open open; /* what the upstream's OPEN is made of */
+    uint64_t local;             /* bytes of answers made here and queued for the app */
+    int dialled;                /* OPEN sent */
+    int fin_sent;               /* FIN sent to the worker */
+    int upstream_done;          /* the upstream closed its side, every query answered */
 };
 
 struct flow {
@@ -64,6 +85,7 @@ struct flow {
     uint64_t since_ms; /* OPEN sent, or OPEN_OK received while waiting for accept */
     int fake;          /* to a fake-IP address: holds map entry fake_index, named in NAME */
     uint32_t fake_index;
+    struct dns_flow *dns; /* NULL: a relay */
     struct flow *hnext;
     /* In its worker's queue of flows waiting for backlog (see struct backlog) */
     struct flow *wnext;
@@ -144,7 +166,7 @@ static void answered(struct tunio_flows *fl, struct flow *f, uint64_t credit)
 
 static int backlog_full(const struct tunio_flows *fl, int worker)
 {
-    return fl->backlog[worker].bytes >= fl->cfg.worker_backlog;
+    return worker >= 0 && fl->backlog[worker].bytes >= fl->cfg.worker_backlog;
 }
 
 static void pump(struct tunio_flows *fl, struct flow *f);
@@ -153,6 +175,8 @@ static void pump(struct tunio_flows *fl, struct flow *f);
  * stays under the bound (a flow that fills it again waits at the end of the queue). */
 static void resume_waiting(struct tunio_flows *fl, int worker)
 {
+    if (worker < 0)
+        return; /* a DNS flow with no worker yet */
     struct backlog *b = &fl->backlog[worker];
     while (b->head && !backlog_full(fl, worker)) {
         struct flow *f = b->head;
@@ -216,7 +240,8 @@ static struct flow *flow_new(struct tunio_flows *fl, uint32_t id, uint32_t entry
     f->hnext = fl->buckets[h];
     fl->buckets[h] = f;
     fl->nflows++;
-    tunio_link_load(fl->cfg.link, worker, +1);
+    if (worker >= 0)
+        tunio_link_load(fl->cfg.link, worker, +1);
     return f;
 }
 
@@ -236,8 +261,14 @@ static void flow_free(struct tunio_flows *fl, struct flow *f)
     if (f->fd >= 0)
         close(f->fd); /* which takes it out of the epoll: the socket has no other descriptor */
     stop_waiting(fl, f);
-    fl->backlog[f->worker].bytes -= f->unanswered;
-    tunio_link_load(fl->cfg.link, f->worker, -1);
+    if (f->worker >= 0) {
+        fl->backlog[f->worker].bytes -= f->unanswered;
+        tunio_link_load(fl->cfg.link, f->worker, -1);
+    }
+    if (f->dns) {
+        tunio_dnstcp_free(f->dns->t);
+        free(f->dns);
+    }
     if (f->fake)
         tunio_dnsmap_release(fl->cfg.map, f->fake_index, tunio_now_ms());
     fl->nflows--;
@@ -285,6 +316,8 @@ struct tunio_queue *tunio_flows_queue(struct tunio_flows *fl)
 
 static int send_to_worker(struct tunio_flows *fl, const struct flow *f, uint8_t cmd, uint64_t arg)
 {
+    if (f->worker < 0)
+        return 0; /* a DNS flow that never needed its upstream */
     return tunio_link_send(fl->cfg.link, f->worker, cmd, f->id, arg, NULL, 0);
 }
 
@@ -321,7 +354,7 @@ static void abort_flow(struct tunio_flows *fl, struct flow *f, int reason)
     if (f->fd >= 0) {
         /* An abortive close (SO_LINGER 0, set at accept): the kernel sends the app a RST. */
         set_abortive(f->fd, 1);
-    } else if (!(f->flags & FLOW_OPEN_OK)) {
+    } else if (!(f->flags & FLOW_RELEASED)) {
         /* The app's SYN is still held: answer it as a refused connect. */
         tunio_tun_reject(fl->cfg.tun, -1, nat_of(fl, f), f->entry, f->id, ECONNREFUSED);
     }
@@ -356,7 +389,8 @@ static void note_no_worker(struct tunio_flows *fl)
 static void move_to(struct tunio_flows *fl, struct flow *f, int w)
 {
     if (w != f->worker) {
-        tunio_link_load(fl->cfg.link, f->worker, -1);
+        if (f->worker >= 0)
+            tunio_link_load(fl->cfg.link, f->worker, -1);
         tunio_link_load(fl->cfg.link, w, +1);
         f->worker = w;
     }
@@ -408,12 +442,46 @@ static int send_open(struct tunio_flows *fl, struct flow *f, const struct tunio_
     return -ENOTCONN;
 }
 
+static void release_syn(struct tunio_flows *fl, uint32_t id, const uint8_t *syn, size_t n);
+
+/* A flow to the stack's DNS server (see struct dns_flow): its SYN released at once. */
+static void open_dns_flow(struct tunio_flows *fl, const struct tunio_nat_open *o)
+{
+    struct tunio_nat *nat = fl->cfg.nat[o->version == 6];
+    struct flow *f = flow_new(fl, o->flow_id, o->entry, -1);
+    if (f) {
+        f->version = o->version;
+        f->dns = calloc(1, sizeof(*f->dns));
+    }
+    if (!f || !f->dns || tunio_dnstcp_new(fl->cfg.dns, &f->dns->t) < 0) {
+        tunio_tun_reject(fl->cfg.tun, -1, nat, o->entry, o->flow_id, ECONNREFUSED);
+        if (f)
+            flow_free(fl, f);
+        return;
+    }
+    f->dns->open = *o;
+    fl->flows_opened++;
+    uint8_t syn[TUNIO_TUN_BUF];
+    size_t n;
+    if (tunio_nat_release(nat, f->entry, f->id, tunio_now_ms(), syn, sizeof(syn), &n) < 0) {
+        flow_free(fl, f);
+        return;
+    }
+    f->flags |= FLOW_RELEASED;
+    f->since_ms = tunio_now_ms();
+    release_syn(fl, f->id, syn, n);
+}
+
 void tunio_flows_open(struct tunio_flows *fl)
 {
     struct tunio_nat_open *items;
     size_t n = tunio_queue_take(fl->opens, (void **)&items);
     for (size_t i = 0; i < n; i++) {
         const struct tunio_nat_open *o = &items[i];
+        if (tunio_dns_serves_tcp(fl->cfg.dns, o->version, o->dst, o->dport)) {
+            open_dns_flow(fl, o);
+            continue;
+        }
         int w = tunio_link_pick(fl->cfg.link);
         struct flow *f = w >= 0 ? flow_new(fl, o->flow_id, o->entry, w) : NULL;
         if (f)
@@ -457,8 +525,12 @@ void tunio_flows_open(struct tunio_flows *fl)
 static void reopen(struct tunio_flows *fl, struct flow *f)
 {
     struct tunio_nat_open o;
-    if (tunio_nat_describe(nat_of(fl, f), f->entry, f->id, &o) == 0 &&
-        send_open(fl, f, &o, 1) == 0) {
+    int err = 0;
+    if (f->dns)
+        o = f->dns->open; /* released already: its NAT entry no longer describes it */
+    else
+        err = tunio_nat_describe(nat_of(fl, f), f->entry, f->id, &o);
+    if (err == 0 && send_open(fl, f, &o, 1) == 0) {
         fl->flows_retried++;
         tunio_log(TUNIO_LOG_DEBUG,
                   "flow %u: its worker is gone before it answered; dialling "
@@ -496,9 +568,11 @@ static void return_credit(struct tunio_flows *fl, struct flow *f)
  * ended. A DATA's credit goes back once all of it is written and its buffer freed, not byte by
  * byte: a partly written one holds its whole buffer, and credit for its written part would let
  * the worker send that much again on top of it (two windows held for a stalled app, not one). */
+static int dns_may_shut(const struct flow *f);
+
 static int flush_to_app(struct tunio_flows *fl, struct flow *f)
 {
-    uint64_t freed = 0;
+    uint64_t freed = 0, local = 0;
     while (f->head && (f->flags & FLOW_WRITABLE)) {
         struct chunk *c = f->head;
         size_t len = zmq_msg_size(&c->msg) - c->off;
@@ -514,7 +588,8 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
         }
         c->off += (size_t)n;
         if (c->off == zmq_msg_size(&c->msg)) {
-            freed += c->off;
+            freed += c->credit;
+            local += c->local;
             f->head = c->next;
             if (!f->head)
                 f->tail = NULL;
@@ -524,9 +599,12 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
     }
     f->queued -= freed;
     f->uncredited += freed;
+    if (f->dns)
+        f->dns->local -= local;
     if (credit_due(fl, f))
         return_credit(fl, f);
-    if (!f->head && (f->flags & FLOW_WORKER_FIN) && !(f->flags & FLOW_APP_SHUT)) {
+    if (!f->head && !(f->flags & FLOW_APP_SHUT) &&
+        (f->dns ? dns_may_shut(f) : (f->flags & FLOW_WORKER_FIN) != 0)) {
         shutdown(f->fd, SHUT_WR);
         f->flags |= FLOW_APP_SHUT;
     }
@@ -617,10 +695,213 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
     return 0;
 }
 
+/* ---- DNS flows (struct dns_flow) ---- */
+
+/* Queues bytes [off, off + credit + local) of `msg` for the app (moved from it: it is left
+ * empty). 0, or -ENOMEM. */
+static int queue_chunk(struct flow *f, zmq_msg_t *msg, size_t off, size_t credit, size_t local)
+{
+    struct chunk *c = malloc(sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    zmq_msg_init(&c->msg);
+    zmq_msg_move(&c->msg, msg);
+    c->off = off;
+    c->credit = credit;
+    c->local = local;
+    c->next = NULL;
+    if (f->tail)
+        f->tail->next = c;
+    else
+        f->head = c;
+    f->tail = c;
+    return 0;
+}
+
+/* Queues the answers made here for the app, all that wait: the caller knows the upstream's stream
+ * is between two messages where they go. 0, or -ENOMEM. */
+static int dns_queue_answers(struct flow *f)
+{
+    size_t n;
+    const uint8_t *a = tunio_dnstcp_answers(f->dns->t, &n);
+    if (!n)
+        return 0;
+    zmq_msg_t m;
+    if (zmq_msg_init_size(&m, n) < 0)
+        return -ENOMEM;
+    memcpy(zmq_msg_data(&m), a, n);
+    if (queue_chunk(f, &m, 0, 0, n) < 0) {
+        zmq_msg_close(&m);
+        return -ENOMEM;
+    }
+    tunio_dnstcp_take_answers(f->dns->t, n);
+    f->dns->local += n;
+    return 0;
+}
+
+/* The upstream's bytes (a DATA's payload, moved from it) for the app; answers made here that
+ * waited for the end of an upstream message go right behind that end, the rest of the DATA after
+ * them. 0, or -ENOMEM. */
+static int dns_from_upstream(struct flow *f, zmq_msg_t *payload)
+{
+    size_t len = zmq_msg_size(payload), waiting;
+    tunio_dnstcp_answers(f->dns->t, &waiting);
+    size_t split = tunio_dnstcp_from_upstream(f->dns->t, zmq_msg_data(payload), len);
+    if (waiting && split && split < len) {
+        zmq_msg_t head;
+        if (zmq_msg_init_size(&head, split) < 0)
+            return -ENOMEM;
+        memcpy(zmq_msg_data(&head), zmq_msg_data(payload), split);
+        if (queue_chunk(f, &head, 0, split, 0) < 0) {
+            zmq_msg_close(&head);
+            return -ENOMEM;
+        }
+        if (dns_queue_answers(f) < 0)
+            return -ENOMEM;
+        return queue_chunk(f, payload, split, len - split, 0);
+    }
+    if (queue_chunk(f, payload, 0, len, 0) < 0)
+        return -ENOMEM;
+    return tunio_dnstcp_upstream_whole(f->dns->t) ? dns_queue_answers(f) : 0;
+}
+
+/* Whether the flow holds less than its bounds of answers for the app and queries for the
+ * upstream: the app's next bytes may be read. */
+static int dns_room(const struct flow *f)
+{
+    size_t answers, queries;
+    tunio_dnstcp_answers(f->dns->t, &answers);
+    tunio_dnstcp_queries(f->dns->t, &queries);
+    return f->dns->local + answers < DNS_HELD_MAX && queries < DNS_HELD_MAX;
+}
+
+/* Whether the app has every answer it will get, once the queue is written: it ended its queries,
+ * and the upstream, if dialled, has ended its answers. */
+static int dns_may_shut(const struct flow *f)
+{
+    size_t answers;
+    tunio_dnstcp_answers(f->dns->t, &answers);
+    return (f->flags & FLOW_APP_EOF) && !answers &&
+           (!f->dns->dialled || (f->flags & FLOW_WORKER_FIN));
+}
+
+/* Reads and serves the app's queries while there is room. 1: stopped for want of room, 0: the
+ * socket has no more for now (or ended), -1: the flow ended (a stream no DNS client sends is
+ * reset, counted as malformed). */
+static int dns_read(struct tunio_flows *fl, struct flow *f)
+{
+    while ((f->flags & FLOW_READABLE) && !(f->flags & FLOW_APP_EOF)) {
+        if (!dns_room(f))
+            return 1;
+        uint8_t buf[DNS_READ];
+        ssize_t r = recv(f->fd, buf, sizeof(buf), MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                f->flags &= ~(uint32_t)FLOW_READABLE;
+                return 0;
+            }
+            app_failed(fl, f, errno);
+            return -1;
+        }
+        if (r == 0) {
+            tunio_dnstcp_app_end(f->dns->t); /* a message cut short is counted */
+            f->flags |= FLOW_APP_EOF;
+            return 0;
+        }
+        int err = tunio_dnstcp_from_app(f->dns->t, buf, (size_t)r, tunio_now_ms());
+        if (!err && tunio_dnstcp_upstream_whole(f->dns->t))
+            err = dns_queue_answers(f);
+        if (err) {
+            send_to_worker(fl, f, TUNIO_CMD_RST, ECONNRESET);
+            abort_flow(fl, f, -err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* The queries for the upstream: the first one dials it (the least loaded worker, the run's
+ * dialer), then they go as DATA under credit; the app's end of input follows them as FIN. 0, or
+ * -1 if the flow ended. */
+static int dns_to_upstream(struct tunio_flows *fl, struct flow *f)
+{
+    struct dns_flow *d = f->dns;
+    size_t len;
+    const uint8_t *q = tunio_dnstcp_queries(d->t, &len);
+    if (len && !d->dialled) {
+        d->dialled = 1;
+        if (send_open(fl, f, &d->open, 1) < 0) {
+            note_no_worker(fl);
+            abort_flow(fl, f, ECONNREFUSED);
+            return -1;
+        }
+        return 0;
+    }
+    if (!(f->flags & FLOW_OPEN_OK))
+        return 0;
+    while (len && f->credit > 0) {
+        if (backlog_full(fl, f->worker)) {
+            wait_for_backlog(fl, f);
+            return 0;
+        }
+        size_t n = len < f->credit ? len : (size_t)f->credit;
+        uint64_t credit = (f->flags & FLOW_WORKER_FIN) ? 0 : f->uncredited; /* rides along */
+        int err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, q, n);
+        if (err) {
+            abort_flow(fl, f, -err);
+            return -1;
+        }
+        f->uncredited = 0;
+        f->credit -= (uint64_t)n;
+        f->unanswered += (uint64_t)n;
+        fl->backlog[f->worker].bytes += (uint64_t)n;
+        fl->bytes_to_workers += (uint64_t)n;
+        tunio_dnstcp_take_queries(d->t, n);
+        q = tunio_dnstcp_queries(d->t, &len);
+    }
+    if (!len && (f->flags & FLOW_APP_EOF) && !d->fin_sent) {
+        d->fin_sent = 1;
+        app_eof(fl, f);
+    }
+    return 0;
+}
+
+static void dns_pump(struct tunio_flows *fl, struct flow *f)
+{
+    struct dns_flow *d = f->dns;
+    if ((f->flags & FLOW_WORKER_FIN) && !d->upstream_done) {
+        if (tunio_dnstcp_awaiting(d->t) || !tunio_dnstcp_upstream_whole(d->t)) {
+            /* The upstream closed with queries unanswered, or inside an answer: the app would
+             * wait for the rest for good. */
+            send_to_worker(fl, f, TUNIO_CMD_RST, ECONNRESET);
+            abort_flow(fl, f, ECONNRESET);
+            return;
+        }
+        d->upstream_done = 1;
+        tunio_dnstcp_no_upstream(d->t); /* its queries are answered SERVFAIL here from now on */
+    }
+    for (;;) {
+        if (flush_to_app(fl, f) < 0)
+            return;
+        int r = dns_read(fl, f);
+        if (r < 0 || dns_to_upstream(fl, f) < 0 || flush_to_app(fl, f) < 0)
+            return;
+        if (r == 0 || !dns_room(f))
+            break; /* more comes with an event: input, the app's reads, the worker's credit */
+    }
+    maybe_done(fl, f);
+}
+
 static void pump(struct tunio_flows *fl, struct flow *f)
 {
     if (f->fd < 0)
         return;
+    if (f->dns) {
+        dns_pump(fl, f);
+        return;
+    }
     if (flush_to_app(fl, f) < 0 || read_from_app(fl, f) < 0)
         return;
     maybe_done(fl, f);
@@ -729,21 +1010,11 @@ static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload, 
         abort_flow(fl, f, EPROTO);
         return;
     }
-    struct chunk *c = malloc(sizeof(*c));
-    if (!c) {
+    if (f->dns ? dns_from_upstream(f, payload) < 0 : queue_chunk(f, payload, 0, len, 0) < 0) {
         send_to_worker(fl, f, TUNIO_CMD_RST, ENOMEM);
         abort_flow(fl, f, ENOMEM);
         return;
     }
-    zmq_msg_init(&c->msg);
-    zmq_msg_move(&c->msg, payload);
-    c->off = 0;
-    c->next = NULL;
-    if (f->tail)
-        f->tail->next = c;
-    else
-        f->head = c;
-    f->tail = c;
     f->queued += len;
     fl->bytes_from_workers += len;
     if (fin)
@@ -773,6 +1044,13 @@ static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
         fl->protocol_errors++;
         return;
     }
+    if (f->dns) {
+        /* The upstream of a DNS flow: its queries can go now (the app's SYN went long ago). */
+        f->flags |= FLOW_OPEN_OK;
+        f->credit = window;
+        pump(fl, f);
+        return;
+    }
     uint8_t syn[TUNIO_TUN_BUF];
     size_t n;
     if (tunio_nat_release(nat_of(fl, f), f->entry, f->id, tunio_now_ms(), syn, sizeof(syn), &n) <
@@ -782,7 +1060,7 @@ static void on_open_ok(struct tunio_flows *fl, struct flow *f, uint64_t window)
         end_flow(fl, f, 0);
         return;
     }
-    f->flags |= FLOW_OPEN_OK;
+    f->flags |= FLOW_OPEN_OK | FLOW_RELEASED;
     f->credit = window;
     f->since_ms = tunio_now_ms();
     release_syn(fl, f->id, syn, n);
@@ -796,6 +1074,10 @@ static void on_open_fail(struct tunio_flows *fl, struct flow *f, int err)
         return;
     }
     fl->dial_failed++;
+    if (f->dns) {
+        abort_flow(fl, f, err); /* the app is connected: its queries for the upstream are lost */
+        return;
+    }
     tunio_tun_reject(fl->cfg.tun, -1, nat_of(fl, f), f->entry, f->id, err);
     flow_free(fl, f);
 }
@@ -889,7 +1171,7 @@ void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
         struct flow *f = fl->buckets[b];
         while (f) {
             struct flow *next = f->hnext;
-            if ((f->flags & FLOW_OPEN_OK) && f->fd < 0 && now - f->since_ms > ACCEPT_TIMEOUT_MS) {
+            if ((f->flags & FLOW_RELEASED) && f->fd < 0 && now - f->since_ms > ACCEPT_TIMEOUT_MS) {
                 send_to_worker(fl, f, TUNIO_CMD_RST, ETIMEDOUT);
                 abort_flow(fl, f, ETIMEDOUT);
             }

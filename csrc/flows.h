@@ -1,7 +1,8 @@
 /* TCP flows: the flow table, and each flow's relay between the kernel socket the listener
  * accepted and DATA/CREDIT/FIN/RST with the flow's worker; opening flows (OPEN) for the SYNs the
- * readers hold, their outcome (OPEN_OK, OPEN_FAIL), accepts, expiries and aborts. Runs on the
- * loop thread only. */
+ * readers hold, their outcome (OPEN_OK, OPEN_FAIL), accepts, expiries and aborts; and the flows
+ * of the stack's DNS server over TCP (fake-IP mode), their socket and their upstream, the
+ * framing and the answers being dnstcp.h's. Runs on the loop thread only. */
 #ifndef TUNIO_FLOWS_H
 #define TUNIO_FLOWS_H
 
@@ -31,8 +32,9 @@ struct tunio_flows_config {
     struct tunio_tun *tun;    /* refusals are written into it (released SYNs too, without
                                * readers to hand them to) */
     struct tunio_link *link;  /* the workers */
-    /* DNS (dns.h): a flow the stack's DNS sends to the upstream resolver (TCP port 53: to the
-     * DNS address, or to anywhere with hijack) is dialled there instead (version 0: none). */
+    /* DNS (dns.h): a flow to the DNS address's port 53 in fake-IP mode is the stack's DNS
+     * server (dnstcp.h), whose upstream is dialled only for the queries it must answer; with
+     * hijack, a flow to any port 53 is relayed to the upstream resolver (version 0: none). */
     struct tunio_dns *dns;
     uint8_t upstream_version;
     uint8_t upstream[16];

@@ -95,7 +95,7 @@ struct tunio_stats {
     uint64_t stop_resets;     /* RSTs the last stop waited for (flows it reset) */
     uint64_t dns_answered;    /* A/AAAA queries answered from the fake-IP map */
     uint64_t dns_forwarded;   /* queries sent on to the upstream resolver */
-    uint64_t dns_malformed;   /* queries answered FORMERR or dropped */
+    uint64_t dns_malformed;   /* queries answered FORMERR or dropped (TCP: the connection reset) */
     uint64_t dns_map_entries; /* names holding a fake address now */
     uint64_t dns_recycled;    /* fake addresses taken from one name for another */
     uint64_t dns_pool_full;   /* queries answered SERVFAIL: every fake address was held */

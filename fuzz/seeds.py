@@ -91,9 +91,27 @@ def dns_seeds() -> list[bytes]:
     ]  # fmt: skip
 
 
+def _framed(*msgs: bytes) -> bytes:
+    return b"".join(struct.pack(">H", len(m)) + m for m in msgs)
+
+
+def dnstcp_seeds() -> list[bytes]:
+    """A cutting byte, then a TCP stream: pipelined queries (A, MX, AAAA), one alone, a FORMERR
+    one, a length of 0, a response, a message cut short, and upstream-like answers."""
+    a, mx, aaaa = _query("www.tunio.test", 1, 1), _query("tunio.test", 15, 2), _query(
+        "www.tunio.test", 28, 3)
+    bad = a[:4] + b"\0\2" + a[6:]
+    answer = _query("tunio.test", 15, 2, flags=0x8180)
+    return [
+        b"\x01" + _framed(a, mx, aaaa), b"\x83" + _framed(a), b"\x07" + _framed(bad, a),
+        b"\x00" + _framed(a) + b"\0\0", b"\x05" + _framed(answer), b"\x09" + _framed(a)[:9],
+        b"\x8f" + _framed(answer, b"", answer) + b"\x01",
+    ]  # fmt: skip
+
+
 def main(outdir: str) -> None:
     for name, seeds in (("packet", packet_seeds()), ("wire", wire_seeds()),
-                        ("dns", dns_seeds())):
+                        ("dns", dns_seeds()), ("dnstcp", dnstcp_seeds())):
         corpus = Path(outdir) / f"corpus-{name}"
         corpus.mkdir(parents=True, exist_ok=True)
         for i, seed in enumerate(seeds):

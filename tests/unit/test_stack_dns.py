@@ -1,12 +1,15 @@
 """The C stack's DNS (--dns), through a socketpair TUN and the test as its worker: A/AAAA answered
 from the fake-IP pool, recycling and its limits, NAME before a fake address's OPEN, other queries
-sent to the upstream with the reply's source put back, and the map adopted from the region by
-the next stack."""
+sent to the upstream with the reply's source put back, the same over TCP (framed, pipelined, the
+upstream dialled only for what it must answer), and the map adopted from the region by the next
+stack."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import socket
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +21,14 @@ from tunio import wire
 from tunio.dialers.resolve import TYPE_A, TYPE_AAAA, parse_answer, query
 from tunio.stack import StackConfig, create_nat_region
 from tunio.testing import packets
-from tunio.testing.stackrig import APP, Rig, stack_rig
+from tunio.testing.stackrig import APP, WINDOW, Rig, stack_rig
 
 POOL = ipaddress.ip_network("198.18.64.0/28")  # 14 usable addresses
 POOL6 = ipaddress.ip_network("fd00:7475::/124")
 DNS = ipaddress.ip_address("127.0.0.53")
 UPSTREAM = (ipaddress.ip_address("127.0.0.9"), 5353)
 TYPE_MX = 15
+TYPE_TXT = 16
 
 
 def dns_fields(**extra: Any) -> dict[str, Any]:
@@ -207,3 +211,151 @@ def test_the_next_stack_adopts_the_map_from_the_region(tmp_path: Path) -> None:
             assert ask(rig, "d.test")[1] == [str(POOL[4])]
     finally:
         os.close(region)
+
+
+# ---------------------------------------------------------------- over TCP
+
+
+def frame(msg: bytes) -> bytes:
+    return struct.pack(">H", len(msg)) + msg
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    got = b""
+    while len(got) < n:
+        part = sock.recv(n - len(got))
+        assert part, f"EOF after {len(got)} of {n} bytes"
+        got += part
+    return got
+
+
+def read_message(sock: socket.socket) -> bytes:
+    (length,) = struct.unpack(">H", recv_exact(sock, 2))
+    return recv_exact(sock, length)
+
+
+def answer_to(msg: bytes, extra: bytes = b"") -> bytes:
+    """An upstream's answer to query `msg` (no records; `extra` makes it longer)."""
+    return msg[:2] + b"\x81\x80" + msg[4:] + extra
+
+
+def dns_connect(rig: Rig, sport: int) -> socket.socket:
+    """A TCP connection to DNS:53, as the app's: its SYN is released at once (no OPEN), and the
+    test's socket bound to the flow's NAT slot makes the handshake with the listener."""
+    rig.write(rig.syn(sport, 53, dst=str(DNS)))
+    syn = rig.read()
+    assert syn.proto == 6
+    assert syn.flags & packets.SYN
+    assert not syn.flags & packets.ACK
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((syn.src, syn.sport))
+    sock.settimeout(5)
+    sock.connect(("127.0.0.1", rig.stack.listen_port))
+    return sock
+
+
+def test_tcp_a_and_aaaa_are_answered_here_as_over_udp_and_dial_nothing(rig: Rig) -> None:
+    _, [a], udp_answer = ask(rig, "tcp.tunio.test", qid=11)
+    with dns_connect(rig, 41000) as sock:
+        q = frame(query("tcp.tunio.test", TYPE_A, 11))
+        sock.sendall(q[:1])  # the length itself split, then the message in two
+        sock.sendall(q[1:9])
+        sock.sendall(q[9:] + frame(query("TCP.tunio.test", TYPE_AAAA, 12)))
+        first, second = read_message(sock), read_message(sock)
+        assert first == udp_answer  # byte for byte what UDP answered: address, TTL, question
+        rcode, [a6], _, _ = parse_answer(second, 12, TYPE_AAAA)
+        assert rcode == 0
+        assert int(ipaddress.ip_address(a6)) - int(POOL6[0]) == (
+            int(ipaddress.ip_address(a)) - int(POOL[0]))
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""  # an orderly close once everything is answered
+    assert not rig.worker.poll(100)  # no OPEN: nothing needed the upstream
+    stats = rig.stack.stats()
+    assert (stats["dns_answered"], stats["dns_forwarded"], stats["dns_map_entries"]) == (3, 0, 1)
+    rig.wait_stat("flows_active", 0)
+
+
+def test_tcp_pipelined_queries_other_types_go_upstream_answers_never_interleave(rig: Rig) -> None:
+    mx, txt = query("tunio.test", TYPE_MX, 2), query("txt.tunio.test", TYPE_TXT, 5)
+    with dns_connect(rig, 41001) as sock:
+        sock.sendall(frame(query("p.tunio.test", TYPE_A, 1)) + frame(mx)
+                     + frame(query("p.tunio.test", TYPE_AAAA, 3)) + frame(txt))  # fmt: skip
+        # A and AAAA at once, before the upstream is even dialled
+        got = {struct.unpack_from(">H", m)[0]: m for m in (read_message(sock), read_message(sock))}
+        assert sorted(got) == [1, 3]
+        assert parse_answer(got[1], 1, TYPE_A)[1] == ask(rig, "p.tunio.test", qid=9)[1]
+        opened = rig.recv()
+        assert opened.cmd is wire.Cmd.OPEN
+        assert opened.payload is not None
+        block = wire.AddressBlock.unpack(opened.payload)
+        assert (block.dst, block.dst_port) == UPSTREAM
+        rig.send(wire.Cmd.OPEN_OK, opened.flow, WINDOW)
+        sent = b""
+        while len(sent) < len(frame(mx) + frame(txt)):
+            data = rig.recv()
+            assert (data.cmd, data.flow) == (wire.Cmd.DATA, opened.flow), data
+            sent += bytes(data.payload or b"")
+        assert sent == frame(mx) + frame(txt)  # the queries for the upstream only
+        mx_answer, txt_answer = frame(answer_to(mx, b"m" * 40)), frame(answer_to(txt, b"t" * 30))
+        rig.send(wire.Cmd.DATA, opened.flow, 0, mx_answer[:10])
+        assert recv_exact(sock, 10) == mx_answer[:10]  # the stack is inside the MX answer now
+        answered = rig.stack.stats()["dns_answered"]
+        sock.sendall(frame(query("p.tunio.test", TYPE_A, 4)))  # answered inside the MX answer
+        rig.wait_stat("dns_answered", answered + 1)
+        rig.send(wire.Cmd.DATA, opened.flow, 0, mx_answer[10:] + txt_answer[:5])
+        rig.send(wire.Cmd.DATA, opened.flow, 0, txt_answer[5:])
+        # whole messages in the order they could go: the local answer between the two upstream
+        # ones, never inside one
+        assert recv_exact(sock, len(mx_answer) - 10) == mx_answer[10:]
+        assert struct.unpack_from(">H", read_message(sock))[0] == 4
+        assert read_message(sock) == txt_answer[2:]
+        sock.shutdown(socket.SHUT_WR)
+        fin = rig.recv()
+        assert (fin.cmd in (wire.Cmd.FIN, wire.Cmd.CREDIT_FIN), fin.flow) == (True, opened.flow)
+        rig.send(wire.Cmd.FIN, opened.flow)
+        assert sock.recv(1) == b""
+    stats = rig.stack.stats()
+    assert stats["dns_forwarded"] == 2
+    assert stats["protocol_errors"] == 0
+    rig.wait_stat("flows_active", 0)
+
+
+@pytest.mark.parametrize("bad", [b"\0\0", frame(b"\1\2\3"),
+                                 frame(answer_to(query("x.tunio.test", TYPE_A, 7)))])  # fmt: skip
+def test_tcp_a_stream_no_client_sends_is_reset_and_counted(rig: Rig, bad: bytes) -> None:
+    good = query("x.tunio.test", TYPE_A, 0x4242)
+    with dns_connect(rig, 41002) as sock:
+        sock.sendall(frame(good[:4] + b"\0\2" + good[6:]))  # two questions: FORMERR, as UDP
+        formerr = read_message(sock)
+        assert formerr[:2] == b"\x42\x42"
+        assert formerr[3] & 0xF == 1
+        sock.sendall(bad)
+        with contextlib.suppress(ConnectionResetError):
+            assert sock.recv(1) == b""
+    assert rig.stack.stats()["dns_malformed"] == 2
+    assert not rig.worker.poll(100)
+    rig.wait_stat("flows_active", 0)
+
+
+def test_tcp_a_message_cut_short_by_the_app_is_counted(rig: Rig) -> None:
+    with dns_connect(rig, 41003) as sock:
+        sock.sendall(frame(query("x.tunio.test", TYPE_A, 1))[:9])
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""
+    assert rig.stack.stats()["dns_malformed"] == 1
+    rig.wait_stat("flows_active", 0)
+
+
+def test_tcp_the_upstream_closing_with_a_query_unanswered_resets_the_app(rig: Rig) -> None:
+    mx = query("tunio.test", TYPE_MX, 2)
+    with dns_connect(rig, 41004) as sock:
+        sock.sendall(frame(mx))
+        opened = rig.recv()
+        assert opened.cmd is wire.Cmd.OPEN
+        rig.send(wire.Cmd.OPEN_OK, opened.flow, WINDOW)
+        assert bytes(rig.recv().payload or b"") == frame(mx)
+        rig.send(wire.Cmd.FIN, opened.flow)
+        with pytest.raises(ConnectionResetError):
+            sock.recv(1)
+    rig.wait_stat("flows_active", 0)

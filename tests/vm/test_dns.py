@@ -249,7 +249,7 @@ def test_other_types_are_forwarded_and_malformed_queries_change_nothing(
         assert mx.split() == ["10", "mail.tunio.test."]
         txt = _dig(dns_lab, f"@{DNS}", "txt.tunio.test", "TXT", "+short")
         assert txt.strip() == '"tunio txt"'
-        # TCP port 53 of the DNS address goes to the upstream too
+        # over TCP to the DNS address, an MX still goes to the upstream (answered by it)
         tcp = _dig(dns_lab, "+tcp", f"@{DNS}", "tunio.test", "MX", "+short")
         assert tcp.split() == ["10", "mail.tunio.test."]
         # malformed: two questions (FORMERR, same id), a pointer in the question (FORMERR), a
@@ -268,8 +268,95 @@ def test_other_types_are_forwarded_and_malformed_queries_change_nothing(
         assert tunio.stop() == 0, tunio.log.text
     stats = _stats(tunio)
     assert stats["dns_malformed"] == 4
-    assert stats["dns_forwarded"] >= 2  # MX and TXT over UDP (TCP is a relayed flow)
+    assert stats["dns_forwarded"] >= 3  # MX and TXT over UDP, MX over TCP
     assert stats["dns_map_entries"] == 1  # nothing malformed took an address
+
+
+def _framed(msg: bytes) -> bytes:
+    return struct.pack(">H", len(msg)) + msg
+
+
+def _message(sock: socket.socket) -> bytes:
+    """The next whole DNS message of a TCP stream (RFC 1035 4.2.2)."""
+    (length,) = struct.unpack(">H", recv_exact(sock, 2))
+    return recv_exact(sock, length)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the peer closes (EOF) or resets the connection, rather than send anything."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_tcp_to_the_dns_address_is_answered_as_udp_pipelined_and_by_id(
+    dns_lab: Lab, upstream: LineReader, app_resolv: Path
+) -> None:
+    """Over TCP to the DNS address, A and AAAA get the fake addresses UDP gives (and a flow to
+    one carries the name), queries pipelined on one connection are each answered whole and
+    matched by id, other types still reach dnsmasq, and a stream no DNS client sends is closed
+    and counted. dnsmasq never sees an A or AAAA query asked over TCP."""
+    del app_resolv
+    seen = len(upstream.lines)
+    tunio = dns_lab.start_tunio([*FAKE_IP, "--dns-ttl", "7"])
+    try:
+        client = Client(dns_lab, DNS)
+        _, [a], ttl = client.ask("tcp.x.tunio.test")
+        assert ttl == 7
+        out = _dig(dns_lab, "+tcp", f"@{DNS}", "tcp.x.tunio.test", "A", "+noall", "+answer")
+        [record] = out.splitlines()
+        assert record.split()[1:] == ["7", "IN", "A", a]  # the same address, the same TTL
+        _, [a6], _ = client.ask("tcp.x.tunio.test", TYPE_AAAA)
+        out = _dig(dns_lab, "+tcp", f"@{DNS6}", "tcp.x.tunio.test", "AAAA", "+short")
+        assert out.split() == [a6]
+        # a connection to the fake address reaches the dialer with the name (a fake address no
+        # name has is unreachable): the direct dialer resolves it and connects
+        with dns_lab.connect(PEER_PORTS["echo"], a, timeout=10.0) as conn:
+            conn.sendall(MESSAGE)
+            assert recv_exact(conn, len(MESSAGE)) == MESSAGE
+        # A, MX and AAAA back to back on one connection, the A split across two sends
+        with dns_lab.connect(53, DNS, timeout=10.0) as sock:
+            first = _framed(query("pipe.x.tunio.test", TYPE_A, 1))
+            sock.sendall(first[:7])
+            sock.sendall(first[7:] + _framed(query("tunio.test", 15, 2))
+                         + _framed(query("pipe.x.tunio.test", TYPE_AAAA, 3)))  # fmt: skip
+            answers = {}
+            for _ in range(3):
+                msg = _message(sock)
+                answers[struct.unpack_from(">H", msg)[0]] = msg
+            assert sorted(answers) == [1, 2, 3]
+            rcode, [pa], _, _ = parse_answer(answers[1], 1, TYPE_A)
+            assert rcode == 0
+            assert ipaddress.ip_address(pa) in POOL
+            rcode, [pa6], _, _ = parse_answer(answers[3], 3, TYPE_AAAA)
+            assert rcode == 0
+            assert ipaddress.ip_address(pa6) in POOL6
+            assert struct.unpack_from(">H", answers[2], 6)[0] == 1  # one MX record, dnsmasq's
+            assert b"\x04mail" in answers[2]
+            # the connection stays up: one more, then an orderly end
+            sock.sendall(_framed(query("tcp.x.tunio.test", TYPE_A, 4)))
+            assert parse_answer(_message(sock), 4, TYPE_A)[1] == [a]
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+        assert client.ask("pipe.x.tunio.test")[1] == [pa]  # UDP agrees
+        client.close()
+        # a length of 0, and garbage (five bytes that are no query): closed, counted
+        for bad in (b"\0\0", b"\0\5hello"):
+            with dns_lab.connect(53, DNS, timeout=10.0) as sock:
+                sock.sendall(bad)
+                assert _closed(sock)
+    finally:
+        assert tunio.stop() == 0, tunio.log.text
+    stats = _stats(tunio)
+    assert stats["dns_malformed"] == 2
+    assert stats["dns_forwarded"] == 1  # the MX
+    # dnsmasq was asked the MX (by the worker, over the veth) and no A/AAAA for the names asked
+    # over TCP; for tcp.x.tunio.test only the direct dialer's own lookups, from the veth
+    assert not _asked(upstream, "pipe.x.tunio.test", seen), upstream.text
+    assert set(_asked(upstream, "tcp.x.tunio.test", seen)) <= {APP_ADDRESS, APP_ADDRESS6}
+    assert any(re.search(rf"query\[MX\] tunio\.test from {re.escape(APP_ADDRESS)}", line)
+               for line in upstream.lines[seen:]), upstream.text  # fmt: skip
 
 
 def test_socks5_gets_the_name_and_no_lookup_leaves_the_app_namespace(

@@ -1,0 +1,123 @@
+/* libFuzzer target: DNS over TCP (csrc/dnstcp.c). The input's first byte chooses how its other
+ * bytes are cut into segments; those bytes are then the app's stream (served in fake-IP mode from
+ * a small map: every answer and every query for the upstream must come out whole and framed,
+ * some taken before the next segment) and, again, the upstream's stream, whose message ends
+ * must be those a one-pass walk of the lengths finds. */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../csrc/dns.h"
+#include "../csrc/dnsmap.h"
+#include "../csrc/dnstcp.h"
+
+static struct tunio_dnsmap *map;
+static struct tunio_dns *dns;
+static uint64_t clock_ms = 1;
+
+static void setup(void)
+{
+    struct tunio_dnsmap_config mc = {
+        .net4 = {198, 18, 0, 0}, .len4 = 28, .net6 = {0xfd, 0, 0x74}, .len6 = 124, .hold_ms = 3};
+    size_t len = tunio_dnsmap_region_size(&mc);
+    void *region = calloc(1, len);
+    if (!region || tunio_dnsmap_attach(region, len, &mc, clock_ms, &map) != 0)
+        abort();
+    struct tunio_dns_config dc = {.mode = TUNIO_DNS_FAKE_IP,
+                                  .address = {{198, 18, 255, 2}},
+                                  .has_address = {1, 0},
+                                  .ttl = 1,
+                                  .map = map,
+                                  .carries = {1, 1}};
+    if (tunio_dns_new(&dc, &dns) != 0)
+        abort();
+}
+
+/* Framed messages, whole, each of at least a header; an answer's QR bit set. */
+static void check_frames(const uint8_t *p, size_t len, int answers)
+{
+    size_t off = 0;
+    while (off < len) {
+        if (len - off < 2)
+            __builtin_trap();
+        size_t n = (size_t)(p[off] << 8 | p[off + 1]);
+        if (n < TUNIO_DNS_HEADER || n > len - off - 2 || (answers && !(p[off + 4] & 0x80)))
+            __builtin_trap();
+        off += 2 + n;
+    }
+}
+
+static size_t next_cut(uint32_t *state, size_t left)
+{
+    *state = *state * 1103515245u + 12345u;
+    size_t n = 1 + (*state >> 16) % 97;
+    return n < left ? n : left;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    if (!map)
+        setup();
+    if (size < 1)
+        return 0;
+    uint32_t seed = data[0];
+    const uint8_t *s = data + 1;
+    size_t n = size - 1;
+    clock_ms += 1 + (seed & 3);
+
+    struct tunio_dnstcp *t;
+    if (tunio_dnstcp_new(dns, &t) != 0)
+        abort();
+    uint32_t state = seed;
+    for (size_t off = 0; off < n;) {
+        size_t k = next_cut(&state, n - off);
+        int err = tunio_dnstcp_from_app(t, s + off, k, clock_ms);
+        if (err != 0 && err != -EBADMSG && err != -ENOMEM)
+            __builtin_trap();
+        size_t alen, qlen;
+        const uint8_t *a = tunio_dnstcp_answers(t, &alen);
+        const uint8_t *q = tunio_dnstcp_queries(t, &qlen);
+        check_frames(a, alen, 1);
+        check_frames(q, qlen, 0);
+        if (qlen > off + k) /* the queries are the app's own bytes */
+            __builtin_trap();
+        if (state & 0x100)
+            tunio_dnstcp_take_answers(t, alen);
+        if (state & 0x200)
+            tunio_dnstcp_take_queries(t, qlen);
+        if (err)
+            break;
+        off += k;
+    }
+    if (seed & 0x80)
+        tunio_dnstcp_no_upstream(t);
+    tunio_dnstcp_app_end(t);
+    tunio_dnstcp_free(t);
+
+    /* The same bytes as the upstream's stream. */
+    if (tunio_dnstcp_new(dns, &t) != 0)
+        abort();
+    size_t walk = 0;          /* the first message end past the bytes given so far, by a walk */
+    size_t pos = 0, ends = 0; /* ends: the last message end up to the bytes given so far */
+    for (size_t off = 0; off < n;) {
+        size_t k = next_cut(&state, n - off);
+        size_t first = tunio_dnstcp_from_upstream(t, s + off, k);
+        /* the first end in (off, off + k] */
+        while (walk <= off && pos + 2 <= n) {
+            walk = pos + 2 + (size_t)(s[pos] << 8 | s[pos + 1]);
+            pos = walk;
+        }
+        size_t want = walk > off && walk <= off + k && walk <= n ? walk - off : 0;
+        if (first != want)
+            __builtin_trap();
+        /* whole exactly when off + k is a message end */
+        while (ends + 2 <= off + k && ends + 2 + (size_t)(s[ends] << 8 | s[ends + 1]) <= off + k)
+            ends += 2 + (size_t)(s[ends] << 8 | s[ends + 1]);
+        if (tunio_dnstcp_upstream_whole(t) != (ends == off + k))
+            __builtin_trap();
+        off += k;
+    }
+    tunio_dnstcp_free(t);
+    return 0;
+}
