@@ -140,16 +140,26 @@ int tunio_dnstcp_from_app(struct tunio_dnstcp *t, const uint8_t *p, size_t n, ui
         }
         size_t left = t->msg_len - t->msg_have;
         size_t k = n - i < left ? n - i : left;
+        if (k == 0)
+            break; /* the prefix was the last of these bytes: the message comes with the next */
         const uint8_t *whole = NULL;
         if (t->msg_have == 0 && k == left) {
             whole = p + i; /* all of it in these bytes: served from them, no copy */
         } else {
-            if (t->msg_cap < t->msg_len) {
-                uint8_t *m = realloc(t->msg, t->msg_len);
+            /* Grown with the bytes that came, not to the length the prefix claims: a sender
+             * that announces 64 KiB and sends two bytes holds 512 of them, not 64 KiB. */
+            size_t need = t->msg_have + k;
+            if (t->msg_cap < need) {
+                size_t cap = t->msg_cap ? t->msg_cap : 512;
+                while (cap < need)
+                    cap *= 2;
+                if (cap > t->msg_len)
+                    cap = t->msg_len;
+                uint8_t *m = realloc(t->msg, cap);
                 if (!m)
                     return -ENOMEM;
                 t->msg = m;
-                t->msg_cap = t->msg_len;
+                t->msg_cap = cap;
             }
             memcpy(t->msg + t->msg_have, p + i, k);
             if (k == left)

@@ -97,7 +97,8 @@ def _framed(*msgs: bytes) -> bytes:
 
 def dnstcp_seeds() -> list[bytes]:
     """A cutting byte, then a TCP stream: pipelined queries (A, MX, AAAA), one alone, a FORMERR
-    one, a length of 0, a response, a message cut short, and upstream-like answers."""
+    one, a length of 0, a response, a message cut short, upstream-like answers, and a cut that
+    ends a read with a length prefix."""
     a, mx, aaaa = _query("www.tunio.test", 1, 1), _query("tunio.test", 15, 2), _query(
         "www.tunio.test", 28, 3)
     bad = a[:4] + b"\0\2" + a[6:]
@@ -106,6 +107,8 @@ def dnstcp_seeds() -> list[bytes]:
         b"\x01" + _framed(a, mx, aaaa), b"\x83" + _framed(a), b"\x07" + _framed(bad, a),
         b"\x00" + _framed(a) + b"\0\0", b"\x05" + _framed(answer), b"\x09" + _framed(a)[:9],
         b"\x8f" + _framed(answer, b"", answer) + b"\x01",
+        # cut right after a length prefix: the message's bytes all come with the next read
+        bytes.fromhex("83002000010100003b0000003100005600037777057577746e696f0474657374feff000001"),
     ]  # fmt: skip
 
 
