@@ -107,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive, default=1,
                    help="client: connections open at once, per process")
     p.add_argument("--bytes", type=_size, default=100, help="client: payload per connection")
+    p.add_argument("--max-mbps", type=float,
+                   help="client (echo, sink): send at most this many Mbit/s in all, so that "
+                        "connections last and stay open at once without the machine at full load")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="client: bound on the whole run; unfinished connections fail")
     p.add_argument("--json", action="store_true", help="client: print one JSON object")
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--socks5 needs --connect with an IP address")
         family, proxy = _endpoint(parser, args.socks5)
     job = Job(family, addr, args.mode, args.bytes, args.connections, args.concurrency,
-              args.processes, args.timeout, proxy, args.duration)
+              args.processes, args.timeout, proxy, args.duration, args.max_mbps)
     if args.mode == RR_MODE:
         summary = run_rr(job, args.requests)
         print(json.dumps(summary) if args.json else _human(summary), flush=True)

@@ -27,6 +27,12 @@ from flood_common import (
 )
 from flood_socks import Handshake, SocksError
 
+
+class Held(Exception):
+    """The connection has more to send than the rate allows now: it waits for the bucket."""
+
+
+_BURST = 0.02  # seconds of plan.rate that may go at once
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _REPORT_EVERY = 0.2  # seconds between progress reports
 
@@ -46,6 +52,7 @@ class Plan:
     # time.monotonic() after which no connection is opened (those open still finish); the ones
     # not opened by then are not counted at all. None: all `count` are opened.
     open_until: float | None = None
+    rate: float | None = None  # bytes per second this process sends at most (None: no bound)
 
 
 @dataclass
@@ -113,6 +120,11 @@ class _Client:
         self.view = memoryview(self.buf)
         self.result = Outcome()
         self.again: dict[int, _Conn] = {}  # connections that yielded with work left
+        # plan.rate: a token bucket of bytes; a connection that finds it empty waits in `held`
+        # (epoll is edge-triggered: it would not wake for a socket that stayed writable)
+        self.tokens = 0.0
+        self.refilled = time.monotonic()
+        self.held: dict[int, _Conn] = {}
         self.left = 0
         steps: dict[str, Callable[[_Conn], str | None]] = {
             "echo": self._echo,
@@ -131,6 +143,8 @@ class _Client:
         length = c.stream.length
         while c.sent < length:
             self._spend()
+            if self.plan.rate is not None and self.tokens <= 0:
+                raise Held
             if not c.out:
                 chunk = c.stream.chunk(c.sent // CHUNK)
                 if c.hasher is not None:
@@ -141,6 +155,7 @@ class _Client:
             except BlockingIOError:
                 return
             c.sent += n
+            self.tokens -= n
             self.result.bytes_sent += n
             c.out = c.out[n:]
         if not c.shut:
@@ -167,7 +182,13 @@ class _Client:
                 c.done_ns = time.monotonic_ns()
 
     def _echo(self, c: _Conn) -> str | None:
-        self._send_payload(c)
+        try:
+            self._send_payload(c)
+        except Held:
+            outcome = self._receive_stream(c)  # the echo of what went keeps coming back
+            if outcome is not None:
+                return outcome
+            raise
         return self._receive_stream(c)
 
     def _source(self, c: _Conn) -> str | None:
@@ -214,6 +235,9 @@ class _Client:
             return None
         except Yield:
             self.again[c.sock.fileno()] = c
+            return None
+        except Held:
+            self.held[c.sock.fileno()] = c
             return None
         except SocksError as exc:
             return str(exc)
@@ -266,6 +290,15 @@ class _Client:
         conns[fd] = c
         ep.register(fd, _EVENTS)
 
+    def _refill(self, now: float) -> float:
+        """Adds the bytes earned since the last refill (at most a 20 ms burst): 0 when some may
+        be sent now, else the seconds until some may."""
+        rate = self.plan.rate
+        assert rate is not None
+        self.tokens = min(self.tokens + (now - self.refilled) * rate, rate * _BURST)
+        self.refilled = now
+        return 0.0 if self.tokens > 0 else max(-self.tokens / rate, 0.001)
+
     def _turn(self, conns: dict[int, _Conn], fd: int, c: _Conn) -> None:
         outcome = self._advance(c)
         if outcome is not None:
@@ -295,8 +328,13 @@ class _Client:
                 if now >= plan.deadline:
                     break
                 wait = 0 if self.again else min(plan.deadline - now, _REPORT_EVERY)
+                if self.held and not self.again:
+                    wait = min(wait, self._refill(now))
                 for fd, _ in ep.poll(wait):
                     self._turn(conns, fd, conns[fd])
+                if self.held and self._refill(time.monotonic()) == 0:
+                    self.again.update(self.held)
+                    self.held = {}
                 again, self.again = self.again, {}
                 for fd, c in again.items():
                     if conns.get(fd) is c:

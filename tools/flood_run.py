@@ -37,6 +37,9 @@ class Job:
     # Seconds during which new connections are opened (at most `connections` of them); those
     # open then run to their end. None: exactly `connections`, unopened ones count as timeouts.
     duration: float | None = None
+    # What the client sends, in all its processes, at most (Mbit/s; None: as fast as it can):
+    # connections then last longer and as many stay open, without the machine at full load.
+    max_mbps: float | None = None
 
 
 def _percentile(ordered: list[int], p: float) -> int:
@@ -108,12 +111,13 @@ def _plans(job: Job) -> list[Plan]:
     deadline = start + job.timeout
     open_until = None if job.duration is None else start + job.duration
     nonce = random.getrandbits(31)
+    rate = None if job.max_mbps is None else job.max_mbps * 1e6 / 8 / job.processes
     plans, first = [], 0
     for i in range(job.processes):
         count = job.connections // job.processes + (i < job.connections % job.processes)
         if count:
             plans.append(Plan(job.family, job.addr, job.mode, job.nbytes, first, count,
-                              job.concurrency, deadline, nonce, job.proxy, open_until))
+                              job.concurrency, deadline, nonce, job.proxy, open_until, rate))
         first += count
     return plans
 
