@@ -95,7 +95,7 @@ lint: venv format-check
 
 # The C sources in the style of .clang-format (4-space indent, 100 columns); clang-format comes
 # from tools/programs.txt. format-check changes nothing and fails on the first difference.
-C_SOURCES := $(wildcard csrc/*.c csrc/*.h fuzz/*.c)
+C_SOURCES := $(wildcard csrc/*.c csrc/*.h fuzz/*.c fuzz/*.h)
 format-check:
 	clang-format --dry-run -Werror $(C_SOURCES)
 

@@ -611,13 +611,32 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
     return 0;
 }
 
+/* The credit held back for the worker that rides on the flow's next DATA or FIN: none once the
+ * worker has sent its FIN (it sends nothing more to be credited for). */
+static uint64_t credit_to_carry(const struct flow *f)
+{
+    return (f->flags & FLOW_WORKER_FIN) ? 0 : f->uncredited;
+}
+
+/* `n` bytes of the app's went to the worker in a DATA that carried credit_to_carry(f): the
+ * credit they spent, and the worker's backlog until it credits them back. */
+static void count_sent(struct tunio_flows *fl, struct flow *f, size_t n)
+{
+    f->uncredited = 0;
+    f->credit -= (uint64_t)n;
+    f->unanswered += (uint64_t)n;
+    fl->backlog[f->worker].bytes += (uint64_t)n;
+    fl->bytes_to_workers += (uint64_t)n;
+}
+
 /* The app's end of input: FIN to the worker, with the credit held back on it (no DATA will
  * carry it now). */
 static void app_eof(struct tunio_flows *fl, struct flow *f)
 {
     f->flags |= FLOW_APP_EOF;
-    if (f->uncredited && !(f->flags & FLOW_WORKER_FIN))
-        send_to_worker(fl, f, TUNIO_CMD_CREDIT_FIN, f->uncredited);
+    uint64_t credit = credit_to_carry(f);
+    if (credit)
+        send_to_worker(fl, f, TUNIO_CMD_CREDIT_FIN, credit);
     else
         send_to_worker(fl, f, TUNIO_CMD_FIN, 0);
     f->uncredited = 0;
@@ -663,7 +682,7 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
         }
         int err;
         uint8_t cmd = eof ? TUNIO_CMD_DATA_FIN : TUNIO_CMD_DATA;
-        uint64_t credit = (f->flags & FLOW_WORKER_FIN) ? 0 : f->uncredited; /* rides along */
+        uint64_t credit = credit_to_carry(f);
         if (n >= SMALL_DATA) {
             /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
              * flow holds in flight stays close to the bytes it sent. */
@@ -682,11 +701,7 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
             abort_flow(fl, f, -err);
             return -1;
         }
-        f->uncredited = 0;
-        f->credit -= (uint64_t)n;
-        f->unanswered += (uint64_t)n;
-        fl->backlog[f->worker].bytes += (uint64_t)n;
-        fl->bytes_to_workers += (uint64_t)n;
+        count_sent(fl, f, n);
         if (eof) {
             f->flags |= FLOW_APP_EOF;
             return 0;
@@ -847,17 +862,13 @@ static int dns_to_upstream(struct tunio_flows *fl, struct flow *f)
             return 0;
         }
         size_t n = len < f->credit ? len : (size_t)f->credit;
-        uint64_t credit = (f->flags & FLOW_WORKER_FIN) ? 0 : f->uncredited; /* rides along */
-        int err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, q, n);
+        int err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id,
+                                  credit_to_carry(f), q, n);
         if (err) {
             abort_flow(fl, f, -err);
             return -1;
         }
-        f->uncredited = 0;
-        f->credit -= (uint64_t)n;
-        f->unanswered += (uint64_t)n;
-        fl->backlog[f->worker].bytes += (uint64_t)n;
-        fl->bytes_to_workers += (uint64_t)n;
+        count_sent(fl, f, n);
         tunio_dnstcp_take_queries(d->t, n);
         q = tunio_dnstcp_queries(d->t, &len);
     }

@@ -9,6 +9,7 @@
 #include "../csrc/dns.h"
 #include "../csrc/dnsmap.h"
 #include "../csrc/packet.h"
+#include "dns_fixture.h"
 
 static struct tunio_dnsmap *map;
 static struct tunio_dns *dns;
@@ -23,18 +24,7 @@ static void setup(void)
                                      .net6 = {0xfd, 0, 0x74},
                                      .len6 = 124,
                                      .hold_ms = 3};
-    size_t len = tunio_dnsmap_region_size(&mc);
-    void *region = calloc(1, len);
-    if (!region || tunio_dnsmap_attach(region, len, &mc, clock_ms, &map) != 0)
-        abort();
-    struct tunio_dns_config dc = {.mode = TUNIO_DNS_FAKE_IP,
-                                  .address = {{198, 18, 255, 2}},
-                                  .has_address = {1, 0},
-                                  .ttl = 1,
-                                  .map = map,
-                                  .carries = {1, 1}};
-    if (tunio_dns_new(&dc, &dns) != 0)
-        abort();
+    dns_fixture(&mc, clock_ms, &map, &dns);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

@@ -11,6 +11,7 @@
 #include "../csrc/dns.h"
 #include "../csrc/dnsmap.h"
 #include "../csrc/dnstcp.h"
+#include "dns_fixture.h"
 
 static struct tunio_dnsmap *map;
 static struct tunio_dns *dns;
@@ -20,18 +21,7 @@ static void setup(void)
 {
     struct tunio_dnsmap_config mc = {
         .net4 = {198, 18, 0, 0}, .len4 = 28, .net6 = {0xfd, 0, 0x74}, .len6 = 124, .hold_ms = 3};
-    size_t len = tunio_dnsmap_region_size(&mc);
-    void *region = calloc(1, len);
-    if (!region || tunio_dnsmap_attach(region, len, &mc, clock_ms, &map) != 0)
-        abort();
-    struct tunio_dns_config dc = {.mode = TUNIO_DNS_FAKE_IP,
-                                  .address = {{198, 18, 255, 2}},
-                                  .has_address = {1, 0},
-                                  .ttl = 1,
-                                  .map = map,
-                                  .carries = {1, 1}};
-    if (tunio_dns_new(&dc, &dns) != 0)
-        abort();
+    dns_fixture(&mc, clock_ms, &map, &dns);
 }
 
 /* Framed messages, whole, each of at least a header; an answer's QR bit set. */

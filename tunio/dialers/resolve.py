@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import secrets
@@ -205,13 +206,12 @@ class Resolver:
         if task is None:
             task = asyncio.ensure_future(self._ask(name, qtype))
             self._inflight[key] = task
-            task.add_done_callback(self._landed)
+            task.add_done_callback(functools.partial(self._landed, key))
         return task
 
-    def _landed(self, task: asyncio.Task[list[str]]) -> None:
-        for key, pending in list(self._inflight.items()):
-            if pending is task:
-                del self._inflight[key]
+    def _landed(self, key: tuple[str, int], task: asyncio.Task[list[str]]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
         if not task.cancelled():
             task.exception()  # marked seen: a lookup nobody waits for any more fails quietly
 
