@@ -618,15 +618,16 @@ static uint64_t credit_to_carry(const struct flow *f)
     return (f->flags & FLOW_WORKER_FIN) ? 0 : f->uncredited;
 }
 
-/* `n` bytes of the app's went to the worker in a DATA that carried credit_to_carry(f): the
- * credit they spent, and the worker's backlog until it credits them back. */
+/* `n` bytes of the app's go to the worker in a DATA that carries credit_to_carry(f): the credit
+ * they spend, and the worker's backlog until it credits them back. Counted before the DATA is
+ * sent, so that the counts already hold whatever the worker can have seen (a failed send aborts
+ * the flow, and flow_free takes its unanswered bytes off the backlog again). */
 static void count_sent(struct tunio_flows *fl, struct flow *f, size_t n)
 {
     f->uncredited = 0;
     f->credit -= (uint64_t)n;
     f->unanswered += (uint64_t)n;
     fl->backlog[f->worker].bytes += (uint64_t)n;
-    fl->bytes_to_workers += (uint64_t)n;
 }
 
 /* The app's end of input: FIN to the worker, with the credit held back on it (no DATA will
@@ -683,6 +684,7 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
         int err;
         uint8_t cmd = eof ? TUNIO_CMD_DATA_FIN : TUNIO_CMD_DATA;
         uint64_t credit = credit_to_carry(f);
+        count_sent(fl, f, n);
         if (n >= SMALL_DATA) {
             /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
              * flow holds in flight stays close to the bytes it sent. */
@@ -701,7 +703,7 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
             abort_flow(fl, f, -err);
             return -1;
         }
-        count_sent(fl, f, n);
+        fl->bytes_to_workers += (uint64_t)n;
         if (eof) {
             f->flags |= FLOW_APP_EOF;
             return 0;
@@ -862,13 +864,14 @@ static int dns_to_upstream(struct tunio_flows *fl, struct flow *f)
             return 0;
         }
         size_t n = len < f->credit ? len : (size_t)f->credit;
-        int err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id,
-                                  credit_to_carry(f), q, n);
+        uint64_t credit = credit_to_carry(f);
+        count_sent(fl, f, n);
+        int err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, q, n);
         if (err) {
             abort_flow(fl, f, -err);
             return -1;
         }
-        count_sent(fl, f, n);
+        fl->bytes_to_workers += (uint64_t)n;
         tunio_dnstcp_take_queries(d->t, n);
         q = tunio_dnstcp_queries(d->t, &len);
     }
