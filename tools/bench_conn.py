@@ -10,6 +10,7 @@ rows tunio socks5:// (to danted) and tunio direct, 2 workers, 2 queues. Per repe
   * bulk: iperf3, one flow up, Gbit/s;
   * CPU per short connection (µs) of the stack process by thread (tunio-loop, tunio-rd*,
     ZeroMQ's I/O thread), and of the workers;
+  * with --profile DIR, where that CPU goes (tools/bench_profile.py: perf, py-spy);
   * wake-ups per short connection and per rr exchange: the voluntary context switches (a
     thread going to sleep, so once per wake-up) of each thread of the stack and of the
     workers during the conn/s and the rr runs, by thread group (stack loop, readers, ZeroMQ
@@ -22,6 +23,7 @@ Run the same command before and after a change, on the same machine state, for a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench_cost import CpuMeter  # noqa: E402
 from bench_peers_measure import FLOOD, IPERF_PORT  # noqa: E402
 from bench_peers_rows import Forwarder, RowEnv, danted_alone, plain, probe  # noqa: E402
+from bench_profile import Profiler  # noqa: E402
 from lab.chain import PROXY_ADDRESS, ChainLab  # noqa: E402
 from lab.netlab import SERVER_ADDRESS, TunioProcess  # noqa: E402
 from lab.proxies import start_dante  # noqa: E402
@@ -53,6 +56,7 @@ class Target:
 
 
 SOCKS5: list[str] = []  # the clients' own --socks5, on the danted row
+PROFILED = [0]  # how many profiles were taken, each in a directory of its own
 
 
 def flood(lab: ChainLab, *args: str, timeout: int = 120) -> dict[str, Any]:
@@ -133,9 +137,17 @@ def once(lab: ChainLab, run: TunioProcess, args: argparse.Namespace) -> dict[str
     pids = {"stack": stack, **{f"worker-{i}": pid for i, pid in enumerate(workers)}}
     before = meter.snapshot()
     before_sw = switches(pids)
-    short = flood(lab, "--mode", "echo", "--connections", str(args.connections),
-                  "--concurrency", "25", "--processes", "2")  # fmt: skip
-    spent = meter.spent(before, meter.snapshot())
+    with contextlib.ExitStack() as profiling:
+        profiler = None
+        if args.profile:
+            profiler = profiling.enter_context(Profiler(args.profile / f"run-{PROFILED[0]}",
+                                                        stack, workers))  # fmt: skip
+            PROFILED[0] += 1
+        short = flood(lab, "--mode", "echo", "--connections", str(args.connections),
+                      "--concurrency", "25", "--processes", "2")  # fmt: skip
+        spent = meter.spent(before, meter.snapshot())
+    if profiler:
+        print(profiler.report(), flush=True)
     after_sw = switches(pids)
     ok = short["ok"]
     out = {"conn_per_s": float(short["conn_per_s"])}
@@ -176,7 +188,7 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     }  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--connections", type=int, default=4000)
@@ -188,7 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tunio-args", default="", help="more tunio-run arguments (split on spaces)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     ap.add_argument("--label", default="run")
-    args = ap.parse_args(argv)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="profile each short-connection flood into this directory (perf on "
+                         "the stack, py-spy on the workers) and print the hot spots")  # fmt: skip
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tunio-conn-") as tmp, ChainLab() as lab:
         lab.serve(["iperf3", "-s", "-p", str(IPERF_PORT), "--forceflush"],

@@ -3,7 +3,8 @@
 The lab is app -> gw -> srv (tools/lab/chain.py): the clients run in app, iperf3 and the flood
 echo servers in srv, one danted in gw that every row going through a SOCKS5 proxy shares. The
 rows (tools/bench_peers_rows.py) are the plain veth, danted alone, sing-box (system and gvisor
-stacks; socks outbound to danted, or direct), hev-socks5-tunnel where it exists, and tunio with
+stacks; socks outbound to danted, or direct), xjasonlyu/tun2socks (the same two),
+hev-socks5-tunnel where it exists, and tunio with
 2 workers (socks5:// to danted, or direct), one after the other with the same clients
 (tools/bench_peers_measure.py). Each figure is the median of --repeat runs. Prints a table with
 tunio's ratios to the best peer and to plain (tools/bench_peers_table.py) and writes JSON and
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import bench_peers_singbox as singbox  # noqa: E402
+import bench_peers_tun2socks as t2s  # noqa: E402
 from bench_peers_measure import FLOOD, IPERF_PORT, Clients, Load, measure_row  # noqa: E402
 from bench_peers_rows import Row, RowEnv, all_rows, probe  # noqa: E402
 from bench_peers_table import best_peers, cost_table, ratios, table  # noqa: E402
@@ -75,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
         why_not_singbox = singbox.put_on_path(workdir / "bin")
         why_not = {"sing-box": why_not_singbox} if why_not_singbox else {}
         sing_box = "" if why_not_singbox else singbox.version()
+        why_not_t2s = t2s.missing()
+        if why_not_t2s:
+            why_not["tun2socks"] = why_not_t2s
+        tun2socks = why_not_t2s or t2s.version()
         with ChainLab() as lab:
             print(f"lab {lab.id}: {lab.app} -> {lab.gw} -> {lab.srv}", flush=True)
             lab.serve(["iperf3", "-s", "-p", str(IPERF_PORT), "--forceflush"],
@@ -111,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         "RSS/peak/PSS MB: the forwarder's processes, summed, after the row's traffic; "
         "CPU: µs per short connection (machine, forwarder)",
         f"median of {args.repeat}; ratios: tunio / reference, per metric",
-        f"TUN MTU: peers {args.peer_mtu}, tunio its default ({tunio_defaults.MTU}, with TSO: "
+        f"TUN MTU: sing-box {args.peer_mtu}, tun2socks 1500 (its Python API sets no MTU), "
+        f"tunio its default ({tunio_defaults.MTU}, with TSO: "
         "up to 64 KB segments); "
-        f"{sing_box or 'sing-box: ' + str(why_not_singbox)}",
+        f"{sing_box or 'sing-box: ' + str(why_not_singbox)}; {tun2socks}",
     ]
     text = "\n".join([
         table(rows, results, missing), "", best_peers(rows, results), "",

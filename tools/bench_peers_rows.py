@@ -7,6 +7,8 @@ across the gateway namespace gw where the one danted of the run listens (tools/l
   danted alone       a host route to danted, no TUN: the clients speak SOCKS5 to danted.
   sing-box ...       a tun inbound (system or gvisor stack) with a socks outbound to danted,
                      or a direct outbound marked 0x1 (tools/bench_peers_singbox.py).
+  tun2socks ...      xjasonlyu/tun2socks 2.7 (gVisor), PyPI's build: socks5 to danted, or
+                     direct, bound to the veth (tools/bench_peers_tun2socks.py).
   hev-socks5-tunnel  not available here: neither Debian nor PyPI has it.
   tunio ...          tunio-run with 2 workers, --dialer socks5://danted or direct (the lab's
                      tunio_argv: --route default, --egress-mark 0x1).
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bench_peers_singbox as singbox
+import bench_peers_tun2socks as t2s
 from flood_socks import SocksError
 from flood_socks import connect as socks_connect
 from lab.chain import GW_ADDRESS, PROXY_ADDRESS, ChainLab
@@ -110,6 +113,17 @@ def sing_box(stack: str, outbound: str) -> Setup:
     return setup
 
 
+def tun2socks(outbound: str) -> Setup:
+    @contextlib.contextmanager
+    def setup(lab: ChainLab, env: RowEnv) -> Iterator[Forwarder]:
+        proxy = f"socks5://{PROXY_ADDRESS}:{env.dante_port}" if outbound == SOCKS else "direct://"
+        with t2s.running(lab, proxy) as pid:
+            yield Forwarder(root=pid, proxy=env.danted if outbound == SOCKS else None)
+        _wait_device_gone(lab)
+
+    return setup
+
+
 def tunio(outbound: str) -> Setup:
     @contextlib.contextmanager
     def setup(lab: ChainLab, env: RowEnv) -> Iterator[Forwarder]:
@@ -135,6 +149,10 @@ def all_rows() -> list[Row]:
         rows.append(Row(f"singbox-{stack}-direct", f"sing-box {stack} direct", PEER, DIRECT,
                         sing_box(stack, DIRECT), needs="sing-box"))  # fmt: skip
     rows += [
+        Row("tun2socks-socks", "tun2socks gvisor -> danted", PEER, SOCKS, tun2socks(SOCKS),
+            needs="tun2socks"),
+        Row("tun2socks-direct", "tun2socks gvisor direct", PEER, DIRECT, tun2socks(DIRECT),
+            needs="tun2socks"),
         Row("hev", "hev-socks5-tunnel -> danted", PEER, SOCKS, None, HEV_MISSING),
         Row("tunio-socks5", "tunio socks5:// -> danted", TUNIO, SOCKS, tunio(SOCKS)),
         Row("tunio-direct", "tunio direct", TUNIO, DIRECT, tunio(DIRECT)),

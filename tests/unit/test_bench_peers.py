@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import bench_peers_singbox as singbox
+import bench_peers_tun2socks as t2s
 import pytest
 from bench_peers_measure import memory_mb, proxychains_conf
 from bench_peers_rows import DIRECT, PEER, SOCKS, TUNIO, all_rows
 from bench_peers_table import METRICS, best_peer, ratios, table
+from bench_profile import hottest
 from lab.netlab import EGRESS_MARK, TUN_ADDRESS, TUN_NAME
 
 ROWS = all_rows()
@@ -59,6 +61,49 @@ def test_sing_box_goes_on_path_from_the_wheel(tmp_path: Path,
     found = shutil.which("sing-box")
     assert found == str(tmp_path / "bin" / "sing-box")
     assert Path(found).resolve().name.startswith("sing-box-linux-")
+
+
+def test_tun2socks_rows_run_both_outbounds() -> None:
+    socks, direct = BY_KEY["tun2socks-socks"], BY_KEY["tun2socks-direct"]
+    assert (socks.kind, socks.outbound, direct.kind, direct.outbound) == (PEER, SOCKS, PEER, DIRECT)
+    assert socks.setup is not None
+    assert direct.setup is not None
+    assert socks.needs == direct.needs == "tun2socks"
+
+
+def test_tun2socks_call_names_the_device_interface_and_proxy() -> None:
+    argv = t2s._argv("tva1", "socks5://198.18.0.11:1082")
+    assert argv[1] == "-c"
+    call = argv[2]
+    assert call.startswith("import tun2socks; tun2socks.startFromArgs(")
+    assert f"'tun://{TUN_NAME}', 'tva1', 'warn', 'socks5://198.18.0.11:1082', ''" in call
+
+
+def test_tun2socks_module_is_found_or_said_missing() -> None:
+    why = t2s.missing()
+    try:
+        import tun2socks  # noqa: F401, PLC0415
+    except ImportError:
+        assert why is not None
+        assert "tun2socks" in why
+    else:
+        assert why is None
+        assert t2s.version().startswith("tun2socks 2.7")
+
+
+def test_profile_folded_stacks_self_and_inclusive(tmp_path: Path) -> None:
+    folded = tmp_path / "w.folded"
+    folded.write_text("main;loop;select 60\nmain;loop;drain;send 30\nmain;loop;drain 10\n"
+                      "garbage line\n")  # fmt: skip
+    lines = hottest(folded)
+    assert lines[0] == "self:"
+    assert lines[1:4] == ["   60.0%  select", "   30.0%  send", "   10.0%  drain"]
+    inclusive = lines[lines.index("inclusive:") + 1 :]
+    # main and loop hold every sample: left out; drain holds 40 of 100
+    assert inclusive == ["   60.0%  select", "   40.0%  drain", "   30.0%  send"]
+    assert hottest(tmp_path / "w.folded") == lines
+    (tmp_path / "empty.folded").write_text("")
+    assert hottest(tmp_path / "empty.folded") == []
 
 
 def test_proxychains_conf_names_the_proxy(tmp_path: Path) -> None:

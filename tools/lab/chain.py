@@ -69,6 +69,13 @@ class ChainLab(Lab):
         for ns in (app, gw, srv):
             _ip("netns", "add", ns)
             _ip("-n", ns, "link", "set", "lo", "up")
+            # Every row dials the same few destinations (danted's port, the echo server) from
+            # the same address, thousands of times a run: without reuse, the ports left in
+            # TIME_WAIT by one row or repeat (60 s each, 28,232 ports) make the next one's
+            # connect() search for a free port for milliseconds, and then fail. Reuse once the
+            # timestamps make it safe, as a gateway that dials one proxy is tuned (tunio's own
+            # EADDRNOTAVAIL hint says so, tunio/ports.py); the same for every row.
+            self._sysctl(ns, "net.ipv4.tcp_tw_reuse=1")
         # Made directly inside the namespaces: the host never sees the veth pairs.
         _ip("-n", app, "link", "add", va, "type", "veth", "peer", "name", vga, "netns", gw)
         _ip("-n", gw, "link", "add", vgs, "type", "veth", "peer", "name", vs, "netns", srv)
