@@ -29,6 +29,11 @@
 /* After this long without flows (TCP flows and UDP sessions), ms, the stack and each worker give
  * their freed heap back to the system, once until flows come back (malloc_trim). */
 #define TUNIO_DEFAULT_TRIM_IDLE_MS 10000
+/* fake-ip: a DNS-over-TCP connection of the stack's with no query unanswered and no byte either
+ * way this long is closed, ms. RFC 7766 §6.2.3 has servers close idle connections, after at least
+ * a few seconds: a stub that reuses its connection for a burst of lookups keeps it, one that
+ * opened it and went quiet does not hold a flow for good. */
+#define TUNIO_DEFAULT_DNS_TCP_IDLE_MS 10000
 /* NAT pool addresses taken from the top of each TUN prefix. */
 #define TUNIO_DEFAULT_POOL 16
 /* Flows (TCP and UDP) at once, and new TCP flows whose dial runs (their SYN held): past these

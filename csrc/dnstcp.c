@@ -27,6 +27,7 @@ struct tunio_dnstcp {
     size_t up_left;
     size_t awaiting; /* queries framed for the upstream, less the messages it sent */
     int no_upstream;
+    int queries_taken; /* some query bytes went to the upstream */
     struct bytes answers, queries;
 };
 
@@ -100,6 +101,18 @@ void tunio_dnstcp_free(struct tunio_dnstcp *t)
     free(t);
 }
 
+/* SERVFAIL for a query the upstream cannot answer, framed into the answers, as the UDP path would
+ * answer it: its id and question (a message of another opcode: its id alone). */
+static int servfail(struct tunio_dnstcp *t, const uint8_t *m, size_t len)
+{
+    uint8_t answer[TUNIO_DNS_ANSWER_MAX];
+    struct tunio_dns_question q;
+    int parsed = tunio_dns_parse(m, len, &q) == TUNIO_DNS_QUERY;
+    size_t n =
+        tunio_dns_error(m, len, parsed ? &q : NULL, TUNIO_DNS_SERVFAIL, answer, sizeof(answer));
+    return n ? put_framed(&t->answers, answer, n) : -EBADMSG;
+}
+
 /* One whole message of the app's: answered, framed for the upstream, or the stream's end. */
 static int serve(struct tunio_dnstcp *t, const uint8_t *m, size_t len, uint64_t now)
 {
@@ -113,10 +126,7 @@ static int serve(struct tunio_dnstcp *t, const uint8_t *m, size_t len, uint64_t 
             t->awaiting++;
             return put_framed(&t->queries, m, len);
         }
-        struct tunio_dns_question q;
-        int parsed = tunio_dns_parse(m, len, &q) == TUNIO_DNS_QUERY;
-        n = tunio_dns_error(m, len, parsed ? &q : NULL, TUNIO_DNS_SERVFAIL, answer, sizeof(answer));
-        return n ? put_framed(&t->answers, answer, n) : -EBADMSG;
+        return servfail(t, m, len);
     default:
         return -EBADMSG; /* what a datagram would get no answer for: nothing to say here */
     }
@@ -240,6 +250,26 @@ void tunio_dnstcp_no_upstream(struct tunio_dnstcp *t)
     t->no_upstream = 1;
 }
 
+int tunio_dnstcp_upstream_failed(struct tunio_dnstcp *t)
+{
+    if (t->queries_taken)
+        return -EALREADY;
+    /* The queries are whole framed messages from the start (none was taken), each of at most
+     * TUNIO_DNSTCP_MESSAGE_MAX bytes: their SERVFAILs, no longer than they are, go into the
+     * answers in the order the app sent them. */
+    size_t len;
+    const uint8_t *q = view(&t->queries, &len);
+    for (size_t off = 0, n; off + 2 <= len && (n = get16(q + off)) <= len - off - 2; off += 2 + n) {
+        int err = servfail(t, q + off + 2, n);
+        if (err)
+            return err; /* -ENOMEM: the stream cannot go on (the caller resets it) */
+    }
+    take(&t->queries, len);
+    t->awaiting = 0;
+    t->no_upstream = 1;
+    return 0;
+}
+
 const uint8_t *tunio_dnstcp_answers(const struct tunio_dnstcp *t, size_t *len)
 {
     return view(&t->answers, len);
@@ -257,5 +287,7 @@ const uint8_t *tunio_dnstcp_queries(const struct tunio_dnstcp *t, size_t *len)
 
 void tunio_dnstcp_take_queries(struct tunio_dnstcp *t, size_t n)
 {
+    if (n)
+        t->queries_taken = 1;
     take(&t->queries, n);
 }

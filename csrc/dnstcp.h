@@ -41,6 +41,12 @@ int tunio_dnstcp_upstream_whole(const struct tunio_dnstcp *t);
 size_t tunio_dnstcp_awaiting(const struct tunio_dnstcp *t);
 /* The upstream is gone (it closed its side): a query for it is answered SERVFAIL from now on. */
 void tunio_dnstcp_no_upstream(struct tunio_dnstcp *t);
+/* The upstream could not be dialled: every query framed for it and not taken is answered SERVFAIL
+ * instead (its id, its question), framed into the answers in the order the app sent them, and
+ * every later query for it too; none waits for the upstream any more. 0, -ENOMEM (the stream
+ * cannot go on), or -EALREADY if query bytes were taken already (they reached an upstream, which
+ * so was dialled: nothing is changed). */
+int tunio_dnstcp_upstream_failed(struct tunio_dnstcp *t);
 
 /* The framed answers for the app, and the framed queries for the upstream, not yet taken: always
  * whole messages, in the order they were made. */

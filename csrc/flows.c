@@ -57,7 +57,7 @@ struct chunk {
 /* A flow to the DNS address's port 53 in fake-IP mode is the stack's own DNS server over TCP
  * (dnstcp.h): its SYN is released at once, with no worker; the upstream is dialled, through a
  * worker and the run's dialer, only when a query needs it. Until then the flow has no worker
- * (-1). */
+ * (-1), nor after a dial that failed. */
 #define DNS_READ 16384u     /* bytes read from the app at a time */
 #define DNS_HELD_MAX 65536u /* answers or queries held past this: the app is not read */
 struct dns_flow {
@@ -66,7 +66,10 @@ struct dns_flow {
     uint64_t local;             /* bytes of answers made here and queued for the app */
     int dialled;                /* OPEN sent */
     int fin_sent;               /* FIN sent to the worker */
-    int upstream_done;          /* the upstream closed its side, every query answered */
+    /* No upstream any more: it closed its side with every query answered, or its dial failed.
+     * Queries for it are answered SERVFAIL here from then on. */
+    int upstream_done;
+    uint64_t active_ms; /* the last byte either way (or the accept): the idle clock */
 };
 
 struct flow {
@@ -118,6 +121,7 @@ struct tunio_flows {
     uint64_t bytes_to_workers;
     uint64_t bytes_from_workers;
     uint64_t backlog_waits; /* times a flow with credit waited for its worker's backlog */
+    uint64_t dns_idle_closed;
     struct backlog backlog[TUNIO_MAX_WORKERS];
 };
 
@@ -443,6 +447,7 @@ static int send_open(struct tunio_flows *fl, struct flow *f, const struct tunio_
 }
 
 static void release_syn(struct tunio_flows *fl, uint32_t id, const uint8_t *syn, size_t n);
+static int dns_upstream_failed(struct tunio_flows *fl, struct flow *f);
 
 /* A flow to the stack's DNS server (see struct dns_flow): its SYN released at once. */
 static void open_dns_flow(struct tunio_flows *fl, const struct tunio_nat_open *o)
@@ -538,6 +543,13 @@ static void reopen(struct tunio_flows *fl, struct flow *f)
                   f->id);
         return;
     }
+    if (f->dns) {
+        /* The app's connection is up: its queries get SERVFAIL, not a reset. */
+        note_no_worker(fl);
+        if (dns_upstream_failed(fl, f) == 0)
+            pump(fl, f);
+        return;
+    }
     abort_flow(fl, f, ECONNRESET);
 }
 
@@ -599,8 +611,11 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
     }
     f->queued -= freed;
     f->uncredited += freed;
-    if (f->dns)
+    if (f->dns && (freed || local)) {
         f->dns->local -= local;
+        /* An answer the app was slow to take counts from its last byte, not from the query. */
+        f->dns->active_ms = tunio_now_ms();
+    }
     if (credit_due(fl, f))
         return_credit(fl, f);
     if (!f->head && !(f->flags & FLOW_APP_SHUT) &&
@@ -793,13 +808,12 @@ static int dns_room(const struct flow *f)
 }
 
 /* Whether the app has every answer it will get, once the queue is written: it ended its queries,
- * and the upstream, if dialled, has ended its answers. */
+ * and the upstream, if dialled, has ended its answers (or was never reached). */
 static int dns_may_shut(const struct flow *f)
 {
     size_t answers;
     tunio_dnstcp_answers(f->dns->t, &answers);
-    return (f->flags & FLOW_APP_EOF) && !answers &&
-           (!f->dns->dialled || (f->flags & FLOW_WORKER_FIN));
+    return (f->flags & FLOW_APP_EOF) && !answers && (!f->dns->dialled || f->dns->upstream_done);
 }
 
 /* Reads and serves the app's queries while there is room. 1: stopped for want of room, 0: the
@@ -827,7 +841,9 @@ static int dns_read(struct tunio_flows *fl, struct flow *f)
             f->flags |= FLOW_APP_EOF;
             return 0;
         }
-        int err = tunio_dnstcp_from_app(f->dns->t, buf, (size_t)r, tunio_now_ms());
+        uint64_t now = tunio_now_ms();
+        f->dns->active_ms = now;
+        int err = tunio_dnstcp_from_app(f->dns->t, buf, (size_t)r, now);
         if (!err && tunio_dnstcp_upstream_whole(f->dns->t))
             err = dns_queue_answers(f);
         if (err) {
@@ -835,6 +851,33 @@ static int dns_read(struct tunio_flows *fl, struct flow *f)
             abort_flow(fl, f, -err);
             return -1;
         }
+    }
+    return 0;
+}
+
+/* The upstream's dial failed (OPEN_FAIL, or no worker could take it) before a query reached it.
+ * The app's connection stays, and a DNS client waits for an answer to every query it sent on it
+ * (matched by id, RFC 7766): each query that waited for the dial is answered SERVFAIL with its
+ * id, as the UDP path answers what it cannot serve, and so is every later query for the
+ * upstream; A and AAAA are answered here as before.
+ * No second dial: one that failed now would most likely fail again, and each try would hold
+ * the app's queries for the dial's timeout; the connection closes once idle (dns_idle_ms) and
+ * the app's next one dials afresh. The flow leaves its worker. 0, or -1 if the flow ended (the
+ * answers could not be queued: reset, as for any stream that cannot go on). */
+static int dns_upstream_failed(struct tunio_flows *fl, struct flow *f)
+{
+    struct dns_flow *d = f->dns;
+    if (f->worker >= 0) {
+        /* Before OPEN_OK nothing was sent: no backlog and no credit to give back. */
+        stop_waiting(fl, f);
+        tunio_link_load(fl->cfg.link, f->worker, -1);
+        f->worker = -1;
+    }
+    d->upstream_done = 1;
+    /* Nothing of the upstream's came, so its stream is between messages: the answers go now. */
+    if (tunio_dnstcp_upstream_failed(d->t) < 0 || dns_queue_answers(f) < 0) {
+        abort_flow(fl, f, ENOMEM);
+        return -1;
     }
     return 0;
 }
@@ -851,8 +894,7 @@ static int dns_to_upstream(struct tunio_flows *fl, struct flow *f)
         d->dialled = 1;
         if (send_open(fl, f, &d->open, 1) < 0) {
             note_no_worker(fl);
-            abort_flow(fl, f, ECONNREFUSED);
-            return -1;
+            return dns_upstream_failed(fl, f); /* its answers go out with the pump's flush */
         }
         return 0;
     }
@@ -954,6 +996,8 @@ static void attach(struct tunio_flows *fl, struct flow *f, int fd)
 {
     set_abortive(fd, 1);
     f->fd = fd;
+    if (f->dns)
+        f->dns->active_ms = tunio_now_ms();
     f->flags |= FLOW_WRITABLE;
     struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                              .data.u64 = (uint64_t)f->id << 8 | fl->cfg.tag};
@@ -1024,6 +1068,8 @@ static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload, 
         abort_flow(fl, f, EPROTO);
         return;
     }
+    if (f->dns)
+        f->dns->active_ms = tunio_now_ms();
     if (f->dns ? dns_from_upstream(f, payload) < 0 : queue_chunk(f, payload, 0, len, 0) < 0) {
         send_to_worker(fl, f, TUNIO_CMD_RST, ENOMEM);
         abort_flow(fl, f, ENOMEM);
@@ -1089,7 +1135,8 @@ static void on_open_fail(struct tunio_flows *fl, struct flow *f, int err)
     }
     fl->dial_failed++;
     if (f->dns) {
-        abort_flow(fl, f, err); /* the app is connected: its queries for the upstream are lost */
+        if (dns_upstream_failed(fl, f) == 0)
+            pump(fl, f);
         return;
     }
     tunio_tun_reject(fl->cfg.tun, -1, nat_of(fl, f), f->entry, f->id, err);
@@ -1165,6 +1212,41 @@ void tunio_flows_worker_lost(struct tunio_flows *fl, int worker)
     }
 }
 
+/* Whether a DNS flow is idle (RFC 7766 §6.2.3): no query unanswered (none waiting for the
+ * upstream, nor for its dial), no answer of the upstream's half sent, nothing queued for the app,
+ * and no byte either way for dns_idle_ms. A message of the app's begun and not finished does not
+ * hold the connection: a client that stalls inside one is closed as if it had sent nothing. */
+static int dns_idle(const struct tunio_flows *fl, const struct flow *f, uint64_t now)
+{
+    const struct dns_flow *d = f->dns;
+    size_t answers, queries;
+    tunio_dnstcp_answers(d->t, &answers);
+    tunio_dnstcp_queries(d->t, &queries);
+    /* active_ms may be a moment past `now`: the link's tick, before this one, can make answers
+     * (a lost worker's SERVFAILs) and write them. */
+    return f->fd >= 0 && d->active_ms + fl->cfg.dns_idle_ms <= now && !f->head && !answers &&
+           !queries && !tunio_dnstcp_awaiting(d->t) && tunio_dnstcp_upstream_whole(d->t);
+}
+
+/* Closes an idle DNS flow in order: the app sees an EOF (FIN), as from a server that ends an idle
+ * connection, not a RST, which would look like a failure; the upstream, if it is up, a FIN as if
+ * the app had ended the connection (what its worker sends after that finds no flow: a DATA is
+ * refused with a RST, as for any flow that is gone). */
+static void dns_idle_close(struct tunio_flows *fl, struct flow *f)
+{
+    /* A query may have come in the same wake-up as the tick, its event not handled yet: closing
+     * with it unread would send a RST. It is served instead, and the clock starts again. */
+    uint8_t b;
+    if (recv(f->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
+        return;
+    fl->dns_idle_closed++;
+    if ((f->flags & FLOW_OPEN_OK) && !f->dns->fin_sent) {
+        f->dns->fin_sent = 1;
+        app_eof(fl, f);
+    }
+    end_flow(fl, f, 1);
+}
+
 void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
 {
     uint32_t expired[1024];
@@ -1188,6 +1270,8 @@ void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
             if ((f->flags & FLOW_RELEASED) && f->fd < 0 && now - f->since_ms > ACCEPT_TIMEOUT_MS) {
                 send_to_worker(fl, f, TUNIO_CMD_RST, ETIMEDOUT);
                 abort_flow(fl, f, ETIMEDOUT);
+            } else if (f->dns && dns_idle(fl, f, now)) {
+                dns_idle_close(fl, f);
             }
             f = next;
         }
@@ -1265,6 +1349,7 @@ void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o)
     o->bytes_to_workers += fl->bytes_to_workers;
     o->bytes_from_workers += fl->bytes_from_workers;
     o->backlog_waits += fl->backlog_waits;
+    o->dns_idle_closed += fl->dns_idle_closed;
     for (int w = 0; w < TUNIO_MAX_WORKERS; w++)
         o->backlog_bytes += fl->backlog[w].bytes;
 }

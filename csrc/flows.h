@@ -39,6 +39,9 @@ struct tunio_flows_config {
     uint8_t upstream_version;
     uint8_t upstream[16];
     uint16_t upstream_port;
+    /* A DNS flow of the stack's own with nothing outstanding is closed (FIN) after this long
+     * without a byte either way, ms (RFC 7766 §6.2.3). */
+    uint32_t dns_idle_ms;
     /* The fake-IP map: a flow to one of its addresses tells its worker the name (NAME, before
      * OPEN) and holds the address while it lives; NULL: no fake-IP DNS. */
     struct tunio_dnsmap *map;
@@ -66,9 +69,11 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events);
 void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tunio_wire_header *h,
                             zmq_msg_t *payload);
 /* The flows of `worker` are gone: those it had dialled are reset (the apps see a RST); those
- * still held (no OPEN_OK yet) are dialled again on another worker, refused only if none can. */
+ * still held (no OPEN_OK yet) are dialled again on another worker, refused only if none can (a
+ * DNS flow's upstream that none can dial: its queries are answered SERVFAIL). */
 void tunio_flows_worker_lost(struct tunio_flows *fl, int worker);
-/* Expires held SYNs the worker never answered and released SYNs never accepted. */
+/* Expires held SYNs the worker never answered and released SYNs never accepted, and closes the
+ * stack's DNS connections that are idle (dns_idle_ms). */
 void tunio_flows_tick(struct tunio_flows *fl, uint64_t now);
 
 /* The stack stops: resets every flow (accepted sockets closed abortively, held SYNs answered
@@ -79,8 +84,8 @@ size_t tunio_flows_reset_all(struct tunio_flows *fl);
  * in a NAT table). */
 void tunio_flows_reject_held(struct tunio_flows *fl);
 
-/* Adds flows_opened, flows_retried, flows_active, dial_failed, flows_reset, bytes_*_workers, and its no_worker
- * and protocol_errors. */
+/* Adds flows_opened, flows_retried, flows_active, dial_failed, flows_reset, bytes_*_workers,
+ * dns_idle_closed, and its no_worker and protocol_errors. */
 void tunio_flows_add_stats(const struct tunio_flows *fl, struct tunio_stats *o);
 
 #endif

@@ -483,6 +483,7 @@ static int make_flows(struct tunio_stack *s)
     };
     memcpy(fc.releases, s->releases, sizeof(fc.releases));
     upstream_of(&s->cfg, &fc.upstream_version, fc.upstream, &fc.upstream_port);
+    fc.dns_idle_ms = s->cfg.dns_tcp_idle_ms;
     return tunio_flows_new(&fc, &s->flows);
 }
 
@@ -574,6 +575,8 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         s->cfg.udp_timeout_ms = TUNIO_DEFAULT_UDP_TIMEOUT_MS;
     if (!s->cfg.trim_idle_ms)
         s->cfg.trim_idle_ms = TUNIO_DEFAULT_TRIM_IDLE_MS;
+    if (!s->cfg.dns_tcp_idle_ms)
+        s->cfg.dns_tcp_idle_ms = TUNIO_DEFAULT_DNS_TCP_IDLE_MS;
     s->idle_since_ms = tunio_now_ms();
     tunio_log_set_level(cfg->log_level ? cfg->log_level : TUNIO_LOG_INFO);
     tunio_log_set_json(cfg->log_json);

@@ -53,6 +53,9 @@ struct tunio_config {
     uint32_t dns_ttl;      /* seconds: the TTL of the fake-IP answers */
     uint32_t dns_hold_ms;  /* an answered address keeps its name this long past the TTL */
     uint32_t trim_idle_ms; /* without flows this long, freed heap goes back to the system */
+    /* fake-ip: a DNS-over-TCP connection to the DNS address with no query unanswered and no
+     * byte either way this long is closed (FIN); 0: TUNIO_DEFAULT_DNS_TCP_IDLE_MS */
+    uint32_t dns_tcp_idle_ms;
 };
 
 struct tunio_stats {
@@ -102,6 +105,7 @@ struct tunio_stats {
     uint64_t memory_trims;    /* freed heap given back after trim_idle_ms without flows */
     uint64_t backlog_waits;   /* times a flow with credit waited for its worker's backlog */
     uint64_t backlog_bytes;   /* DATA bytes the workers have not credited back, now */
+    uint64_t dns_idle_closed; /* DNS-over-TCP connections closed idle (dns_tcp_idle_ms) */
 };
 
 /* One worker as the stack sees it. */

@@ -97,18 +97,21 @@ def _framed(*msgs: bytes) -> bytes:
 
 def dnstcp_seeds() -> list[bytes]:
     """A cutting byte, then a TCP stream: pipelined queries (A, MX, AAAA), one alone, a FORMERR
-    one, a length of 0, a response, a message cut short, upstream-like answers, and a cut that
-    ends a read with a length prefix."""
+    one, a length of 0, a response, a message cut short, upstream-like answers, a cut that
+    ends a read with a length prefix, and (bit 0x40) queries for the upstream, one of another
+    opcode among them, whose dial fails while they wait."""
     a, mx, aaaa = _query("www.tunio.test", 1, 1), _query("tunio.test", 15, 2), _query(
         "www.tunio.test", 28, 3)
     bad = a[:4] + b"\0\2" + a[6:]
     answer = _query("tunio.test", 15, 2, flags=0x8180)
+    txt, notify = _query("txt.tunio.test", 16, 4), _query("tunio.test", 6, 5, flags=0x2000)
     return [
         b"\x01" + _framed(a, mx, aaaa), b"\x83" + _framed(a), b"\x07" + _framed(bad, a),
         b"\x00" + _framed(a) + b"\0\0", b"\x05" + _framed(answer), b"\x09" + _framed(a)[:9],
         b"\x8f" + _framed(answer, b"", answer) + b"\x01",
         # cut right after a length prefix: the message's bytes all come with the next read
         bytes.fromhex("83002000010100003b0000003100005600037777057577746e696f0474657374feff000001"),
+        b"\x51" + _framed(mx, a, txt, notify, aaaa, mx), b"\xc2" + _framed(txt, notify) + mx[:5],
     ]  # fmt: skip
 
 

@@ -21,6 +21,7 @@ UDP_CREDIT: int = lib.TUNIO_UDP_CREDIT  # DGRAMs in flight per session and direc
 MAX_FLOWS: int = lib.TUNIO_DEFAULT_MAX_FLOWS  # TCP flows and UDP sessions at once
 MAX_PENDING: int = lib.TUNIO_DEFAULT_MAX_PENDING  # TCP flows whose dial runs, at once
 TRIM_IDLE: float = lib.TUNIO_DEFAULT_TRIM_IDLE_MS / 1000  # no flows this long: heap trimmed, s
+DNS_TCP_IDLE: float = lib.TUNIO_DEFAULT_DNS_TCP_IDLE_MS / 1000  # an idle DNS-over-TCP's end, s
 MAX_QUEUES: int = lib.TUNIO_MAX_QUEUES  # TUN queues the stack reads
 MAX_WORKERS: int = lib.TUNIO_MAX_WORKERS  # workers the stack holds at once
 

@@ -79,6 +79,8 @@ _STACK: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
      (("", "dns_map_entries"),)),
     ("tunio_dns_recycled_total", "counter", "Fake-IP addresses taken from one name for another.",
      (("", "dns_recycled"),)),
+    ("tunio_dns_tcp_idle_closed_total", "counter", "DNS-over-TCP connections to the DNS address "
+     "the stack closed when idle.", (("", "dns_idle_closed"),)),
 )  # fmt: skip
 
 # (metric, type, help, key of a worker's counters)

@@ -77,6 +77,8 @@ class StackConfig:
     dns_ttl: int = 10
     dns_hold: float = 10.0
     trim_idle: float = defaults.TRIM_IDLE  # no flows this long: freed heap goes back, s
+    # fake-ip: a DNS-over-TCP connection to the DNS address idle this long is closed, s
+    dns_tcp_idle: float = defaults.DNS_TCP_IDLE
 
 
 def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
@@ -139,6 +141,7 @@ class _CConfig:
         cfg.dns_ttl = config.dns_ttl
         cfg.dns_hold_ms = int(config.dns_hold * 1000)
         cfg.trim_idle_ms = int(config.trim_idle * 1000)
+        cfg.dns_tcp_idle_ms = int(config.dns_tcp_idle * 1000)
         self.cfg = cfg
 
 

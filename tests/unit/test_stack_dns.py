@@ -7,10 +7,12 @@ stack."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -351,3 +353,124 @@ def test_tcp_the_upstream_closing_with_a_query_unanswered_resets_the_app(rig: Ri
         with pytest.raises(ConnectionResetError):
             sock.recv(1)
     rig.wait_stat("flows_active", 0)
+
+
+def servfail_of(msg: bytes, query_msg: bytes, qid: int) -> None:
+    """`msg` is the SERVFAIL answer to `query_msg`: its id, a response, RCODE 2, no records, and
+    its question echoed (a query of another opcode: the header alone)."""
+    got_id, flags, qd, an, ns, ar = struct.unpack_from(">HHHHHH", msg)
+    assert got_id == qid
+    assert flags & 0x8000  # QR: a response
+    assert flags & 0xF == 2  # SERVFAIL
+    assert (flags >> 11) & 0xF == (struct.unpack_from(">H", query_msg, 2)[0] >> 11) & 0xF
+    assert (an, ns, ar) == (0, 0, 0)
+    if qd:
+        assert msg[12:] == query_msg[12:]  # the question, as the app wrote it
+    else:
+        assert len(msg) == 12
+
+
+def _upstream_fails(rig: Rig, how: str, flow: int) -> None:
+    if how == "refused":
+        rig.send(wire.Cmd.OPEN_FAIL, flow, errno.ECONNREFUSED)
+    elif how == "lost":  # the only worker: no other can dial
+        rig.send(wire.Cmd.BYE)
+    else:  # "lost, then refused": dialled again on the other worker, which fails it
+        other = rig.connect_worker(b"other", features=wire.FEATURE_NAMES)
+        rig.send(wire.Cmd.BYE)
+        again = rig.recv(other)
+        assert (again.cmd, again.flow) == (wire.Cmd.OPEN, flow)
+        rig.send(wire.Cmd.OPEN_FAIL, flow, errno.ETIMEDOUT, sock=other)
+
+
+@pytest.mark.parametrize("how", ["refused", "lost", "lost, then refused"])
+def test_tcp_a_failed_upstream_dial_answers_each_waiting_query_servfail(
+    rig: Rig, how: str
+) -> None:
+    """The queries that waited for the upstream's dial each get one SERVFAIL of their id, in the
+    order they came, none lost and none twice; the connection stays up: A is answered here as
+    before, and a later query for the upstream gets SERVFAIL at once, with no second dial."""
+    mx, txt = query("tunio.test", TYPE_MX, 2), query("txt.tunio.test", TYPE_TXT, 5)
+    notify = struct.pack(">HH", 6, 0x2000) + query("tunio.test", 6, 6)[4:]  # opcode 4
+    srv = query("_sip._tcp.tunio.test", 33, 8)
+    with dns_connect(rig, 41010) as sock:
+        sock.sendall(frame(mx) + frame(query("f.tunio.test", TYPE_A, 1)) + frame(txt))
+        assert struct.unpack_from(">H", read_message(sock))[0] == 1  # the A, at once
+        opened = rig.recv()
+        assert opened.cmd is wire.Cmd.OPEN
+        forwarded = rig.stack.stats()["dns_forwarded"]
+        sock.sendall(frame(notify) + frame(srv))  # more while the dial runs
+        rig.wait_stat("dns_forwarded", forwarded + 2)  # taken in, waiting for the dial
+        _upstream_fails(rig, how, opened.flow)
+        waited = [(mx, 2), (txt, 5), (notify, 6), (srv, 8)]
+        for q, qid in waited:
+            servfail_of(read_message(sock), q, qid)
+        # the next reply is the next query's: nothing more came for the four
+        sock.sendall(frame(query("f.tunio.test", TYPE_A, 9)))
+        rcode, [a], _, _ = parse_answer(read_message(sock), 9, TYPE_A)
+        assert (rcode, ipaddress.ip_address(a) in POOL) == (0, True)
+        later = query("later.tunio.test", TYPE_TXT, 10)
+        sock.sendall(frame(later))
+        servfail_of(read_message(sock), later, 10)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(1) == b""  # an orderly end: every query had its answer
+    rig.wait_stat("flows_active", 0)
+    stats = rig.stack.stats()
+    assert stats["flows_reset"] == 0
+    assert stats["dial_failed"] == (0 if how == "lost" else 1)
+    assert all(w.flows == 0 for w in rig.stack.workers())  # the flow left its worker
+    if how != "lost":
+        assert not rig.worker.poll(100)  # no second OPEN for the later query
+
+
+@pytest.fixture
+def idle_rig(tmp_path: Path) -> Iterator[Rig]:
+    with stack_rig(tmp_path, features=wire.FEATURE_NAMES,
+                   **dns_fields(dns_tcp_idle=IDLE)) as r:  # fmt: skip
+        yield r
+
+
+IDLE = 0.3  # dns_tcp_idle of idle_rig, s (the stack looks every 250 ms)
+
+
+def test_tcp_an_idle_connection_is_closed_with_a_fin_and_counted(idle_rig: Rig) -> None:
+    rig = idle_rig
+    with dns_connect(rig, 41020) as sock:
+        sock.sendall(frame(query("idle.tunio.test", TYPE_A, 1)))
+        assert parse_answer(read_message(sock), 1, TYPE_A)[0] == 0
+        sock.sendall(frame(query("idle.tunio.test", TYPE_A, 2))[:5])  # begun, never finished
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # EOF: a FIN, not a RST (that would raise)
+        assert time.monotonic() - started >= IDLE - 0.05  # the idle time, not before
+    rig.wait_stat("flows_active", 0)
+    stats = rig.stack.stats()
+    assert (stats["dns_idle_closed"], stats["flows_reset"], stats["dns_malformed"]) == (1, 0, 0)
+
+
+def test_tcp_a_query_waiting_for_the_upstream_keeps_the_connection_open(idle_rig: Rig) -> None:
+    """A connection whose query waits for the dial, then for the upstream's answer, is not idle;
+    once answered it is, and its end reaches the upstream as a FIN. The clock: a connection
+    that went quiet after the waiting one, closed first."""
+    rig = idle_rig
+    mx = query("tunio.test", TYPE_MX, 2)
+    with dns_connect(rig, 41021) as waiting, dns_connect(rig, 41022) as quiet:
+        waiting.sendall(frame(mx))
+        opened = rig.recv()
+        assert opened.cmd is wire.Cmd.OPEN
+        quiet.sendall(frame(query("q.tunio.test", TYPE_A, 1)))
+        read_message(quiet)
+        assert quiet.recv(1) == b""  # idle past IDLE: the waiting one too, but not closed
+        rig.send(wire.Cmd.OPEN_OK, opened.flow, WINDOW)
+        data = rig.recv()
+        assert (data.cmd, bytes(data.payload or b"")) == (wire.Cmd.DATA, frame(mx))
+        assert rig.stack.stats()["dns_idle_closed"] == 1
+        waiting.sendall(frame(query("w.tunio.test", TYPE_A, 3)))  # still served here
+        assert struct.unpack_from(">H", read_message(waiting))[0] == 3
+        rig.send(wire.Cmd.DATA, opened.flow, 0, frame(answer_to(mx)))
+        assert read_message(waiting) == answer_to(mx)
+        assert waiting.recv(1) == b""  # idle once answered
+        fin = rig.recv()
+        assert (fin.cmd in (wire.Cmd.FIN, wire.Cmd.CREDIT_FIN), fin.flow) == (True, opened.flow)
+    rig.wait_stat("flows_active", 0)
+    stats = rig.stack.stats()
+    assert (stats["dns_idle_closed"], stats["flows_reset"]) == (2, 0)

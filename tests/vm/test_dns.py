@@ -359,6 +359,43 @@ def test_tcp_to_the_dns_address_is_answered_as_udp_pipelined_and_by_id(
                for line in upstream.lines[seen:]), upstream.text  # fmt: skip
 
 
+CLOSED_PORT = 5399  # nothing listens there in srv: a TCP connect to it is refused
+
+
+def test_tcp_queries_whose_upstream_refuses_get_servfail_on_a_connection_that_stays(
+    dns_lab: Lab, upstream: LineReader
+) -> None:
+    """The upstream's TCP port refuses the worker's dial: each query that needed it gets a
+    SERVFAIL of its id (the question echoed), the A between them its answer, and the
+    connection stays up for more, then ends in order."""
+    del upstream
+    tunio = dns_lab.start_tunio(["--dns", f"fake-ip:{POOL},{POOL6}",
+                                 "--dns-upstream", f"{SERVER_ADDRESS}:{CLOSED_PORT}"])  # fmt: skip
+    try:
+        mx, txt = query("tunio.test", 15, 2), query("txt.tunio.test", 16, 3)
+        with dns_lab.connect(53, DNS, timeout=10.0) as sock:
+            sock.sendall(_framed(mx) + _framed(query("x.tunio.test", TYPE_A, 1)) + _framed(txt))
+            answers = {}
+            for _ in range(3):
+                msg = _message(sock)
+                answers[struct.unpack_from(">H", msg)[0]] = msg
+            assert sorted(answers) == [1, 2, 3]
+            assert parse_answer(answers[1], 1, TYPE_A)[0] == 0
+            for qid, q in ((2, mx), (3, txt)):
+                flags, qd, an = struct.unpack_from(">HHH", answers[qid], 2)
+                assert (flags & 0x8000, flags & 0xF, qd, an) == (0x8000, 2, 1, 0)
+                assert answers[qid][12:] == q[12:]
+            sock.sendall(_framed(query("x.tunio.test", TYPE_A, 4)))
+            assert parse_answer(_message(sock), 4, TYPE_A)[0] == 0
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(1) == b""
+    finally:
+        assert tunio.stop() == 0, tunio.log.text
+    stats = _stats(tunio)
+    assert stats["dial_failed"] == 1
+    assert stats["dns_answered"] == 2
+
+
 def test_socks5_gets_the_name_and_no_lookup_leaves_the_app_namespace(
     dns_lab: Lab, upstream: LineReader, socks: Proxy, app_resolv: Path
 ) -> None:
