@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunio import bypass, devicelock, netplan, tundev, wayout
+from tunio import bypass, devicelock, netplan, ports, tundev, wayout
 from tunio.config import Options, Plan, validate
 from tunio.errors import TunError, TunioError, describe
 from tunio.netplan import Change
@@ -154,7 +154,15 @@ class Host:
             undo_step("device", tundev.delete_link, self.options.tun)
 
     def warn_egress(self, plan: Plan, dialer: Dialer) -> None:
-        """Says so when the workers' own connections may be dropped or loop into the TUN."""
+        """Says so when the workers' own connections may be dropped or loop into the TUN, and
+        what the port range allows when every dial goes to one proxy."""
+        from tunio.dialers import DirectDialer  # noqa: PLC0415 - dialers load with user code
+        from tunio.dialers.proxy import ProxyDialer  # noqa: PLC0415 - the same
+
+        if isinstance(dialer, ProxyDialer):
+            note = ports.one_proxy_note(Path(self._proc))
+            if note is not None:
+                log.info("%s", note)
         opts = self.options
         if opts.auto_bypass:
             return  # the bypass made the workers' way out, reverse path included
@@ -163,8 +171,6 @@ class Host:
             line = tundev.rp_filter_warning(uplink, opts.tun, self._proc)
             if line is not None:
                 log.warning("%s", line)
-        from tunio.dialers import DirectDialer  # noqa: PLC0415 - dialers load with user code
-
         direct = isinstance(dialer, DirectDialer)
         if "default" in plan.routes and direct and opts.egress_mark is None \
                 and opts.egress_interface is None:  # fmt: skip

@@ -13,6 +13,8 @@ import contextlib
 from pathlib import Path
 
 PROC = Path("/proc")
+#: how long Linux keeps a closed connection's port in TIME_WAIT (TCP_TIMEWAIT_LEN, not tunable)
+TIME_WAIT_SECONDS = 60
 
 
 def port_range(proc: Path = PROC) -> tuple[int, int] | None:
@@ -59,3 +61,19 @@ def no_port_hint(proc: Path = PROC) -> str:
     advice = ("set net.ipv4.tcp_tw_reuse=1 or widen net.ipv4.ip_local_port_range "
               "in the workers' network namespace")  # fmt: skip
     return "; ".join(parts) + ": " + advice
+
+
+def one_proxy_note(proc: Path = PROC) -> str | None:
+    """One log line for a run whose every dial goes to one proxy (one address and port), or
+    None when TIME_WAIT reuse is on or the settings are unreadable: without reuse, a port stays
+    unusable towards that proxy for TIME_WAIT_SECONDS after each connection, which caps the new
+    connections a second the port range sustains, and slows connect() well before the cap."""
+    reuse, span = tw_reuse(proc), port_range(proc)
+    if reuse is None or reuse == 1 or span is None:
+        return None
+    count = span[1] - span[0] + 1
+    return (f"every dial goes to one proxy: with net.ipv4.tcp_tw_reuse={reuse}, each of the "
+            f"{count} ports of net.ipv4.ip_local_port_range waits {TIME_WAIT_SECONDS} s in "
+            f"TIME_WAIT after a connection, about {count // TIME_WAIT_SECONDS} new connections a "
+            "second for good (connect() slows down before); set net.ipv4.tcp_tw_reuse=1 in the "
+            "workers' network namespace for more")  # fmt: skip

@@ -55,3 +55,20 @@ def test_this_machine_has_the_files() -> None:
     assert ports.port_range() is not None
     assert ports.tw_reuse() is not None
     assert ports.time_wait_sockets() is not None
+
+
+@pytest.mark.parametrize(("reuse", "span", "rate"), [("0", "32768\t60999", 470),
+                                                     ("2", "1024\t65535", 1075)])
+def test_one_proxy_note_says_the_rate_the_ports_allow(tmp_path: Path, reuse: str, span: str,
+                                                       rate: int) -> None:  # fmt: skip
+    proc = fake_proc(tmp_path, sockstat=SOCKSTAT, port_range=span + "\n", reuse=reuse + "\n")
+    note = ports.one_proxy_note(proc)
+    assert note is not None
+    assert f"net.ipv4.tcp_tw_reuse={reuse}" in note
+    assert f"about {rate} new connections a second" in note
+    assert "set net.ipv4.tcp_tw_reuse=1" in note
+
+
+def test_one_proxy_note_is_silent_with_reuse_or_unknown_settings(tmp_path: Path) -> None:
+    assert ports.one_proxy_note(fake_proc(tmp_path, sockstat=SOCKSTAT, reuse="1\n")) is None
+    assert ports.one_proxy_note(tmp_path / "nothing") is None

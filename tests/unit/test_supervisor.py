@@ -611,6 +611,27 @@ def test_loop_warning_for_default_route_without_egress(world: World, logwatch: L
     assert "--route default with the direct dialer" in loop
 
 
+@pytest.mark.parametrize(("reuse", "said"), [(2, True), (1, False)])
+def test_a_proxy_dialer_hears_what_the_port_range_allows(
+    world: World, logwatch: LogWatch, reuse: int, said: bool
+) -> None:
+    ipv4 = world.proc / "sys/net/ipv4"
+    ipv4.mkdir(parents=True, exist_ok=True)
+    (ipv4 / "ip_local_port_range").write_text("32768\t60999\n")
+    (ipv4 / "tcp_tw_reuse").write_text(f"{reuse}\n")
+    opts = _options(world, workers=1, dialer="socks5://127.0.0.1:1080")
+    running = _start(_supervisor(world, opts))
+    assert running.supervisor.ready.wait(15)
+    assert running.stop() == 0
+    notes = [m for m in logwatch.messages("INFO") if "every dial goes to one proxy" in m]
+    if said:
+        assert len(notes) == 1
+        assert "tcp_tw_reuse=2" in notes[0]
+        assert "about 470 new connections a second" in notes[0]
+    else:
+        assert notes == []
+
+
 @pytest.mark.parametrize(
     ("env", "options", "code", "words"),
     [
