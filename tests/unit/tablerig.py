@@ -144,15 +144,6 @@ def state_of(flow: Flow) -> State:
     return flow.state  # (read afresh: the table changes it behind the test's back)
 
 
-def recv_exactly(peer: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = peer.recv(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
-
-
 def data_of(messages: list[Message], fid: int = 1) -> bytes:
     assert all(m.cmd is Cmd.DATA and m.flow == fid for m in messages), messages
     return b"".join(m.payload or b"" for m in messages)

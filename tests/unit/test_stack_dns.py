@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lab.netlab import recv_exact
 
-from tests.unit.tablerig import recv_exactly
 from tunio import wire
 from tunio.dialers.resolve import TYPE_A, TYPE_AAAA, parse_answer, query
 from tunio.stack import StackConfig, create_nat_region
@@ -224,8 +224,8 @@ def frame(msg: bytes) -> bytes:
 
 
 def read_message(sock: socket.socket) -> bytes:
-    (length,) = struct.unpack(">H", recv_exactly(sock, 2))
-    return recv_exactly(sock, length)
+    (length,) = struct.unpack(">H", recv_exact(sock, 2))
+    return recv_exact(sock, length)
 
 
 def answer_to(msg: bytes, extra: bytes = b"") -> bytes:
@@ -293,7 +293,7 @@ def test_tcp_pipelined_queries_other_types_go_upstream_answers_never_interleave(
         assert sent == frame(mx) + frame(txt)  # the queries for the upstream only
         mx_answer, txt_answer = frame(answer_to(mx, b"m" * 40)), frame(answer_to(txt, b"t" * 30))
         rig.send(wire.Cmd.DATA, opened.flow, 0, mx_answer[:10])
-        assert recv_exactly(sock, 10) == mx_answer[:10]  # the stack is inside the MX answer now
+        assert recv_exact(sock, 10) == mx_answer[:10]  # the stack is inside the MX answer now
         answered = rig.stack.stats()["dns_answered"]
         sock.sendall(frame(query("p.tunio.test", TYPE_A, 4)))  # answered inside the MX answer
         rig.wait_stat("dns_answered", answered + 1)
@@ -301,7 +301,7 @@ def test_tcp_pipelined_queries_other_types_go_upstream_answers_never_interleave(
         rig.send(wire.Cmd.DATA, opened.flow, 0, txt_answer[5:])
         # whole messages in the order they could go: the local answer between the two upstream
         # ones, never inside one
-        assert recv_exactly(sock, len(mx_answer) - 10) == mx_answer[10:]
+        assert recv_exact(sock, len(mx_answer) - 10) == mx_answer[10:]
         assert struct.unpack_from(">H", read_message(sock))[0] == 4
         assert read_message(sock) == txt_answer[2:]
         sock.shutdown(socket.SHUT_WR)

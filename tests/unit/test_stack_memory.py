@@ -14,20 +14,13 @@ import struct
 import time
 from pathlib import Path
 
+from lab.netlab import recv_exact
+
 from tunio import wire
 from tunio.testing.stackrig import stack_rig
 
 BIG = 8 * 1024 * 1024  # more than a loopback socket's send buffer and the app's receive buffer
 IDLE = 0.2  # trim_idle of the rigs below, s
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = bytearray()
-    while len(data) < n:
-        chunk = sock.recv(min(n - len(data), 1 << 20))
-        assert chunk, f"EOF after {len(data)} of {n} bytes"
-        data += chunk
-    return bytes(data)
 
 
 def test_credit_for_a_data_comes_back_once_all_of_it_is_written(tmp_path: Path) -> None:

@@ -13,8 +13,9 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+from lab.netlab import recv_exact
 
-from tests.unit.tablerig import MakeRig, Rig, recv_exactly, rig_maker
+from tests.unit.tablerig import MakeRig, Rig, rig_maker
 from tunio.dialers import HttpDialer, Socks5Dialer
 from tunio.wire import Cmd
 from tunio.worker.dial import Connecting
@@ -74,9 +75,9 @@ def no_tasks(rig: Rig) -> bool:
 
 def test_socks5_connect_in_one_round_trip_keeps_the_bytes_behind_it(rigs: MakeRig) -> None:
     def script(conn: socket.socket) -> None:
-        assert recv_exactly(conn, 13) == socks5_request()  # all of it before any answer
+        assert recv_exact(conn, 13) == socks5_request()  # all of it before any answer
         conn.sendall(b"\x05\x00" + b"\x05\x00\x00" + BOUND + b"early")
-        assert recv_exactly(conn, 4) == b"ping"
+        assert recv_exact(conn, 4) == b"ping"
         conn.sendall(b"pong")
 
     proxy = Proxy(script)
@@ -94,7 +95,7 @@ def test_socks5_credentials_go_with_the_greeting(rigs: MakeRig) -> None:
     auth = b"\x01\x04user\x06secret"
 
     def script(conn: socket.socket) -> None:
-        assert recv_exactly(conn, 13 + len(auth)) == socks5_request(auth)
+        assert recv_exact(conn, 13 + len(auth)) == socks5_request(auth)
         conn.sendall(b"\x05\x02\x01\x00\x05\x00\x00" + BOUND)
 
     proxy = Proxy(script)
@@ -133,7 +134,7 @@ def test_socks5_failures_are_the_apps_errno(rigs: MakeRig, answer: bytes, code: 
 
 def test_a_reply_in_pieces_is_put_together(rigs: MakeRig) -> None:
     def script(conn: socket.socket) -> None:
-        recv_exactly(conn, 13)
+        recv_exact(conn, 13)
         for piece in (b"\x05", b"\x00\x05\x00", b"\x00\x01\x0a", b"\x00\x00\x01\x10\xe1x"):
             conn.sendall(piece)
             threading.Event().wait(0.02)
@@ -191,7 +192,7 @@ def test_rst_while_handshaking_resets_the_proxy_connection(rigs: MakeRig) -> Non
     seen: list[bytes] = []
 
     def script(conn: socket.socket) -> None:
-        recv_exactly(conn, 13)
+        recv_exact(conn, 13)
         try:
             seen.append(conn.recv(1))  # no answer from us: the dial is reset meanwhile
         except ConnectionResetError:

@@ -15,6 +15,7 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from lab.netlab import recv_exact
 
 from tests.unit.tablerig import (
     DEADLINE,
@@ -23,7 +24,6 @@ from tests.unit.tablerig import (
     PairDialer,
     Rig,
     data_of,
-    recv_exactly,
     rig_maker,
     state_of,
 )
@@ -115,7 +115,7 @@ def test_data_from_the_stack_reaches_the_destination(opened: Opened) -> None:
     payload = os.urandom(3000)
     rig.table.on_data(1, payload)
     rig.table.on_data(1, memoryview(b"tail"))
-    assert recv_exactly(peer, 3004) == payload + b"tail"
+    assert recv_exact(peer, 3004) == payload + b"tail"
     assert rig.stats.bytes_to_destination == 3004
     rig.table.flush()
     assert rig.take() == []  # under a quarter window: credit held back for the next DATA
@@ -144,7 +144,7 @@ def test_destination_bytes_become_data_within_the_credit(opened: Opened) -> None
 def test_credit_is_carried_on_data_or_sent_at_a_quarter_window(opened: Opened) -> None:
     rig, peer = opened
     rig.table.on_data(1, b"request")
-    assert recv_exactly(peer, 7) == b"request"
+    assert recv_exact(peer, 7) == b"request"
     rig.table.flush()
     assert rig.take() == []  # held back...
     peer.sendall(b"response")
@@ -152,7 +152,7 @@ def test_credit_is_carried_on_data_or_sent_at_a_quarter_window(opened: Opened) -
     assert (msg.arg, msg.payload) == (7, b"response")  # ...and carried on the DATA
     quarter = WINDOW // 4
     rig.table.on_data(1, bytes(quarter))
-    assert recv_exactly(peer, quarter) == bytes(quarter)
+    assert recv_exact(peer, quarter) == bytes(quarter)
     rig.table.flush()  # the end of a batch of messages
     assert rig.take() == [Message(Cmd.CREDIT, 1, quarter)]
 
@@ -180,7 +180,7 @@ def test_data_with_carried_credit_resumes_reading(opened: Opened) -> None:
     assert rig.sent == []
     rig.table.on_data(1, b"q", credit=100)  # DATA's arg: credit, as if a CREDIT came first
     assert data_of(rig.take()) == b"waiting"
-    assert recv_exactly(peer, 1) == b"q"
+    assert recv_exact(peer, 1) == b"q"
 
 
 # ---- half-close --------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_fin_from_the_destination_then_from_the_stack(opened: Opened) -> None:
     assert rig.take() == [Message(Cmd.DATA, 1, 0, b"bye"), Message(Cmd.FIN, 1, 0)]
     assert state_of(flow) is State.DEST_FIN
     rig.table.on_data(1, b"still flowing")  # the other way is open
-    assert recv_exactly(peer, 13) == b"still flowing"
+    assert recv_exact(peer, 13) == b"still flowing"
     rig.table.on_fin(1)
     assert peer.recv(1) == b""  # shutdown(SHUT_WR) towards the destination
     # after our FIN no DATA can carry credit: it comes before the flow is gone
@@ -208,7 +208,7 @@ def test_bytes_and_eof_together_are_one_data_fin(opened: Opened) -> None:
     rig, peer = opened
     rig.raw.clear()
     rig.table.on_data(1, b"request")
-    assert recv_exactly(peer, 7) == b"request"
+    assert recv_exact(peer, 7) == b"request"
     peer.sendall(b"response")
     peer.shutdown(socket.SHUT_WR)  # behind the bytes: both are there when the worker looks
     rig.until(lambda: any(m.cmd is Cmd.FIN for m in rig.sent), "FIN")
@@ -219,7 +219,7 @@ def test_bytes_and_eof_together_are_one_data_fin(opened: Opened) -> None:
 def test_eof_with_credit_held_back_is_one_credit_fin(opened: Opened) -> None:
     rig, peer = opened
     rig.table.on_data(1, b"request")
-    assert recv_exactly(peer, 7) == b"request"
+    assert recv_exact(peer, 7) == b"request"
     rig.raw.clear()
     peer.shutdown(socket.SHUT_WR)
     rig.until(lambda: any(m.cmd is Cmd.FIN for m in rig.sent), "FIN")
@@ -230,7 +230,7 @@ def test_eof_with_credit_held_back_is_one_credit_fin(opened: Opened) -> None:
 def test_data_fin_and_credit_fin_from_the_stack(opened: Opened) -> None:
     rig, peer = opened
     rig.table.on_data_fin(1, b"last", 0)
-    assert recv_exactly(peer, 4) == b"last"
+    assert recv_exact(peer, 4) == b"last"
     assert peer.recv(1) == b""  # its FIN: shut down towards the destination after the bytes
     assert rig.table.flows[1].state is State.STACK_FIN
     rig.table.on_credit_fin(1, 5)  # a second FIN: a protocol error, the flow stays
@@ -243,7 +243,7 @@ def test_fin_from_the_stack_then_from_the_destination(opened: Opened) -> None:
     rig.table.on_data(1, b"request")
     rig.table.on_fin(1)
     assert state_of(flow) is State.STACK_FIN
-    assert recv_exactly(peer, 7) == b"request"
+    assert recv_exact(peer, 7) == b"request"
     assert peer.recv(1) == b""  # the write side is shut down: EOF at the destination
     peer.sendall(b"after-eof")  # the other way still flows
     msg = rig.expect(Cmd.DATA, 1)
@@ -370,7 +370,7 @@ def test_a_failed_dial_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:
     assert [d.failures for d in labels.values() if d.failures] == [{"ECONNREFUSED": 1}]
     assert sum(d.seconds.count for d in labels.values()) == 1
     rig.table.on_data(1, b"through the second")
-    assert recv_exactly(working.peers[0], 18) == b"through the second"
+    assert recv_exact(working.peers[0], 18) == b"through the second"
 
 
 def test_when_every_dialer_fails_the_app_sees_the_last_failure(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
-from lab.netlab import SERVER_ADDRESS, Lab, TunioProcess
+from lab.netlab import SERVER_ADDRESS, Lab, TunioProcess, recv_exact
 
 from tunio import wire
 from tunio.wire import Cmd, Message
@@ -79,15 +79,6 @@ def only_worker(fresh_lab: Lab) -> Iterator[tuple[Lab, ProtocolWorker]]:
     finally:
         ctx.destroy(linger=0)
         assert tunio.stop() == 0
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, "the connection ended early"
-        data += chunk
-    return data
 
 
 def data_of(worker: ProtocolWorker, flow: int, n: int) -> tuple[bytes, int]:
