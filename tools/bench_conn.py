@@ -56,7 +56,6 @@ class Target:
 
 
 SOCKS5: list[str] = []  # the clients' own --socks5, on the danted row
-PROFILED = [0]  # how many profiles were taken, each in a directory of its own
 
 
 def flood(lab: ChainLab, *args: str, timeout: int = 120) -> dict[str, Any]:
@@ -130,19 +129,17 @@ def reference(lab: ChainLab, args: argparse.Namespace) -> dict[str, float]:
             "rr_p50_us": float(rr["latency_us"]["p50"])}  # fmt: skip
 
 
-def once(lab: ChainLab, run: TunioProcess, args: argparse.Namespace) -> dict[str, float]:
+def once(lab: ChainLab, run: TunioProcess, args: argparse.Namespace,
+         profile: Path | None) -> dict[str, float]:  # fmt: skip
+    """One repeat's figures; with `profile`, the short-connection flood profiled into it."""
     stack = stack_pid(run)
     workers = run.workers()
     meter = CpuMeter(groups={"stack": [stack], "workers": workers}, threads_of=stack)
     pids = {"stack": stack, **{f"worker-{i}": pid for i, pid in enumerate(workers)}}
     before = meter.snapshot()
     before_sw = switches(pids)
-    with contextlib.ExitStack() as profiling:
-        profiler = None
-        if args.profile:
-            profiler = profiling.enter_context(Profiler(args.profile / f"run-{PROFILED[0]}",
-                                                        stack, workers))  # fmt: skip
-            PROFILED[0] += 1
+    profiling = Profiler(profile, stack, workers) if profile else contextlib.nullcontext()
+    with profiling as profiler:
         short = flood(lab, "--mode", "echo", "--connections", str(args.connections),
                       "--concurrency", "25", "--processes", "2")  # fmt: skip
         spent = meter.spent(before, meter.snapshot())
@@ -240,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 samples = []
                 for i in range(args.repeat):
                     t0 = time.monotonic()
-                    samples.append(once(lab, run, args))
+                    profile = args.profile / f"{row}-{i}" if args.profile else None
+                    samples.append(once(lab, run, args, profile))
                     print(f"  {row} #{i}: {json.dumps(samples[-1])} "
                           f"({time.monotonic() - t0:.0f} s)", flush=True)  # fmt: skip
                 results[row] = {"samples": samples, "summary": summarize(samples)}

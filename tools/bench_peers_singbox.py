@@ -26,20 +26,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench_peers_forwarder import forwarder_process, route_into_tun
 from lab import programs
 from lab.chain import ChainLab
-from lab.netlab import EGRESS_MARK, TUN_ADDRESS, TUN_NAME, LabError, LineReader
+from lab.netlab import EGRESS_MARK, TUN_ADDRESS, TUN_NAME, LabError
 
 STACKS = ("system", "gvisor")
 # sing-box's own default MTU for a tun inbound: its best figures, and what its users get.
 DEFAULT_MTU = 9000
-# The app's routes into the TUN: every address, without being a default route. sing-box
-# watches the namespace's default route and, when it changes (as `default dev tun0` would just
-# after it started), resets every connection it carries.
-APP_ROUTES = ("0.0.0.0/1", "128.0.0.0/1")
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-POLL = 0.05  # seconds between looks for the device: sing-box says nothing at "warn" level
 
 
 def put_on_path(directory: Path) -> str | None:
@@ -109,31 +103,6 @@ def running(lab: ChainLab, workdir: Path, conf: dict[str, Any]) -> Iterator[int]
     path = workdir / f"sing-box-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(conf, indent=2))
     argv = ["sing-box", "run", "-c", str(path)]
-    proc = lab.popen(lab.app, argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
-    log = LineReader(proc.stdout, "sing-box")
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _device_up(lab):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.join(2.0)
-                state = f"exited with {proc.returncode}" if proc.poll() is not None else "no TUN"
-                msg = f"sing-box did not start ({state}); its log:\n{log.text}"
-                raise LabError(msg)
-            time.sleep(POLL)  # the device appearing is no event we can wait on
-        for route in APP_ROUTES:
-            lab.ip(lab.app, "route", "add", route, "dev", TUN_NAME)
+    with forwarder_process(lab, argv, "sing-box", lambda: _device_up(lab)) as proc:
+        route_into_tun(lab)
         yield proc.pid
-    except BaseException:
-        if log.lines:
-            print("sing-box's log:\n" + "\n".join(log.lines[-20:]), flush=True)
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT)
-        log.join(2.0)

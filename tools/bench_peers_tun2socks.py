@@ -15,20 +15,14 @@ but sets neither its address nor its state: the row does both, as its users' scr
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
+from bench_peers_forwarder import forwarder_process, route_into_tun
 from lab.chain import ChainLab
-from lab.netlab import EGRESS_TABLE, TUN_ADDRESS, TUN_NAME, LabError, LineReader
+from lab.netlab import EGRESS_TABLE, TUN_ADDRESS, TUN_NAME, LabError
 
-# The app's routes into the TUN (as for sing-box: every address, without a default route).
-APP_ROUTES = ("0.0.0.0/1", "128.0.0.0/1")
 RULE_PREF = "50"  # before the lab's fwmark rule (its table's own number, 100) and main
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-POLL = 0.05  # seconds between looks for the device: tun2socks says nothing at "warn" level
 
 
 def missing() -> str | None:
@@ -64,36 +58,15 @@ def _device_exists(lab: ChainLab) -> bool:
 def running(lab: ChainLab, proxy: str) -> Iterator[int]:
     """tun2socks with `proxy` (socks5://HOST:PORT or direct://) in the app namespace, the app's
     traffic routed into its TUN; yields its pid. Killed (its TUN gone with it) at the end."""
-    proc = lab.popen(lab.app, _argv(lab.veth_app, proxy), stdout=subprocess.PIPE,
-                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    assert proc.stdout is not None
-    log = LineReader(proc.stdout, "tun2socks")
+    argv = _argv(lab.veth_app, proxy)
     rule = ["oif", lab.veth_app, "lookup", str(EGRESS_TABLE), "pref", RULE_PREF]
-    ruled = False
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while not _device_exists(lab):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.join(2.0)
-                state = f"exited with {proc.returncode}" if proc.poll() is not None else "no TUN"
-                msg = f"tun2socks did not start ({state}); its log:\n{log.text}"
-                raise LabError(msg)
-            time.sleep(POLL)  # the device appearing is no event we can wait on
+    with forwarder_process(lab, argv, "tun2socks", lambda: _device_exists(lab),
+                           kill=True) as proc:  # fmt: skip
         lab.ip(lab.app, "addr", "add", TUN_ADDRESS, "dev", TUN_NAME)
         lab.ip(lab.app, "link", "set", TUN_NAME, "up")
         lab.ip(lab.app, "rule", "add", *rule)
-        ruled = True
-        for route in APP_ROUTES:
-            lab.ip(lab.app, "route", "add", route, "dev", TUN_NAME)
-        yield proc.pid
-    except BaseException:
-        if log.lines:
-            print("tun2socks' log:\n" + "\n".join(log.lines[-20:]), flush=True)
-        raise
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(STOP_TIMEOUT)
-        log.join(2.0)
-        if ruled:
+        try:
+            route_into_tun(lab)
+            yield proc.pid
+        finally:
             lab.ip(lab.app, "rule", "del", *rule)
