@@ -26,6 +26,7 @@
 #include "wire.h"
 
 #define SMALL_DATA 16384u /* below this a DATA payload is copied; above, handed over */
+#define SPARE_PAGE 4096u  /* a read buffer with this much unused is shrunk to its bytes */
 /* A released SYN must be accepted within this. The kernel keeps completing the handshake for
  * long: under load the TUN drops segments, the listener's SYN-ACK retransmits (after 1, 3, 7, 15
  * and 31 s, tcp_synack_retries 5) and the app's SYN retransmits (a Linux app gives up 127 s
@@ -701,10 +702,12 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
         uint64_t credit = credit_to_carry(f);
         count_sent(fl, f, n);
         if (n >= SMALL_DATA) {
-            /* Handed over without a copy; a buffer mostly empty is shrunk first, so what a
-             * flow holds in flight stays close to the bytes it sent. */
+            /* Handed over without a copy; a buffer with a page or more to spare is shrunk
+             * first (in place: the tail goes back to the heap), so what a flow holds in flight
+             * is the bytes it sent. A reused heap chunk's tail can be resident from its last
+             * use: left on, a window of one read (n = half the chunk) pinned twice its size. */
             uint8_t *buf = fl->rbuf;
-            if (n < TUNIO_READ_CHUNK / 2) {
+            if (TUNIO_READ_CHUNK - n >= SPARE_PAGE) {
                 uint8_t *smaller = realloc(buf, n);
                 if (smaller)
                     buf = smaller;
