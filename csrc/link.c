@@ -80,14 +80,22 @@ static int bind_router(struct tunio_link *l)
     if (zmq_setsockopt(l->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(l->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(l->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
-        zmq_setsockopt(l->router, ZMQ_LINGER, &linger, sizeof(linger)))
+        zmq_setsockopt(l->router, ZMQ_LINGER, &linger, sizeof(linger)) ||
+        /* tcp://[fd00::1]:5555 binds (without it ZeroMQ takes IPv4 only), tcp://\*:5555 both. */
+        zmq_setsockopt(l->router, ZMQ_IPV6, &one, sizeof(one)))
         return -zmq_errno();
     if (cfg->curve_secret && (zmq_setsockopt(l->router, ZMQ_CURVE_SERVER, &one, sizeof(one)) ||
                               zmq_setsockopt(l->router, ZMQ_CURVE_SECRETKEY, cfg->curve_secret,
                                              strlen(cfg->curve_secret)) ||
                               zmq_setsockopt(l->router, ZMQ_ZAP_DOMAIN, "tunio", 5)))
         return -zmq_errno();
-    if (zmq_bind(l->router, l->endpoint) || zmq_getsockopt(l->router, ZMQ_FD, &l->router_fd, &fl))
+    if (zmq_bind(l->router, l->endpoint)) {
+        int err = zmq_errno();
+        tunio_log(TUNIO_LOG_ERROR, "cannot bind the workers' endpoint %s: %s", l->endpoint,
+                  zmq_strerror(err));
+        return -err;
+    }
+    if (zmq_getsockopt(l->router, ZMQ_FD, &l->router_fd, &fl))
         return -zmq_errno();
     return 0;
 }

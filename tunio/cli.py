@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 from tunio import defaults, logs
 from tunio.config import Options
+from tunio.endpoints import check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.settings import BY_FLAG, SETTINGS, Setting, parse_mark
 
@@ -256,8 +257,10 @@ def worker_main(argv: list[str] | None = None) -> int:
 
     connect_timeout = getattr(args, "connect_timeout", defaults.CONNECT_TIMEOUT)
     window = getattr(args, "window", defaults.WINDOW)
-    if not args.endpoint.startswith(("ipc://", "tcp://")):
-        log.error("--endpoint %r: use ipc://PATH or tcp://HOST:PORT", args.endpoint)
+    try:
+        check_endpoint(args.endpoint)
+    except ConfigError as exc:
+        log.error("%s", describe(exc))
         return 2
     if not connect_timeout > 0:
         log.error("--connect-timeout %g must be above 0", connect_timeout)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tunio import defaults, tundev
+from tunio.endpoints import SUN_PATH_MAX, check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.logs import FORMATS, LEVELS
 from tunio.runtime import SOCKET_NAME, default_path
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 MAX_MARK = 0xFFFFFFFF
 IFNAMSIZ = 16
-SUN_PATH_MAX = 107  # sockaddr_un path bytes, without the terminating NUL
 MAX_LIMIT = 1 << 24  # --max-flows and --max-pending: past the NAT table's 16 x 64,512 slots
 
 
@@ -285,8 +285,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
             f"--max-pending {options.max_pending} is above --max-flows {options.max_flows}: "
             "a pending flow is a flow"
         )
-    if options.endpoint is not None and not options.endpoint.startswith(("ipc://", "tcp://")):
-        raise ConfigError(f"--endpoint {options.endpoint!r}: use ipc://PATH or tcp://HOST:PORT")
+    if options.endpoint is not None:
+        check_endpoint(options.endpoint)
     runtime_dir = Path(options.runtime_dir or default_path(options.tun)).absolute()
     if options.endpoint is None and len(os.fsencode(runtime_dir / SOCKET_NAME)) > SUN_PATH_MAX:
         raise ConfigError(

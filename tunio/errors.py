@@ -49,6 +49,8 @@ HINTS: Mapping[str, Mapping[int, str]] = {
     },
     "stack": {
         errno.EADDRINUSE: "is another tunio-run using this endpoint or address?",
+        # ZeroMQ's answer to a tcp:// host that is no address or interface of this host
+        errno.ENODEV: "{endpoint}: its host is no address or interface of this host",
         errno.EADDRNOTAVAIL: "{addresses}: not an address of this host yet: is the TUN up?",
     },
 }

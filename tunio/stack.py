@@ -198,7 +198,10 @@ class Stack:
         out = ffi.new("struct tunio_stack **")
         rc = lib.tunio_stack_new(c.cfg, out)
         shown = ", ".join(str(a.ip) for a in config.addresses)
-        check(rc, StackError, "cannot start the stack", "stack", addresses=shown)
+        check(
+            rc, StackError, "cannot start the stack", "stack",
+            addresses=shown, endpoint=config.endpoint,
+        )
         self._s: Any = out[0]
         self._lock = threading.Lock()
 

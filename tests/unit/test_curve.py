@@ -21,18 +21,24 @@ from tunio.stack import Stack, StackConfig
 from tunio.worker import run_worker
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(family: socket.AddressFamily, host: str) -> int:
+    with socket.socket(family) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def curve_stack(tmp_path: Path) -> Iterator[tuple[Stack, str, keys.StackKeys]]:
+# Workers reach a stack over IPv4 and over IPv6 (an IPv6 host goes in brackets).
+@pytest.fixture(params=[(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")],
+                ids=["ipv4", "ipv6"])
+def curve_stack(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[Stack, str, keys.StackKeys]]:
+    family, host = request.param
     k = keys.load_or_create(tmp_path / "keys")
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     os.set_blocking(b.fileno(), False)
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    endpoint = f"tcp://{shown}:{_free_port(family, host)}"
     stack = Stack(StackConfig(
         tun_fds=(b.fileno(),), addresses=(ipaddress.IPv4Interface("127.0.0.1/8"),),
         endpoint=endpoint, log_level="error", heartbeat_interval=30.0,
@@ -54,6 +60,7 @@ def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
             client: tuple[bytes, bytes] | None, server_public: str) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    sock.ipv6 = True
     if client is not None:
         sock.curve_serverkey = server_public.encode()
         sock.curve_publickey, sock.curve_secretkey = client

@@ -123,6 +123,7 @@ class Link:
             ctx.set(ZERO_COPY_RECV, 0)
         zsock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         zsock.setsockopt(zmq.LINGER, 0)
+        zsock.setsockopt(zmq.IPV6, 1)  # tcp://[fd00::1]:5555 connects (ZeroMQ's default: IPv4 only)
         zsock.setsockopt(zmq.SNDHWM, HWM)
         zsock.setsockopt(zmq.RCVHWM, HWM)
         if self.keys is not None:  # a tcp:// stack: CURVE, and the stack checks our key
