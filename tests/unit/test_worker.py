@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import queue
 import select
@@ -246,6 +247,25 @@ def test_stack_silence_drops_flows_and_says_hello_again(
     stack.send(Cmd.HELLO, payload=b"fake-stack")
     stack.assert_freed(1)
     assert worker.stats.sessions == 2
+
+
+def test_a_worker_no_stack_answers_says_so_and_keeps_trying(
+    stack: FakeStack, start_worker: StartWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tunio.worker")
+    worker, running = start_worker(timing=Timing(heartbeat=0.05, liveness=2))
+    for _ in range(5):  # the first HELLO and four said again: none answered
+        stack.expect(Cmd.HELLO)
+    said = [r.getMessage() for r in caplog.records if "no stack answers" in r.getMessage()]
+    # at the 1st, 2nd and 4th unanswered HELLO, not at each
+    assert said == [
+        f"worker test-worker: no stack answers at {worker.endpoint} ({n} HELLOs unanswered): "
+        "still trying"
+        for n in (1, 2, 4)
+    ]
+    stack.send(Cmd.HELLO, payload=b"fake-stack")  # a stack at last: the worker serves
+    assert running.ready.wait(DEADLINE)
+    assert worker.stats.sessions == 1
 
 
 # ---- opening flows -----------------------------------------------------------------------

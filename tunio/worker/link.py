@@ -103,6 +103,7 @@ class Link:
         self._sent = False  # a message went out since _drain last looked (see _drain)
         self._last_heard = 0.0
         self._last_hello = 0.0
+        self._unanswered = 0  # HELLOs sent again since the stack last answered one
         self._done: asyncio.Future[bool] | None = None
         self._leave_at_once: str | None = None  # leave() came before serve()
         self._zsock: zmq.Socket[bytes] | None = None
@@ -199,6 +200,14 @@ class Link:
             else:
                 self.send([_HEARTBEAT])
         elif now - self._last_hello >= limit:
+            self._unanswered += 1
+            # Said at the 1st, 2nd, 4th, 8th... HELLO left unanswered: a remote worker started
+            # before its stack (or pointed at the wrong one) says so without flooding the log.
+            if self._unanswered & (self._unanswered - 1) == 0:
+                log.warning(
+                    "worker %s: no stack answers at %s (%d HELLOs unanswered): still trying",
+                    self.name, self.endpoint, self._unanswered,
+                )  # fmt: skip
             self._send_hello()
         if self._outbox:
             self._flush_outbox()
@@ -376,6 +385,7 @@ class Link:
         stack = bytes(msg.payload or b"").decode(errors="replace")
         log.info("worker %s: stack %s answered HELLO", self.name, stack)
         self._connected = True
+        self._unanswered = 0
         self.stats.sessions += 1
         if self.draining:  # a new stack: it must hear it again
             self.send([wire.header(Cmd.DRAIN, 0, 0)])
