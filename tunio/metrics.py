@@ -194,15 +194,60 @@ def tun_drops(sys_net: str, tun: str) -> dict[str, int]:
     return out
 
 
-class _V6Server(http.server.ThreadingHTTPServer):
+# A scraper sends its request at once and reads the page in well under a second. One that
+# connects and says nothing (or a crowd of them) must not hold a thread of the supervisor each
+# for ever: a connection is dropped after IDLE_TIMEOUT seconds of silence, and past MAX_CLIENTS
+# at once a new one is closed unanswered.
+IDLE_TIMEOUT = 10.0
+MAX_CLIENTS = 16
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[http.server.BaseHTTPRequestHandler],
+                 max_clients: int) -> None:  # fmt: skip
+        self._slots = threading.BoundedSemaphore(max_clients)
+        self.refused = 0  # connections closed unanswered: MAX_CLIENTS were being served
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+class _V6Server(_Server):
     address_family = socket.AF_INET6
 
 
 class MetricsServer:
     """HTTP on HOST:PORT in a thread of its own: GET /metrics renders `source()`."""
 
-    def __init__(self, host: str, port: int, source: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        source: Callable[[], str],
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_clients: int = MAX_CLIENTS,
+    ) -> None:
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = idle_timeout  # a socket timeout: a silent client is dropped
+
             def do_GET(self) -> None:
                 if self.path.split("?", 1)[0] not in ("/metrics", "/"):
                     self.send_error(404, "see /metrics")
@@ -217,15 +262,19 @@ class MetricsServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # a scrape every few seconds is not news
 
-        server_class = _V6Server if ":" in host else http.server.ThreadingHTTPServer
-        self._server = server_class((host, port), Handler)
-        self._server.daemon_threads = True
+        server_class = _V6Server if ":" in host else _Server
+        self._server = server_class((host, port), Handler, max_clients)
         self._thread = threading.Thread(target=self._server.serve_forever, name="tunio-metrics",
                                         daemon=True)  # fmt: skip
 
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    @property
+    def refused(self) -> int:
+        """Connections closed unanswered because the server was full."""
+        return self._server.refused
 
     def fileno(self) -> int:
         """The listening socket: forked children must close it."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import re
+import socket
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -96,6 +100,40 @@ def test_the_server_answers_get_metrics() -> None:
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"http://127.0.0.1:{server.port}/nope", timeout=5)
         assert caught.value.code == 404
+    finally:
+        server.stop()
+
+
+def test_a_silent_client_is_dropped() -> None:
+    server = MetricsServer("127.0.0.1", 0, lambda: "tunio_up 1\n", idle_timeout=0.2)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+            assert silent.recv(1) == b""  # closed by the server, unanswered; not a timeout here
+    finally:
+        server.stop()
+
+
+def test_past_max_clients_a_connection_is_closed_and_a_freed_slot_serves_again() -> None:
+    server = MetricsServer("127.0.0.1", 0, lambda: "tunio_up 1\n", idle_timeout=30.0,
+                           max_clients=2)  # fmt: skip
+    server.start()
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(2)]
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as third:
+            assert third.recv(1) == b""  # the two before it hold both slots
+        assert server.refused == 1
+        idle[0].close()  # its thread reads EOF and gives its slot back
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    assert r.read() == b"tunio_up 1\n"
+                break
+            except (urllib.error.URLError, ConnectionError, http.client.RemoteDisconnected):
+                assert time.monotonic() < deadline, "the freed slot never served"
+        idle[1].close()
     finally:
         server.stop()
 
