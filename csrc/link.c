@@ -76,11 +76,16 @@ static int bind_router(struct tunio_link *l)
         return -zmq_errno();
     /* Credits bound what is queued per flow; high-water marks would only drop messages. */
     int zero = 0, one = 1, linger = BYE_LINGER_MS;
+    /* No frame of a worker's is larger than one read of a destination (DATA) and a datagram is
+     * smaller: a peer that sends a larger one is cut off by ZeroMQ before the frame is held in
+     * memory, rather than have the stack allocate whatever length it claims. */
+    int64_t max_frame = TUNIO_READ_CHUNK;
     size_t fl = sizeof(l->router_fd);
     if (zmq_setsockopt(l->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(l->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(l->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
         zmq_setsockopt(l->router, ZMQ_LINGER, &linger, sizeof(linger)) ||
+        zmq_setsockopt(l->router, ZMQ_MAXMSGSIZE, &max_frame, sizeof(max_frame)) ||
         /* tcp://[fd00::1]:5555 binds (without it ZeroMQ takes IPv4 only), tcp://\*:5555 both. */
         zmq_setsockopt(l->router, ZMQ_IPV6, &one, sizeof(one)))
         return -zmq_errno();

@@ -4,6 +4,7 @@ adopted from the region a killed stack left, the per-worker numbers, and JSON lo
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from tunio import wire
+from tunio.defaults import READ_CHUNK
 from tunio.stack import Stack, StackConfig, create_nat_region, nat_region_size
 from tunio.testing import packets
 from tunio.testing.stackrig import APP, APP6, DST, WINDOW, Rig, pool_of, stack_rig
@@ -271,6 +274,39 @@ def test_a_region_of_another_layout_is_not_adopted(tmp_path: Path) -> None:
                 stack.close()
         finally:
             os.close(region)
+
+
+# ---------------------------------------------------------------- an oversized frame
+
+
+def _events(monitor: zmq.Socket[bytes], until: int) -> list[int]:
+    """The DEALER's socket events, up to and with `until` (ZeroMQ's monitor, in order)."""
+    seen: list[int] = []
+    while until not in seen:
+        assert monitor.poll(5000), f"no socket event after {seen}"
+        seen.append(recv_monitor_message(monitor)["event"])
+    return seen
+
+
+def test_a_frame_larger_than_any_worker_sends_cuts_that_peer_off(tmp_path: Path) -> None:
+    """DATA of one read (READ_CHUNK) is a worker's largest frame: the stack takes it; one byte
+    more and ZeroMQ disconnects the peer instead of holding what it claims. Other workers and
+    the stack go on."""
+    with stack_rig(tmp_path) as rig:
+        peer = rig.connect_worker(name=b"big-sender")
+        monitor = peer.get_monitor_socket()
+        try:
+            rig.send(wire.Cmd.DATA, flow=7, payload=b"x" * READ_CHUNK, sock=peer)  # no such flow
+            rst = rig.recv(peer)  # the stack read it: a flow it does not know is reset
+            assert (rst.cmd, rst.flow, rst.arg) == (wire.Cmd.RST, 7, errno.ENOTCONN)
+            assert not monitor.poll(0)  # and the connection stands
+            rig.send(wire.Cmd.DATA, flow=7, payload=b"x" * (READ_CHUNK + 1), sock=peer)
+            assert _events(monitor, zmq.EVENT_DISCONNECTED)[-1] == zmq.EVENT_DISCONNECTED
+        finally:
+            peer.disable_monitor()
+            monitor.close(0)
+        rig.open(41500, 80)  # the stack and its other worker serve on
+        assert rig.stack.stats()["workers"] >= 1
 
 
 # ---------------------------------------------------------------- the stop
