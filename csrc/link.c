@@ -76,10 +76,7 @@ static int bind_router(struct tunio_link *l)
         return -zmq_errno();
     /* Credits bound what is queued per flow; high-water marks would only drop messages. */
     int zero = 0, one = 1, linger = BYE_LINGER_MS;
-    /* No frame of a worker's is larger than one read of a destination (DATA) and a datagram is
-     * smaller: a peer that sends a larger one is cut off by ZeroMQ before the frame is held in
-     * memory, rather than have the stack allocate whatever length it claims. */
-    int64_t max_frame = TUNIO_READ_CHUNK;
+    int64_t max_frame = cfg->max_frame ? (int64_t)cfg->max_frame : -1;
     size_t fl = sizeof(l->router_fd);
     if (zmq_setsockopt(l->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(l->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||

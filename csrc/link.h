@@ -22,6 +22,9 @@ struct tunio_link_config {
     const char *curve_secret;  /* z85 secret key: CURVE on the endpoint; NULL: off */
     const char *curve_clients; /* z85 public keys of the workers let in (with CURVE) */
     uint32_t heartbeat_ms;     /* a worker silent TUNIO_LIVENESS intervals is lost */
+    /* A peer that sends a larger frame is disconnected by ZeroMQ before the frame is held
+     * (ZMQ_MAXMSGSIZE); 0: no limit. */
+    uint64_t max_frame;
     /* A message of a flow or a datagram session from `worker`: every command but HELLO,
      * HEARTBEAT, BYE and OPEN. `payload` is NULL or may be moved from (zmq_msg_move). */
     void (*on_message)(void *owner, int worker, const struct tunio_wire_header *h,

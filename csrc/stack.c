@@ -433,6 +433,10 @@ static int make_link(struct tunio_stack *s, const struct tunio_config *cfg)
         .curve_secret = cfg->curve_secret,
         .curve_clients = cfg->curve_clients,
         .heartbeat_ms = s->cfg.heartbeat_ms,
+        /* A worker's DATA is at most the credit it holds (the window), and its own workers send
+         * one read of a destination at most; a datagram is smaller. A peer claiming more is cut
+         * off rather than have the stack allocate whatever length it claims. */
+        .max_frame = s->cfg.window > TUNIO_READ_CHUNK ? s->cfg.window : TUNIO_READ_CHUNK,
         .on_message = on_link_message,
         .on_worker_lost = on_worker_lost,
         .owner = s,

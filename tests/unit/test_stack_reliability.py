@@ -288,19 +288,23 @@ def _events(monitor: zmq.Socket[bytes], until: int) -> list[int]:
     return seen
 
 
-def test_a_frame_larger_than_any_worker_sends_cuts_that_peer_off(tmp_path: Path) -> None:
-    """DATA of one read (READ_CHUNK) is a worker's largest frame: the stack takes it; one byte
-    more and ZeroMQ disconnects the peer instead of holding what it claims. Other workers and
-    the stack go on."""
-    with stack_rig(tmp_path) as rig:
+@pytest.mark.parametrize("window", [WINDOW, 4 * READ_CHUNK], ids=["small-window", "big-window"])
+def test_a_frame_larger_than_any_worker_sends_cuts_that_peer_off(
+    tmp_path: Path, window: int
+) -> None:
+    """A worker's largest frame is DATA of its whole credit (the window) or of one read of a
+    destination (READ_CHUNK), whichever is larger: the stack takes it; one byte more and ZeroMQ
+    disconnects the peer instead of holding what it claims. Other workers and the stack go on."""
+    largest = max(window, READ_CHUNK)
+    with stack_rig(tmp_path, window=window) as rig:
         peer = rig.connect_worker(name=b"big-sender")
         monitor = peer.get_monitor_socket()
         try:
-            rig.send(wire.Cmd.DATA, flow=7, payload=b"x" * READ_CHUNK, sock=peer)  # no such flow
+            rig.send(wire.Cmd.DATA, flow=7, payload=b"x" * largest, sock=peer)  # no such flow
             rst = rig.recv(peer)  # the stack read it: a flow it does not know is reset
             assert (rst.cmd, rst.flow, rst.arg) == (wire.Cmd.RST, 7, errno.ENOTCONN)
             assert not monitor.poll(0)  # and the connection stands
-            rig.send(wire.Cmd.DATA, flow=7, payload=b"x" * (READ_CHUNK + 1), sock=peer)
+            rig.send(wire.Cmd.DATA, flow=7, payload=b"x" * (largest + 1), sock=peer)
             assert _events(monitor, zmq.EVENT_DISCONNECTED)[-1] == zmq.EVENT_DISCONNECTED
         finally:
             peer.disable_monitor()
