@@ -25,8 +25,9 @@
 #include "tunio.h"
 #include "wire.h"
 
-#define SMALL_DATA 16384u /* below this a DATA payload is copied; above, handed over */
-#define SPARE_PAGE 4096u  /* a read buffer with this much unused is shrunk to its bytes */
+#define SMALL_DATA 16384u         /* below this a DATA payload is copied; above, handed over */
+#define SPARE_PAGE 4096u          /* a read buffer with this much unused is shrunk to its bytes */
+#define FLOW_ALLOWANCE SMALL_DATA /* unanswered bytes a flow may have past the backlog bound */
 /* A released SYN must be accepted within this. The kernel keeps completing the handshake for
  * long: under load the TUN drops segments, the listener's SYN-ACK retransmits (after 1, 3, 7, 15
  * and 31 s, tcp_synack_retries 5) and the app's SYN retransmits (a Linux app gives up 127 s
@@ -172,6 +173,20 @@ static void answered(struct tunio_flows *fl, struct flow *f, uint64_t credit)
 static int backlog_full(const struct tunio_flows *fl, int worker)
 {
     return worker >= 0 && fl->backlog[worker].bytes >= fl->cfg.worker_backlog;
+}
+
+/* What `f` may send its worker now: its credit while the worker's backlog has room; past the
+ * bound, only what keeps the flow's own unanswered bytes under FLOW_ALLOWANCE. Without the
+ * allowance a few flows to destinations that take nothing (each holding a window the worker
+ * cannot credit back) filled the backlog for good and stopped every other flow of that worker,
+ * new ones too; with it each flow keeps moving, a small DATA at a time, and the bound is
+ * exceeded by at most FLOW_ALLOWANCE a flow, for the flows that have next to nothing queued. */
+static uint64_t sendable(const struct tunio_flows *fl, const struct flow *f)
+{
+    if (!backlog_full(fl, f->worker))
+        return f->credit;
+    uint64_t room = f->unanswered < FLOW_ALLOWANCE ? FLOW_ALLOWANCE - f->unanswered : 0;
+    return room < f->credit ? room : f->credit;
 }
 
 static void pump(struct tunio_flows *fl, struct flow *f);
@@ -667,13 +682,14 @@ static void app_eof(struct tunio_flows *fl, struct flow *f)
 static int read_from_app(struct tunio_flows *fl, struct flow *f)
 {
     while ((f->flags & FLOW_READABLE) && !(f->flags & FLOW_APP_EOF) && f->credit > 0) {
-        if (backlog_full(fl, f->worker)) {
+        uint64_t may = sendable(fl, f);
+        if (!may) {
             wait_for_backlog(fl, f);
             return 0;
         }
         if (!fl->rbuf && !(fl->rbuf = malloc(TUNIO_READ_CHUNK)))
             return 0; /* try again on the next event */
-        size_t want = f->credit < TUNIO_READ_CHUNK ? (size_t)f->credit : TUNIO_READ_CHUNK;
+        size_t want = may < TUNIO_READ_CHUNK ? (size_t)may : TUNIO_READ_CHUNK;
         size_t n = 0;
         int eof = 0;
         while (n < want) {
@@ -904,11 +920,12 @@ static int dns_to_upstream(struct tunio_flows *fl, struct flow *f)
     if (!(f->flags & FLOW_OPEN_OK))
         return 0;
     while (len && f->credit > 0) {
-        if (backlog_full(fl, f->worker)) {
+        uint64_t may = sendable(fl, f);
+        if (!may) {
             wait_for_backlog(fl, f);
             return 0;
         }
-        size_t n = len < f->credit ? len : (size_t)f->credit;
+        size_t n = len < may ? len : (size_t)may;
         uint64_t credit = credit_to_carry(f);
         count_sent(fl, f, n);
         int err = tunio_link_send(fl->cfg.link, f->worker, TUNIO_CMD_DATA, f->id, credit, q, n);
@@ -976,10 +993,11 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
         f->flags |= FLOW_READABLE;
     if (events & (EPOLLOUT | EPOLLHUP | EPOLLERR))
         f->flags |= FLOW_WRITABLE;
-    /* With input waiting the read finds the error after the data, but without credit nothing is
-     * read: an app that reset a flow whose destination takes nothing (so no credit comes back)
-     * would hold the flow, and the window its worker holds, for good. */
-    if ((events & EPOLLERR) && (!(events & EPOLLIN) || !f->credit)) {
+    /* With input waiting the read finds the error after the data, but without credit (or room
+     * in the worker's backlog) nothing is read: an app that reset a flow whose destination takes
+     * nothing (so no credit comes back) would hold the flow, and the window its worker holds,
+     * for good. */
+    if ((events & EPOLLERR) && (!(events & EPOLLIN) || !sendable(fl, f))) {
         int err = 0;
         socklen_t len = sizeof(err);
         getsockopt(f->fd, SOL_SOCKET, SO_ERROR, &err, &len);
