@@ -19,13 +19,22 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lab.netlab import FLOOD_PORTS, SERVER_ADDRESS, Lab, TunioProcess, process_title
+from lab.netlab import (
+    FLOOD_PORTS,
+    PEER_PORTS,
+    SERVER_ADDRESS,
+    Lab,
+    TunioProcess,
+    process_title,
+    recv_exact,
+)
 
 from tests.vm.conftest import PEERS, start_flood_server
 from tests.vm.test_metrics import scrape, total
@@ -165,4 +174,40 @@ def test_stalled_flows_hold_a_window_and_give_it_back(
     assert worker_per_flow <= (WORKER_UPLOAD if source == "upload" else WORKER_PER_FLOW)
     for p in pids:
         assert back[p] <= idle[p] * BACK_WITHIN, (process_title(p), idle[p], back[p])
+    assert tunio.stop() == 0, tunio.log.text
+
+
+def test_flows_to_destinations_that_take_nothing_leave_their_worker_serving(
+    fresh_lab: Lab,
+) -> None:
+    """More stalled uploads than the worker's backlog holds (each holds a window its worker
+    cannot credit back): the same worker still carries a new flow's bytes, both ways."""
+    lab = fresh_lab
+    lab.serve([sys.executable, str(PEERS), "deaf", "--listen", f"{SERVER_ADDRESS}:{DEAF_PORT}"])
+    echo_port = PEER_PORTS["echo"]
+    lab.serve([sys.executable, str(PEERS), "echo", "--listen", f"{SERVER_ADDRESS}:{echo_port}"])
+    backlog = 4 * WINDOW
+    tunio = lab.start_tunio(["--workers", "1", "--window", str(WINDOW), "--worker-backlog",
+                             str(backlog), "--metrics", "127.0.0.1:9184"])  # fmt: skip
+    flows = 2 * backlog // WINDOW  # twice what the backlog holds
+    socks = []
+    try:
+        for _ in range(flows):
+            sock = lab.connect(DEAF_PORT, SERVER_ADDRESS, timeout=15.0)
+            sock.setblocking(False)
+            socks.append(sock)
+        wait_stalled(lab, flows, time.monotonic() + 60.0, lambda: push(socks))
+        samples = scrape(lab)
+        assert total(samples, "tunio_worker_backlog_bytes") >= backlog  # full, and stuck
+        payload = os.urandom(256 * 1024)
+        with lab.connect(echo_port, timeout=15.0) as echo:
+            reader = threading.Thread(target=echo.sendall, args=(payload,))
+            reader.start()
+            assert recv_exact(echo, len(payload)) == payload
+            reader.join()
+    finally:
+        for sock in socks:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORT)
+            sock.close()
+    wait_no_flows(lab, time.monotonic() + 30.0)
     assert tunio.stop() == 0, tunio.log.text
