@@ -10,6 +10,7 @@ ExitStack as it is made, so whatever happens after, the host is left as it was f
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from collections.abc import Callable
@@ -120,7 +121,12 @@ class Host:
         journal, and registers its undo: at exit they are taken back in reverse order."""
         for change in changes:
             if change.do:
-                tundev.run(*change.do)
+                try:
+                    tundev.run(*change.do)
+                except TunError as exc:
+                    if exc.errno != errno.EEXIST or not change.exists_hint:
+                        raise
+                    raise TunError(exc.errno, f"{exc.strerror} ({change.exists_hint})") from exc
             journal.add(change)
             if change.do and change.undo:
                 undo.callback(undo_step, change.what, tundev.run, *change.undo)

@@ -32,6 +32,7 @@ class Change:
     what: str
     do: tuple[str, ...] = ()
     undo: tuple[str, ...] = ()  # empty: it goes with the device
+    exists_hint: str = ""  # what to do when `do` fails because the thing exists already
 
     def command(self) -> str:
         return "ip " + " ".join(self.do) if self.do else f"(tunio-run itself: {self.what})"
@@ -76,9 +77,18 @@ def route_changes(tun: str, routes: Iterable[str]) -> list[Change]:
     """The routes into the TUN, each removed at exit (the device may outlive us)."""
     out = []
     for route in routes:
-        family = "-6" if tundev.route_version(route) == 6 else "-4"
+        v6 = tundev.route_version(route) == 6
+        family = "-6" if v6 else "-4"
+        if route in ("default", "0.0.0.0/0", "::/0"):
+            halves = (
+                "--route ::/1 --route 8000::/1" if v6 else "--route 0.0.0.0/1 --route 128.0.0.0/1"
+            )
+            hint = (f"the host has a default route of its own: give {halves} instead, which win "
+                    "over it and leave it in place")  # fmt: skip
+        else:
+            hint = f"the host has a route to {route} of its own: remove it, or route another prefix"
         out.append(Change(f"route {route} into {tun}", (family, "route", "add", route, "dev", tun),
-                          (family, "route", "del", route, "dev", tun)))  # fmt: skip
+                          (family, "route", "del", route, "dev", tun), hint))  # fmt: skip
     return out
 
 

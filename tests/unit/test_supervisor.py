@@ -639,7 +639,16 @@ def test_a_proxy_dialer_hears_what_the_port_range_allows(
             {"FAKE_IP_FAIL": f"-4 route add 10.0.0.0/8 dev {TUN}"},
             {"routes": ("default", "10.0.0.0/8")},
             1,
-            "RTNETLINK answers: File exists",
+            "RTNETLINK answers: File exists (the host has a route to 10.0.0.0/8 of its own: "
+            "remove it, or route another prefix)",
+        ),
+        (
+            {"FAKE_IP_FAIL": f"-4 route add default dev {TUN}"},
+            {"routes": ("default",)},
+            1,
+            "RTNETLINK answers: File exists (the host has a default route of its own: give "
+            "--route 0.0.0.0/1 --route 128.0.0.0/1 instead, which win over it and leave it in "
+            "place)",
         ),
         ({"FAKE_TUN_ERRNO": str(errno.EPERM)}, {}, 1, "needs CAP_NET_ADMIN"),
         ({"FAKE_TUN_ERRNO": str(errno.EBUSY)}, {}, 1, "multi-queue TUN device"),
