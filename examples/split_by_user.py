@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 import tunio
-from tunio import logs
+from tunio import bypass, logs
 from tunio.dialers import Dialer, DirectDialer, load_dialer
 
 BLOCKED = ipaddress.ip_network("192.0.2.0/24")  # refused for everyone, as an unreachable net
@@ -55,9 +55,10 @@ def main() -> int:
     ap.add_argument("--address", default="198.18.0.1/24")
     args = ap.parse_args()
     logs.setup("info")
-    direct = DirectDialer()
-    policy = split_by_user(args.user, load_dialer(args.proxy), direct)
-    # --auto-bypass marks the workers' sockets (direct's, and the proxy connections')
+    # --auto-bypass lets marked sockets out past the TUN; the dialers made here carry the
+    # bypass's mark themselves (tunio marks only the dialers it builds from --dialer)
+    direct = DirectDialer(mark=bypass.MARK)
+    policy = split_by_user(args.user, load_dialer(args.proxy, egress_mark=bypass.MARK), direct)
     options = tunio.Options(tun=args.tun, address=args.address, auto_bypass=True,
                             routes=("0.0.0.0/1", "128.0.0.0/1"), dialer=direct, policy=policy)
     return tunio.run(options)
