@@ -55,9 +55,13 @@ def _write_private(path: Path, text: str) -> None:
 
 def _read(path: Path) -> dict[str, str]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"--keys {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"--keys {path}: not a key file (it holds lines such as stack-public = KEY)"
+        ) from None
     if path.stat().st_mode & 0o077:
         raise ConfigError(f"--keys {path}: readable by others; chmod 600 it (it holds secrets)")
     fields: dict[str, str] = {}

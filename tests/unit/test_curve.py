@@ -116,5 +116,11 @@ def test_key_files_are_private_and_stable(tmp_path: Path) -> None:
     worker_file.chmod(0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         keys.load_worker(worker_file)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(bytes(range(128, 256)))
+    garbage.chmod(0o600)
+    for load in (keys.load_worker, keys.load_or_create):
+        with pytest.raises(ConfigError, match="not a key file"):
+            load(garbage)
     with pytest.raises(ConfigError, match="cannot create it"):
         keys.load_or_create(tmp_path / "no-such-dir" / "keys")
