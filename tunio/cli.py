@@ -239,7 +239,10 @@ def _cleanup(options: Options) -> int:
     for line in removed:
         print(f"removed: {line}")
     if not removed:
-        print(f"nothing left by a run on {options.tun} to remove")
+        # what a run left is found in its runtime directory: one of another --runtime-dir (or
+        # of a --config that set it) is not looked at unless given here too
+        print(f"nothing left by a run on {options.tun} in {rundir} to remove "
+              "(a run with another --runtime-dir or --config: give it here too)")  # fmt: skip
     return 0
 
 

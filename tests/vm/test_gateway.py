@@ -177,7 +177,11 @@ def test_cleanup_after_kill_removes_what_the_run_left(
     code, out, _ = _tunio_cli(
         lab, "--cleanup", "--tun", TUN_NAME, "--runtime-dir", str(lab.runtime_dir)
     )
-    assert (code, out.strip()) == (0, f"nothing left by a run on {TUN_NAME} to remove")
+    assert (code, out.strip()) == (
+        0,
+        f"nothing left by a run on {TUN_NAME} in {lab.runtime_dir} to remove "
+        "(a run with another --runtime-dir or --config: give it here too)",
+    )
 
 
 def test_cleanup_refuses_while_a_run_holds_the_device(
