@@ -105,7 +105,8 @@ def exclude_changes(tun: str, excludes: Iterable[str]) -> list[Change]:
             raise ConfigError(f"--exclude {network}: the host has no route to it now")
         if via.dev == tun:
             raise ConfigError(f"--exclude {network}: the host routes it into {tun} already")
-        path = (*(("via", via.gateway) if via.gateway else ()), "dev", via.dev)
+        path = (*(("via", via.gateway) if via.gateway else ()), "dev", via.dev,
+                *(("onlink",) if via.onlink else ()))  # fmt: skip
         out.append(Change(f"route {network} kept out of {tun} ({' '.join(path)})",
                           (family, "route", "add", network, *path),
                           (family, "route", "del", network, *path)))  # fmt: skip

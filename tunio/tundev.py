@@ -66,6 +66,7 @@ class Route:
     gateway: str | None
     dev: str
     prefsrc: str | None = None
+    onlink: bool = False  # the gateway is on the device without a prefix that covers it
 
 
 def route_to(network: str) -> Route | None:
@@ -79,7 +80,14 @@ def route_to(network: str) -> Route | None:
     if not found or "dev" not in found[0]:
         return None
     first = found[0]
-    return Route(first.get("gateway"), str(first["dev"]), first.get("prefsrc"))
+    gateway, dev = first.get("gateway"), str(first["dev"])
+    # `route get` leaves out the flag; the main table's route through that gateway has it (a
+    # copy without it is refused: "Nexthop has invalid gateway")
+    onlink = gateway is not None and any(
+        r.get("gateway") == gateway and r.get("dev") == dev and "onlink" in r.get("flags", ())
+        for r in _ip_json(family, "route", "show", "table", "main")
+    )
+    return Route(gateway, dev, first.get("prefsrc"), onlink)
 
 
 def route_exists(network: str, table: str = "main") -> bool:
