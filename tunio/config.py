@@ -280,7 +280,8 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     for name, value in (("--max-flows", options.max_flows), ("--max-pending", options.max_pending)):
         if not 1 <= value <= MAX_LIMIT:
             raise ConfigError(f"{name} {value} is out of range: use 1..{MAX_LIMIT}")
-    if options.max_pending > options.max_flows:
+    # the default is capped at --max-flows; a --max-pending given above it is a mistake
+    if options.max_pending > options.max_flows and options.max_pending != defaults.MAX_PENDING:
         raise ConfigError(
             f"--max-pending {options.max_pending} is above --max-flows {options.max_flows}: "
             "a pending flow is a flow"

@@ -144,7 +144,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-pending", "max_pending", "int",
             "new TCP flows whose dial is still running (their SYN held); past this a new one "
             "is refused at once with a RST, as it is when its destination already holds a "
-            f"quarter of them (default: {defaults.MAX_PENDING})", "N"),
+            f"quarter of them (default: {defaults.MAX_PENDING}, or --max-flows if lower)", "N"),
 )  # fmt: skip
 
 BY_FLAG: Mapping[str, Setting] = {s.flag: s for s in SETTINGS}

@@ -264,7 +264,7 @@ class Supervisor:
             curve_secret=keys.secret if keys else None,
             curve_clients=(keys.worker.public,) if keys else (),
             max_flows=opts.max_flows,
-            max_pending=opts.max_pending,
+            max_pending=min(opts.max_pending, opts.max_flows),
             log_json=opts.log_format == "json",
             **(plan.dns.stack_fields() if plan.dns is not None else {}),
         )

@@ -395,11 +395,14 @@ def test_validate_names_the_bad_option(tmp_path: Path) -> None:
         ({"connect_timeout": 0.0}, "--connect-timeout"),
         ({"endpoint": "http://x"}, "--endpoint"),
         ({"runtime_dir": "/" + "d" * 120}, "too long"),
+        ({"max_flows": 50, "max_pending": 60}, "--max-pending 60 is above --max-flows 50"),
     ]
     for change, words in cases:
         options = dataclasses.replace(good, **change)
         with pytest.raises(ConfigError, match=words):
             validate(options, sys_net=str(tmp_path))
+    # --max-flows alone, below the default --max-pending: the default is capped, no error
+    validate(dataclasses.replace(good, max_flows=50), sys_net=str(tmp_path))
 
 
 # ---------------------------------------------------------------- runtime directory
