@@ -178,12 +178,14 @@ class Host:
             if line is not None:
                 log.warning("%s", line)
         direct = isinstance(dialer, DirectDialer)
-        if "default" in plan.routes and direct and opts.egress_mark is None \
-                and opts.egress_interface is None:  # fmt: skip
+        # Any route into the TUN, not only the default one: a worker's connection to a network
+        # routed into the TUN goes into it again (0.0.0.0/1 and 128.0.0.0/1 as much as default).
+        if plan.routes and direct and opts.egress_mark is None and opts.egress_interface is None:
             log.warning(
-                "--route default with the direct dialer and neither --egress-mark nor "
-                "--egress-interface: the workers' own connections will be routed into %s and "
-                "loop",
+                "--route %s with the direct dialer and neither --egress-mark nor "
+                "--egress-interface: the workers' own connections to what is routed into %s "
+                "will be routed into it again and loop",
+                " --route ".join(plan.routes),
                 opts.tun,
             )
 

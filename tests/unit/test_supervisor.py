@@ -614,6 +614,17 @@ def test_loop_warning_for_default_route_without_egress(world: World, logwatch: L
     assert "--route default with the direct dialer" in loop
 
 
+def test_loop_warning_for_the_halves_without_egress(world: World, logwatch: LogWatch) -> None:
+    options = _options(world, egress_mark=None, workers=1, routes=("0.0.0.0/1", "128.0.0.0/1"))
+    running = _start(_supervisor(world, options))
+    assert running.supervisor.ready.wait(15)
+    assert running.stop() == 0
+    [loop] = [m for m in logwatch.messages("WARNING") if "loop" in m]
+    assert loop.startswith(
+        "--route 0.0.0.0/1 --route 128.0.0.0/1 with the direct dialer and neither --egress-mark"
+    )
+
+
 @pytest.mark.parametrize(("reuse", "said"), [(2, True), (1, False)])
 def test_a_proxy_dialer_hears_what_the_port_range_allows(
     world: World, logwatch: LogWatch, reuse: int, said: bool
