@@ -8,16 +8,20 @@ tunio.config refuse later is reported at its line too.
 
 from __future__ import annotations
 
+import errno
 import math
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tunio.errors import ConfigError
 from tunio.settings import BY_KEY, SETTINGS, Setting
+
+if TYPE_CHECKING:
+    from tunio.rules import Rule
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ def read(path: Path) -> FileSettings:
 
 #: the tables a file may have beyond the flags' keys, and the Options fields they set
 TABLES = {"dialers": "dialers", "rule": "rules"}
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")  # a TOML key that needs no quotes
 
 
 def _table(key: str, raw: object, path: Path, lines: list[str]) -> object:
@@ -193,7 +198,44 @@ def render(options: Any) -> str:
             out.append(f"# {setting.key} = {value!r} (set by the library, not a file)")
             continue
         out.append(f"{setting.key} = {_toml(value)}")
+    out += _dialer_table(options.dialers)
+    for rule in options.rules:
+        out += ["", "[[rule]]", *_rule_lines(rule)]
     return "\n".join(out) + "\n"
+
+
+def _dialer_table(dialers: Mapping[str, object]) -> list[str]:
+    """The [dialers] table: a name's spec, or its chain of specs (an object is no file's)."""
+    if not dialers:
+        return []
+    out = ["", "[dialers]"]
+    for name, spec in dialers.items():
+        key = name if BARE_KEY.fullmatch(name) else _toml(name)
+        if isinstance(spec, str) or (
+            isinstance(spec, tuple) and all(isinstance(s, str) for s in spec)
+        ):
+            out.append(f"{key} = {_toml(spec if isinstance(spec, str) else list(spec))}")
+        else:
+            out.append(f"# {key} = {spec!r} (set by the library, not a file)")
+    return out
+
+
+def _rule_lines(rule: Rule) -> list[str]:
+    """A rule as the keys of its [[rule]] table, conditions first (empty ones left out)."""
+    ports = [lo if lo == hi else f"{lo}-{hi}" for lo, hi in rule.ports]
+    fields: list[tuple[str, list[Any]]] = [
+        ("domain", list(rule.domains)),
+        ("cidr", [str(n) for n in rule.networks]),
+        ("port", ports),
+        ("uid", sorted(rule.uids)),
+        ("process", sorted(rule.processes)),
+        ("protocol", sorted(rule.protocols)),
+        ("action", list(rule.action)),
+    ]
+    out = [f"{key} = {_toml(value)}" for key, value in fields if value]
+    if rule.refusal != errno.ECONNREFUSED:
+        out.append(f"errno = {_toml(errno.errorcode[rule.refusal])}")
+    return out
 
 
 def _toml(value: object) -> str:

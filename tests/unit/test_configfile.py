@@ -142,6 +142,25 @@ def test_print_config_shows_the_effective_settings_and_reads_back(
     assert _options(["--config", str(again)]) == _options(argv)
 
 
+def test_print_config_keeps_the_dialers_and_the_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--config", str(REPO / "examples" / "rules.toml"), "--runtime-dir", str(tmp_path)]
+    assert cli.main([*argv, "--print-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "\n[dialers]\noffice = \"socks5://10.0.0.5:1080\"\n" in shown
+    assert '\n[[rule]]\ncidr = ["10.20.0.0/16"]\nport = [22, "8000-8999"]\n' in shown
+    assert 'errno = "EHOSTUNREACH"' in shown
+    first, again = _options(argv), _options(["--config", str(_file(tmp_path, shown))])
+
+    def unplaced(options: config.Options) -> list[object]:
+        return [dataclasses.replace(rule, where="") for rule in options.rules]
+
+    assert len(first.rules) == 4
+    assert unplaced(again) == unplaced(first)
+    assert dict(again.dialers) == {k: v for k, v in first.dialers.items()}
+
+
 def test_the_example_file_is_valid() -> None:
     read = configfile.read(REPO / "examples" / "tunio.toml")
     options = config.Options(**read.values, origins=read.origins)  # type: ignore[arg-type]
