@@ -200,6 +200,7 @@ def tun_drops(sys_net: str, tun: str) -> dict[str, int]:
 # at once a new one is closed unanswered.
 IDLE_TIMEOUT = 10.0
 MAX_CLIENTS = 16
+BUSY = b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\n\r\n"
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -214,6 +215,9 @@ class _Server(http.server.ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.refused += 1
+            with contextlib.suppress(OSError):  # a word if the socket takes it now, no wait
+                request.setblocking(False)
+                request.send(BUSY)
             self.shutdown_request(request)
             return
         try:
