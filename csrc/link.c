@@ -300,8 +300,14 @@ static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
                      const struct tunio_wire_header *h, zmq_msg_t *payload)
 {
     int w = find_worker(l, id, id_len);
-    if (w >= 0 && l->workers[w].alive) {
-        /* A worker saying HELLO again has dropped its flows: drop ours too. */
+    int again = w >= 0 && l->workers[w].alive;
+    if (again) {
+        /* A worker saying HELLO again has dropped its flows: drop ours too. A worker that
+         * started before its stack said HELLO more than once, and all of them come at once:
+         * only one that drops flows is news. */
+        if (l->workers[w].flows)
+            tunio_log(TUNIO_LOG_WARNING, "worker %s said HELLO again: resetting its %u flows",
+                      l->workers[w].name, l->workers[w].flows);
         l->workers[w].alive = 0;
         l->cfg.on_worker_lost(l->cfg.owner, w);
     } else if (w < 0) {
@@ -327,7 +333,8 @@ static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
     wk->capacity = h->arg;
     wk->features = h->flags;
     wk->last_seen = tunio_now_ms();
-    tunio_log(TUNIO_LOG_INFO, "worker %s joined (%d alive)", wk->name, alive_workers(l));
+    if (!again)
+        tunio_log(TUNIO_LOG_INFO, "worker %s joined (%d alive)", wk->name, alive_workers(l));
     tunio_link_send(l, w, TUNIO_CMD_HELLO, 0, 0, STACK_NAME, strlen(STACK_NAME));
 }
 

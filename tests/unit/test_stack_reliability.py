@@ -276,6 +276,27 @@ def test_a_region_of_another_layout_is_not_adopted(tmp_path: Path) -> None:
             os.close(region)
 
 
+# ---------------------------------------------------------------- HELLO said again
+
+
+def test_a_hello_said_again_is_news_only_when_it_drops_flows(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A worker that started before its stack has said HELLO several times, and they all come
+    at once: it joined once. A HELLO again with flows open resets them, and says so."""
+    with stack_rig(tmp_path, log_level="info") as rig:
+        rig.send(wire.Cmd.HELLO, payload=b"test-worker")
+        assert rig.recv().cmd is wire.Cmd.HELLO
+        msg = rig.open(41600, 80)
+        rig.send(wire.Cmd.HELLO, payload=b"test-worker")
+        assert rig.recv().cmd is wire.Cmd.HELLO
+        rig.wait_stat("flows_active", 0)
+        assert msg.flow  # the held flow went with the session
+    err = capfd.readouterr().err
+    assert err.count("worker test-worker joined (1 alive)") == 1
+    assert err.count("worker test-worker said HELLO again: resetting its 1 flows") == 1
+
+
 # ---------------------------------------------------------------- an oversized frame
 
 

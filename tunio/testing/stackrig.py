@@ -104,6 +104,7 @@ def stack_rig(tmp_path: Path, features: int = 0, **overrides: object) -> Iterato
     # The test's worker answers heartbeats only while it reads: a long interval keeps a loaded
     # machine from declaring it dead; the test of dead workers sets a short one.
     overrides.setdefault("heartbeat_interval", 30.0)
+    overrides.setdefault("log_level", "warning")
     window = overrides.pop("window", WINDOW)
     assert isinstance(window, int)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -114,7 +115,6 @@ def stack_rig(tmp_path: Path, features: int = 0, **overrides: object) -> Iterato
         addresses=(ipaddress.IPv4Interface("127.0.0.1/8"), ipaddress.IPv6Interface(f"{APP6}/64")),
         endpoint=endpoint,
         window=window,
-        log_level="warning",
         **overrides,  # type: ignore[arg-type]
     )
     stack = Stack(cfg)
