@@ -120,12 +120,17 @@ def _line_in(lines: list[str], table: str, index: int, key: str) -> int:
 
 
 def _line_of(lines: list[str], key: str) -> int:
-    """The line that sets top-level `key` (1-based); 0 if it cannot be found."""
-    pattern = re.compile(rf"""^\s*(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')\s*=""")
+    """The line that sets top-level `key` (1-based), or its table's header ([key], [[key]], or a
+    dotted [key.x]); 0 if it cannot be found."""
+    name = rf"""(?:{re.escape(key)}|"{re.escape(key)}"|'{re.escape(key)}')"""
+    pattern = re.compile(rf"^\s*{name}\s*[=.]")  # key = ..., or a dotted key.x = ...
+    header = re.compile(rf"^\s*\[\[?\s*{name}\s*[\].]")
+    in_tables = False
     for number, line in enumerate(lines, 1):
-        if line.lstrip().startswith("["):
-            break  # top-level keys come before the first table
-        if pattern.match(line):
+        if header.match(line):
+            return number
+        in_tables = in_tables or line.lstrip().startswith("[")
+        if not in_tables and pattern.match(line):  # top-level keys come before the first table
             return number
     return 0
 

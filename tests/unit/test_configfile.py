@@ -90,6 +90,8 @@ def test_a_repeated_flag_replaces_the_files_array(tmp_path: Path) -> None:
         ('egress_mark = "mark"\n', ':1: egress_mark = "mark": expected a number (or 0x hex)'),
         ('route = ["default", 3]\n', ":1: route = 3: expected a string"),
         ("mtu = \n", "not valid TOML"),
+        ('tun = "a"\n\n[workers]\nx = 1\n', ":3: workers = {'x': 1}: expected an integer"),
+        ('tun = "a"\nworkers.x = 1\n', ":2: workers = {'x': 1}: expected an integer"),
     ],
 )
 def test_a_bad_key_or_value_names_file_line_and_key(
