@@ -45,8 +45,8 @@ def free_table() -> int:
 def _copy(route: dict[str, Any], family: str, table: int) -> Change:
     """`route` of the main table, again in `table`."""
     dst = str(route["dst"])
-    path = [*(("via", str(route["gateway"])) if route.get("gateway") else ()), "dev", route["dev"],
-            *(("onlink",) if "onlink" in route.get("flags", ()) else ())]  # fmt: skip
+    gateway = str(route["gateway"]) if route.get("gateway") else None
+    path = tundev.nexthop(gateway, str(route["dev"]), "onlink" in route.get("flags", ()))
     extra = [*(("scope", route["scope"]) if route.get("scope") == "link" else ()),
              *(("src", route["prefsrc"]) if route.get("prefsrc") else ())]  # fmt: skip
     where = ("table", str(table))

@@ -421,7 +421,7 @@ def pool_routes(routes: tuple[str, ...], pools: tuple[Network, ...]) -> tuple[st
     for pool in pools:
         covered = False
         for route in routes:
-            if route in ("default", "::/0"):
+            if route in tundev.DEFAULT_ROUTES:
                 covered = covered or (route == "default") == (pool.version == 4)
                 continue
             net = ipaddress.ip_network(route)

@@ -79,7 +79,7 @@ def route_changes(tun: str, routes: Iterable[str]) -> list[Change]:
     for route in routes:
         v6 = tundev.route_version(route) == 6
         family = "-6" if v6 else "-4"
-        if route in ("default", "0.0.0.0/0", "::/0"):
+        if route in tundev.DEFAULT_ROUTES:
             halves = (
                 "--route ::/1 --route 8000::/1" if v6 else "--route 0.0.0.0/1 --route 128.0.0.0/1"
             )
@@ -105,8 +105,7 @@ def exclude_changes(tun: str, excludes: Iterable[str]) -> list[Change]:
             raise ConfigError(f"--exclude {network}: the host has no route to it now")
         if via.dev == tun:
             raise ConfigError(f"--exclude {network}: the host routes it into {tun} already")
-        path = (*(("via", via.gateway) if via.gateway else ()), "dev", via.dev,
-                *(("onlink",) if via.onlink else ()))  # fmt: skip
+        path = tundev.nexthop(via.gateway, via.dev, via.onlink)
         out.append(Change(f"route {network} kept out of {tun} ({' '.join(path)})",
                           (family, "route", "add", network, *path),
                           (family, "route", "del", network, *path)))  # fmt: skip

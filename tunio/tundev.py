@@ -174,6 +174,16 @@ def check_address_free(name: str, address: Interface) -> bool:
     return owner == name
 
 
+#: each family's default route, as tunio's routes spell it (config.parse_route makes them so)
+DEFAULT_ROUTES = ("default", "::/0")
+
+
+def nexthop(gateway: str | None, dev: str, onlink: bool = False) -> tuple[str, ...]:
+    """`ip route` arguments for a way out: via the gateway (if any), on the device, and
+    `onlink` when the main table's route has it (a copy without it is refused)."""
+    return (*(("via", gateway) if gateway else ()), "dev", dev, *(("onlink",) if onlink else ()))
+
+
 def route_version(destination: str) -> int:
     """4 for "default" and IPv4 networks, 6 for IPv6 ones ("::/0" is IPv6's default)."""
     return 6 if ":" in destination else 4
