@@ -25,8 +25,8 @@ def check_endpoint(text: str, option: str = "--endpoint") -> str:
     """`text` if it is an endpoint tunio can use, else ConfigError naming `option` and the fault."""
     if not text.startswith(SCHEMES):
         raise ConfigError(f"{option} {text!r}: use ipc://PATH or tcp://HOST:PORT")
-    rest = text[len("ipc://") :]
-    if text.startswith("ipc://"):
+    scheme, _, rest = text.partition("://")
+    if scheme == "ipc":
         if not rest:
             raise ConfigError(f"{option} {text!r}: give a path after ipc://")
         if len(os.fsencode(rest)) > SUN_PATH_MAX:
