@@ -47,6 +47,7 @@
 #define EVENTS_PER_WAIT 256
 #define TICK_MS 250u
 #define STOP_WAIT_MS 1000u   /* the readers pass the stop's resets on within this, or stop anyway */
+#define STOP_QUIET_MS 20u    /* and then run until the apps have been silent this long */
 #define REFUSAL_LOG_MS 1000u /* refusals are logged at most this often, with their counts */
 
 /* epoll tags: the low byte says what an event is for; flows carry their id above it. */
@@ -797,12 +798,41 @@ static size_t accept_queue(int fd)
     return getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0 ? ti.tcpi_unacked : 0;
 }
 
+static uint64_t packets_read(const struct tunio_stack *s)
+{
+    struct tunio_stats st;
+    memset(&st, 0, sizeof(st));
+    for (int i = 0; i < s->n_readers; i++)
+        tunio_reader_add_stats(s->readers[i], &st);
+    return st.packets_read;
+}
+
+/* An app can ignore the RST it was sent: one whose sequence number is ahead of what it has
+ * received (a segment of the flow still on its way, or lost) only earns a challenge ACK
+ * (RFC 5961). Whatever an app sends after the stop's resets gets a RST whose sequence number is
+ * the app's own acknowledgement, which it cannot refuse (the kernel's, for a flow whose socket
+ * is gone; the readers', for a finished entry), but only while the readers run: so they run
+ * until the apps have been silent for STOP_QUIET_MS. */
+static void wait_for_silence(const struct tunio_stack *s, uint64_t start)
+{
+    struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000L};
+    uint64_t seen = packets_read(s), quiet_since = tunio_now_ms();
+    while (tunio_now_ms() - start < STOP_WAIT_MS && tunio_now_ms() - quiet_since < STOP_QUIET_MS) {
+        nanosleep(&ms, NULL);
+        uint64_t now_read = packets_read(s);
+        if (now_read != seen) {
+            seen = now_read;
+            quiet_since = tunio_now_ms();
+        }
+    }
+}
+
 /* The stop, after the loop: no app may be left hanging. New SYNs get a RST from the readers;
  * every flow is reset (accepted sockets closed abortively: the kernel sends each app a RST, which
  * the readers translate; held SYNs answered with a RST); closing the listeners resets what they
  * had not handed out; UDP sessions end; the workers get BYE (they close their destinations'
  * sockets abortively). Then the readers run until they have passed on as many RSTs towards the
- * apps as the stop caused, STOP_WAIT_MS at most. */
+ * apps as the stop caused and the apps fall silent (wait_for_silence), STOP_WAIT_MS at most. */
 static void reset_everything(struct tunio_stack *s)
 {
     uint64_t start = tunio_now_ms();
@@ -825,6 +855,7 @@ static void reset_everything(struct tunio_stack *s)
     struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000L};
     while (rst_to_apps(s) - before < resets && tunio_now_ms() - start < STOP_WAIT_MS)
         nanosleep(&ms, NULL); /* the readers' progress has no event of its own to wait on */
+    wait_for_silence(s, start);
     uint64_t passed = rst_to_apps(s) - before;
     tunio_log(passed < resets ? TUNIO_LOG_WARNING : TUNIO_LOG_DEBUG,
               "stop: %zu flows reset, %llu of their RSTs passed on to the apps in %llu ms", resets,

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     one_arena()  # before any thread: the children forked later inherit our arenas
     # SIGHUP reads the same file with the same flags again
-    return Supervisor(options, reload=lambda: options_from(args)).run()
+    return Supervisor(options, reload=lambda: options_from(args), exiting=True).run()
 
 
 def _show(options: Options, *, dry_run: bool) -> int:

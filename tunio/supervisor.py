@@ -105,9 +105,12 @@ class Supervisor:
         tun_path: str = tundev.TUN_PATH,
         lock_dir: Path | None = None,
         reload: Callable[[], Options] | None = None,
+        exiting: bool = False,
     ) -> None:
         """`reload`, if given, makes the options a reload (SIGHUP) puts in force: the CLI's
-        reads its configuration file and flags again. Without it, `reload_with(options)`."""
+        reads its configuration file and flags again. Without it, `reload_with(options)`.
+        `exiting`: the process ends when run() returns (tunio-run), so the signals stay ignored
+        after the stop instead of getting their previous handlers back."""
         self.options = options
         self.ready = threading.Event()
         # the latest counters of each child ("stack", "worker-0", ...), as they report them
@@ -125,6 +128,7 @@ class Supervisor:
         self._wake_lock = threading.Lock()
         self._stop_reason: str | None = None
         self._reloader = reload
+        self._exiting = exiting
         self._reload_pending: Options | bool = False  # True: ask the reloader
         self._generation = 1
         self._retiring: list[_Child] = []  # older generations' workers, draining
@@ -204,7 +208,10 @@ class Supervisor:
             yield
         finally:
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                # A service manager may ask twice (systemd's stop, then a user's kill): once
+                # everything is undone, a second SIGTERM during the interpreter's exit must not
+                # turn the clean exit into death by signal (-15 instead of 0).
+                signal.signal(sig, signal.SIG_IGN if self._exiting else handler)
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if os.getpid() != self._pid:

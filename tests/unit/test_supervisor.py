@@ -789,6 +789,23 @@ def test_tunio_run_process_stops_cleanly_on_sigterm(world: World) -> None:
     _assert_dead(world.pids("stack") + world.pids("worker-0") + world.pids("worker-1"))
 
 
+@pytest.mark.parametrize("exiting", [False, True])
+def test_signals_after_the_stop(world: World, exiting: bool) -> None:
+    """A library caller gets its handlers back; tunio-run (exiting) keeps ignoring a second
+    SIGTERM, which would otherwise kill the interpreter's exit and turn 0 into -15."""
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    mine = {sig: signal.signal(sig, signal.SIG_DFL) for sig in sigs}
+    try:
+        supervisor = Supervisor(_options(world), exiting=exiting, lock_dir=world.locks)
+        with supervisor._signals():
+            assert {signal.getsignal(sig) for sig in sigs} == {supervisor._on_signal}
+        want = signal.SIG_IGN if exiting else signal.SIG_DFL
+        assert [signal.getsignal(sig) for sig in sigs] == [want] * 3
+    finally:
+        for sig, handler in mine.items():
+            signal.signal(sig, handler)
+
+
 def test_children_go_with_a_killed_tunio_run(world: World) -> None:
     """kill -9 of tunio-run: the stack and the workers get SIGTERM from the kernel (their parent
     died) and exit; none runs on under init, holding the device and its lock."""
