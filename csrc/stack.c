@@ -807,23 +807,26 @@ static uint64_t packets_read(const struct tunio_stack *s)
     return st.packets_read;
 }
 
-/* An app can ignore the RST it was sent: one whose sequence number is ahead of what it has
- * received (a segment of the flow still on its way, or lost) only earns a challenge ACK
- * (RFC 5961). Whatever an app sends after the stop's resets gets a RST whose sequence number is
- * the app's own acknowledgement, which it cannot refuse (the kernel's, for a flow whose socket
- * is gone; the readers', for a finished entry), but only while the readers run: so they run
- * until the apps have been silent for STOP_QUIET_MS. */
-static void wait_for_silence(const struct tunio_stack *s, uint64_t start)
+/* The readers run until they have passed on the stop's `resets` RSTs and the apps have fallen
+ * silent for STOP_QUIET_MS, STOP_WAIT_MS after `start` at most. The silence is for an app that
+ * ignores the RST it was sent: one whose sequence number is ahead of what it has received (a
+ * segment of the flow still on its way, or lost) only earns a challenge ACK (RFC 5961). Whatever
+ * an app sends after the resets gets a RST whose sequence number is the app's own
+ * acknowledgement, which it cannot refuse (the kernel's, for a flow whose socket is gone; the
+ * readers', for a finished entry), but only while the readers run. */
+static void wait_for_readers(struct tunio_stack *s, uint64_t start, uint64_t before, size_t resets)
 {
     struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000L};
     uint64_t seen = packets_read(s), quiet_since = tunio_now_ms();
-    while (tunio_now_ms() - start < STOP_WAIT_MS && tunio_now_ms() - quiet_since < STOP_QUIET_MS) {
-        nanosleep(&ms, NULL);
-        uint64_t now_read = packets_read(s);
-        if (now_read != seen) {
-            seen = now_read;
-            quiet_since = tunio_now_ms();
+    for (uint64_t now = quiet_since; now - start < STOP_WAIT_MS; now = tunio_now_ms()) {
+        uint64_t read = packets_read(s);
+        if (read != seen) {
+            seen = read;
+            quiet_since = now;
+        } else if (rst_to_apps(s) - before >= resets && now - quiet_since >= STOP_QUIET_MS) {
+            return;
         }
+        nanosleep(&ms, NULL); /* the readers' progress has no event of its own to wait on */
     }
 }
 
@@ -832,7 +835,7 @@ static void wait_for_silence(const struct tunio_stack *s, uint64_t start)
  * the readers translate; held SYNs answered with a RST); closing the listeners resets what they
  * had not handed out; UDP sessions end; the workers get BYE (they close their destinations'
  * sockets abortively). Then the readers run until they have passed on as many RSTs towards the
- * apps as the stop caused and the apps fall silent (wait_for_silence), STOP_WAIT_MS at most. */
+ * apps as the stop caused and the apps fall silent (wait_for_readers), STOP_WAIT_MS at most. */
 static void reset_everything(struct tunio_stack *s)
 {
     uint64_t start = tunio_now_ms();
@@ -852,10 +855,7 @@ static void reset_everything(struct tunio_stack *s)
     tunio_udp_end_all(s->udp);
     tunio_link_bye_all(s->link);
     s->stop_resets = resets;
-    struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000L};
-    while (rst_to_apps(s) - before < resets && tunio_now_ms() - start < STOP_WAIT_MS)
-        nanosleep(&ms, NULL); /* the readers' progress has no event of its own to wait on */
-    wait_for_silence(s, start);
+    wait_for_readers(s, start, before, resets);
     uint64_t passed = rst_to_apps(s) - before;
     tunio_log(passed < resets ? TUNIO_LOG_WARNING : TUNIO_LOG_DEBUG,
               "stop: %zu flows reset, %llu of their RSTs passed on to the apps in %llu ms", resets,
