@@ -23,7 +23,9 @@ from tunio.dialers import (
     Socks5Dialer,
     StartConnect,
     load_dialer,
+    toward_proxy,
 )
+from tunio.dialers.base import connecting_to_proxy
 from tunio.dialers.direct import SO_MARK
 from tunio.errors import ConfigError, DialError
 
@@ -255,3 +257,22 @@ def test_load_rejects_with_config_error(user_module: str, spec: str) -> None:
     message = str(info.value)
     assert "\n" not in message
     assert spec.format(mod=user_module) in message
+
+
+def test_toward_proxy_holds_through_a_chains_inner_hops() -> None:
+    seen: list[bool] = []
+
+    async def dial() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append(connecting_to_proxy(task))
+        with toward_proxy():  # the first proxy, reached through...
+            with toward_proxy():  # ...the second
+                seen.append(connecting_to_proxy(task))
+            seen.append(connecting_to_proxy(task))  # still on the way to the first
+        seen.append(connecting_to_proxy(task))
+
+    asyncio.run(dial())
+    assert seen == [False, True, True, False]
+    with toward_proxy():  # outside a task: nothing to mark, and no error
+        pass

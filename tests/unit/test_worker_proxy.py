@@ -6,7 +6,9 @@ the whole request (so a handshake in more than one round trip would hang here)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import logging
 import socket
 import struct
 import threading
@@ -16,7 +18,8 @@ import pytest
 from lab.netlab import recv_exact
 
 from tests.unit.tablerig import MakeRig, Rig, rig_maker
-from tunio.dialers import HttpDialer, Socks5Dialer
+from tunio.dialers import DirectDialer, FunctionDialer, HttpDialer, Socks5Dialer
+from tunio.dialers.base import Dialer
 from tunio.wire import Cmd
 from tunio.worker.dial import Connecting
 from tunio.worker.flow import State
@@ -186,6 +189,63 @@ def test_proxy_down_is_refused(rigs: MakeRig) -> None:
     rig = rigs(Socks5Dialer("127.0.0.1", port))
     rig.open(1)
     assert rig.expect(Cmd.OPEN_FAIL, 1).arg == errno.ECONNREFUSED
+
+
+@contextlib.contextmanager
+def deaf_port() -> Iterator[int]:
+    """A loopback port whose SYNs are dropped, as a blackholed proxy's would be: its listener
+    (backlog 0) never accepts, and one connection fills its queue."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)):
+            yield port
+
+
+def through(how: str, port: int) -> Dialer:
+    if how == "task":  # a chain's first hop is dialled in a task (tunio.dialers.proxy)
+        return Socks5Dialer("127.0.0.1", port, via=FunctionDialer(DirectDialer().dial))
+    return Socks5Dialer("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("how", ["epoll", "task"])
+def test_a_proxy_that_never_answers_the_connect_is_unreachable(
+    rigs: MakeRig, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tunio.worker")
+    with deaf_port() as port:
+        rig = rigs(through(how, port), connect_timeout=0.2)
+        rig.open(1)
+        assert isinstance(rig.table.flows[1].dial, Connecting) == (how == "epoll")
+        assert rig.expect(Cmd.OPEN_FAIL, 1).arg == errno.EHOSTUNREACH
+        rig.step()
+        assert no_tasks(rig)
+    why = {
+        "epoll": f"socks5 proxy 127.0.0.1:{port}: cannot reach it: Connection timed out (0.2 s)",
+        "task": "no connection to the proxy within 0.2 s",
+    }[how]
+    assert why in caplog.text
+
+
+def test_a_destination_that_never_answers_stays_silent(rigs: MakeRig) -> None:
+    """A direct dial's timeout is the destination's silence (ETIMEDOUT: the stack answers
+    nothing), and so is a proxy that took the connection but not yet the request's answer."""
+    with deaf_port() as port:
+        rig = rigs(DirectDialer(), connect_timeout=0.2)
+        rig.open(1, port=port)
+        assert rig.expect(Cmd.OPEN_FAIL, 1).arg == errno.ETIMEDOUT
+
+    def script(conn: socket.socket) -> None:
+        recv_exact(conn, 13)
+        assert conn.recv(1) == b""  # no answer: the dial gives up and closes
+
+    for how in ("epoll", "task"):
+        proxy = Proxy(script)
+        rig = rigs(through(how, proxy.port), connect_timeout=0.3)
+        rig.open(2)
+        assert rig.expect(Cmd.OPEN_FAIL, 2).arg == errno.ETIMEDOUT
+        rig.step()  # the cancelled task closes its proxy connection
+        proxy.close()
+        assert no_tasks(rig)
 
 
 def test_rst_while_handshaking_resets_the_proxy_connection(rigs: MakeRig) -> None:

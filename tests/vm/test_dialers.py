@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import pytest
 from lab.netlab import (
+    BLACKHOLE_ADDRESS,
     PEER_PORTS,
     SERVER_ADDRESS,
     UNREACHABLE_ADDRESS,
@@ -186,6 +187,29 @@ def test_chain_socks5_then_http(
     assert tunio.running()
     # both proxies saw the flow: dante tunnelled to tinyproxy, which reached the server
     proxies["http-auth"].log.wait_for(rf"CONNECT {SERVER_ADDRESS}:{PEER_PORTS['source']}", 5.0)
+
+
+@pytest.mark.parametrize("scheme", ["socks5", "http"])
+def test_a_proxy_that_never_answers_is_unreachable_at_once(
+    lab: Lab, proxies: dict[str, Proxy], run_tunio: list[TunioProcess], scheme: str
+) -> None:
+    """The proxy's address is blackholed (srv drops its SYNs): the dial's timeout finds it still
+    connecting to the proxy, so the app hears "no route to host" when --connect-timeout runs
+    out, not silence that would leave it to its own SYN retries for two minutes."""
+    tunio = lab.start_tunio(["--dialer", f"{scheme}://{BLACKHOLE_ADDRESS}:1080",
+                             "--connect-timeout", "1"])  # fmt: skip
+    run_tunio.append(tunio)
+    started = time.monotonic()
+    assert connect_errno(lab, SERVER_ADDRESS, PEER_PORTS["echo"]) == errno.EHOSTUNREACH
+    assert time.monotonic() - started >= 0.9  # the answer waited for the timeout
+    tunio.log.wait_for(
+        rf"dial {SERVER_ADDRESS}:{PEER_PORTS['echo']} failed: EHOSTUNREACH \({scheme} proxy "
+        rf"{BLACKHOLE_ADDRESS}:1080: cannot reach it: Connection timed out \(1 s\)\)",
+        5.0,
+    )
+    # and the next connect dials afresh, with the same answer
+    assert connect_errno(lab, SERVER_ADDRESS, PEER_PORTS["echo"]) == errno.EHOSTUNREACH
+    assert tunio.running()
 
 
 # ---------------------------------------------------------------- UDP ASSOCIATE

@@ -15,6 +15,7 @@ from tunio.dialers.base import (
     FunctionDialer,
     PingDialer,
     StartConnect,
+    toward_proxy,
 )
 from tunio.dialers.direct import DirectDialer
 from tunio.dialers.http import HttpDialer
@@ -40,6 +41,7 @@ __all__ = [
     "StartConnect",
     "label",
     "load_dialer",
+    "toward_proxy",
 ]
 
 _ACCEPTED = (

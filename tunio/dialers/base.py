@@ -4,10 +4,13 @@ for UDP (optionally) a datagram session; a dialer may also start a connect witho
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,42 @@ class Handshake(Protocol):
     def failed_to_connect(self, code: int) -> str:
         """The words for a connection to the proxy that failed with errno `code`."""
         ...
+
+
+#: the dial tasks inside `toward_proxy`, each with how deep (a chain reaches its inner proxies
+#: inside the connection to its outer one)
+_toward_proxy: weakref.WeakKeyDictionary[asyncio.Task[Any], int] = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def toward_proxy() -> Iterator[None]:
+    """Marks the dial running in this task as still connecting to its proxy, for the body of
+    the `with`. A dial whose timeout comes there never reached the way out, so the app is told
+    at once that the destination cannot be reached (EHOSTUNREACH, ICMP host unreachable)
+    instead of the silence of a timeout, which would leave it to its own SYN retries (two
+    minutes, by Linux's defaults) for a proxy that is down. The built-in proxy dialers use it;
+    a dialer of one's own that goes through a proxy may too."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no loop running: no dial to mark
+        task = None
+    if task is None:
+        yield
+        return
+    _toward_proxy[task] = _toward_proxy.get(task, 0) + 1
+    try:
+        yield
+    finally:
+        left = _toward_proxy[task] - 1
+        if left:
+            _toward_proxy[task] = left
+        else:
+            del _toward_proxy[task]
+
+
+def connecting_to_proxy(task: asyncio.Task[Any]) -> bool:
+    """Whether the dial in `task` is inside `toward_proxy` now."""
+    return task in _toward_proxy
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from typing import ClassVar
 from urllib.parse import unquote, urlsplit
 
 from tunio.dialers import _stream
-from tunio.dialers.base import Address, Dialer, Handshake
+from tunio.dialers.base import Address, Dialer, Handshake, toward_proxy
 from tunio.dialers.direct import DirectDialer
 from tunio.errors import ConfigError, DialError
 
@@ -105,9 +105,7 @@ class ProxyHandshake:
         except (BlockingIOError, InterruptedError):
             return None
         if not seen:
-            raise DialError(
-                errno.ECONNRESET, f"{self.name} closed the connection in the handshake"
-            )
+            raise DialError(errno.ECONNRESET, f"{self.name} closed the connection in the handshake")
         return seen
 
 
@@ -173,9 +171,7 @@ class ProxyDialer:
         """Ask the proxy, over `sock`, for a tunnel to `dst`; DialError if it says no."""
         await _stream.drive(self.machine(dst), sock)
 
-    def start_handshake(
-        self, dst: Address, src: Address
-    ) -> tuple[socket.socket, Handshake] | None:
+    def start_handshake(self, dst: Address, src: Address) -> tuple[socket.socket, Handshake] | None:
         """tunio.dialers.base.StartHandshake: the connect to the proxy started, and the
         handshake to speak once it is up; None if this dialer must dial with `dial` (a chain,
         a proxy given by name, or a subclass with a `handshake` of its own)."""
@@ -206,14 +202,16 @@ class ProxyDialer:
         return sock
 
     async def connect_proxy(self, src: Address) -> socket.socket:
-        """A connection to the proxy itself, made by `via`."""
-        target = self.proxy
-        if isinstance(self.via, DirectDialer) and not is_ip(target.host):
-            target = await self._resolve(target)
-        try:
-            return await self.via.dial(target, src)
-        except OSError as exc:
-            raise self.error(exc, "cannot reach it: ") from exc
+        """A connection to the proxy itself, made by `via` (its name looked up first, if it
+        has one); a timeout in here is the way out's failure (see `toward_proxy`)."""
+        with toward_proxy():
+            target = self.proxy
+            if isinstance(self.via, DirectDialer) and not is_ip(target.host):
+                target = await self._resolve(target)
+            try:
+                return await self.via.dial(target, src)
+            except OSError as exc:
+                raise self.error(exc, "cannot reach it: ") from exc
 
     async def _resolve(self, target: Address) -> Address:
         loop = asyncio.get_running_loop()

@@ -70,8 +70,11 @@ def query(name: str, qtype: int, qid: int) -> bytes:
         if not 1 <= len(raw) <= 63:
             raise DialError(errno.EHOSTUNREACH, f"{name!r} is not a domain name")
         labels += bytes([len(raw)]) + raw
-    return struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack(
-        ">HH", qtype, CLASS_IN
+    return (
+        struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+        + labels
+        + b"\0"
+        + struct.pack(">HH", qtype, CLASS_IN)
     )
 
 

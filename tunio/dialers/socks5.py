@@ -296,7 +296,7 @@ class Socks5Handshake(ProxyHandshake):
         if len(data) < end:
             return None
         try:
-            decode_address(data[: end], at + 3)
+            decode_address(data[:end], at + 3)
         except (ValueError, UnicodeError) as exc:
             raise DialError(errno.EPROTO, f"{self.name}: bad bound address: {exc}") from None
         return end

@@ -22,7 +22,14 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
-from tunio.dialers.base import Address, Dialer, Handshake, StartConnect, StartHandshake
+from tunio.dialers.base import (
+    Address,
+    Dialer,
+    Handshake,
+    StartConnect,
+    StartHandshake,
+    connecting_to_proxy,
+)
 
 log = logging.getLogger("tunio.worker")
 
@@ -98,7 +105,20 @@ class Dial(Generic[K, T]):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self._end(None, errno.ETIMEDOUT, _no_connection(self._dialing.timeout))
+        unreached = self._proxy_unreached()
+        if unreached is not None:
+            self._end(None, errno.EHOSTUNREACH, unreached)
+        else:
+            self._end(None, errno.ETIMEDOUT, _no_connection(self._dialing.timeout))
+
+    def _proxy_unreached(self) -> str | None:
+        """Why, if the timeout finds the dial still connecting to its proxy
+        (tunio.dialers.base.toward_proxy): the way out is down, and the app is told at once
+        (EHOSTUNREACH), not left to the silence of ETIMEDOUT, which mirrors a destination that
+        does not answer."""
+        if self._task is not None and connecting_to_proxy(self._task):
+            return f"no connection to the proxy within {self._dialing.timeout:g} s"
+        return None
 
     def _end(self, result: T | None, code: int, why: str) -> None:
         self._stop()
@@ -185,6 +205,12 @@ class Connecting(Dial[K, socket.socket]):
             self._end(sock, 0, "")
         elif hs.patience is not None and self._patience is None:
             self._patience = self._dialing.loop.call_later(hs.patience, self._impatient)
+
+    def _proxy_unreached(self) -> str | None:
+        hs = self.handshake
+        if hs is not None and not self.handshaking:
+            return f"{hs.failed_to_connect(errno.ETIMEDOUT)} ({self._dialing.timeout:g} s)"
+        return None
 
     def _impatient(self) -> None:
         self._patience = None
