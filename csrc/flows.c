@@ -1216,8 +1216,10 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
 
 /* ---- workers lost, expiries ---- */
 
-void tunio_flows_worker_lost(struct tunio_flows *fl, int worker)
+void tunio_flows_worker_lost(struct tunio_flows *fl, int worker, uint32_t *reset,
+                             uint32_t *redialed)
 {
+    uint64_t reset_before = fl->flows_reset, retried_before = fl->flows_retried;
     for (uint32_t b = 0; b <= fl->mask; b++) {
         struct flow *f = fl->buckets[b];
         while (f) {
@@ -1231,6 +1233,8 @@ void tunio_flows_worker_lost(struct tunio_flows *fl, int worker)
             f = next;
         }
     }
+    *reset = (uint32_t)(fl->flows_reset - reset_before);
+    *redialed = (uint32_t)(fl->flows_retried - retried_before);
 }
 
 /* Whether a DNS flow is idle (RFC 7766 §6.2.3): no query unanswered (none waiting for the

@@ -70,8 +70,10 @@ void tunio_flows_on_message(struct tunio_flows *fl, int worker, const struct tun
                             zmq_msg_t *payload);
 /* The flows of `worker` are gone: those it had dialled are reset (the apps see a RST); those
  * still held (no OPEN_OK yet) are dialled again on another worker, refused only if none can (a
- * DNS flow's upstream that none can dial: its queries are answered SERVFAIL). */
-void tunio_flows_worker_lost(struct tunio_flows *fl, int worker);
+ * DNS flow's upstream that none can dial: its queries are answered SERVFAIL). How many of each:
+ * `reset`, `redialed`. */
+void tunio_flows_worker_lost(struct tunio_flows *fl, int worker, uint32_t *reset,
+                             uint32_t *redialed);
 /* Expires held SYNs the worker never answered and released SYNs never accepted, and closes the
  * stack's DNS connections that are idle (dns_idle_ms). */
 void tunio_flows_tick(struct tunio_flows *fl, uint64_t now);

@@ -285,15 +285,19 @@ static void worker_lost(struct tunio_link *l, int w, const char *why)
     if (!wk->alive)
         return;
     wk->alive = 0;
-    if (wk->draining && wk->flows == 0) {
-        /* A drained worker leaving once its flows are done: the end of a reload, not a loss. */
+    /* A drained worker leaving once its flows are done: the end of a reload, not a loss. */
+    int drained = wk->draining && wk->flows == 0;
+    struct tunio_link_lost lost = {0};
+    l->cfg.on_worker_lost(l->cfg.owner, w, &lost);
+    if (drained) {
         tunio_log(TUNIO_LOG_INFO, "worker %s left, drained (%s)", wk->name, why);
     } else {
         l->workers_lost++;
-        tunio_log(TUNIO_LOG_WARNING, "worker %s lost (%s): resetting its %u flows", wk->name, why,
-                  wk->flows);
+        tunio_log(TUNIO_LOG_WARNING,
+                  "worker %s lost (%s): %u flows reset, %u held flows passed to other workers, "
+                  "%u UDP sessions ended",
+                  wk->name, why, lost.reset, lost.redialed, lost.sessions);
     }
-    l->cfg.on_worker_lost(l->cfg.owner, w);
 }
 
 static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
@@ -305,11 +309,14 @@ static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
         /* A worker saying HELLO again has dropped its flows: drop ours too. A worker that
          * started before its stack said HELLO more than once, and all of them come at once:
          * only one that drops flows is news. */
-        if (l->workers[w].flows)
-            tunio_log(TUNIO_LOG_WARNING, "worker %s said HELLO again: resetting its %u flows",
-                      l->workers[w].name, l->workers[w].flows);
+        struct tunio_link_lost lost = {0};
         l->workers[w].alive = 0;
-        l->cfg.on_worker_lost(l->cfg.owner, w);
+        l->cfg.on_worker_lost(l->cfg.owner, w, &lost);
+        if (lost.reset || lost.redialed || lost.sessions)
+            tunio_log(TUNIO_LOG_WARNING,
+                      "worker %s said HELLO again: %u flows reset, %u held flows passed to other "
+                      "workers, %u UDP sessions ended",
+                      l->workers[w].name, lost.reset, lost.redialed, lost.sessions);
     } else if (w < 0) {
         for (w = 0; w < l->nworkers && l->workers[w].alive; w++)
             ;

@@ -17,6 +17,14 @@ struct tunio_wire_header;
 struct tunio_worker_info;
 struct tunio_link;
 
+/* What became of a lost worker's flows: the log line says what was done, not the worker's load,
+ * which counts the held flows that another worker now dials. */
+struct tunio_link_lost {
+    uint32_t reset;    /* flows the apps see reset (or refused, if none could dial again) */
+    uint32_t redialed; /* held flows passed to another worker */
+    uint32_t sessions; /* UDP sessions ended: their next datagram opens one elsewhere */
+};
+
 struct tunio_link_config {
     const char *endpoint;      /* the ROUTER binds it (copied) */
     const char *curve_secret;  /* z85 secret key: CURVE on the endpoint; NULL: off */
@@ -30,8 +38,9 @@ struct tunio_link_config {
     void (*on_message)(void *owner, int worker, const struct tunio_wire_header *h,
                        zmq_msg_t *payload);
     /* The flows and sessions of `worker` are gone: it was lost, or it said HELLO again. The
-     * worker is not alive while this runs: nothing new is sent to it or given to it. */
-    void (*on_worker_lost)(void *owner, int worker);
+     * worker is not alive while this runs: nothing new is sent to it or given to it. What
+     * became of them goes in `out`, for the link's log line. */
+    void (*on_worker_lost)(void *owner, int worker, struct tunio_link_lost *out);
     void *owner;
 };
 

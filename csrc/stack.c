@@ -425,7 +425,7 @@ static void upstream_of(const struct tunio_config *cfg, uint8_t *version, uint8_
 
 static void on_link_message(void *owner, int worker, const struct tunio_wire_header *h,
                             zmq_msg_t *payload);
-static void on_worker_lost(void *owner, int worker);
+static void on_worker_lost(void *owner, int worker, struct tunio_link_lost *out);
 
 static int make_link(struct tunio_stack *s, const struct tunio_config *cfg)
 {
@@ -679,11 +679,11 @@ static void on_link_message(void *owner, int worker, const struct tunio_wire_hea
         tunio_flows_on_message(s->flows, worker, h, payload);
 }
 
-static void on_worker_lost(void *owner, int worker)
+static void on_worker_lost(void *owner, int worker, struct tunio_link_lost *out)
 {
     struct tunio_stack *s = owner;
-    tunio_flows_worker_lost(s->flows, worker);
-    tunio_udp_worker_lost(s->udp, worker);
+    tunio_flows_worker_lost(s->flows, worker, &out->reset, &out->redialed);
+    out->sessions = tunio_udp_worker_lost(s->udp, worker);
 }
 
 /* New flows refused or deferred past a limit are logged from the tick, at most once a second, with how many

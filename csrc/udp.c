@@ -432,17 +432,21 @@ void tunio_udp_tick(struct tunio_udp *u, uint64_t now)
     }
 }
 
-void tunio_udp_worker_lost(struct tunio_udp *u, int worker)
+uint32_t tunio_udp_worker_lost(struct tunio_udp *u, int worker)
 {
+    uint32_t ended = 0;
     for (uint32_t b = 0; b < UDP_BUCKETS && u->sessions; b++) {
         struct udp_session *s = u->ids[b];
         while (s) {
             struct udp_session *next = s->by_id;
-            if (s->worker == worker)
+            if (s->worker == worker) {
                 session_free(u, s); /* the next datagram opens a session on another worker */
+                ended++;
+            }
             s = next;
         }
     }
+    return ended;
 }
 
 void tunio_udp_end_all(struct tunio_udp *u)

@@ -45,8 +45,9 @@ int tunio_udp_on_message(struct tunio_udp *u, int worker, const struct tunio_wir
                          zmq_msg_t *payload);
 /* Returns credit owed, ends idle sessions. */
 void tunio_udp_tick(struct tunio_udp *u, uint64_t now);
-/* Ends the sessions of `worker`: the next datagram opens a session on another one. */
-void tunio_udp_worker_lost(struct tunio_udp *u, int worker);
+/* Ends the sessions of `worker` (returns how many): the next datagram opens a session on
+ * another one. */
+uint32_t tunio_udp_worker_lost(struct tunio_udp *u, int worker);
 
 /* The stack stops: every session ends (RST(0) to its worker). */
 void tunio_udp_end_all(struct tunio_udp *u);

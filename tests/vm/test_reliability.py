@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import selectors
 import signal
 import socket
@@ -332,6 +333,23 @@ def test_held_connect_is_carried_by_another_worker(
         with result:
             result.sendall(MESSAGE)
             assert recv_exact(result, len(MESSAGE)) == MESSAGE
+        # The log line says what was done: the killed worker's connections reset (the others
+        # still echo), its held one passed on.
+        line = tunio.log.wait_for(
+            r"worker \S+ lost \(.*\): \d+ flows reset, 1 held flows passed to other workers, "
+            r"0 UDP sessions ended",
+            5.0,
+        )
+        reset = 0
+        for s in served:
+            try:
+                s.sendall(MESSAGE)
+                assert recv_exact(s, len(MESSAGE)) == MESSAGE
+            except (ConnectionResetError, BrokenPipeError):
+                reset += 1
+        said = re.search(r": (\d+) flows reset", line)
+        assert said is not None
+        assert int(said[1]) == reset, line
     finally:
         for s in served:
             s.close()
