@@ -65,7 +65,7 @@ class Options:
     log_level: str = defaults.LOG_LEVEL
     log_format: str = defaults.LOG_FORMAT
     max_flows: int = defaults.MAX_FLOWS
-    max_pending: int = defaults.MAX_PENDING
+    max_pending: int | None = None  # None: defaults.MAX_PENDING, or max_flows if lower
     metrics: str | None = None  # HOST:PORT of the Prometheus endpoint
     # DNS answered by the stack: None (off), "fake-ip[:CIDR[,CIDR6]]" or "hijack"
     dns: str | None = None
@@ -241,6 +241,14 @@ def _check_timeouts_and_sizes(options: Options) -> None:
         raise ConfigError(f"--txqueuelen {options.txqueuelen} is out of range: use 1..{1 << 20}")
 
 
+def pending_limit(options: Options) -> int:
+    """The SYNs held at once: --max-pending, or by default defaults.MAX_PENDING capped at
+    --max-flows (a pending flow is a flow)."""
+    if options.max_pending is not None:
+        return options.max_pending
+    return min(defaults.MAX_PENDING, options.max_flows)
+
+
 def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     """Check every option; ConfigError naming the first one that is wrong."""
     check_ifname(options.tun, "--tun")
@@ -278,10 +286,10 @@ def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     if options.log_format not in FORMATS:
         raise ConfigError(f"--log-format {options.log_format!r}: use one of {', '.join(FORMATS)}")
     for name, value in (("--max-flows", options.max_flows), ("--max-pending", options.max_pending)):
-        if not 1 <= value <= MAX_LIMIT:
+        if value is not None and not 1 <= value <= MAX_LIMIT:
             raise ConfigError(f"{name} {value} is out of range: use 1..{MAX_LIMIT}")
     # the default is capped at --max-flows; a --max-pending given above it is a mistake
-    if options.max_pending > options.max_flows and options.max_pending != defaults.MAX_PENDING:
+    if options.max_pending is not None and options.max_pending > options.max_flows:
         raise ConfigError(
             f"--max-pending {options.max_pending} is above --max-flows {options.max_flows}: "
             "a pending flow is a flow"

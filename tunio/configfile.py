@@ -191,7 +191,8 @@ def render(options: Any) -> str:
         if setting.invert:
             value = not value
         if value is None:
-            out.append(f"# {setting.key} is not set")
+            meaning = f": {setting.unset}" if setting.unset else ""
+            out.append(f"# {setting.key} is not set{meaning}")
             continue
         if setting.repeat:
             items = (value,) if isinstance(value, str) else tuple(value)

@@ -28,6 +28,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     invert: bool = False  # a --no-X flag: given (or true in a file), it sets the field False
     live: bool = False  # a reload (SIGHUP) can change it without a restart
+    unset: str = ""  # what the run does when it is not set, where that is not one value
 
     @property
     def key(self) -> str:
@@ -144,7 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max-pending", "max_pending", "int",
             "new TCP flows whose dial is still running (their SYN held); past this a new one "
             "is refused at once with a RST, as it is when its destination already holds a "
-            f"quarter of them (default: {defaults.MAX_PENDING}, or --max-flows if lower)", "N"),
+            f"quarter of them (default: {defaults.MAX_PENDING}, or --max-flows if lower)", "N",
+            unset=f"{defaults.MAX_PENDING}, or max_flows if lower"),
 )  # fmt: skip
 
 BY_FLAG: Mapping[str, Setting] = {s.flag: s for s in SETTINGS}

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunio import defaults, sdnotify, tundev, wayout
 from tunio.children import StatusChannel, stack_entry, worker_entry
-from tunio.config import Options, explain, validate
+from tunio.config import Options, explain, pending_limit, validate
 from tunio.errors import ConfigError, TunioError, describe
 from tunio.host import Host
 from tunio.netplan import Change
@@ -271,7 +271,7 @@ class Supervisor:
             curve_secret=keys.secret if keys else None,
             curve_clients=(keys.worker.public,) if keys else (),
             max_flows=opts.max_flows,
-            max_pending=min(opts.max_pending, opts.max_flows),
+            max_pending=pending_limit(opts),
             log_json=opts.log_format == "json",
             **(plan.dns.stack_fields() if plan.dns is not None else {}),
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunio import cli, config, configfile
+from tunio import cli, config, configfile, defaults
 from tunio.errors import ConfigError
 from tunio.settings import SETTINGS
 
@@ -140,6 +140,7 @@ def test_print_config_shows_the_effective_settings_and_reads_back(
     assert 'route = ["default"]\n' in shown
     assert "workers = 3\n" in shown
     assert "# egress_mark is not set\n" in shown
+    assert f"# max_pending is not set: {defaults.MAX_PENDING}, or max_flows if lower\n" in shown
     again = _file(tmp_path, shown)
     assert _options(["--config", str(again)]) == _options(argv)
 

@@ -24,13 +24,14 @@ from typing import Any
 
 import pytest
 
-from tunio import runtime, tundev
+from tunio import defaults, runtime, tundev
 from tunio.config import (
     Options,
     expand_routes,
     parse_address,
     parse_addresses,
     parse_route,
+    pending_limit,
     validate,
 )
 from tunio.errors import ConfigError, TunError, TunioError
@@ -403,6 +404,12 @@ def test_validate_names_the_bad_option(tmp_path: Path) -> None:
             validate(options, sys_net=str(tmp_path))
     # --max-flows alone, below the default --max-pending: the default is capped, no error
     validate(dataclasses.replace(good, max_flows=50), sys_net=str(tmp_path))
+    assert pending_limit(dataclasses.replace(good, max_flows=50)) == 50
+    # ...but the default's own value, given, is given: above --max-flows it is a mistake too
+    with pytest.raises(ConfigError, match=f"--max-pending {defaults.MAX_PENDING} is above"):
+        validate(dataclasses.replace(good, max_flows=50, max_pending=defaults.MAX_PENDING),
+                 sys_net=str(tmp_path))  # fmt: skip
+    assert pending_limit(dataclasses.replace(good, max_flows=50, max_pending=20)) == 20
 
 
 # ---------------------------------------------------------------- runtime directory
