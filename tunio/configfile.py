@@ -33,6 +33,25 @@ class FileSettings:
     origins: Mapping[str, str] = field(default_factory=dict)
 
 
+_AT_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+def _not_toml(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> str:
+    """tomllib's words, with the file's line number in front and the line itself behind: its
+    "Cannot overwrite a value" says neither which key nor that the key was given twice."""
+    why = str(exc)
+    at = _AT_LINE.search(why)
+    if at is None:
+        return f"{path}: not valid TOML: {why}"
+    number = int(at[1])
+    lines = text.splitlines()
+    shown = lines[number - 1].strip() if 0 < number <= len(lines) else ""
+    why = _AT_LINE.sub("", why).strip()
+    if why == "Cannot overwrite a value":
+        why = "a key given twice (or a value set again)"
+    return f"{path}:{number}: not valid TOML: {why}" + (f": {shown}" if shown else "")
+
+
 def read(path: Path) -> FileSettings:
     try:
         text = path.read_text(encoding="utf-8")
@@ -43,7 +62,7 @@ def read(path: Path) -> FileSettings:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raise ConfigError(_not_toml(path, text, exc)) from None
     lines = text.splitlines()
     values: dict[str, object] = {}
     origins: dict[str, str] = {}

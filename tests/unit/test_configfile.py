@@ -89,7 +89,11 @@ def test_a_repeated_flag_replaces_the_files_array(tmp_path: Path) -> None:
         ('log_level = "loud"\n', ':1: log_level = "loud": use one of debug, info, warning'),
         ('egress_mark = "mark"\n', ':1: egress_mark = "mark": expected a number (or 0x hex)'),
         ('route = ["default", 3]\n', ":1: route = 3: expected a string"),
-        ("mtu = \n", "not valid TOML"),
+        ("mtu = \n", ":1: not valid TOML"),
+        ("mtu = 9000\nmtu = 1500\n", ":2: not valid TOML: a key given twice (or a value set "
+                                      "again): mtu = 1500"),
+        ('[dialers]\na = "direct"\n[dialers]\n', ":3: not valid TOML: Cannot declare "
+                                                 "('dialers',) twice: [dialers]"),
         ('tun = "a"\n\n[workers]\nx = 1\n', ":3: workers = {'x': 1}: expected an integer"),
         ('tun = "a"\nworkers.x = 1\n', ":2: workers = {'x': 1}: expected an integer"),
     ],
