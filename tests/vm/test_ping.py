@@ -92,6 +92,32 @@ def test_ping_to_an_unreachable_host_gets_an_error(
     assert tunio.running()
 
 
+#: addresses the workers route to srv, which has no route for them and answers with ICMP
+ROUTER_REFUSES = {socket.AF_INET: ("198.18.7.1", "198.18.7.0/24"),
+                  socket.AF_INET6: ("fd00:18:7::1", "fd00:18:7::/48")}  # fmt: skip
+
+
+def test_a_routers_unreachable_reaches_the_app(
+    lab: Lab, tunio: TunioProcess, family: Family
+) -> None:
+    # The workers' route is fine; srv, the next hop, has none and answers the worker's echo
+    # with ICMP unreachable (IPv6: no route). The worker's ping socket hears of it (RECVERR)
+    # and the app gets the error for its own echo, as a direct ping would.
+    host, prefix = ROUTER_REFUSES[family.af]
+    v6 = ["-6"] if family.af == socket.AF_INET6 else []
+    lab.ip(lab.srv, *v6, "route", "add", "unreachable", prefix)
+    try:
+        code, out = ping(lab, host, "-c", "2", "-W", "2", "-i", "0.5")
+    finally:
+        lab.ip(lab.srv, *v6, "route", "del", "unreachable", prefix)
+    assert code != 0, out
+    assert statistics(out)[1] == 0, out
+    # IPv4: host unreachable; IPv6: no route, which Linux reports as ENETUNREACH
+    assert re.search(r"Destination (Host|Net) Unreachable|Destination unreachable", out), out
+    assert "bytes from" not in out, out
+    assert tunio.running()
+
+
 def test_ping_to_a_silent_host_stays_silent(
     lab: Lab, tunio: TunioProcess, family: Family
 ) -> None:

@@ -45,6 +45,14 @@ MAX_MESSAGE = 65535
 #: an echo's fixed part: type, code, checksum, identifier, sequence
 ECHO_HEADER = 8
 
+# IP_RECVERR / IPV6_RECVERR (not exported by every Python), by family: with it an ICMP error
+# about the session's echoes (a router's host unreachable, a TTL exceeded) fails the socket's
+# next recv with its errno; without it Linux tells a ping socket only of the "hard" ones, so the
+# app would hear nothing where a direct ping prints "Destination Host Unreachable"
+RECVERR: dict[int, tuple[int, int]] = {
+    socket.AF_INET: (socket.IPPROTO_IP, 11),
+    socket.AF_INET6: (socket.IPPROTO_IPV6, 25),
+}
 # Linux's names for the raw-socket ICMP filters (not exported by every Python)
 SOL_RAW = 255
 ICMP_FILTER = 1
@@ -112,12 +120,18 @@ class PingSession:
         return send_or_drop(lambda: self.sock.send(msg))  # a full buffer drops one echo
 
     def recv(self) -> tuple[bytes, Address] | None:
-        """The next echo reply from the destination (a whole ICMP message), or None."""
+        """The next echo reply from the destination (a whole ICMP message), or None; OSError
+        when an ICMP error about the session's echoes came (RECVERR): the worker ends the
+        session with that errno, and the stack answers the app's echo with ICMP unreachable."""
         while True:
             try:
                 data, addr = self.sock.recvfrom(MAX_MESSAGE)
             except (BlockingIOError, InterruptedError):
                 return None
+            except OSError as exc:
+                if exc.errno == errno.EMSGSIZE:
+                    continue  # a path MTU learned: that echo is lost, as without RECVERR
+                raise
             if not self.raw:
                 return data, self.dst  # the kernel matched it to our echo already
             reply = self._our_reply(data, addr)
@@ -164,6 +178,7 @@ def open_ping(
     ident: int | None = None
     try:
         sock.setblocking(False)
+        sock.setsockopt(*RECVERR[family], 1)
         if mark is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         if interface is not None:
