@@ -42,10 +42,9 @@ def redirect_dialer(table: dict[Address, Address], via: DirectDialer) -> Functio
 
 
 def from_env() -> FunctionDialer:
-    """The factory `--dialer redirect:from_env` names (REDIRECT_MAP, REDIRECT_MARK)."""
-    mark = os.environ.get("REDIRECT_MARK")
-    direct = DirectDialer(mark=int(mark, 0) if mark else None)
-    return redirect_dialer(parse_map(os.environ.get("REDIRECT_MAP", "")), direct)
+    """The factory `--dialer redirect:from_env` names (REDIRECT_MAP). Its DirectDialer is made
+    bare: in each worker it takes the run's way out (--egress-mark, --auto-bypass's mark)."""
+    return redirect_dialer(parse_map(os.environ.get("REDIRECT_MAP", "")), DirectDialer())
 
 
 def main() -> int:
@@ -59,7 +58,7 @@ def main() -> int:
     ap.add_argument("--map", type=parse_map, required=True, metavar="FROM=TO,...")
     args = ap.parse_args()
     logs.setup("info")
-    dialer = redirect_dialer(args.map, DirectDialer(mark=args.egress_mark))
+    dialer = redirect_dialer(args.map, DirectDialer())  # bare: the workers give it --egress-mark
     options = tunio.Options(
         tun=args.tun,
         address=args.address,

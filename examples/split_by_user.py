@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 
 import tunio
-from tunio import bypass, logs
+from tunio import logs
 from tunio.dialers import Dialer, DirectDialer, load_dialer
 
 BLOCKED = ipaddress.ip_network("192.0.2.0/24")  # refused for everyone, as an unreachable net
@@ -41,10 +41,10 @@ def split_by_user(user: int, proxy: Dialer, direct: Dialer) -> Callable[[tunio.F
 
 
 def from_env() -> Callable[[tunio.Flow], object]:
-    """For tunio-run --policy split_by_user:from_env."""
-    direct = DirectDialer(mark=int(os.environ.get("SPLIT_MARK", "0x7475"), 0))
-    proxy = load_dialer(os.environ["SPLIT_PROXY"], egress_mark=direct.mark)
-    return split_by_user(int(os.environ["SPLIT_USER"]), proxy, direct)
+    """For tunio-run --policy split_by_user:from_env. The dialers are made bare: in each worker
+    they take the run's way out (--egress-mark, --auto-bypass's mark, --egress-interface)."""
+    proxy = load_dialer(os.environ["SPLIT_PROXY"])
+    return split_by_user(int(os.environ["SPLIT_USER"]), proxy, DirectDialer())
 
 
 def main() -> int:
@@ -55,10 +55,10 @@ def main() -> int:
     ap.add_argument("--address", default="198.18.0.1/24")
     args = ap.parse_args()
     logs.setup("info")
-    # --auto-bypass lets marked sockets out past the TUN; the dialers made here carry the
-    # bypass's mark themselves (tunio marks only the dialers it builds from --dialer)
-    direct = DirectDialer(mark=bypass.MARK)
-    policy = split_by_user(args.user, load_dialer(args.proxy, egress_mark=bypass.MARK), direct)
+    # --auto-bypass lets marked sockets out past the TUN; the dialers made here bare get the
+    # bypass's mark in each worker, as the run's own do
+    direct = DirectDialer()
+    policy = split_by_user(args.user, load_dialer(args.proxy), direct)
     options = tunio.Options(tun=args.tun, address=args.address, auto_bypass=True,
                             routes=("0.0.0.0/1", "128.0.0.0/1"), dialer=direct, policy=policy)
     return tunio.run(options)

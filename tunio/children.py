@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from multiprocess.connection import Connection
 
     from tunio.dialers import Dialer
+    from tunio.dialers.resolve import Resolver
     from tunio.keys import WorkerKeys
     from tunio.policy import Policy
     from tunio.stack import StackConfig
@@ -77,11 +78,15 @@ def worker_entry(
     keys: WorkerKeys | None = None,
     parent: int | None = None,
     policy: Policy | None = None,
+    egress: tuple[int | None, str | None, Resolver | None] = (None, None, None),
 ) -> None:
-    """Process target of a local worker: serve flows until the stack says BYE."""
+    """Process target of a local worker: serve flows until the stack says BYE. `egress` is the
+    run's way out, for DirectDialers the user's code made without one."""
     reset_child(close_fds, f"tunio-{name}", parent)
+    from tunio.dialers.direct import use_run_egress  # noqa: PLC0415
     from tunio.worker import run_worker  # noqa: PLC0415 - only workers need zmq
 
+    use_run_egress(*egress)
     code = run_worker(
         endpoint,
         dialer,

@@ -288,8 +288,10 @@ def worker_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", describe(exc))
         return 2
+    from tunio.dialers.direct import use_run_egress  # noqa: PLC0415
     from tunio.worker import run_worker  # noqa: PLC0415
 
+    use_run_egress(getattr(args, "egress_mark", None), getattr(args, "egress_interface", None))
     keep_freed_memory()
     return run_worker(
         args.endpoint,

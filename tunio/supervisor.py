@@ -360,6 +360,7 @@ class Supervisor:
                 "close_fds": (*self._inherited_fds(), *self._host.fds, self._nat_region),
                 "parent": self._pid,
                 "policy": self._policy,
+                "egress": wayout.run_egress(self.options),
             },
             name=f"tunio-{child.name}",
         )

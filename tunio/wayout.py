@@ -37,6 +37,12 @@ def resolver(options: Options) -> Resolver | None:
                     interface=options.egress_interface)  # fmt: skip
 
 
+def run_egress(options: Options) -> tuple[int | None, str | None, Resolver | None]:
+    """The way out a worker gives the DirectDialers made without one
+    (tunio.dialers.direct.use_run_egress): the mark, the interface, the resolver."""
+    return egress_mark(options), options.egress_interface, resolver(options)
+
+
 def load_dialer(options: Options) -> Dialer:
     """The run's own dialer (--dialer), with the egress mark and interface (and the resolver of
     --dns for a direct one)."""

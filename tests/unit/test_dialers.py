@@ -26,7 +26,7 @@ from tunio.dialers import (
     toward_proxy,
 )
 from tunio.dialers.base import connecting_to_proxy
-from tunio.dialers.direct import SO_MARK
+from tunio.dialers.direct import SO_MARK, use_run_egress
 from tunio.errors import ConfigError, DialError
 
 SRC = Address("198.18.255.7", 40000)
@@ -109,6 +109,34 @@ def test_direct_sets_mark_and_interface() -> None:
             bound = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
             assert bound.rstrip(b"\0") == b"lo"
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="SO_MARK and SO_BINDTODEVICE need root")
+def test_a_bare_direct_dialer_takes_the_runs_egress() -> None:
+    """In a worker (use_run_egress) a DirectDialer made with neither a mark nor an interface
+    gets the run's, a proxy dialer's own too; one given either keeps what it was given (mark=0:
+    none)."""
+    cases = [
+        (DirectDialer(), 0x77, b"lo"),
+        (Socks5Dialer("127.0.0.1", 1080).via, 0x77, b"lo"),
+        (DirectDialer(mark=5), 5, b""),
+        (DirectDialer(mark=0), 0, b""),
+        (DirectDialer(interface="lo"), 0, b"lo"),
+    ]
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        try:
+            use_run_egress(0x77, "lo")
+            for dialer, mark, interface in cases:
+                with dial(dialer, Address(*srv.getsockname())) as sock:
+                    assert sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == mark, dialer
+                    bound = sock.getsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, 16)
+                    assert bound.rstrip(b"\0") == interface, dialer
+        finally:
+            use_run_egress(None, None)
+        with dial(DirectDialer(), Address(*srv.getsockname())) as sock:  # outside a run
+            assert sock.getsockopt(socket.SOL_SOCKET, SO_MARK) == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs root")

@@ -284,8 +284,7 @@ def test_redirect_example_as_a_dialer_spec(
     argv = lab.tunio_argv(["--dialer", "redirect:from_env"])
     env = {
         "PYTHONPATH": f"{REPO}:{EXAMPLES}",
-        "REDIRECT_MAP": REDIRECT_MAP,
-        "REDIRECT_MARK": "0x1",
+        "REDIRECT_MAP": REDIRECT_MAP,  # its dialer, made bare, takes the run's --egress-mark
     }
     proc = lab.popen(
         lab.app, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env

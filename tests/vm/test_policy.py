@@ -5,12 +5,14 @@ never sees."""
 from __future__ import annotations
 
 import errno
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from lab.netlab import PEER_PORTS, SERVER_ADDRESS, SERVER_ADDRESS6, Lab, pattern
+from lab.netlab import PEER_PORTS, SERVER_ADDRESS, SERVER_ADDRESS6, Lab, TunioProcess, pattern
 from lab.proxies import PROXY_ADDRESS, Proxy, add_proxy_address, start_dante, start_tinyproxy
 
 from tests.vm.conftest import start_servers
@@ -118,3 +120,34 @@ errno = "EHOSTUNREACH"
     assert sum(failovers) == 3, tunio.log.text  # one failed first dial each, counted
     refused_lines = [m for m in re.findall(r"refused_by_policy=(\d+)", tunio.log.text)]
     assert sum(map(int, refused_lines)) == 1
+
+
+def test_a_policys_bare_dialers_take_the_runs_egress(
+    lab: Lab, proxies: dict[str, Proxy], tmp_path: Path
+) -> None:
+    """A policy of the user's returns dialers it made without a mark: `DirectDialer()` and an
+    HttpDialer (whose connection to the proxy is a bare DirectDialer too). In the workers they
+    take the run's --egress-mark, so both leave past the TUN; unmarked, they would loop back
+    into it and no app would get through."""
+    (tmp_path / "bare_policy.py").write_text(f"""
+from tunio.dialers import DirectDialer, HttpDialer
+direct = DirectDialer()
+proxy = HttpDialer({PROXY_ADDRESS!r}, {proxies["http"].port})
+def choose(flow):
+    return proxy if flow.uid == {USERS[0]} else direct
+""")
+    argv = lab.tunio_argv(["--policy", "bare_policy:choose"])
+    env = {"PYTHONPATH": f"{lab.env()['PYTHONPATH']}{os.pathsep}{tmp_path}"}
+    proc = lab.popen(lab.app, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                     text=True, env=env)  # fmt: skip
+    tunio = TunioProcess(proc, argv, lab.runtime_dir)
+    try:
+        tunio.wait_ready()
+        before = _connects_seen(proxies["http"])
+        _app(lab, SERVER_ADDRESS, USERS[0])  # through tinyproxy
+        proxies["http"].log.wait_for(rf"CONNECT {re.escape(SERVER_ADDRESS)}", 10.0)
+        assert _connects_seen(proxies["http"]) == before + 1
+        _app(lab, SERVER_ADDRESS)  # root: direct
+        assert _connects_seen(proxies["http"]) == before + 1
+    finally:
+        assert tunio.stop() == 0, tunio.log.text

@@ -24,11 +24,35 @@ SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 UDP_RCVBUF = 1 << 20
 
 
+class _RunEgress:
+    """The way out of the run this process works for (`use_run_egress`): what a DirectDialer
+    made without a mark or an interface, or without a resolver, uses instead. Outside a run,
+    nothing."""
+
+    mark: int | None = None
+    interface: str | None = None
+    resolver: Resolver | None = None
+
+
+_run = _RunEgress()
+
+
+def use_run_egress(
+    mark: int | None, interface: str | None, resolver: Resolver | None = None
+) -> None:
+    """Called in each worker with the run's egress mark (--egress-mark, or --auto-bypass's),
+    --egress-interface and --dns-upstream resolver: a DirectDialer that a policy or a dialer of
+    the user's made bare (`DirectDialer()`, or a proxy dialer's own) then leaves past the TUN
+    as the run's own dialers do, instead of looping back into it."""
+    _run.mark, _run.interface, _run.resolver = mark, interface, resolver
+
+
 class DirectDialer:
     """Connects straight to the destination (an IP literal).
 
     `mark` sets SO_MARK and `interface` sets SO_BINDTODEVICE on the outbound socket, so that the
-    worker's own traffic can be routed around the TUN device instead of back into it.
+    worker's own traffic can be routed around the TUN device instead of back into it. With
+    neither, a worker of tunio-run uses the run's (`use_run_egress`); `mark=0` is no mark.
     """
 
     def __init__(
@@ -50,11 +74,18 @@ class DirectDialer:
         return f"DirectDialer(mark={self.mark!r}, interface={self.interface!r})"
 
     def _resolver(self, dst: Address) -> Resolver:
-        if self.resolver is None:
+        resolver = self.resolver if self.resolver is not None else _run.resolver
+        if resolver is None:
             raise DialError(
                 errno.EINVAL, f"direct dialer needs an IP literal (or a resolver), got {dst.host!r}"
             )
-        return self.resolver
+        return resolver
+
+    def egress(self) -> tuple[int | None, str | None]:
+        """The mark and interface its sockets get: its own, or the run's if it has neither."""
+        if self.mark is None and self.interface is None:
+            return _run.mark, _run.interface
+        return self.mark, self.interface
 
     async def _addresses(self, dst: Address, prefer_v4: bool = False) -> list[Address]:
         """`dst` itself if it is an IP address, else the addresses of its name (IPv6 and IPv4
@@ -77,12 +108,13 @@ class DirectDialer:
             raise DialError(
                 errno.EINVAL, f"direct dialer needs an IP literal, got {dst.host!r}"
             ) from None
+        mark, interface = self.egress()
         sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)  # non-blocking without an ioctl
         try:
-            if self.mark is not None:
-                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, self.mark)
-            if self.interface is not None:
-                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, self.interface.encode())
+            if mark is not None:
+                sock.setsockopt(socket.SOL_SOCKET, SO_MARK, mark)
+            if interface is not None:
+                sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode())
         except OSError as exc:
             sock.close()
             raise _dial_error(dst, exc) from exc
@@ -155,7 +187,8 @@ class DirectDialer:
         """An ICMP echo session to `dst` from this host (tunio/dialers/ping.py): a ping socket,
         or a raw one for a process with CAP_NET_RAW; EACCES if neither is allowed."""
         dst = (await self._addresses(dst, prefer_v4=True))[0]
-        return open_ping(dst, mark=self.mark, interface=self.interface)
+        mark, interface = self.egress()
+        return open_ping(dst, mark=mark, interface=interface)
 
 
 def is_literal(host: str) -> bool:
