@@ -175,6 +175,10 @@ static int bind_listener(const struct tunio_prefix *px, uint16_t port, struct fa
         return -errno;
     int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    /* Accepted sockets inherit TCP_NODELAY: the app's stack already segmented its writes, and
+     * the worker's bytes must not wait for the app's delayed ACK behind a small write (Nagle
+     * would stall a write-write-read exchange for 40 ms). */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     /* Bind even while the address is not (yet) on an interface: an IPv6 address may still be
      * tentative, and tests drive the stack through socketpairs with no TUN at all. */
     setsockopt(fd, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_FREEBIND : IP_FREEBIND, &one,

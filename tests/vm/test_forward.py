@@ -10,6 +10,7 @@ import json
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from lab.netlab import (
@@ -21,6 +22,7 @@ from lab.netlab import (
     pattern,
     pattern_sha256,
     recv_all,
+    recv_exact,
 )
 
 from tests.vm.conftest import Family
@@ -70,6 +72,44 @@ def test_both_directions_at_once(lab: Lab, tunio: TunioProcess, family: Family) 
     assert len(echoed) == size
     assert echoed == data
     assert tunio.running()
+
+
+NAGLE_ROUNDS = 40
+STALL = 0.02  # s: a second small write held back for a delayed ACK waits 40 ms
+
+
+def test_a_second_small_write_is_not_held_back(
+    lab: Lab, tunio: TunioProcess, family: Family
+) -> None:
+    """Each side writes 10 bytes, the other receives them, then 10 more. Neither relay socket
+    (the worker's towards the destination, the stack's towards the app) may hold the second
+    write back until the first is acknowledged (Nagle): the receiver, which has nothing to
+    answer, delays that ACK for 40 ms once its first segments are past. A direct connection
+    has no such stall, and the app, which asked for TCP_NODELAY, expects none."""
+    del tunio
+    stalls = {"to the destination": 0, "to the app": 0}
+    with lab.open_socket(lab.srv, family.af) as listener:
+        listener.bind((family.server, 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with lab.connect(port, family.server) as app:
+            app.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            listener.settimeout(10.0)
+            dst, _ = listener.accept()
+            with dst:
+                dst.settimeout(10.0)
+                dst.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                for _ in range(NAGLE_ROUNDS):
+                    for name, writer, reader in (("to the destination", app, dst),
+                                                 ("to the app", dst, app)):  # fmt: skip
+                        writer.sendall(b"a" * 10)
+                        assert recv_exact(reader, 10) == b"a" * 10
+                        started = time.monotonic()
+                        writer.sendall(b"b" * 10)
+                        assert recv_exact(reader, 10) == b"b" * 10
+                        stalls[name] += time.monotonic() - started > STALL
+    # a loaded machine may stall a round or two; Nagle stalls most of them
+    assert all(n <= 2 for n in stalls.values()), stalls
 
 
 def test_500_concurrent_connections_are_byte_exact(

@@ -115,6 +115,11 @@ class TcpTable:
         """`flow`'s dial is done: OPEN_OK, and the relay starts."""
         if sock.getblocking():  # (a dialer's own socket; ours are non-blocking from the start)
             sock.setblocking(False)
+        # The app's own stack already decided how to segment its writes: a relay that held
+        # small writes back again (Nagle) would stall a write-write-read exchange for the
+        # destination's delayed ACK, 40 ms. A dialer's socket that is not TCP keeps its own.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         flow.sock = sock
         if flow.fd < 0:  # dialed by a task: not in our epoll yet
             flow.fd = sock.fileno()
