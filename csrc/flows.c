@@ -5,6 +5,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdlib.h>
@@ -124,6 +125,14 @@ struct tunio_flows {
     uint64_t bytes_from_workers;
     uint64_t backlog_waits; /* times a flow with credit waited for its worker's backlog */
     uint64_t dns_idle_closed;
+    /* Out of descriptors (EMFILE, ENFILE): the spare that makes room to take a connection and
+     * reset it (see accept_spared), and the flows reset so, counted and logged from the tick. */
+    int spare_fd;
+    uint64_t no_fd;
+    uint64_t no_fd_paused; /* times the listener was left alone until the tick: no spare */
+    uint64_t no_fd_logged;
+    uint64_t no_fd_paused_logged;
+    uint64_t no_fd_logged_ms;
     struct backlog backlog[TUNIO_MAX_WORKERS];
 };
 
@@ -302,6 +311,7 @@ int tunio_flows_new(const struct tunio_flows_config *cfg, struct tunio_flows **o
     if (!fl)
         return -ENOMEM;
     fl->cfg = *cfg;
+    fl->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     fl->mask = 1023;
     fl->buckets = calloc(fl->mask + 1, sizeof(*fl->buckets));
     int err = fl->buckets ? tunio_queue_new(sizeof(struct tunio_nat_open), SIZE_MAX, &fl->opens)
@@ -325,6 +335,8 @@ void tunio_flows_free(struct tunio_flows *fl)
         free(fl->buckets);
     }
     tunio_queue_free(fl->opens);
+    if (fl->spare_fd >= 0)
+        close(fl->spare_fd);
     free(fl->rbuf);
     free(fl);
 }
@@ -1036,20 +1048,57 @@ static void close_abortive(int fd)
     close(fd);
 }
 
-void tunio_flows_accept(struct tunio_flows *fl, int version)
+/* Out of descriptors, accept() fails while the connection stays at the head of the listener's
+ * queue: the listener, level-triggered, would wake the loop again at once, for ever, and the app
+ * would wait in vain. The spare descriptor, given up for a moment, takes that connection, which
+ * is then reset (the app sees a RST, its worker a RST too), and the spare taken again once that
+ * descriptor is closed (keep_spare). -1 (errno as accept's) if there is no spare or the accept
+ * fails anyway. */
+static void keep_spare(struct tunio_flows *fl)
+{
+    if (fl->spare_fd < 0)
+        fl->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+static int accept_spared(struct tunio_flows *fl, int listen_fd, struct sockaddr_storage *ss,
+                         socklen_t *sl)
+{
+    if (fl->spare_fd < 0)
+        return -1;
+    close(fl->spare_fd);
+    fl->spare_fd = -1;
+    int fd = accept4(listen_fd, (struct sockaddr *)ss, sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+        int err = errno;
+        keep_spare(fl);
+        errno = err;
+    }
+    return fd;
+}
+
+int tunio_flows_accept(struct tunio_flows *fl, int version)
 {
     int listen_fd = fl->cfg.listen_fd[version == 6];
     struct tunio_nat *nat = fl->cfg.nat[version == 6];
     for (;;) {
         struct sockaddr_storage ss;
         socklen_t sl = sizeof(ss);
+        int spared = 0;
         int fd = accept4(listen_fd, (struct sockaddr *)&ss, &sl, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE)) {
+            fd = accept_spared(fl, listen_fd, &ss, &sl);
+            spared = fd >= 0;
+        }
         if (fd < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
                 continue;
+            if (errno == EMFILE || errno == ENFILE) {
+                fl->no_fd_paused++;
+                return -EMFILE;
+            }
             if (errno != EAGAIN)
                 tunio_log(TUNIO_LOG_WARNING, "accept: %s", strerror(errno));
-            return;
+            return 0;
         }
         uint8_t addr[16] = {0};
         uint16_t port = 0;
@@ -1066,13 +1115,24 @@ void tunio_flows_accept(struct tunio_flows *fl, int version)
         struct flow *f = NULL;
         if (tunio_nat_lookup_slot(nat, addr, port, &entry, &id) == 0)
             f = flow_find(fl, id);
+        if (spared)
+            fl->no_fd++;
         if (!f || f->entry != entry || f->fd >= 0) {
             /* Its flow was reset meanwhile: the app gets a RST, not a silent hang. */
             close_abortive(fd);
+        } else if (spared) {
+            /* No descriptor to carry it: reset at once, its worker told. */
+            f->fd = fd;
+            set_abortive(fd, 1);
+            app_failed(fl, f, EMFILE);
+        } else {
+            attach(fl, f, fd);
             continue;
         }
-        attach(fl, f, fd);
+        if (spared)
+            keep_spare(fl);
     }
+    return 0;
 }
 
 /* ---- messages from the worker ---- */
@@ -1274,6 +1334,18 @@ static void dns_idle_close(struct tunio_flows *fl, struct flow *f)
 
 void tunio_flows_tick(struct tunio_flows *fl, uint64_t now)
 {
+    if ((fl->no_fd != fl->no_fd_logged || fl->no_fd_paused != fl->no_fd_paused_logged) &&
+        now - fl->no_fd_logged_ms >= 1000) {
+        tunio_log(TUNIO_LOG_WARNING,
+                  "out of file descriptors: %llu connections reset, accepting paused %llu times "
+                  "since the last report (raise the descriptor limit, ulimit -n or "
+                  "LimitNOFILE=, or lower --max-flows)",
+                  (unsigned long long)(fl->no_fd - fl->no_fd_logged),
+                  (unsigned long long)(fl->no_fd_paused - fl->no_fd_paused_logged));
+        fl->no_fd_logged = fl->no_fd;
+        fl->no_fd_paused_logged = fl->no_fd_paused;
+        fl->no_fd_logged_ms = now;
+    }
     uint32_t expired[1024];
     for (int v = 0; v < 2; v++) {
         if (!fl->cfg.nat[v])

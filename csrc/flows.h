@@ -61,8 +61,10 @@ struct tunio_queue *tunio_flows_queue(struct tunio_flows *fl);
 
 /* Opens the flows waiting in the queue: OPEN to a worker, or a refusal if there is none. */
 void tunio_flows_open(struct tunio_flows *fl);
-/* Accepts what the listener of IP `version` has. */
-void tunio_flows_accept(struct tunio_flows *fl, int version);
+/* Accepts what the listener of IP `version` has. 0, or -EMFILE when connections are left in its
+ * queue for lack of a descriptor even to reset them: the caller stops watching the listener
+ * until its next tick, rather than be woken for them again at once. */
+int tunio_flows_accept(struct tunio_flows *fl, int version);
 /* epoll events on flow `id`'s socket. */
 void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events);
 /* A message of worker `worker` for a TCP flow (or for no flow of ours). */

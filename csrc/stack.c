@@ -72,6 +72,7 @@ struct family {
     struct tunio_nat nat;
     int listen_fd;
     uint16_t listen_port;
+    int paused; /* not watched until the next tick: out of descriptors (tunio_flows_accept) */
 };
 
 struct tunio_stack {
@@ -738,6 +739,31 @@ static void trim_when_idle(struct tunio_stack *s, uint64_t now)
 #endif
 }
 
+/* A listener whose queue holds connections that no descriptor can take, even to reset them,
+ * would wake the loop again at once, for ever (it is level-triggered): it is left alone until the
+ * next tick, when descriptors may have been freed. */
+static void accept_or_pause(struct tunio_stack *s, int v)
+{
+    struct family *fam = &s->fam[v];
+    if (tunio_flows_accept(s->flows, v ? 6 : 4) == -EMFILE && !fam->paused) {
+        struct epoll_event ev = {.events = 0, .data.u64 = v ? TAG_LISTENER6 : TAG_LISTENER4};
+        if (epoll_ctl(s->epfd, EPOLL_CTL_MOD, fam->listen_fd, &ev) == 0)
+            fam->paused = 1;
+    }
+}
+
+static void resume_listeners(struct tunio_stack *s)
+{
+    for (int v = 0; v < 2; v++) {
+        struct family *fam = &s->fam[v];
+        if (!fam->paused || fam->listen_fd < 0)
+            continue;
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = v ? TAG_LISTENER6 : TAG_LISTENER4};
+        if (epoll_ctl(s->epfd, EPOLL_CTL_MOD, fam->listen_fd, &ev) == 0)
+            fam->paused = 0;
+    }
+}
+
 static void on_timer(struct tunio_stack *s)
 {
     uint64_t ticks;
@@ -746,6 +772,7 @@ static void on_timer(struct tunio_stack *s)
     uint64_t now = tunio_now_ms();
     tunio_link_tick(s->link, now);
     tunio_flows_tick(s->flows, now);
+    resume_listeners(s);
     tunio_udp_tick(s->udp, now);
     report_refusals(s, now);
     trim_when_idle(s, now);
@@ -756,10 +783,8 @@ static void dispatch(struct tunio_stack *s, const struct epoll_event *ev)
     uint64_t tag = ev->data.u64 & 0xff;
     switch (tag) {
     case TAG_LISTENER4:
-        tunio_flows_accept(s->flows, 4);
-        break;
     case TAG_LISTENER6:
-        tunio_flows_accept(s->flows, 6);
+        accept_or_pause(s, tag == TAG_LISTENER6);
         break;
     case TAG_OPENS:
         tunio_flows_open(s->flows);

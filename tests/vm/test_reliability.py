@@ -277,6 +277,56 @@ def test_udp_session_past_max_flows_is_refused(fresh_lab: Lab) -> None:
     assert stats["udp_sessions_opened"] == limit
 
 
+# ---------------------------------------------------------------- out of descriptors
+
+FD_LIMIT = 200  # RLIMIT_NOFILE of the whole run: the stack holds one descriptor per flow
+LIMITED = (f"import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+           f"({FD_LIMIT}, {FD_LIMIT})); sys.argv[0] = 'tunio-run'; "
+           "runpy.run_module('tunio.cli', run_name='__main__')")  # fmt: skip
+
+
+def test_out_of_descriptors_the_flows_past_the_limit_are_reset(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    """With more connections open than the descriptor limit lets the stack accept, each one
+    past it is reset at once (its handshake is the kernel's, done before the stack could take
+    it), the stack neither spins on its listener nor logs a line per attempt, and once the
+    apps let go the next connection is carried again."""
+    del fresh_servers
+    lab = fresh_lab
+    argv = [sys.executable, "-c", LIMITED, *lab.tunio_argv()[3:]]
+    proc = lab.popen(lab.app, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tunio = TunioProcess(proc, argv, lab.runtime_dir)
+    tunio.wait_ready()
+    held: list[socket.socket] = []
+    reset = 0
+    try:
+        for _ in range(FD_LIMIT + 30):
+            sock = None
+            try:  # the reset may come before connect() returns: the handshake was the kernel's
+                sock = lab.connect(PEER_PORTS["echo"], timeout=10.0)
+                sock.sendall(MESSAGE)
+                assert recv_exact(sock, len(MESSAGE)) == MESSAGE
+            except (ConnectionResetError, BrokenPipeError):
+                if sock is not None:
+                    sock.close()
+                reset += 1
+                continue
+            held.append(sock)
+        assert held, "no connection got through at all"
+        assert reset >= 30, f"{len(held)} carried, {reset} reset"
+        tunio.log.wait_for(r"out of file descriptors: \d+ connections reset", 5.0)
+    finally:
+        for sock in held:
+            sock.close()
+    with lab.connect(PEER_PORTS["echo"], timeout=10.0) as sock:  # carried again
+        sock.sendall(MESSAGE)
+        assert recv_exact(sock, len(MESSAGE)) == MESSAGE
+    assert tunio.stop() == 0, tunio.log.text
+    assert len(tunio.log.lines) < 100, tunio.log.lines[-5:]
+    print(f"\nRLIMIT_NOFILE {FD_LIMIT}: {len(held)} connections carried, {reset} reset")
+
+
 # ---------------------------------------------------------------- a killed worker
 
 
