@@ -1048,18 +1048,19 @@ static void close_abortive(int fd)
     close(fd);
 }
 
-/* Out of descriptors, accept() fails while the connection stays at the head of the listener's
- * queue: the listener, level-triggered, would wake the loop again at once, for ever, and the app
- * would wait in vain. The spare descriptor, given up for a moment, takes that connection, which
- * is then reset (the app sees a RST, its worker a RST too), and the spare taken again once that
- * descriptor is closed (keep_spare). -1 (errno as accept's) if there is no spare or the accept
- * fails anyway. */
+/* The spare descriptor, taken again once the one it made room for is closed. */
 static void keep_spare(struct tunio_flows *fl)
 {
     if (fl->spare_fd < 0)
         fl->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
+/* Out of descriptors, accept() fails while the connection stays at the head of the listener's
+ * queue: the listener, level-triggered, would wake the loop again at once, for ever, and the app
+ * would wait in vain. The spare descriptor, given up for a moment, takes that connection, which
+ * is then reset (the app sees a RST, its worker a RST too), and the spare taken again once that
+ * descriptor is closed (keep_spare). -1 (errno as accept's) if there is no spare or the accept
+ * fails anyway. */
 static int accept_spared(struct tunio_flows *fl, int listen_fd, struct sockaddr_storage *ss,
                          socklen_t *sl)
 {
