@@ -3,6 +3,7 @@
 #include "link.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,6 +52,10 @@ struct tunio_link {
     uint64_t last_heartbeat;
     uint64_t workers_lost;
     uint64_t protocol_errors;
+    /* A peer that keeps sending what we cannot read: one line a period. */
+    struct tunio_log_repeat malformed;
+    char malformed_from[TUNIO_WIRE_NAME_MAX + 1]; /* the last one's sender and why, */
+    const char *malformed_why;                    /* for the period's line */
 };
 
 /* ---- construction ---- */
@@ -360,9 +365,12 @@ static void on_message(struct tunio_link *l, zmq_msg_t *frames, int nframes)
     int w = id_len <= sizeof(l->workers[0].id) ? find_worker(l, id, id_len) : -1;
     if (err) {
         l->protocol_errors++;
-        tunio_log(TUNIO_LOG_WARNING, "malformed message from %s dropped (%s)",
-                  w >= 0 ? l->workers[w].name : "an unknown peer",
-                  err == -EPROTONOSUPPORT ? "protocol version" : "framing");
+        snprintf(l->malformed_from, sizeof(l->malformed_from), "%s",
+                 w >= 0 ? l->workers[w].name : "an unknown peer");
+        l->malformed_why = err == -EPROTONOSUPPORT ? "protocol version" : "framing";
+        if (tunio_log_repeat_now(&l->malformed, tunio_now_ms()))
+            tunio_log(TUNIO_LOG_WARNING, "malformed message from %s dropped (%s)",
+                      l->malformed_from, l->malformed_why);
         if (err == -EPROTONOSUPPORT && id_len <= sizeof(l->workers[0].id)) {
             /* Tell the peer why, so it can say so in its log; it gets no flows. */
             send_to_peer(l, id, id_len, TUNIO_CMD_BYE, 0, EPROTONOSUPPORT);
@@ -464,6 +472,15 @@ void tunio_link_reap(struct tunio_link *l)
 
 void tunio_link_tick(struct tunio_link *l, uint64_t now)
 {
+    uint64_t since = l->malformed.since_ms;
+    uint64_t dropped = tunio_log_repeat_due(&l->malformed, now);
+    if (dropped)
+        tunio_log(TUNIO_LOG_WARNING,
+                  "dropped %llu more malformed messages in the last %llu s, the last from %s (%s)",
+                  (unsigned long long)dropped, (unsigned long long)((now - since + 500) / 1000),
+                  l->malformed_from, l->malformed_why);
+    if (l->zap)
+        tunio_zap_tick(l->zap, now);
     uint64_t limit = (uint64_t)l->cfg.heartbeat_ms * TUNIO_LIVENESS;
     int beat = now - l->last_heartbeat >= l->cfg.heartbeat_ms;
     if (beat)

@@ -40,6 +40,28 @@ int tunio_log_enabled(int level)
     return level >= atomic_load(&log_level);
 }
 
+int tunio_log_repeat_now(struct tunio_log_repeat *r, uint64_t now)
+{
+    /* Events still counted are the tick's to write first, so their line keeps its count. */
+    if (r->held == 0 && (!r->started || now - r->since_ms >= TUNIO_LOG_REPEAT_MS)) {
+        r->started = 1;
+        r->since_ms = now;
+        return 1;
+    }
+    r->held++;
+    return 0;
+}
+
+uint64_t tunio_log_repeat_due(struct tunio_log_repeat *r, uint64_t now)
+{
+    if (r->held == 0 || now - r->since_ms < TUNIO_LOG_REPEAT_MS)
+        return 0;
+    uint64_t n = r->held;
+    r->held = 0;
+    r->since_ms = now;
+    return n;
+}
+
 static const char *level_name(int level)
 {
     if (level >= TUNIO_LOG_ERROR)

@@ -21,6 +21,10 @@ struct tunio_zap {
     int fd;
     uint8_t *keys; /* allowed worker public keys, 32 bytes each */
     size_t nkeys;
+    /* Whoever reaches a tcp:// endpoint can offer a key each time it connects: one line a
+     * period. */
+    struct tunio_log_repeat refused;
+    char refused_last[64]; /* the last refused peer's address, for the period's line */
 };
 
 static int parse_keys(struct tunio_zap *z, const char *clients)
@@ -147,19 +151,36 @@ void tunio_zap_drain(struct tunio_zap *z)
         if (n >= 2)
             reply(z, &f[1], ok);
         if (!ok) {
-            char who[64] = "?";
+            char *who = z->refused_last;
+            size_t al = 0;
             if (n >= 4) {
-                size_t al =
-                    zmq_msg_size(&f[3]) < sizeof(who) - 1 ? zmq_msg_size(&f[3]) : sizeof(who) - 1;
+                al = zmq_msg_size(&f[3]);
+                if (al > sizeof(z->refused_last) - 1)
+                    al = sizeof(z->refused_last) - 1;
                 memcpy(who, zmq_msg_data(&f[3]), al);
-                who[al] = 0;
+            } else {
+                who[al++] = '?';
             }
-            tunio_log(TUNIO_LOG_WARNING,
-                      "refused a worker from %s: its key is not a tunio "
-                      "worker key of this stack",
-                      who);
+            who[al] = 0;
+            if (tunio_log_repeat_now(&z->refused, tunio_now_ms()))
+                tunio_log(TUNIO_LOG_WARNING,
+                          "refused a worker from %s: its key is not a tunio worker key of this "
+                          "stack",
+                          who);
         }
         for (int i = 0; i < n; i++)
             zmq_msg_close(&f[i]);
     }
+}
+
+void tunio_zap_tick(struct tunio_zap *z, uint64_t now)
+{
+    uint64_t since = z->refused.since_ms;
+    uint64_t n = tunio_log_repeat_due(&z->refused, now);
+    if (n)
+        tunio_log(TUNIO_LOG_WARNING,
+                  "refused %llu more workers in the last %llu s, the last from %s: their keys are "
+                  "not tunio worker keys of this stack",
+                  (unsigned long long)n, (unsigned long long)((now - since + 500) / 1000),
+                  z->refused_last);
 }

@@ -3,6 +3,8 @@
 #ifndef TUNIO_ZAP_H
 #define TUNIO_ZAP_H
 
+#include <stdint.h>
+
 struct tunio_zap;
 
 /* Binds the handler in ZeroMQ context `zctx`. `clients`: z85 public keys, 40 characters each,
@@ -14,5 +16,7 @@ void tunio_zap_free(struct tunio_zap *z);
 int tunio_zap_fd(const struct tunio_zap *z);
 /* Answers every waiting request. */
 void tunio_zap_drain(struct tunio_zap *z);
+/* From the link's tick: the line for the refusals counted since the last one, when due. */
+void tunio_zap_tick(struct tunio_zap *z, uint64_t now);
 
 #endif

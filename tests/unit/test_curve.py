@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
+from tests.unit.logwait import wait_for_line
 from tunio import keys, wire
 from tunio.dialers import DirectDialer
 from tunio.errors import ConfigError
@@ -41,7 +43,7 @@ def curve_stack(
     endpoint = f"tcp://{shown}:{_free_port(family, host)}"
     stack = Stack(StackConfig(
         tun_fds=(b.fileno(),), addresses=(ipaddress.IPv4Interface("127.0.0.1/8"),),
-        endpoint=endpoint, log_level="error", heartbeat_interval=30.0,
+        endpoint=endpoint, log_level="warning", heartbeat_interval=30.0,
         curve_secret=k.secret, curve_clients=(k.worker.public,),
     ))  # fmt: skip
     thread = threading.Thread(target=stack.run)
@@ -83,6 +85,38 @@ def test_only_the_worker_key_gets_in(curve_stack: tuple[Stack, str, keys.StackKe
         assert not stranger.poll(500)
         assert not plain.poll(10)
         assert stack.stats()["workers"] == 1
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_refused_keys_cost_the_log_a_line_a_period(
+    curve_stack: tuple[Stack, str, keys.StackKeys], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Five refused handshakes (whoever reaches the endpoint can offer a key each time it
+    connects): the first is logged at once, the other four in one line when the period ends."""
+    stack, endpoint, k = curve_stack
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        for _ in range(5):
+            sock = ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.ipv6 = True
+            sock.curve_serverkey = k.public.encode()
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            sock.connect(endpoint)
+            assert monitor.poll(5000), "the stale key was not refused"
+            assert recv_monitor_message(monitor)["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+            sock.disable_monitor()
+            monitor.close(0)
+            sock.close(0)
+        seen: list[str] = []
+        first = wait_for_line(capfd, seen, "refused a worker from", 5)
+        assert first.endswith("its key is not a tunio worker key of this stack"), first
+        period = wait_for_line(capfd, seen, "more workers", 15)
+        assert "refused 4 more workers in the last 10 s, the last from " in period, period
+        assert sum("refused" in line for line in seen) == 2
+        assert stack.stats()["workers"] == 0
     finally:
         ctx.destroy(linger=0)
 

@@ -18,6 +18,7 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from tests.unit.logwait import wait_for_line
 from tunio import wire
 from tunio.defaults import READ_CHUNK
 from tunio.stack import Stack, StackConfig, create_nat_region, nat_region_size
@@ -297,6 +298,32 @@ def test_a_hello_said_again_is_news_only_when_it_drops_flows(
     said = ("worker test-worker said HELLO again: 1 flows reset, 0 held flows passed to other "
             "workers, 0 UDP sessions ended")  # fmt: skip
     assert err.count(said) == 1
+
+
+# ---------------------------------------------------------------- a peer that floods the log
+
+
+def test_a_peer_that_keeps_sending_garbage_costs_the_log_a_line_a_period(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Thirty unreadable frames: each is counted, the first is logged at once, the other 29 in
+    one line when the period ends, and the stack serves on."""
+    with stack_rig(tmp_path) as rig:
+        peer = rig.ctx.socket(zmq.DEALER)
+        peer.linger = 0
+        peer.connect(rig.endpoint)
+        for _ in range(30):
+            peer.send_multipart([bytes([wire.VERSION])])  # our version, shorter than a header
+        rig.wait_stat("protocol_errors", 30)
+        seen: list[str] = []
+        first = "malformed message from an unknown peer dropped (framing)"
+        wait_for_line(capfd, seen, first, 5)
+        period = wait_for_line(capfd, seen, "more malformed messages", 15)
+        assert period.endswith("dropped 29 more malformed messages in the last 10 s, the last "
+                               "from an unknown peer (framing)"), period  # fmt: skip
+        assert sum("malformed" in line for line in seen) == 2
+        rig.open(41700, 80)
+        peer.close()
 
 
 # ---------------------------------------------------------------- an oversized frame
