@@ -1116,22 +1116,24 @@ int tunio_flows_accept(struct tunio_flows *fl, int version)
         struct flow *f = NULL;
         if (tunio_nat_lookup_slot(nat, addr, port, &entry, &id) == 0)
             f = flow_find(fl, id);
-        if (spared)
-            fl->no_fd++;
-        if (!f || f->entry != entry || f->fd >= 0) {
-            /* Its flow was reset meanwhile: the app gets a RST, not a silent hang. */
-            close_abortive(fd);
-        } else if (spared) {
-            /* No descriptor to carry it: reset at once, its worker told. */
-            f->fd = fd;
-            set_abortive(fd, 1);
-            app_failed(fl, f, EMFILE);
-        } else {
+        if (f && (f->entry != entry || f->fd >= 0))
+            f = NULL; /* its flow was reset meanwhile */
+        if (!spared && f) {
             attach(fl, f, fd);
-            continue;
-        }
-        if (spared)
+        } else if (!spared) {
+            close_abortive(fd); /* the app gets a RST, not a silent hang */
+        } else {
+            /* No descriptor to carry it: reset at once, its worker told, the spare taken back. */
+            fl->no_fd++;
+            if (f) {
+                f->fd = fd;
+                set_abortive(fd, 1);
+                app_failed(fl, f, EMFILE);
+            } else {
+                close_abortive(fd);
+            }
             keep_spare(fl);
+        }
     }
     return 0;
 }
