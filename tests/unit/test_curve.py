@@ -3,11 +3,13 @@ the key files are private."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import socket
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,8 @@ from tunio import keys, wire
 from tunio.dialers import DirectDialer
 from tunio.errors import ConfigError
 from tunio.stack import Stack, StackConfig
-from tunio.worker import run_worker
+from tunio.worker import Worker, run_worker
+from tunio.worker.link import Timing
 
 
 def _free_port(family: socket.AddressFamily, host: str) -> int:
@@ -135,6 +138,52 @@ def test_tunio_worker_serves_a_curve_stack(curve_stack: tuple[Stack, str, keys.S
         stack.stop()  # the stack says BYE: the worker returns
         thread.join(10)
     assert result == [0]
+
+
+def test_a_worker_whose_key_is_refused_says_so_and_exits_1(
+    curve_stack: tuple[Stack, str, keys.StackKeys], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ZeroMQ never connects again after a refused key: the worker stops with the reason
+    instead of waiting for good with "no stack answers"."""
+    _, endpoint, k = curve_stack
+    stale = keys.load_or_create(tmp_path / "other-keys").worker
+    stale = dataclasses.replace(stale, stack_public=k.public)  # the right stack, a foreign key
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(run_worker(
+        endpoint, DirectDialer(), name="stale", keys=stale)), daemon=True)  # a hang fails only this
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the refused worker went on waiting"
+    assert result == [1]
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"the stack at {endpoint} refused this worker's key (ZAP status 400)" in m
+               for m in said), said  # fmt: skip
+
+
+def test_a_wrong_stack_key_is_named_in_the_unanswered_warning(
+    curve_stack: tuple[Stack, str, keys.StackKeys], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker holding another stack's public key: the stack cuts every handshake off without
+    a word, and ZeroMQ tries again; the worker's warning says what to check."""
+    stack, endpoint, k = curve_stack
+    wrong = dataclasses.replace(k.worker, stack_public=zmq.curve_keypair()[0].decode())
+    worker = Worker(endpoint, DirectDialer(), name="wrong-stack-key",
+                    timing=Timing(heartbeat=0.05, liveness=2))  # fmt: skip
+    worker.keys = wrong
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        end = time.monotonic() + 10
+        while not any("handshakes cut off by the other end" in r.getMessage()
+                      for r in caplog.records):  # fmt: skip
+            assert time.monotonic() < end, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)  # the worker's warning comes from its heartbeat timer
+        assert stack.stats()["workers"] == 0
+    finally:
+        worker.stop()
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 def test_key_files_are_private_and_stable(tmp_path: Path) -> None:

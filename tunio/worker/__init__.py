@@ -4,7 +4,8 @@ One asyncio event loop carries everything. The package is in layers, each knowin
 below it:
 
 - `link`: the DEALER, the session (HELLO, HEARTBEAT, BYE, liveness), the outbox; it decodes each
-  message with tunio.wire and hands it to the flow tables.
+  message with tunio.wire and hands it to the flow tables; `handshake` tells it what ZeroMQ's
+  handshakes with the stack said (a refused key).
 - `opening`: a TCP flow's OPEN: the checks, the dial, OPEN_OK or OPEN_FAIL.
 - `tcp`: the TCP flows, each in an explicit state, their sockets in an edge-triggered epoll, the
   relay under credit, FIN and RST.
@@ -101,7 +102,8 @@ class Worker:
         return self._datagrams.sessions if self._datagrams is not None else {}
 
     def run(self) -> int:
-        """Serve until the stack says BYE, a signal arrives or stop() is called; return 0."""
+        """Serve until the stack says BYE, a signal arrives or stop() is called; return 0 (1 if
+        the stack refused this worker's key)."""
         return asyncio.run(self._main())
 
     def stop(self) -> None:
@@ -192,7 +194,7 @@ class Worker:
                 timer.cancel()
             self._tear_down(loop, opener, owners, signals)
         log.info("worker %s stopped: %s", self.name, self.stats)
-        return 0
+        return 0 if link.failure is None else 1
 
     def _tear_down(self, loop: asyncio.AbstractEventLoop, opener: TcpOpener,
                    owners: OwnerLookup | None, signals: list[int]) -> None:  # fmt: skip
@@ -230,7 +232,8 @@ class Worker:
 def run_worker(
     endpoint: str, dialer: Dialer, *, keys: WorkerKeys | None = None, **options: Any
 ) -> int:
-    """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0.
+    """Serve the stack at `endpoint` until it says BYE or SIGTERM/SIGINT arrives; return 0, or
+    1 if the stack refused this worker's key.
 
     `keys`: CURVE keys for a tcp:// endpoint (tunio.keys); `options` as Worker takes them."""
     worker = Worker(endpoint, dialer, **options)

@@ -25,6 +25,7 @@ import zmq
 from tunio import defaults, wire
 from tunio.keys import WorkerKeys
 from tunio.wire import Cmd
+from tunio.worker.handshake import HandshakeWatch
 from tunio.worker.stats import WorkerStats, errname
 
 log = logging.getLogger("tunio.worker")
@@ -108,6 +109,9 @@ class Link:
         self._leave_at_once: str | None = None  # leave() came before serve()
         self._zsock: zmq.Socket[bytes] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._handshakes: HandshakeWatch | None = None
+        #: why the link gave up without a BYE (the stack refused our key), for the exit status
+        self.failure: str | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -134,6 +138,7 @@ class Link:
         self._zsock = zsock
         zfd = cast(int, zsock.getsockopt(zmq.FD))
         said_bye = False
+        watch = self._handshakes = HandshakeWatch(loop, zsock, self._refused)
         try:
             zsock.connect(self.endpoint)
             loop.add_reader(zfd, self._drain)
@@ -147,6 +152,7 @@ class Link:
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+            watch.close()
             loop.remove_reader(zfd)
             handlers.drop()
             if said_bye:
@@ -165,6 +171,18 @@ class Link:
         log.info("worker %s leaving: %s", self.name, why)
         self.send([wire.header(Cmd.BYE, 0, 0)])
         self._done.set_result(True)
+
+    def _refused(self, status: int) -> None:
+        """The stack's ZAP handler refused our key; ZeroMQ will not connect again."""
+        self.failure = (
+            f"the stack at {self.endpoint} refused this worker's key (ZAP status {status}): the "
+            "--keys file is not one of that stack's worker keys (give the FILE.worker that its "
+            "tunio-run wrote next to its --keys FILE)"
+        )
+        log.error("worker %s: %s", self.name, self.failure)
+        assert self._done is not None
+        if not self._done.done():
+            self._done.set_result(False)
 
     def drain(self) -> None:
         """Ask the stack for no new flows (DRAIN): this worker finishes its flows, then goes."""
@@ -204,9 +222,14 @@ class Link:
             # Said at the 1st, 2nd, 4th, 8th... HELLO left unanswered: a remote worker started
             # before its stack (or pointed at the wrong one) says so without flooding the log.
             if self._unanswered & (self._unanswered - 1) == 0:
+                failed = self._handshakes.failed if self._handshakes is not None else 0
+                why = "" if not failed else (
+                    f", {failed} handshakes cut off by the other end: the stack's public key in "
+                    "the --keys file may not be that stack's, or the endpoint not a tunio stack's"
+                )  # fmt: skip
                 log.warning(
-                    "worker %s: no stack answers at %s (%d HELLOs unanswered): still trying",
-                    self.name, self.endpoint, self._unanswered,
+                    "worker %s: no stack answers at %s (%d HELLOs unanswered%s): still trying",
+                    self.name, self.endpoint, self._unanswered, why,
                 )  # fmt: skip
             self._send_hello()
         if self._outbox:
