@@ -353,9 +353,11 @@ static void on_dgram(struct tunio_udp *u, struct udp_session *s, zmq_msg_t *payl
         a.version = s->version;
         memcpy(a.src, s->dst, 16);
         a.sport = s->dport;
-        memcpy(a.dst, s->src, 16);
-        a.dport = s->sport;
     }
+    /* A reply goes to the session's app, whatever the block says: a worker (a remote one
+     * among them) must not address a datagram to any other socket of the host. */
+    memcpy(a.dst, s->src, 16);
+    a.dport = s->sport;
     const uint8_t *body = data + TUNIO_WIRE_ADDR_LEN;
     size_t blen = len - TUNIO_WIRE_ADDR_LEN;
     size_t n;

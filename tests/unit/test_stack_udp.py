@@ -50,6 +50,22 @@ def test_reply_becomes_a_udp_packet_to_the_app(tmp_path: Path) -> None:
         assert pkt.payload[8:] == data  # parse() leaves the UDP header in the payload
 
 
+def test_a_reply_goes_to_the_sessions_app_whatever_its_block_says(tmp_path: Path) -> None:
+    """A worker naming another destination in a reply's block cannot address another socket of
+    the host (a spoofed DNS answer to some resolver's port): the reply goes to the session's app."""
+    with stack_rig(tmp_path) as rig:
+        rig.write(packets.udp(APP, 40001, DST, 53, b"query"))
+        msg = rig.recv()
+        elsewhere = wire.AddressBlock(17, 4, ipaddress.IPv4Address(DST), 53,
+                                      ipaddress.IPv4Address("127.0.0.9"), 5353).pack()
+        rig.send(wire.Cmd.DGRAM, msg.flow, 0, elsewhere + b"answer")
+        pkt = rig.read()
+        assert pkt.checksums_ok
+        assert (pkt.src, pkt.dst) == (DST, APP)
+        assert pkt.payload[:4] == (53).to_bytes(2, "big") + (40001).to_bytes(2, "big")
+        assert pkt.payload[8:] == b"answer"
+
+
 def test_refused_session_answers_with_icmp_port_unreachable(tmp_path: Path) -> None:
     with stack_rig(tmp_path) as rig:
         rig.write(packets.udp(APP, 40001, DST, 9999, b"hello?"))
