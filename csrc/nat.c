@@ -64,6 +64,9 @@ struct nat_region_header {
     struct nat_table_header tables[2];
 };
 
+/* The longest SYN held: what one write into the TUN carries, and its held length's type. */
+#define HELD_SYN_MAX 65535u
+
 /* Process-local, per entry. */
 struct tunio_nat_held {
     uint8_t *syn; /* the app's first SYN, as read */
@@ -657,7 +660,9 @@ static enum tunio_nat_verdict from_app(struct tunio_nat *nat, struct tunio_pkt *
         e = NULL;
     }
     if (!e) {
-        if (!syn || nat->refuse_new)
+        /* A SYN no TUN write can carry back (a reassembled IPv6 datagram can be 65,575 bytes)
+         * could not be released after its dial: refused now, not held in vain. */
+        if (!syn || nat->refuse_new || p->len > HELD_SYN_MAX)
             return answer_unknown(nat, p, reply, cap, reply_len, &nat->n.rst_sent);
         int err = new_entry(nat, p, now, &idx);
         if (err == -EAGAIN) {

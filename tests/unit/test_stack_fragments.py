@@ -122,3 +122,26 @@ def test_a_full_table_pushes_out_the_oldest(tmp_path: Path) -> None:
         assert rig.stack.stats()["drop_fragment"] == 1  # the first datagram made room
         rig.write(halves[-1])  # the newest is still there and completes
         expect_datagram(rig, bytes(2000))
+
+
+def test_a_syn_too_long_to_release_is_refused_not_held(tmp_path: Path) -> None:
+    """A reassembled IPv6 SYN of 65,575 bytes (a 65,535-byte payload) parses, but no TUN write
+    could carry it back after its dial: the app gets its RST at once, no worker an OPEN, and no
+    NAT entry is left holding a place."""
+    syn = packets.tcp(APP6, 41000, DST6, 80, flags=packets.SYN, payload=bytes(65515))
+    assert len(syn) == 40 + 65535
+    body = syn[40:]
+    frags = []
+    for off in range(0, len(body), 1448):
+        more = int(off + 1448 < len(body))
+        frag = struct.pack("!BBHI", packets.TCP, 0, off | more, 0x5151)
+        frags.append(packets.ipv6(APP6, DST6, packets.TCP, body[off : off + 1448],
+                                  extensions=frag, first_next=44))  # fmt: skip
+    with stack_rig(tmp_path) as rig:
+        for frag in frags:
+            rig.write(frag)
+        rst = rig.read()
+        assert (rst.dport, rst.flags & packets.RST) == (41000, packets.RST)
+        assert rig.stack.stats()["flows_active"] == 0
+        msg = rig.open(41001, 80, app=APP6, dst=DST6)  # a SYN of the usual size is held
+        assert msg.cmd is wire.Cmd.OPEN
