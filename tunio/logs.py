@@ -102,15 +102,19 @@ class EverySecond:
         self._next = 0.0
         self._held: dict[str, int] = {}
 
-    def log(self, kind: str, msg: str, *args: object) -> None:
+    def log(
+        self, kind: str, msg: str, *args: object, exc_info: BaseException | None = None
+    ) -> None:
+        """`exc_info`: its traceback goes with the line that is logged at `level`, and with the
+        debug lines only at debug (a flood of one fault is one traceback a second)."""
         now = time.monotonic()
         if now >= self._next:
             self.flush()
             self._next = now + self._interval
-            self._logger.log(self._level, msg, *args)
+            self._logger.log(self._level, msg, *args, exc_info=exc_info)
             return
         self._held[kind] = self._held.get(kind, 0) + 1
-        self._logger.debug(msg, *args)
+        self._logger.debug(msg, *args, exc_info=exc_info)
 
     def flush(self) -> None:
         if not self._held:

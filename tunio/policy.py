@@ -28,6 +28,7 @@ from typing import Protocol, cast, runtime_checkable
 from tunio.dialers.base import Address, Dialer
 from tunio.errors import ConfigError
 from tunio.loading import load_object
+from tunio.logs import EverySecond
 
 log = logging.getLogger("tunio.policy")
 
@@ -192,18 +193,39 @@ def load_policy(spec: str) -> Policy:
     return as_policy(load_object(spec, f"--policy {spec!r}"), spec)
 
 
+#: a policy that fails for every flow logs one traceback a second, not one a flow (the worker
+#: calls `failures.flush()` on its report interval)
+failures = EverySecond(log, logging.ERROR, "flows refused by a failing policy")
+_named: set[type] = set()  # the kinds of wrong answer already logged
+
+
 def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] | Reject:
     """What to do with `flow`: the dialers to try in order, or a refusal. A policy that fails
-    refuses the flow (ECONNREFUSED) and is logged; it never takes the worker down."""
+    (a sys.exit() in it included), or answers what is not a dialer, refuses the flow
+    (ECONNREFUSED) and is logged; it never takes the worker down."""
     try:
         decision = policy(flow) if policy is not None else None
-    except Exception:
-        log.exception("the policy failed on %r: refusing it", flow)
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        failures.log(type(exc).__name__, "the policy failed on %r: refusing it", flow,
+                     exc_info=exc)  # fmt: skip
         return Reject(errno.ECONNREFUSED, "the policy failed")
+    if decision is None:
+        return [default]
     if isinstance(decision, Reject):
         return decision
-    if isinstance(decision, (list, tuple)):
-        if not decision:
-            return Reject(errno.ECONNREFUSED, "the policy gave an empty list of dialers")
-        return list(decision)
-    return [default if decision is None else decision]  # type: ignore[list-item]
+    answered: list[object] = list(decision) if isinstance(decision, (list, tuple)) else [decision]
+    if not answered:
+        return Reject(errno.ECONNREFUSED, "the policy gave an empty list of dialers")
+    for dialer in answered:
+        if not callable(getattr(dialer, "dial", None)):
+            return _not_a_dialer(dialer)
+    return cast(list[Dialer], answered)
+
+
+def _not_a_dialer(answer: object) -> Reject:
+    kind = type(answer)
+    why = f"the policy answered {kind.__qualname__} {answer!r:.60}, not a dialer"
+    if kind not in _named:  # a policy's bug shows once, not once a flow
+        _named.add(kind)
+        log.error("%s: refusing the flows it is given for", why)
+    return Reject(errno.ECONNREFUSED, why)

@@ -491,3 +491,32 @@ def test_udp_and_tcp_share_the_flow_ids_without_mixing(
     stack.send(Cmd.DGRAM, 31, 0, wrong.pack() + b"x")
     assert stack.expect(Cmd.RST, 31).arg == errno.EPROTONOSUPPORT
     assert worker.stats.protocol_errors == 1
+
+
+class NotASession:
+    """A dialer whose dial_udp answers what has no file descriptor to relay from."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise AssertionError("not used")
+
+    async def dial_udp(self, dst: Address, src: Address) -> NotASession:
+        return self
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_udp_dialer_answering_no_session_resets_with_econnaborted(
+    stack: FakeStack, start_worker: StartWorker
+) -> None:
+    dialer = NotASession()
+    worker = start_worker(dialer)
+    dgram(stack, 9, block(9, 53), b"q")
+    assert stack.expect(Cmd.RST, 9).arg == errno.ECONNABORTED
+    assert worker.udp == {}
+    assert dialer.closed  # what it answered was closed all the same
+    dgram(stack, 10, block(10, 53), b"q")  # the worker still serves
+    assert stack.expect(Cmd.RST, 10).arg == errno.ECONNABORTED

@@ -34,6 +34,7 @@ from tunio.dialers.base import Dialer
 from tunio.keys import WorkerKeys
 from tunio.owner import OwnerLookup
 from tunio.policy import Policy
+from tunio.policy import failures as policy_failures
 from tunio.process import IdleTrim
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.flow import Flow
@@ -181,6 +182,8 @@ class Worker:
                 link.leave("drained: every flow has ended")
             self._trim_when_idle(loop.time(), active)
             opener.failures.flush()
+            tcp.failures.flush()
+            policy_failures.flush()
             datagrams.refusals.flush()
             if self.report is not None:
                 self.report({**stats.snapshot(), "flows_active": active})
@@ -203,6 +206,8 @@ class Worker:
         assert tcp is not None
         assert datagrams is not None
         opener.failures.flush()
+        tcp.failures.flush()
+        policy_failures.flush()
         datagrams.refusals.flush()
         if owners is not None:
             owners.close()

@@ -12,6 +12,7 @@ level-triggered, so a session is read until `recv()` returns None or its turn is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import logging
@@ -254,14 +255,25 @@ class DatagramTable:
         if udp.closed or self.sessions.get(udp.fid) is not udp:
             session.close()  # reset while dialing
             return
+        try:
+            fd = session.fileno()
+            self._loop.add_reader(fd, self._readable, udp)
+        except (AttributeError, TypeError, ValueError, OSError) as exc:
+            # a user's dialer answered what is not a session with a file descriptor
+            log.error("udp session %d: to %s: the dialer answered %r, which cannot be "
+                      "relayed: %s", udp.fid, udp.dst, session, exc)  # fmt: skip
+            with contextlib.suppress(Exception):
+                session.close()
+            self._free(udp)
+            self._refuse(udp.fid, udp.dst, errno.ECONNABORTED)
+            return
         udp.session = session
-        udp.fd = session.fileno()
+        udp.fd = fd
         pending = udp.pending
         while pending and not udp.closed:
             self._forward(udp, session, pending.popleft())
         if udp.closed:
             return
-        self._loop.add_reader(udp.fd, self._readable, udp)
         # this ran from the dial, not from the stack's messages: the credit for the queue must
         # not wait for the next of those
         self.flush()

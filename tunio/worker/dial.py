@@ -130,11 +130,18 @@ class Dial(Generic[K, T]):
             result = await dial(dst, src)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # every failure becomes an errno for the app
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # every failure becomes an errno for the app: a dialer's sys.exit() too, which
+            # would otherwise end the worker's loop and every other flow with it
             if self.live:
                 self._task = None  # it is ending: nothing to cancel
                 code, why = dial_failure(exc, f"{dialing.what} {dst}", dialing.timeout)
                 self._end(None, code, why)
+            return
+        if result is None:  # a dialer that answers nothing has failed, in words of its own
+            if self.live:
+                self._task = None
+                self._end(None, errno.ECONNABORTED, "the dialer returned None")
             return
         if not self.live:  # a dialer that ignored its cancel (timeout, reset): not wanted now
             dialing.discard(result)

@@ -34,6 +34,12 @@ log = logging.getLogger("tunio.worker")
 PORT_WARNING_INTERVAL = 60.0
 
 
+def _usable(sock: object) -> bool:
+    """A dialer's answer that the relay can take: an open socket (a user's dialer may hand
+    back anything)."""
+    return isinstance(sock, socket.socket) and sock.fileno() >= 0
+
+
 class TcpOpener:
     """Takes OPENs for `table`: `capacity` flows at most (0: no limit), each dialled within
     `connect_timeout` through what `policy` picks for it (tunio.policy), `dialer` by default.
@@ -142,6 +148,9 @@ class TcpOpener:
             if sock is not None:
                 abort(sock)  # reset while the dial finished: the destination must see it too
             return
+        if sock is not None and not _usable(sock):
+            code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open socket"
+            sock = None
         if sock is None:
             name = self.stats.attempt_failed(flow.via, code)
             if flow.tries:
@@ -157,7 +166,19 @@ class TcpOpener:
             return
         if started is not None:
             self.stats.dialed(flow.via, self._loop.time() - started)
-        self.table.connected(flow, sock)
+        try:
+            self.table.connected(flow, sock)
+        except (OSError, ValueError) as exc:  # not a socket that epoll takes (a file's fd)
+            if flow.state is not State.DIALING:
+                raise  # the flow was open: the relay's own failure, not the dialer's answer
+            abort(sock)
+            self._bad_answer(flow, errno.ECONNABORTED, f"its socket cannot be relayed: {exc}")
+
+    def _bad_answer(self, flow: Flow, code: int, why: str) -> None:
+        """The dialer answered what cannot carry the flow: a failure, like a refused dial."""
+        log.error("flow %d: dial %s via %s: %s", flow.fid, flow.dst, flow.via, why)
+        self.table.dial_failed(flow)
+        self._open_failed(flow.fid, flow.dst, code, why)
 
     def _open_failed(self, fid: int, dst: Address | None, code: int, why: str = "") -> None:
         name = self.stats.open_failed(code)

@@ -25,6 +25,7 @@ from itertools import islice
 
 from tunio import defaults, wire
 from tunio.dialers.base import Address
+from tunio.logs import EverySecond
 from tunio.wire import Cmd
 from tunio.worker.dial import Connecting, abort
 from tunio.worker.flow import ErrorSink, Flow, NoOthers, OtherFlows, Send, State
@@ -78,6 +79,8 @@ class TcpTable:
         self._epoll = select.epoll()  # every flow's socket, edge-triggered
         self._by_fd: dict[int, Flow] = {}  # what is in it
         self._credit_due: dict[int, Flow] = {}  # flows holding a quarter window of credit
+        # one line a second if a fault repeats for every flow, not one a flow
+        self.failures = EverySecond(log, logging.ERROR, "flows reset by a failure")
         self._more: dict[int, Flow] = {}  # flows with input and credit left after their turn
         self._more_scheduled = False
 
@@ -153,40 +156,64 @@ class TcpTable:
             flow = by_fd.get(fd)
             if flow is None:
                 continue
-            state = flow.state
-            if state is _DIALING:
-                dial = flow.dial
-                assert isinstance(dial, Connecting)
-                if not dial.handshaking:
-                    if not ev & _OUT_EVENTS:
-                        continue
-                    dial.connect_done()  # a proxy's handshake starts here
-                    if not dial.handshaking or not ev & _IN_EVENTS or flow.dial is not dial:
-                        state = flow.state
-                        if state is not _OPEN:
-                            continue
-                if dial.handshaking:
-                    if not ev & _IN_EVENTS:
-                        continue
-                    dial.readable()
+            # Edge-triggered: an event not handled now is never reported again, so a failure
+            # in one flow (a dialer's odd socket, a bug) must not cost the rest of the batch.
+            try:
+                self._on_event(flow, ev)
+            except Exception as exc:
+                self._event_failed(flow, exc)
+        self.flush()
+
+    def _on_event(self, flow: Flow, ev: int) -> None:
+        """What `flow`'s socket reported (`ev`, epoll's bits): a dial's progress, input, room
+        for output, an error."""
+        state = flow.state
+        if state is _DIALING:
+            dial = flow.dial
+            assert isinstance(dial, Connecting)
+            if not dial.handshaking:
+                if not ev & _OUT_EVENTS:
+                    return
+                dial.connect_done()  # a proxy's handshake starts here
+                if not dial.handshaking or not ev & _IN_EVENTS or flow.dial is not dial:
                     state = flow.state
                     if state is not _OPEN:
-                        continue
-                    hs = dial.handshake
-                    assert hs is not None
-                    if not hs.leftover and not ev & _HUP_EVENTS:
-                        continue  # the proxy's answer was all that came: nothing to relay yet
-            if ev & select.EPOLLERR and self._failed(flow):
-                continue
-            if ev & _IN_EVENTS:
-                flow.readable = True
-                if ev & _HUP_EVENTS:
-                    flow.hup = True
-                if flow.credit > 0 and (state is _OPEN or state is _STACK_FIN):
-                    self._on_readable(flow)
-            if ev & _OUT_EVENTS and flow.queue and flow.state is not _CLOSED:
-                self._on_writable(flow)
-        self.flush()
+                        return
+            if dial.handshaking:
+                if not ev & _IN_EVENTS:
+                    return
+                dial.readable()
+                state = flow.state
+                if state is not _OPEN:
+                    return
+                hs = dial.handshake
+                assert hs is not None
+                if not hs.leftover and not ev & _HUP_EVENTS:
+                    return  # the proxy's answer was all that came: nothing to relay yet
+        if ev & select.EPOLLERR and self._failed(flow):
+            return
+        if ev & _IN_EVENTS:
+            flow.readable = True
+            if ev & _HUP_EVENTS:
+                flow.hup = True
+            if flow.credit > 0 and (state is _OPEN or state is _STACK_FIN):
+                self._on_readable(flow)
+        if ev & _OUT_EVENTS and flow.queue and flow.state is not _CLOSED:
+            self._on_writable(flow)
+
+    def _event_failed(self, flow: Flow, exc: Exception) -> None:
+        """Handling `flow`'s events raised: the flow ends (OPEN_FAIL if it was still dialing,
+        else RST) with ECONNABORTED, and the app sees a reset instead of a flow that hangs."""
+        self.failures.log(type(exc).__name__, "flow %d: %s: handling its socket failed (%r); "
+                          "the flow is reset", flow.fid, flow.dst, exc, exc_info=exc)  # fmt: skip
+        if self.flows.get(flow.fid) is not flow:
+            return  # it ended before the failure
+        if flow.state is _DIALING:
+            self._free(flow, abortive=True)
+            self.stats.open_failed(errno.ECONNABORTED)
+            self._send([wire.header(Cmd.OPEN_FAIL, flow.fid, errno.ECONNABORTED)])
+        else:
+            self._reset(flow, errno.ECONNABORTED)
 
     def _failed(self, flow: Flow) -> bool:
         """An error on the socket: the flow is reset (True). The socket stays watched after
@@ -291,7 +318,10 @@ class TcpTable:
         more, self._more = self._more, {}
         for flow in more.values():
             if flow.credit > 0:
-                self._start_reading(flow)
+                try:
+                    self._start_reading(flow)
+                except Exception as exc:  # as in on_events: the other flows still get their turn
+                    self._event_failed(flow, exc)
 
     def on_credit(self, fid: int, amount: int) -> None:
         flow = self.flows.get(fid)
