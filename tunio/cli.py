@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tunio import defaults, logs
-from tunio.config import Options
+from tunio.config import Options, check_seconds, check_window
 from tunio.endpoints import check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.settings import BY_FLAG, SETTINGS, Setting, parse_mark
@@ -262,15 +262,15 @@ def worker_main(argv: list[str] | None = None) -> int:
     window = getattr(args, "window", defaults.WINDOW)
     try:
         check_endpoint(args.endpoint)
+        check_seconds(connect_timeout, "connect-timeout")
+        check_window(window)
     except ConfigError as exc:
         log.error("%s", describe(exc))
-        return 2
-    if not connect_timeout > 0:
-        log.error("--connect-timeout %g must be above 0", connect_timeout)
         return 2
     try:
         from tunio.dialers import load_dialer  # noqa: PLC0415
         from tunio.keys import WorkerKeys, load_worker  # noqa: PLC0415
+        from tunio.policy import load_policy  # noqa: PLC0415
 
         keys: WorkerKeys | None = None
         if args.endpoint.startswith("tcp://"):
@@ -285,6 +285,8 @@ def worker_main(argv: list[str] | None = None) -> int:
             egress_mark=getattr(args, "egress_mark", None),
             egress_interface=getattr(args, "egress_interface", None),
         )
+        spec = getattr(args, "policy", None)
+        policy = load_policy(spec) if spec else None
     except ConfigError as exc:
         log.error("%s", describe(exc))
         return 2
@@ -300,6 +302,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         window=window,
         connect_timeout=connect_timeout,
         keys=keys,
+        policy=policy,
     )
 
 

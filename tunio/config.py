@@ -225,15 +225,27 @@ def check_ifname(name: str, option: str) -> None:
         )
 
 
+#: the longest of the time settings, in seconds: each becomes a 32-bit count of milliseconds
+#: in the stack's configuration (49 days at most); a day is more than any of them needs
+MAX_SECONDS = 86400.0
+
+
+def check_seconds(value: float, flag: str) -> None:
+    # `not 0 < value` also catches NaN
+    if not 0 < value <= MAX_SECONDS:
+        raise ConfigError(f"--{flag} {value:g} is out of range: use above 0 up to {MAX_SECONDS:g}")
+
+
+def check_window(window: int) -> None:
+    if not 1024 <= window <= 1 << 30:
+        raise ConfigError(f"--window {window} is out of range: use 1024..{1 << 30}")
+
+
 def _check_timeouts_and_sizes(options: Options) -> None:
-    if not options.connect_timeout > 0:
-        raise ConfigError(f"--connect-timeout {options.connect_timeout:g} must be above 0")
-    if not options.drain_timeout > 0:
-        raise ConfigError(f"--drain-timeout {options.drain_timeout:g} must be above 0")
-    if not options.udp_timeout > 0:
-        raise ConfigError(f"--udp-timeout {options.udp_timeout:g} must be above 0")
-    if not 1024 <= options.window <= 1 << 30:
-        raise ConfigError(f"--window {options.window} is out of range: use 1024..{1 << 30}")
+    check_seconds(options.connect_timeout, "connect-timeout")
+    check_seconds(options.drain_timeout, "drain-timeout")
+    check_seconds(options.udp_timeout, "udp-timeout")
+    check_window(options.window)
     if not options.window <= options.worker_backlog <= 1 << 40:
         raise ConfigError(f"--worker-backlog {options.worker_backlog} is out of range: use "
                           f"--window ({options.window})..{1 << 40}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from tunio import cli, config, supervisor
+from tunio.policy import Reject
 
 
 def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
@@ -184,6 +186,18 @@ def test_worker_runs_with_its_options(fake_worker: list[dict[str, Any]]) -> None
     assert call["window"] == 4096
     assert call["connect_timeout"] == 3.0
     assert type(call["dialer"]).__name__ == "DirectDialer"
+    assert call["policy"] is None
+
+
+def refuse_everything(flow: object) -> Reject:
+    return Reject(errno.EACCES)
+
+
+def test_worker_takes_its_policy(fake_worker: list[dict[str, Any]]) -> None:
+    spec = "tests.unit.test_cli:refuse_everything"
+    assert cli.worker_main(["--endpoint", "ipc:///tmp/s.sock", "--policy", spec]) == 0
+    [call] = fake_worker
+    assert call["policy"](None) == Reject(errno.EACCES)
 
 
 @pytest.mark.parametrize(
@@ -193,6 +207,11 @@ def test_worker_runs_with_its_options(fake_worker: list[dict[str, Any]]) -> None
         (["--endpoint", "udp://x"], "--endpoint 'udp://x': use ipc://PATH or tcp://HOST:PORT"),
         (["--endpoint", "ipc:///tmp/s", "--dialer", "nonsense"], "nonsense"),
         (["--endpoint", "ipc:///tmp/s", "--connect-timeout", "0"], "--connect-timeout 0"),
+        (["--endpoint", "ipc:///tmp/s", "--connect-timeout", "inf"], "--connect-timeout inf is"),
+        (["--endpoint", "ipc:///tmp/s", "--window", "-1"], "--window -1 is out of range"),
+        (["--endpoint", "ipc:///tmp/s", "--window", "100"], "--window 100 is out of range"),
+        (["--endpoint", "ipc:///tmp/s", "--policy", "nosuchmodule:x"], "nosuchmodule"),
+        (["--endpoint", "ipc:///tmp/s", "--policy", "nocolon"], "give module:attr"),
     ],
 )
 def test_worker_bad_option_exits_2_with_one_line(

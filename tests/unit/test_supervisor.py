@@ -394,6 +394,12 @@ def test_validate_names_the_bad_option(tmp_path: Path) -> None:
         ({"egress_interface": "eth9"}, "no such network interface"),
         ({"egress_interface": "tunio0"}, "TUN device itself"),
         ({"connect_timeout": 0.0}, "--connect-timeout"),
+        # each is a 32-bit count of milliseconds in the stack's configuration: no overflow later
+        ({"connect_timeout": float("inf")}, "--connect-timeout inf is out of range"),
+        ({"connect_timeout": float("nan")}, "--connect-timeout nan is out of range"),
+        ({"connect_timeout": 5e6}, "--connect-timeout 5e[+]06 is out of range: use above 0 up"),
+        ({"udp_timeout": 1e300}, "--udp-timeout 1e[+]300 is out of range"),
+        ({"drain_timeout": -1.0}, "--drain-timeout -1 is out of range"),
         ({"endpoint": "http://x"}, "--endpoint"),
         ({"runtime_dir": "/" + "d" * 120}, "too long"),
         ({"max_flows": 50, "max_pending": 60}, "--max-pending 60 is above --max-flows 50"),
