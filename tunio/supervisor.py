@@ -73,6 +73,16 @@ class _Child:
     drain_by: float | None = None  # retiring: its flows are reset if they last past this
 
 
+def _generations_drain(children: list[_Child]) -> str:
+    """'generation 1 drains', 'generations 1, 2 drain' ('no generation drains': none runs)."""
+    gens = sorted({c.generation for c in children})
+    if not gens:
+        return "no generation drains"
+    if len(gens) == 1:
+        return f"generation {gens[0]} drains"
+    return f"generations {', '.join(map(str, gens))} drain"
+
+
 def _exit_text(code: int | None) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
@@ -376,7 +386,8 @@ class Supervisor:
         log.debug("started %s (pid %d)", child.name, child.process.pid)
 
     def _children(self) -> list[_Child]:
-        return [self._stack, *self._workers, *self._retiring]
+        # the generation that waits for the next one to be up still serves, and is watched
+        return [self._stack, *self._workers, *self._draining_next, *self._retiring]
 
     def _wait(self, timeout: float | None) -> None:
         """Sleep until a signal/stop(), a status message, a child's exit or the timeout."""
@@ -411,6 +422,10 @@ class Supervisor:
             if not self.ready.is_set():
                 return
             pid = child.process.pid if child.process is not None else "?"
+            if child in self._draining_next:  # a superseded generation's, late
+                log.info("%s of generation %d started (pid %s); it drains once generation %d "
+                         "is up", child.name, child.generation, pid, self._generation)  # fmt: skip
+                return
             if child.generation == self._generation and self._draining_next:
                 log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
                 self._drain_old_generation()
@@ -477,13 +492,15 @@ class Supervisor:
             return
         self._generation += 1
         gen = self._generation
-        old = [c for c in self._workers if not c.retiring]
+        # A reload before the last one's generation is up: that generation (it may have taken
+        # flows already, worker by worker) waits with the older one, and both drain once this
+        # one is up; none is left running unwatched.
+        self._draining_next += [c for c in self._workers if c.process is not None]
         self._workers = [_Child(f"worker-g{gen}-{i}", generation=gen) for i in range(new.workers)]
-        self._draining_next = old
         for child in self._workers:
             self._spawn_worker(child)
-        log.info("reload: generation %d (%d workers) starts; generation %d drains once it is up",
-                 gen, len(self._workers), gen - 1)  # fmt: skip
+        log.info("reload: generation %d (%d workers) starts; %s once it is up", gen,
+                 len(self._workers), _generations_drain(self._draining_next))  # fmt: skip
         if not self._workers:
             self._drain_old_generation()
 
@@ -504,8 +521,8 @@ class Supervisor:
             if child.process.exitcode is None:
                 os.kill(child.process.pid, signal.SIGUSR1)
         if old:
-            log.info("generation %d drains: %d workers finish their flows (at most %g s)",
-                     old[0].generation, len(old), self.options.drain_timeout)  # fmt: skip
+            log.info("%s: %d workers finish their flows (at most %g s)",
+                     _generations_drain(old), len(old), self.options.drain_timeout)  # fmt: skip
 
     def _end_drain(self, child: _Child, now: float) -> None:
         """A retiring worker past its time: its flows are reset (SIGTERM: it says BYE)."""
@@ -524,7 +541,8 @@ class Supervisor:
         running = [c for c in self._workers if c.process is not None and c.process.exitcode is None]
         if running:
             log.info("restarting %d worker(s) so they join the new stack", len(running))
-        for child in [*running, *self._retiring]:  # a draining one's flows went with the stack
+        # a draining one's flows went with the stack; one waiting to drain is not restarted
+        for child in [*running, *self._draining_next, *self._retiring]:
             if child.process is not None and child.process.exitcode is None:
                 child.process.terminate()
 
@@ -585,6 +603,13 @@ class Supervisor:
         child.process.close()
         child.process = None
         child.ready = False
+        if child in self._draining_next:  # its generation is being replaced: not restarted
+            self._draining_next.remove(child)
+            self.stats.pop(child.name, None)
+            log.warning("%s (generation %d) exited with %s while generation %d starts; not "
+                        "restarted", child.name, child.generation, _exit_text(code),
+                        self._generation)  # fmt: skip
+            return
         if child.retiring:
             self._retiring.remove(child)
             self.stats.pop(child.name, None)
@@ -615,7 +640,7 @@ class Supervisor:
         if stack is not None and stack.exitcode is None:
             stack.terminate()
         end = time.monotonic() + self._stop_deadline
-        workers = [c.process for c in [*self._workers, *self._retiring] if c.process is not None]
+        workers = [c.process for c in self._children()[1:] if c.process is not None]
         for process in workers:
             process.join(max(0.0, end - time.monotonic()))
         stuck = [p for p in workers if p.exitcode is None]

@@ -119,6 +119,12 @@ def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=
     conn.connect(endpoint.removeprefix("ipc://"))
     with open(STATE / f"{name}.pids", "a") as f:
         f.write(f"{os.getpid()}\\n")
+    if name in os.environ.get("FAKE_WORKER_HOLD", "").split(","):
+        # not ready until the test writes a byte into the gate (a FIFO), or it is told to go
+        gate = os.open(STATE / "gate", os.O_RDWR | os.O_NONBLOCK)
+        if gate not in select.select([gate, wake_r], [], [])[0]:
+            return 0
+        os.read(gate, 1)
     ready()
     select.select([conn, wake_r], [], [])
     return 0
@@ -202,7 +208,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     w = World(tmp_path)
     for key, value in w.env().items():
         monkeypatch.setenv(key, value)
-    for key in ("FAKE_IP_FAIL", "FAKE_IP_ADDRS", "FAKE_TUN_ERRNO", "FAKE_STACK_ERROR"):
+    for key in ("FAKE_IP_FAIL", "FAKE_IP_ADDRS", "FAKE_TUN_ERRNO", "FAKE_STACK_ERROR",
+                "FAKE_WORKER_HOLD"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setitem(
         sys.modules, "tunio.stack", _load("fake_stack", tmp_path / "fakes/fake_stack.py")
@@ -902,3 +909,44 @@ def test_reload_starts_a_new_generation_and_drains_the_old(
             os.close(fd)
     assert running.stop() == 0
     _assert_dead(world.pids("stack") + world.pids("worker-g2-0") + world.pids("worker-g2-1"))
+
+
+def test_a_reload_before_the_last_generation_is_up_drains_both(
+    world: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two reloads in a row, the second before the first's workers are up: the generation that
+    never got up is superseded, and once the third is up the first and the second both drain;
+    none is left running unwatched. A worker of the first that dies meanwhile is not restarted
+    (its generation is on its way out), and never with the new settings."""
+    os.mkfifo(world.state / "gate")
+    monkeypatch.setenv("FAKE_WORKER_HOLD", "worker-g2-0,worker-g2-1")
+    options = _options(world, workers=2)
+    running = _start(_supervisor(world, options))
+    assert running.supervisor.ready.wait(15)
+    gen1 = world.pids("worker-0") + world.pids("worker-1")
+    fds = [os.pidfd_open(pid) for pid in gen1]
+    try:
+        running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=3.0))
+        logwatch.wait_for(lambda m: m.startswith("reload: generation 2 (2 workers) starts"))
+        # generation 2 is held short of ready; generation 1 still serves, and is watched
+        os.kill(gen1[0], signal.SIGKILL)
+        logwatch.wait_for(lambda m: m.startswith(
+            "worker-0 (generation 1) exited with signal SIGKILL while generation 2 starts; "
+            "not restarted"))  # fmt: skip
+        running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=4.0))
+        drains = logwatch.wait_for(lambda m: m.startswith("generations 1, 2 drain"))
+        assert drains.startswith("generations 1, 2 drain: 3 workers finish their flows")
+        for fd in fds:
+            assert select.select([fd], [], [], 10.0)[0], "a worker of generation 1 did not end"
+        ended = ("worker-g2-0 (generation 2) has ended", "worker-g2-1 (generation 2) has ended")
+        logwatch.wait_for(lambda m: m.startswith(ended[0]))
+        logwatch.wait_for(lambda m: m.startswith(ended[1]))
+        assert len(world.pids("worker-0")) == 1  # never restarted
+        assert len(world.pids("worker-g3-0")) == len(world.pids("worker-g3-1")) == 1
+        assert running.supervisor.options.connect_timeout == 4.0
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert running.stop() == 0
+    _assert_dead(world.pids("stack") + world.pids("worker-g2-0") + world.pids("worker-g2-1")
+                 + world.pids("worker-g3-0") + world.pids("worker-g3-1"))  # fmt: skip
