@@ -651,3 +651,90 @@ def test_stop_before_run_still_says_bye(stack: FakeStack, endpoint: str) -> None
     assert worker.run() == 0
     assert stack.expect(Cmd.HELLO).arg == 0
     assert stack.expect(Cmd.BYE).arg == 0
+
+
+# ---- a handler's fault -------------------------------------------------------------------
+
+
+def test_a_fault_handling_a_message_ends_its_flow_only(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A message whose handling raises (a bug, or user code under it) ends the flow it was for:
+    RST(ECONNABORTED) for an open flow, OPEN_FAIL(ECONNABORTED) for an OPEN that never made a
+    flow; the other flows and the worker carry on."""
+    from tunio.worker.opening import TcpOpener  # noqa: PLC0415
+    from tunio.worker.tcp import TcpTable  # noqa: PLC0415
+
+    real_on_data, real_on_open = TcpTable.on_data, TcpOpener.on_open
+
+    def on_data(self: TcpTable, fid: int, payload: wire.Payload, credit: int = 0) -> None:
+        if fid == 31:
+            raise RuntimeError("a fault handling DATA")
+        real_on_data(self, fid, payload, credit)
+
+    def on_open(self: TcpOpener, fid: int, credit: int, payload: wire.Payload) -> None:
+        if fid == 33:
+            raise RuntimeError("a fault handling OPEN")
+        real_on_open(self, fid, credit, payload)
+
+    monkeypatch.setattr(TcpTable, "on_data", on_data)
+    monkeypatch.setattr(TcpOpener, "on_open", on_open)
+    worker, running = start_worker()
+    stack.handshake(running)
+
+    def wait(conn: socket.socket, events: queue.Queue[Any]) -> None:
+        events.put(("read", read_to_eof(conn)))
+
+    server, other = servers(wait), servers(wait)  # (a server takes one connection at a time)
+    open_ok(stack, 31, server)
+    open_ok(stack, 32, other)
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        stack.send(Cmd.DATA, 31, 0, b"lost")
+        assert stack.expect(Cmd.RST, 31).arg == errno.ECONNABORTED
+        stack.open(33, server.port)
+        assert stack.expect(Cmd.OPEN_FAIL, 33).arg == errno.ECONNABORTED
+    assert server.event() == ("error", errno.ECONNRESET)  # flow 31's destination: reset
+    stack.send(Cmd.DATA, 32, 0, b"still here")
+    stack.send(Cmd.FIN, 32)
+    assert other.event() == ("read", b"still here")
+    assert 31 not in worker.flows
+    assert any("handling a message failed" in r.getMessage() and r.exc_info
+               for r in caplog.records)  # fmt: skip
+
+
+class BlockingDialer:
+    """A dialer that blocks the loop (time.sleep) before it connects: the mistake the stall
+    watch is for."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        time.sleep(self.hold)  # blocks every flow of the worker, and its heartbeat
+        return await DirectDialer().dial(dst, src)
+
+
+def test_a_dialer_that_blocks_the_loop_is_warned_of(
+    stack: FakeStack, start_worker: StartWorker, servers: Callable[..., Server],
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    from tunio.worker import stall  # noqa: PLC0415
+
+    hold = stall.TICK + stall.STALL + 0.2  # long enough to be seen whatever the tick's phase
+    worker, running = start_worker(BlockingDialer(hold))
+    stack.handshake(running)
+    server = servers(echo)
+    with caplog.at_level(logging.WARNING, "tunio.worker"):
+        open_ok(stack, 41, server)
+        # the watch looks again within a tick of the loop's release
+        deadline = time.monotonic() + DEADLINE
+        while worker.stalls.stalls == 0:
+            assert time.monotonic() < deadline, "the stall was never seen"
+            stack.send(Cmd.DATA, 9999, 0, b"?")  # any answer is a pass of the loop
+            assert stack.expect(Cmd.RST, 9999)
+    assert worker.stalls.stalls == 1
+    assert worker.stalls.longest >= stall.STALL
+    [warning] = [r.getMessage() for r in caplog.records if "held up" in r.getMessage()]
+    assert warning.startswith("worker test-worker: its loop was held up for ")
+    assert "a dialer or policy calling time.sleep" in warning

@@ -311,6 +311,15 @@ class DatagramTable:
             self.stats.datagrams_to_stack += 1
             self._send([wire.header(Cmd.DGRAM, udp.fid, 0), udp.block_from(src) + data])
 
+    def fault(self, fid: int) -> bool:
+        """Code handling session `fid` failed: it ends (RST ECONNABORTED to the stack, which
+        answers the app with an ICMP error). False if there is no such session."""
+        udp = self.sessions.get(fid)
+        if udp is None:
+            return False
+        self._failed(udp, OSError(errno.ECONNABORTED, "a fault handling it"))
+        return True
+
     def _failed(self, udp: UdpSession, exc: OSError) -> None:
         code = exc.errno or errno.EIO
         log.debug("udp session %d: %s: %s", udp.fid, udp.dst, errname(code))

@@ -24,6 +24,7 @@ import zmq
 
 from tunio import defaults, wire
 from tunio.keys import WorkerKeys
+from tunio.logs import EverySecond
 from tunio.wire import Cmd
 from tunio.worker.handshake import HandshakeWatch
 from tunio.worker.stats import WorkerStats, errname
@@ -71,6 +72,8 @@ class Handlers:
     count: Callable[[], int]  # flows and sessions open, for the log
     # NAME: a fake-IP flow's destination name, before its OPEN or first DGRAM (flow, name)
     name: Callable[[int, wire.Payload], None] | None = None
+    # handling a message for this flow raised: end it (flow, the message was its OPEN)
+    failed: Callable[[int, bool], None] | None = None
 
 
 class Link:
@@ -89,6 +92,8 @@ class Link:
         self.endpoint = endpoint
         self.name = name
         self.stats = stats
+        # a handler's fault that repeats for every message: a traceback a second, not a message
+        self.faults = EverySecond(log, logging.ERROR, "messages whose handling failed")
         self.capacity = capacity
         self.timing = timing or Timing()
         self.keys = keys  # CURVE keys for a tcp:// stack
@@ -338,9 +343,10 @@ class Link:
                             on_open(fid, arg, payload)
                         else:
                             on_credit_fin(fid, arg)
-                except Exception:
-                    # a bug in one handler must not leave the rest of the queue unread
-                    log.exception("worker %s: handling a message failed", self.name)
+                except Exception as exc:
+                    # a bug in one handler must not leave the rest of the queue unread, nor its
+                    # flow hanging
+                    self._handler_failed(frames, exc)
                 budget -= 1
                 if budget == 0 or self._loop.time() >= deadline:
                     handlers.flush()
@@ -351,6 +357,25 @@ class Link:
             self._draining = False
             if heard:
                 self._last_heard = self._loop.time()
+
+    def _handler_failed(self, frames: list[zmq.Frame], exc: Exception) -> None:
+        """Handling a message raised: logged (a traceback a second at most), and the flow it was
+        for is ended (`Handlers.failed`), so that its app sees a reset, not a flow that hangs."""
+        self.faults.log(type(exc).__name__, "worker %s: handling a message failed (%r); its "
+                        "flow is ended", self.name, exc, exc_info=exc)  # fmt: skip
+        handlers = self._handlers
+        if handlers is None or handlers.failed is None:
+            return
+        try:
+            msg = wire.decode(frames)
+        except wire.ProtocolError:
+            return  # (said already)
+        if msg.flow:
+            try:
+                handlers.failed(msg.flow, msg.cmd is Cmd.OPEN)
+            except Exception:
+                log.exception("worker %s: ending flow %d after a failure failed", self.name,
+                              msg.flow)  # fmt: skip
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         """Any message but a well-formed DATA, CREDIT or FIN."""

@@ -202,18 +202,26 @@ class TcpTable:
             self._on_writable(flow)
 
     def _event_failed(self, flow: Flow, exc: Exception) -> None:
-        """Handling `flow`'s events raised: the flow ends (OPEN_FAIL if it was still dialing,
-        else RST) with ECONNABORTED, and the app sees a reset instead of a flow that hangs."""
+        """Handling `flow`'s events raised: the flow ends (see `fault`)."""
         self.failures.log(type(exc).__name__, "flow %d: %s: handling its socket failed (%r); "
                           "the flow is reset", flow.fid, flow.dst, exc, exc_info=exc)  # fmt: skip
-        if self.flows.get(flow.fid) is not flow:
-            return  # it ended before the failure
+        if self.flows.get(flow.fid) is flow:  # (else it ended before the failure)
+            self.fault(flow.fid)
+
+    def fault(self, fid: int) -> bool:
+        """Code handling flow `fid` failed: the flow ends (OPEN_FAIL if it was still dialing,
+        else RST) with ECONNABORTED, and the app sees a reset instead of a flow that hangs.
+        False if there is no such flow."""
+        flow = self.flows.get(fid)
+        if flow is None:
+            return False
         if flow.state is _DIALING:
             self._free(flow, abortive=True)
             self.stats.open_failed(errno.ECONNABORTED)
             self._send([wire.header(Cmd.OPEN_FAIL, flow.fid, errno.ECONNABORTED)])
         else:
             self._reset(flow, errno.ECONNABORTED)
+        return True
 
     def _failed(self, flow: Flow) -> bool:
         """An error on the socket: the flow is reset (True). The socket stays watched after
