@@ -96,6 +96,8 @@ _WORKER: tuple[tuple[str, str, str, str], ...] = (
      "refused_by_policy"),
     ("tunio_worker_protocol_errors_total", "counter", "Malformed or unexpected messages a "
      "worker dropped.", "protocol_errors"),
+    ("tunio_worker_loop_stalls_total", "counter", "Times code that blocks (a dialer, a policy) "
+     "held a worker's loop up for half a second or more.", "loop_stalls"),
 )  # fmt: skip
 
 

@@ -23,24 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from tunio import defaults
+from tunio import defaults, wire
 from tunio.dialers.base import Dialer
 from tunio.keys import WorkerKeys
 from tunio.owner import OwnerLookup
 from tunio.policy import Policy
 from tunio.policy import failures as policy_failures
 from tunio.process import IdleTrim
+from tunio.wire import Cmd
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.flow import Flow
 from tunio.worker.link import Handlers, Link, Timing
 from tunio.worker.names import Names
 from tunio.worker.opening import TcpOpener
+from tunio.worker.stall import StallWatch
 from tunio.worker.stats import WorkerStats
 from tunio.worker.tcp import TcpTable
 
@@ -85,6 +88,7 @@ class Worker:
         self.timing = timing or Timing()
         self.trim_idle = trim_idle
         self.trim: IdleTrim | None = None  # once run() has started
+        self.stalls = StallWatch(name, self.timing.heartbeat * self.timing.liveness)
         self.stats = WorkerStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._link: Link | None = None
@@ -162,11 +166,15 @@ class Worker:
             datagrams.drop_all()
             names.clear()
 
+        def failed(fid: int, opening: bool) -> None:
+            if not tcp.fault(fid) and not datagrams.fault(fid) and opening:
+                link.send([wire.header(Cmd.OPEN_FAIL, fid, errno.ECONNABORTED)])  # never added
+
         handlers = Handlers(
             data=tcp.on_data, credit=tcp.on_credit, fin=tcp.on_fin, rst=tcp.on_rst,
             data_fin=tcp.on_data_fin, credit_fin=tcp.on_credit_fin,
             open=opener.on_open, dgram=datagrams.on_dgram, flush=flush, drop=drop,
-            count=lambda: len(tcp) + len(datagrams), name=names.on_name,
+            count=lambda: len(tcp) + len(datagrams), name=names.on_name, failed=failed,
         )  # fmt: skip
         signals = self._install_signals(loop)
         if self._stop_requested:  # stop() came before the loop could take it
@@ -177,27 +185,38 @@ class Worker:
 
         def every_interval() -> None:
             nonlocal timer
+            stats.loop_stalls = self.stalls.stalls
             active = len(tcp) + len(datagrams)
             if link.draining and active == 0:
                 link.leave("drained: every flow has ended")
             self._trim_when_idle(loop.time(), active)
-            opener.failures.flush()
-            tcp.failures.flush()
-            policy_failures.flush()
-            datagrams.refusals.flush()
+            self._flush_summaries(opener)
             if self.report is not None:
                 self.report({**stats.snapshot(), "flows_active": active})
             timer = loop.call_later(REPORT_INTERVAL, every_interval)
 
         timer = loop.call_later(REPORT_INTERVAL, every_interval)
+        self.stalls.start(loop)
         try:
             await link.serve(handlers)
         finally:
             if timer is not None:
                 timer.cancel()
+            self.stalls.stop()
             self._tear_down(loop, opener, owners, signals)
         log.info("worker %s stopped: %s", self.name, self.stats)
         return 0 if link.failure is None else 1
+
+    def _flush_summaries(self, opener: TcpOpener) -> None:
+        """The rate-limited log lines' counts ("N more failed dials in the last 1 s")."""
+        assert self._tcp is not None
+        assert self._datagrams is not None
+        assert self._link is not None
+        opener.failures.flush()
+        self._tcp.failures.flush()
+        self._datagrams.refusals.flush()
+        self._link.faults.flush()
+        policy_failures.flush()
 
     def _tear_down(self, loop: asyncio.AbstractEventLoop, opener: TcpOpener,
                    owners: OwnerLookup | None, signals: list[int]) -> None:  # fmt: skip
@@ -205,10 +224,7 @@ class Worker:
         tcp, datagrams = self._tcp, self._datagrams
         assert tcp is not None
         assert datagrams is not None
-        opener.failures.flush()
-        tcp.failures.flush()
-        policy_failures.flush()
-        datagrams.refusals.flush()
+        self._flush_summaries(opener)
         if owners is not None:
             owners.close()
         for sig in signals:
