@@ -106,7 +106,8 @@ struct tunio_nat {
     struct tunio_nat_held *held; /* per entry: the app's first SYN while held (process-local) */
     atomic_uint *next_flow_id;   /* in the region: one id space per stack, UDP included */
     struct tunio_nat_limits *limits;
-    uint16_t dst_pending[TUNIO_NAT_DST_BUCKETS];
+    /* a share of --max-pending (up to 2^24 / 4) per bucket: wider than 16 bits */
+    uint32_t dst_pending[TUNIO_NAT_DST_BUCKETS];
     int refuse_new;   /* the stack stops: a new flow's SYN gets a RST */
     uint32_t adopted; /* entries this table took over from a region's previous stack */
     struct tunio_nat_counters n;
