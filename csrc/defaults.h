@@ -26,6 +26,17 @@
 #define TUNIO_DEFAULT_UDP_TIMEOUT_MS 60000
 /* DGRAMs a side may have in flight per datagram session (protocol.md). */
 #define TUNIO_UDP_CREDIT 256
+/* Bytes of DGRAMs the stack may have in flight to one datagram session's worker, not yet credited
+ * back: past it the session's datagrams are dropped (counted), though one always goes when none
+ * is in flight. The credit alone lets 256 reassembled 64 KiB datagrams, 16 MiB, queue for one
+ * session; this is sixteen of those, and 256 datagrams of the TUN's 1,500-byte MTU still fit, so
+ * only large datagrams ever meet it. The workers' own bound is --worker-backlog. */
+#define TUNIO_UDP_SESSION_BYTES 1048576
+/* What a DGRAM costs in the worker's queue beyond its payload frame (address block and datagram),
+ * bytes, counted with it against the bounds above: its header frame, ZeroMQ's two message slots
+ * and the payload's content record, rounded up. Without it a flood of tiny datagrams would hold
+ * several times the bound. */
+#define TUNIO_UDP_DGRAM_OVERHEAD 256
 /* After this long without flows (TCP flows and UDP sessions), ms, the stack and each worker give
  * their freed heap back to the system, once until flows come back (malloc_trim). */
 #define TUNIO_DEFAULT_TRIM_IDLE_MS 10000

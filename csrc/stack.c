@@ -479,8 +479,7 @@ static int make_flows(struct tunio_stack *s)
 {
     struct tunio_flows_config fc = {
         .window = s->cfg.window,
-        .worker_backlog =
-            s->cfg.worker_backlog ? s->cfg.worker_backlog : TUNIO_DEFAULT_WORKER_BACKLOG,
+        .worker_backlog = s->cfg.worker_backlog,
         .epfd = s->epfd,
         .tag = TAG_FLOW,
         .nat = {nat_or_null(s, 0), nat_or_null(s, 1)},
@@ -501,6 +500,7 @@ static int make_udp(struct tunio_stack *s)
 {
     struct tunio_udp_config uc = {
         .timeout_ms = s->cfg.udp_timeout_ms,
+        .worker_backlog = s->cfg.worker_backlog, /* a bound of its own, beside the TCP flows' */
         .next_id = s->next_flow_id,
         .tun = s->tun,
         .link = s->link,
@@ -581,6 +581,8 @@ int tunio_stack_new(const struct tunio_config *cfg, struct tunio_stack **out)
         s->cfg.reserve_ms = TUNIO_DEFAULT_RESERVE_MS;
     if (!s->cfg.heartbeat_ms)
         s->cfg.heartbeat_ms = TUNIO_DEFAULT_HEARTBEAT_MS;
+    if (!s->cfg.worker_backlog)
+        s->cfg.worker_backlog = TUNIO_DEFAULT_WORKER_BACKLOG;
     if (!s->cfg.udp_timeout_ms)
         s->cfg.udp_timeout_ms = TUNIO_DEFAULT_UDP_TIMEOUT_MS;
     if (!s->cfg.trim_idle_ms)

@@ -24,7 +24,8 @@ struct tunio_config {
     unsigned pool_count;       /* NAT pool addresses; 0: up to 16 */
     const char *endpoint;      /* ZeroMQ endpoint the ROUTER binds */
     uint32_t window;           /* credit window per flow and direction, bytes */
-    uint64_t worker_backlog;   /* DATA bytes a worker may have uncredited (0: the default) */
+    uint64_t worker_backlog;   /* DATA bytes a worker may have uncredited, and DGRAM bytes
+                                  apart (0: the default) */
     uint32_t pending_ms;       /* a held SYN waits this long for the dial's outcome */
     uint32_t reserve_ms;       /* a NAT slot stays reserved this long after its flow ends */
     uint32_t heartbeat_ms;     /* heartbeat interval; a worker silent 3 intervals is dead */
@@ -106,6 +107,9 @@ struct tunio_stats {
     uint64_t backlog_waits;   /* times a flow with credit waited for its worker's backlog */
     uint64_t backlog_bytes;   /* DATA bytes the workers have not credited back, now */
     uint64_t dns_idle_closed; /* DNS-over-TCP connections closed idle (dns_tcp_idle_ms) */
+    uint64_t udp_backlog_bytes;   /* DGRAM bytes the workers have not credited back, now */
+    uint64_t udp_dropped_backlog; /* datagrams dropped at a session's or worker's byte bound
+                                     (also in udp_dropped) */
 };
 
 /* One worker as the stack sees it. */

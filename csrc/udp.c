@@ -3,7 +3,9 @@
  * copied); the loop thread owns the session table: it picks a worker for a new (app,
  * destination) pair, forwards DGRAMs within the session's credit, builds the IP/UDP packets of
  * the replies, turns a worker's RST(errno) into the ICMP error the app would have got directly,
- * and expires idle sessions. */
+ * and expires idle sessions. What is in flight to the workers is bounded three ways: datagrams per
+ * session (the credit), bytes per session, and bytes per worker, all sessions together (its
+ * ROUTER queue is unbounded); past a bound a datagram is dropped and counted. */
 #include "udp.h"
 
 #include <errno.h>
@@ -35,8 +37,17 @@ struct udp_session {
     uint8_t dst[16];
     uint16_t sport;
     uint16_t dport;
-    uint32_t credit; /* DGRAMs we may still send to the worker */
-    uint32_t owed;   /* replies written to the TUN, not yet credited back */
+    /* DGRAMs sent to the worker and not yet credited back (at most TUNIO_UDP_CREDIT), and their
+     * cost (dgram_cost) in all. The worker credits in datagrams, in the order they came, so
+     * CREDIT n answers the oldest n: their costs wait in a ring, oldest at `first`, which grows
+     * with the most the session ever had in flight (most sessions, DNS among them, have one or
+     * two: a ring of TUNIO_UDP_CREDIT for each would cost 1 KiB a session). */
+    uint32_t inflight;
+    uint32_t bytes;
+    uint32_t *costs;
+    uint32_t cap;
+    uint32_t first;
+    uint32_t owed; /* replies written to the TUN, not yet credited back */
     uint64_t last_ms;
     int upstream; /* DNS to the upstream resolver: replies come from dst */
     int fake;     /* to a fake-IP address: holds map entry fake_index */
@@ -60,6 +71,8 @@ struct tunio_udp {
     uint64_t protocol_errors;
     uint64_t names_sent;
     uint64_t no_name;
+    uint64_t dropped_backlog; /* at a session's or a worker's byte bound (also in `dropped`) */
+    uint64_t worker_bytes[TUNIO_MAX_WORKERS]; /* the costs its sessions have in flight */
 };
 
 static uint32_t tuple_hash(const uint8_t *src, uint16_t sport, const uint8_t *dst, uint16_t dport)
@@ -85,6 +98,72 @@ static struct udp_session *by_id(struct tunio_udp *u, uint32_t id)
     return s;
 }
 
+/* ---- bytes in flight ---- */
+
+/* What a DGRAM of `frame` payload bytes holds in its worker's queue until credited back. */
+static uint32_t dgram_cost(size_t frame)
+{
+    return (uint32_t)frame + TUNIO_UDP_DGRAM_OVERHEAD;
+}
+
+/* Whether the worker takes a DGRAM of `cost` now. With nothing in flight it always does: a bound
+ * below one large datagram must not refuse it for good. */
+static int worker_has_room(const struct tunio_udp *u, int worker, uint32_t cost)
+{
+    uint64_t b = u->worker_bytes[worker];
+    return b == 0 || b + cost <= u->cfg.worker_backlog;
+}
+
+static int session_has_room(const struct udp_session *s, uint32_t cost)
+{
+    return s->inflight == 0 || s->bytes + cost <= TUNIO_UDP_SESSION_BYTES;
+}
+
+/* Room in the ring for one more (the credit check comes first: inflight < TUNIO_UDP_CREDIT). */
+static int ring_reserve(struct udp_session *s)
+{
+    if (s->inflight < s->cap)
+        return 0;
+    uint32_t cap = s->cap ? s->cap * 2 : 4;
+    if (cap > TUNIO_UDP_CREDIT)
+        cap = TUNIO_UDP_CREDIT;
+    uint32_t *costs = malloc(cap * sizeof(*costs));
+    if (!costs)
+        return -ENOMEM;
+    for (uint32_t i = 0; i < s->inflight; i++)
+        costs[i] = s->costs[(s->first + i) % s->cap];
+    free(s->costs);
+    s->costs = costs;
+    s->cap = cap;
+    s->first = 0;
+    return 0;
+}
+
+static void sent(struct tunio_udp *u, struct udp_session *s, uint32_t cost)
+{
+    s->costs[(s->first + s->inflight) % s->cap] = cost;
+    s->inflight++;
+    s->bytes += cost;
+    u->worker_bytes[s->worker] += cost;
+}
+
+/* CREDIT n from the worker: the oldest n DGRAMs left its queue. More than is in flight is a
+ * worker's mistake, and counts for no more. */
+static void credited(struct tunio_udp *u, struct udp_session *s, uint64_t n)
+{
+    for (; n && s->inflight; n--) {
+        uint32_t cost = s->costs[s->first];
+        s->first = (s->first + 1) % s->cap;
+        s->inflight--;
+        s->bytes -= cost;
+        u->worker_bytes[s->worker] -= cost;
+    }
+}
+
+/* ---- sessions ---- */
+
+/* Every end of a session comes here (RST, expiry, its worker lost, the stack stopping): what it
+ * had in flight leaves its worker's bytes, which would otherwise starve that worker for good. */
 static void session_free(struct tunio_udp *u, struct udp_session *s)
 {
     struct udp_session **l = &u->tuple[tuple_hash(s->src, s->sport, s->dst, s->dport)];
@@ -96,6 +175,8 @@ static void session_free(struct tunio_udp *u, struct udp_session *s)
         l = &(*l)->by_id;
     *l = s->by_id;
     tunio_link_load(u->cfg.link, s->worker, -1);
+    u->worker_bytes[s->worker] -= s->bytes;
+    free(s->costs);
     tunio_nat_put_flow(u->cfg.limits);
     if (s->fake)
         tunio_dnsmap_release(u->cfg.map, s->fake_index, tunio_now_ms());
@@ -194,7 +275,11 @@ static int name_session(struct tunio_udp *u, struct udp_session *s, const struct
     return 0;
 }
 
-static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_pkt *p, int upstream)
+/* The packet's session, opened if new; NULL if it has none now. A new session whose worker has no
+ * room for its first DGRAM (of `cost`) is not opened: it would send its worker a NAME, and end
+ * with a RST, for each datagram it drops. */
+static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_pkt *p, int upstream,
+                                       uint32_t cost)
 {
     uint32_t b = tuple_hash(p->src, p->sport, p->dst, p->dport);
     for (struct udp_session *s = u->tuple[b]; s; s = s->by_tuple)
@@ -204,6 +289,10 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
     int w = tunio_link_pick(u->cfg.link);
     if (w < 0) {
         u->no_worker++;
+        return NULL;
+    }
+    if (!worker_has_room(u, w, cost)) {
+        u->dropped_backlog++;
         return NULL;
     }
     if (tunio_nat_take_flow(u->cfg.limits) < 0) {
@@ -223,7 +312,6 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
     memcpy(s->dst, p->dst, 16);
     s->sport = p->sport;
     s->dport = p->dport;
-    s->credit = TUNIO_UDP_CREDIT;
     s->upstream = upstream;
     if (!upstream && name_session(u, s, p) < 0) {
         tunio_nat_put_flow(u->cfg.limits);
@@ -255,17 +343,23 @@ static void forward(struct tunio_udp *u, uint8_t *pkt, size_t len, int upstream)
         u->dropped++; /* no resolver to send it to */
         return;
     }
-    struct udp_session *s = session_for(u, &p, upstream);
-    if (!s || s->credit == 0) {
-        /* No worker, or the worker is behind: UDP's answer to a full queue is a drop. */
+    /* The address block and the datagram go out as one payload frame: built in place below. For
+     * an echo the "datagram" is the whole ICMP message (type, code, checksum, id, sequence, data). */
+    int udp = p.proto == TUNIO_IPPROTO_UDP;
+    size_t n = udp ? p.payload_len : p.l4_len;
+    uint32_t cost = dgram_cost(TUNIO_WIRE_ADDR_LEN + n);
+    struct udp_session *s = session_for(u, &p, upstream, cost);
+    /* No worker, or the worker is behind: UDP's answer to a full queue is a drop. */
+    if (!s || s->inflight == TUNIO_UDP_CREDIT) {
         u->dropped++;
         return;
     }
-    /* The address block and the datagram go out as one payload frame: build it in place. For an
-     * echo the "datagram" is the whole ICMP message (type, code, checksum, id, sequence, data). */
-    int udp = p.proto == TUNIO_IPPROTO_UDP;
-    size_t n = udp ? p.payload_len : p.l4_len;
-    uint8_t *msg = malloc(TUNIO_WIRE_ADDR_LEN + n);
+    if (!session_has_room(s, cost) || !worker_has_room(u, s->worker, cost)) {
+        u->dropped++;
+        u->dropped_backlog++;
+        return;
+    }
+    uint8_t *msg = ring_reserve(s) == 0 ? malloc(TUNIO_WIRE_ADDR_LEN + n) : NULL;
     if (!msg) {
         u->dropped++;
         return;
@@ -289,7 +383,7 @@ static void forward(struct tunio_udp *u, uint8_t *pkt, size_t len, int upstream)
         s->last_seq = (uint16_t)(pkt[p.l3_len + 6] << 8 | pkt[p.l3_len + 7]);
     if (tunio_link_send_owned(u->cfg.link, s->worker, TUNIO_CMD_DGRAM, s->id, 0, msg,
                               TUNIO_WIRE_ADDR_LEN + n) == 0) {
-        s->credit--;
+        sent(u, s, cost);
         s->last_ms = tunio_now_ms();
         u->to_workers++;
     }
@@ -401,8 +495,7 @@ int tunio_udp_on_message(struct tunio_udp *u, int worker, const struct tunio_wir
         on_dgram(u, s, payload);
         break;
     case TUNIO_CMD_CREDIT:
-        s->credit =
-            s->credit + h->arg > TUNIO_UDP_CREDIT ? TUNIO_UDP_CREDIT : s->credit + (uint32_t)h->arg;
+        credited(u, s, h->arg);
         break;
     case TUNIO_CMD_RST:
         tell_app(u, s, h->arg > 4095 ? 0 : (int)h->arg);
@@ -472,6 +565,9 @@ void tunio_udp_add_stats(const struct tunio_udp *u, struct tunio_stats *o)
     o->udp_to_workers += u->to_workers;
     o->udp_from_workers += u->from_workers;
     o->udp_dropped += u->dropped;
+    o->udp_dropped_backlog += u->dropped_backlog;
+    for (int w = 0; w < TUNIO_MAX_WORKERS; w++)
+        o->udp_backlog_bytes += u->worker_bytes[w];
     o->no_worker += u->no_worker;
     o->protocol_errors += u->protocol_errors;
 }

@@ -19,6 +19,7 @@ struct tunio_udp;
 
 struct tunio_udp_config {
     uint32_t timeout_ms;             /* a session idle this long is ended */
+    uint64_t worker_backlog;         /* DGRAM bytes a worker may have uncredited, all sessions */
     atomic_uint *next_id;            /* the stack's id counter, shared with the NAT tables' flows */
     struct tunio_tun *tun;           /* replies and ICMP errors are written into it */
     struct tunio_link *link;         /* the workers */
@@ -52,8 +53,8 @@ uint32_t tunio_udp_worker_lost(struct tunio_udp *u, int worker);
 /* The stack stops: every session ends (RST(0) to its worker). */
 void tunio_udp_end_all(struct tunio_udp *u);
 
-/* Adds udp_sessions, udp_sessions_opened, udp_to/from_workers, and its udp_dropped, no_worker
- * and protocol_errors. */
+/* Adds udp_sessions, udp_sessions_opened, udp_to/from_workers, udp_backlog_bytes, and its
+ * udp_dropped, udp_dropped_backlog, no_worker and protocol_errors. */
 void tunio_udp_add_stats(const struct tunio_udp *u, struct tunio_stats *o);
 
 #endif

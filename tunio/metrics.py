@@ -63,6 +63,11 @@ _STACK: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
      (('what="flow"', "flows_reset"), ('what="unknown_flow"', "rst_unknown_flow"))),
     ("tunio_datagrams_dropped_total", "counter", "Datagrams the stack dropped (queue full, no "
      "credit, no worker).", (('where="stack"', "udp_dropped"),)),
+    ("tunio_datagrams_dropped_backlog_total", "counter", "Datagrams the stack dropped at a "
+     "session's or a worker's bound of bytes in flight (also in tunio_datagrams_dropped_total).",
+     (("", "udp_dropped_backlog"),)),
+    ("tunio_datagram_backlog_bytes", "gauge", "DGRAM bytes the workers have not credited back yet "
+     "(each at most --worker-backlog, a bound apart from DATA's).", (("", "udp_backlog_bytes"),)),
     ("tunio_nat_entries", "gauge", "NAT slots in use, the ones resting after their flow included.",
      (("", "nat_entries"),)),
     ("tunio_workers", "gauge", "Workers the stack has now (HELLO said, alive).",

@@ -72,7 +72,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("worker-backlog", "worker_backlog", "int",
             "data bytes a worker may have unanswered, all its flows together: past it the "
             "stack waits before reading more from those apps, so a new flow's dial never "
-            f"queues behind more (default: {defaults.WORKER_BACKLOG})", "BYTES"),
+            "queues behind more; datagrams have a bound of this size of their own, past which "
+            f"they are dropped (default: {defaults.WORKER_BACKLOG})", "BYTES"),
     Setting("log-level", "log_level", "choice",
             f"least severe messages to print (default: {defaults.LOG_LEVEL})",
             choices=("debug", "info", "warning", "error")),

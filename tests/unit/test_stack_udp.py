@@ -1,5 +1,6 @@
 """The C stack's UDP sessions through a socketpair TUN queue: DGRAMs out with their address
-block, replies built as IP/UDP packets with correct checksums, ICMP errors, credit and expiry."""
+block, replies built as IP/UDP packets with correct checksums, ICMP errors, credit, the bounds on
+bytes in flight, and expiry."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import errno
 import ipaddress
 from pathlib import Path
 
+from tunio._stack import lib
+
 from tunio import wire
 from tunio.testing import packets
-from tunio.testing.stackrig import APP, DST, stack_rig
+from tunio.testing.stackrig import APP, DST, WINDOW, Rig, stack_rig
 
 
 def _reply_block(sport: int, dport: int) -> bytes:
@@ -96,6 +99,113 @@ def test_credit_bounds_datagrams_in_flight(tmp_path: Path) -> None:
         assert (rig.recv().cmd, 4242) == (wire.Cmd.RST, 4242)
         rig.write(packets.udp(APP, 40002, DST, 7, b"after"))
         assert bytes(rig.recv().payload or b"")[40:] == b"after"
+
+
+BIG = 60_000  # a reassembled datagram's size; the rig's socketpair takes it in one write
+#: what one BIG datagram counts against the byte bounds: its DGRAM payload frame and the overhead
+COST = wire.ADDRESS.size + BIG + lib.TUNIO_UDP_DGRAM_OVERHEAD
+
+
+def _big(i: int) -> bytes:
+    return i.to_bytes(2, "big") + bytes(BIG - 2)
+
+
+def _index(msg: wire.Message) -> int:
+    payload = bytes(msg.payload or b"")
+    assert msg.cmd is wire.Cmd.DGRAM
+    assert len(payload) == wire.ADDRESS.size + BIG
+    return int.from_bytes(payload[40:42], "big")
+
+
+def _sync(rig: Rig) -> None:
+    """Waits until the stack has handled what the worker sent so far: DATA for no flow is
+    answered with RST after it, in order (a datagram written next takes another path in)."""
+    rig.send(wire.Cmd.DATA, 4242, 0, b"sync")
+    assert (rig.recv().cmd, 4242) == (wire.Cmd.RST, 4242)
+
+
+def test_bytes_in_flight_bound_a_session(tmp_path: Path) -> None:
+    """Large datagrams stop at the session's byte bound, long before its credit of 256 is spent,
+    and go again when the worker credits them back."""
+    fits = lib.TUNIO_UDP_SESSION_BYTES // COST
+    assert 1 < fits < lib.TUNIO_UDP_CREDIT
+    with stack_rig(tmp_path) as rig:
+        for i in range(fits + 3):
+            rig.write(packets.udp(APP, 40010, DST, 7, _big(i)))
+        got = [rig.recv() for _ in range(fits)]
+        assert [_index(m) for m in got] == list(range(fits))
+        rig.wait_stat("udp_dropped", 3)
+        stats = rig.stack.stats()
+        assert (stats["udp_to_workers"], stats["udp_dropped_backlog"]) == (fits, 3)
+        assert stats["udp_backlog_bytes"] == fits * COST
+        rig.send(wire.Cmd.CREDIT, got[0].flow, 5)  # the oldest five are handled
+        _sync(rig)
+        assert rig.stack.stats()["udp_backlog_bytes"] == (fits - 5) * COST
+        for i in range(100, 106):
+            rig.write(packets.udp(APP, 40010, DST, 7, _big(i)))
+        assert [_index(rig.recv()) for _ in range(5)] == list(range(100, 105))
+        rig.wait_stat("udp_dropped", 4)
+        stats = rig.stack.stats()
+        assert (stats["udp_to_workers"], stats["udp_dropped_backlog"]) == (fits + 5, 4)
+        assert stats["udp_backlog_bytes"] == fits * COST
+
+
+def test_bytes_in_flight_bound_a_worker_whatever_the_sessions(tmp_path: Path) -> None:
+    """Many sessions' large datagrams stop at --worker-backlog, all sessions together; a new
+    session is not even opened past it. Credit and ended sessions give the bytes back."""
+    with stack_rig(tmp_path, worker_backlog=5 * COST) as rig:
+        for port in range(41000, 41010):  # two datagrams each, one session after the other
+            for i in range(2):
+                rig.write(packets.udp(APP, port, DST, 7, _big(2 * (port - 41000) + i)))
+        got = [rig.recv() for _ in range(5)]
+        assert [_index(m) for m in got] == [0, 1, 2, 3, 4]  # sessions 0 and 1, and 2's first
+        rig.wait_stat("udp_dropped", 15)
+        stats = rig.stack.stats()
+        assert (stats["udp_to_workers"], stats["udp_dropped_backlog"]) == (5, 15)
+        assert (stats["udp_backlog_bytes"], stats["udp_sessions"]) == (5 * COST, 3)
+        flows = [got[0].flow, got[2].flow, got[4].flow]
+        # Credit makes room for one more, here a new session's.
+        rig.send(wire.Cmd.CREDIT, flows[0], 1)
+        _sync(rig)
+        rig.write(packets.udp(APP, 41100, DST, 7, _big(100)))
+        rig.write(packets.udp(APP, 41101, DST, 7, _big(101)))
+        assert _index(rig.recv()) == 100
+        rig.wait_stat("udp_dropped", 16)
+        assert rig.stack.stats()["udp_backlog_bytes"] == 5 * COST
+        # Sessions 0 (one in flight) and 1 (two) end: their three go back to the worker's room.
+        rig.send(wire.Cmd.RST, flows[0])
+        rig.send(wire.Cmd.RST, flows[1])
+        _sync(rig)
+        stats = rig.stack.stats()
+        assert (stats["udp_backlog_bytes"], stats["udp_sessions"]) == (2 * COST, 2)
+        for n in range(4):
+            rig.write(packets.udp(APP, 41200 + n, DST, 7, _big(200 + n)))
+        assert [_index(rig.recv()) for _ in range(3)] == [200, 201, 202]
+        rig.wait_stat("udp_dropped", 17)
+        stats = rig.stack.stats()
+        assert (stats["udp_to_workers"], stats["udp_dropped_backlog"]) == (9, 17)
+        assert (stats["udp_backlog_bytes"], stats["udp_sessions"]) == (5 * COST, 5)
+        # A lost worker's sessions end with it, and nothing of theirs stays counted.
+        rig.send(wire.Cmd.BYE)
+        rig.wait_stat("udp_sessions", 0)
+        assert rig.stack.stats()["udp_backlog_bytes"] == 0
+
+
+def test_a_datagram_larger_than_the_worker_bound_goes_when_none_is_in_flight(
+        tmp_path: Path) -> None:  # fmt: skip
+    largest = 65_535 - 20 - 8  # an IPv4 datagram's most
+    with stack_rig(tmp_path, worker_backlog=WINDOW) as rig:
+        assert wire.ADDRESS.size + largest > WINDOW
+        rig.write(packets.udp(APP, 40020, DST, 7, bytes(largest)))
+        rig.write(packets.udp(APP, 40020, DST, 7, bytes(largest)))
+        msg = rig.recv()
+        assert len(bytes(msg.payload or b"")) == wire.ADDRESS.size + largest
+        rig.wait_stat("udp_dropped_backlog", 1)
+        rig.send(wire.Cmd.CREDIT, msg.flow, 1)
+        _sync(rig)
+        assert rig.stack.stats()["udp_backlog_bytes"] == 0
+        rig.write(packets.udp(APP, 40020, DST, 7, b"small"))
+        assert bytes(rig.recv().payload or b"")[40:] == b"small"
 
 
 def test_idle_session_expires_with_rst_to_the_worker(tmp_path: Path) -> None:
