@@ -400,9 +400,18 @@ size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uin
 {
     int v6 = p->version == 6;
     size_t quote = p->l3_len + (p->l4_len < ICMP_QUOTE_MAX ? p->l4_len : ICMP_QUOTE_MAX);
-    size_t total = (v6 ? IPV6_HLEN : IPV4_MIN_HLEN) + 8u + quote;
-    if (cap < total)
+    size_t head = (v6 ? IPV6_HLEN : IPV4_MIN_HLEN) + 8u;
+    /* Long IPv4 options or IPv6 extension headers: quote what fits, as routers do, within the
+     * most an error may carry (576 bytes for IPv4, RFC 1812 4.3.2.3; 1280 for IPv6, RFC 4443
+     * 2.4), rather than answer nothing and leave the app to its timeout. */
+    size_t limit = v6 ? TUNIO_ICMP_ERROR_MAX : 576u;
+    if (limit > cap)
+        limit = cap;
+    if (limit < head + 8u)
         return 0;
+    if (head + quote > limit)
+        quote = limit - head;
+    size_t total = head + quote;
     uint8_t proto = v6 ? TUNIO_IPPROTO_ICMPV6 : TUNIO_IPPROTO_ICMP;
     uint8_t *ic = out + build_ip(p->version, out, 8u + quote, proto, p->dst, p->src);
     memset(ic, 0, 8);

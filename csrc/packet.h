@@ -83,9 +83,13 @@ int tunio_pkt_complete_csum(struct tunio_pkt *p, size_t start, size_t offset);
  * RST itself). */
 size_t tunio_pkt_build_rst(const struct tunio_pkt *p, uint8_t *out, size_t cap);
 
+/* The largest ICMP error built (IPv6's minimum MTU): a buffer of this size holds any. */
+#define TUNIO_ICMP_ERROR_MAX 1280u
+
 /* Builds an ICMP (IPv4: type 3) or ICMPv6 (type 1) destination unreachable with `code` from
- * p's destination to its source,
- * quoting p's IP header and the first bytes of its payload. Returns the length (0 on no room). */
+ * p's destination to its source, quoting p's IP header (options and extension headers too) and
+ * the first bytes of its payload, cut to what fits in `cap` and in the most an error may carry.
+ * Returns the length (0 if `cap` cannot hold even the headers). */
 size_t tunio_pkt_build_icmp_unreach(const struct tunio_pkt *p, uint8_t code, uint8_t *out,
                                     size_t cap);
 

@@ -238,7 +238,7 @@ struct tunio_queue *tunio_udp_queue(struct tunio_udp *u)
  * sees ECONNREFUSED at once. */
 static void refuse(struct tunio_udp *u, const struct tunio_pkt *p)
 {
-    uint8_t out[160];
+    uint8_t out[TUNIO_ICMP_ERROR_MAX];
     int code =
         tunio_nat_icmp_code(p->version, p->proto == TUNIO_IPPROTO_UDP ? ECONNREFUSED : EACCES);
     size_t n = tunio_pkt_build_icmp_unreach(p, (uint8_t)code, out, sizeof(out));
@@ -316,7 +316,7 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
     if (!upstream && name_session(u, s, p) < 0) {
         tunio_nat_put_flow(u->cfg.limits);
         free(s);
-        uint8_t out[160];
+        uint8_t out[TUNIO_ICMP_ERROR_MAX];
         size_t n = tunio_pkt_build_icmp_unreach(
             p, (uint8_t)tunio_nat_icmp_code(p->version, EHOSTUNREACH), out, sizeof(out));
         if (n)
@@ -417,7 +417,7 @@ static void tell_app(struct tunio_udp *u, const struct udp_session *s, int err)
         code = tunio_nat_icmp_code(s->version, EACCES); /* other failures: prohibited */
     /* ICMP quotes the offending datagram's headers; a header of the session's own tuple is
      * what the app's kernel matches its socket by. */
-    uint8_t orig[48], out[160];
+    uint8_t orig[48], out[TUNIO_ICMP_ERROR_MAX];
     size_t n = s->proto == TUNIO_IPPROTO_UDP
                    ? tunio_pkt_build_udp(s->version, s->src, s->sport, s->dst, s->dport, NULL, 0,
                                          orig, sizeof(orig))

@@ -8,11 +8,12 @@ import errno
 import ipaddress
 from pathlib import Path
 
+import pytest
 from tunio._stack import lib
 
 from tunio import wire
 from tunio.testing import packets
-from tunio.testing.stackrig import APP, DST, WINDOW, Rig, stack_rig
+from tunio.testing.stackrig import APP, APP6, DST, DST6, WINDOW, Rig, stack_rig
 
 
 def _reply_block(sport: int, dport: int) -> bytes:
@@ -222,3 +223,41 @@ def test_reply_for_unknown_session_is_reset(tmp_path: Path) -> None:
         rig.send(wire.Cmd.DGRAM, 999, 0, _reply_block(1, 2) + b"late")
         msg = rig.recv()
         assert (msg.cmd, msg.flow) == (wire.Cmd.RST, 999)
+
+
+def _destination_options(next_header: int, size: int) -> bytes:
+    # a destination options header of `size` bytes (a multiple of 8): PadN fills it
+    assert size % 8 == 0
+    assert 8 <= size <= 2048
+    options, left = b"", size - 2
+    while left:  # PadN options of at most 255 bytes of padding each
+        take = min(left, 257)
+        if left - take == 1:
+            take -= 2  # (a PadN needs two bytes of its own)
+        options += bytes([1, take - 2]) + bytes(take - 2)
+        left -= take
+    return bytes([next_header, size // 8 - 1]) + options
+
+
+@pytest.mark.parametrize("ext_size", [200, 1600], ids=["quoted-whole", "quoted-cut-to-1280"])
+def test_icmp_errors_quote_long_extension_headers(tmp_path: Path, ext_size: int) -> None:
+    """A datagram behind long IPv6 extension headers still gets its ICMPv6 error (here: a new
+    session past --max-flows): all of its headers quoted when they fit, else as much as 1280
+    bytes in all carry (RFC 4443 2.4)."""
+    with stack_rig(tmp_path, max_flows=1, max_pending=1) as rig:
+        rig.write(packets.udp(APP6, 40010, DST6, 9998, b"first"))
+        assert bytes(rig.recv().payload or b"")[wire.ADDRESS.size :] == b"first"  # the one flow
+        dgram = packets.udp(APP6, 40011, DST6, 9999, b"hello?")[40:]
+        ext = _destination_options(packets.UDP, ext_size)
+        pkt = packets.ipv6(APP6, DST6, packets.UDP, dgram, extensions=ext, first_next=60)
+        rig.write(pkt)
+        icmp = rig.read()
+        assert icmp.checksums_ok
+        assert (icmp.proto, icmp.icmp_type, icmp.icmp_code) == (packets.ICMPV6, 1, 4)
+        assert (icmp.src, icmp.dst) == (DST6, APP6)
+        quoted = icmp.payload  # the offending packet, from its first byte
+        if 48 + len(pkt) <= 1280:
+            assert quoted == pkt
+        else:
+            assert 48 + len(quoted) == 1280
+            assert quoted == pkt[: len(quoted)]
