@@ -181,3 +181,27 @@ def test_a_refusal_by_a_wrong_policy_reaches_the_app(rigs: MakeRig) -> None:
     rig.open(9)
     assert rig.expect(Cmd.OPEN_FAIL, 9).arg == errno.ECONNREFUSED
     assert rig.stats.refused_by_policy == 1
+
+
+class Raises:
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise ValueError("a dialer's bug")
+
+
+def test_a_dialer_failing_for_every_flow_logs_one_traceback_a_second(
+    rigs: MakeRig, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tunio.logs import EverySecond  # noqa: PLC0415
+    from tunio.worker import dial  # noqa: PLC0415
+
+    fresh = EverySecond(dial.log, logging.ERROR, "dials that failed unexpectedly", 60.0)
+    monkeypatch.setattr(dial, "unexpected", fresh)
+    rig = rigs(Raises())
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        for fid in range(1, 6):
+            rig.open(fid)
+            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
+        fresh.flush()
+    lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.exc_info is not None for r in lines] == [True, False]  # one traceback, one count
+    assert lines[1].getMessage().startswith("4 more dials that failed unexpectedly in the last")

@@ -39,6 +39,7 @@ from tunio.policy import failures as policy_failures
 from tunio.process import IdleTrim
 from tunio.wire import Cmd
 from tunio.worker.datagram import DatagramTable, UdpSession
+from tunio.worker.dial import unexpected as dial_unexpected
 from tunio.worker.flow import Flow
 from tunio.worker.link import Handlers, Link, Timing
 from tunio.worker.names import Names
@@ -216,6 +217,7 @@ class Worker:
         self._tcp.failures.flush()
         self._datagrams.refusals.flush()
         self._link.faults.flush()
+        dial_unexpected.flush()
         policy_failures.flush()
 
     def _tear_down(self, loop: asyncio.AbstractEventLoop, opener: TcpOpener,

@@ -30,6 +30,7 @@ from tunio.dialers.base import (
     StartHandshake,
     connecting_to_proxy,
 )
+from tunio.logs import EverySecond
 
 log = logging.getLogger("tunio.worker")
 
@@ -64,8 +65,14 @@ def dial_failure(exc: BaseException, what: str, timeout: float) -> tuple[int, st
         if exc.errno is None:
             log.warning("%s: %r has no errno; answering ECONNABORTED", what, exc)
         return exc.errno or errno.ECONNABORTED, exc.strerror or ""
-    log.error("%s failed unexpectedly; answering ECONNABORTED", what, exc_info=exc)
+    unexpected.log(type(exc).__name__, "%s failed unexpectedly; answering ECONNABORTED", what,
+                   exc_info=exc)  # fmt: skip
     return errno.ECONNABORTED, ""
+
+
+#: a dialer that raises what is not an OSError for every flow logs a traceback a second, not one
+#: a flow (the worker calls `unexpected.flush()` on its report interval)
+unexpected = EverySecond(log, logging.ERROR, "dials that failed unexpectedly")
 
 
 class Dial(Generic[K, T]):
