@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import math
 import socket
 import sys
 import time
@@ -80,6 +81,28 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A time bound: above 0, at most a day (NaN and infinity would leave a run unbounded)."""
+    value = float(text)
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 86400 s: {text}")
+    return value
+
+
+def _above_zero(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0: {text}")
+    return value
+
+
+def _at_least_zero(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more: {text}")
+    return value
+
+
 def _size(text: str) -> int:
     """A byte count, with an optional K/M/G suffix (powers of 1024)."""
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -99,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     role.add_argument("--connect", metavar="HOST:PORT", help="run the client against a server")
     p.add_argument("--mode", choices=(*MODES, RR_MODE, *UDP_MODES), default="echo")
     p.add_argument("--processes", type=_positive, default=1, help="processes (client or server)")
-    p.add_argument("--duration", type=float,
+    p.add_argument("--duration", type=_seconds,
                    help="server: stop after this many seconds; client (TCP modes): open new "
                         "connections for this many seconds (at most --connections), then let "
                         "the open ones finish")
@@ -107,10 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=_positive, default=1,
                    help="client: connections open at once, per process")
     p.add_argument("--bytes", type=_size, default=100, help="client: payload per connection")
-    p.add_argument("--max-mbps", type=float,
+    p.add_argument("--max-mbps", type=_above_zero,
                    help="client (echo, sink): send at most this many Mbit/s in all, so that "
                         "connections last and stay open at once without the machine at full load")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--timeout", type=_seconds, default=60.0,
                    help="client: bound on the whole run; unfinished connections fail")
     p.add_argument("--json", action="store_true", help="client: print one JSON object")
     p.add_argument("--requests", type=_positive, default=1000,
@@ -120,13 +143,13 @@ def _parser() -> argparse.ArgumentParser:
     udp = p.add_argument_group("UDP modes (client)")
     udp.add_argument("--datagrams", type=_positive, default=100, help="udp-echo: per session")
     udp.add_argument("--size", type=int, default=1400, help="udp-echo: bytes per datagram")
-    udp.add_argument("--rate", type=float, default=1000.0,
+    udp.add_argument("--rate", type=_at_least_zero, default=1000.0,
                      help="datagrams (udp-echo) or queries (dns) per second in all; 0: no limit")
-    udp.add_argument("--linger", type=float, default=2.0,
+    udp.add_argument("--linger", type=_at_least_zero, default=2.0,
                      help="udp-echo: seconds to wait for echoes after the last send")
     udp.add_argument("--name", default="example.test", help="dns: the name to ask for")
     udp.add_argument("--qtype", choices=sorted(QTYPES), default="A", help="dns: record type")
-    udp.add_argument("--query-timeout", type=float, default=1.0,
+    udp.add_argument("--query-timeout", type=_seconds, default=1.0,
                      help="dns: seconds before a query counts as lost")
     # Test hook: the server flips the byte at this stream offset, so the checks can fail.
     p.add_argument("--corrupt-at", type=int, default=-1, help=argparse.SUPPRESS)

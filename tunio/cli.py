@@ -178,6 +178,9 @@ def options_from(args: argparse.Namespace) -> Options:
 def main(argv: list[str] | None = None) -> int:
     """tunio-run."""
     args = build_parser().parse_args(argv)
+    import multiprocess  # noqa: PLC0415
+
+    multiprocess.current_process().name = "tunio-run"  # every line says who wrote it
     try:
         options = options_from(args)
     except ConfigError as exc:
@@ -185,9 +188,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", describe(exc))
         return 2
     logs.setup(options.log_level, fmt=options.log_format)
-    import multiprocess  # noqa: PLC0415
-
-    multiprocess.current_process().name = "tunio-run"
     if args.cleanup:
         return _cleanup(options)
     if args.print_config or args.dry_run:
@@ -202,13 +202,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _show(options: Options, *, dry_run: bool) -> int:
     """--print-config and --dry-run: what a run would be and do, with nothing changed."""
-    from tunio import configfile  # noqa: PLC0415
+    from tunio import configfile, wayout  # noqa: PLC0415
     from tunio.config import explain, validate  # noqa: PLC0415
     from tunio.errors import TunioError  # noqa: PLC0415
     from tunio.supervisor import Supervisor  # noqa: PLC0415
 
     try:
         validate(options)
+        # what a run would refuse at its start (a dialer, a policy, the rules' names), before
+        # anything is printed: user code is imported here as the run would
+        wayout.load_policy(options, wayout.load_dialer(options))
         if not dry_run:
             sys.stdout.write(configfile.render(options))
             return 0

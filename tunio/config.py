@@ -338,8 +338,11 @@ def parse_upstream(text: str) -> tuple[Address, int]:
         return ipaddress.ip_address(text), 53
     except ValueError:
         pass
-    host, _ = parse_host_port(text, "--dns-upstream")
-    port = int(text.rpartition(":")[2])
+    try:
+        host, port = parse_host_port(text, "--dns-upstream")
+    except ConfigError:
+        raise ConfigError(f"--dns-upstream {text!r}: give an IP address, and a port if not 53: "
+                          "e.g. 192.0.2.53, 192.0.2.53:5353 or [2001:db8::53]:5353") from None
     return ipaddress.ip_address(host), port
 
 
@@ -380,16 +383,20 @@ def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | N
     nameserver; fake-ip's pools to DNS_POOL (less the TUN's prefix, which the stack leaves out)
     and DNS_POOL6, each only where the TUN has an address of its family; its addresses to the
     second address of each TUN prefix."""
+    # The DNS settings are checked whether --dns is on or not: a mistake in them must not wait
+    # for the day --dns is turned on (or a reload turns it on) to be said.
+    if not 0 <= options.dns_ttl <= 86400:
+        raise ConfigError(f"--dns-ttl {options.dns_ttl} is out of range: use 0..86400")
+    if not 0 <= options.dns_hold <= 86400:
+        raise ConfigError(f"--dns-hold {options.dns_hold:g} is out of range: use 0..86400")
+    if options.dns_upstream is not None:
+        parse_upstream(options.dns_upstream)
     spec = options.dns
     if spec is None or not dns_enabled(options):  # spec: str from here on
         return None
     mode, _, arg = spec.partition(":")
     if mode not in ("fake-ip", "hijack") or (mode == "hijack" and arg):
         raise ConfigError(f"--dns {spec!r}: use fake-ip[:CIDR[,CIDR6]], hijack or off")
-    if not 0 <= options.dns_ttl <= 86400:
-        raise ConfigError(f"--dns-ttl {options.dns_ttl} is out of range: use 0..86400")
-    if not 0 <= options.dns_hold <= 86400:
-        raise ConfigError(f"--dns-hold {options.dns_hold:g} is out of range: use 0..86400")
     upstream = dns_upstream(options)
     if mode == "hijack":
         return DnsPlan(mode, upstream, ttl=options.dns_ttl, hold=options.dns_hold)
@@ -451,7 +458,9 @@ def pool_routes(routes: tuple[str, ...], pools: tuple[Network, ...]) -> tuple[st
     return tuple(out)
 
 
-def parse_host_port(text: str, option: str) -> tuple[str, int]:
+def parse_host_port(
+    text: str, option: str, example: str = "127.0.0.1:9184 or [::1]:9184"
+) -> tuple[str, int]:
     """HOST:PORT, an IPv6 host in brackets ([::1]:9184); the host an IP address."""
     host, sep, port = text.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
@@ -463,7 +472,7 @@ def parse_host_port(text: str, option: str) -> tuple[str, int]:
         number = -1
     if not sep or not 0 < number < 65536:
         raise ConfigError(
-            f"{option} {text!r}: give an IP address and a port, e.g. 127.0.0.1:9184 or [::1]:9184"
+            f"{option} {text!r}: give an IP address and a port, e.g. {example}"
         )
     return host, number
 

@@ -15,7 +15,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tunio.errors import ConfigError
 from tunio.settings import BY_KEY, SETTINGS, Setting
@@ -71,6 +71,9 @@ def read(path: Path) -> FileSettings:
         if key in TABLES:
             values[TABLES[key]] = _table(key, raw, path, lines)
             origins[TABLES[key]] = where
+            if key == "dialers":  # each named dialer's own line, for the errors of its loading
+                for name in cast(dict[str, object], raw):
+                    origins[f"dialers.{name}"] = f"{path}:{_line_in(lines, 'dialers', 0, name)}"
             continue
         setting = BY_KEY.get(key)
         if setting is None:

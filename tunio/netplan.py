@@ -35,7 +35,7 @@ class Change:
     exists_hint: str = ""  # what to do when `do` fails because the thing exists already
 
     def command(self) -> str:
-        return "ip " + " ".join(self.do) if self.do else f"(tunio-run itself: {self.what})"
+        return "ip " + " ".join(self.do) if self.do else "(tunio-run itself opens its queues)"
 
 
 def device_changes(

@@ -224,7 +224,12 @@ def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] |
 
 def _not_a_dialer(answer: object) -> Reject:
     kind = type(answer)
-    why = f"the policy answered {kind.__qualname__} {answer!r:.60}, not a dialer"
+    if isinstance(answer, Reject):
+        why = f"the policy put {answer!r} in a list of dialers: return a Reject alone"
+    else:
+        shown = repr(answer)
+        shown = f"a {kind.__qualname__}" if shown.startswith("<") else f"{shown:.60}"
+        why = f"the policy answered {shown}, not a dialer"
     if kind not in _named:  # a policy's bug shows once, not once a flow
         _named.add(kind)
         log.error("%s: refusing the flows it is given for", why)

@@ -6,10 +6,13 @@ spec is an error there and then, not in every worker; the workers get the object
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from tunio import bypass
 from tunio.config import Options, dns_enabled, dns_upstream
+from tunio.errors import ConfigError
 
 if TYPE_CHECKING:
     from tunio.dialers import Dialer
@@ -51,12 +54,26 @@ def load_dialer(options: Options) -> Dialer:
         return spec
     from tunio.dialers import load_dialer as load  # noqa: PLC0415 - user code may import slowly
 
-    return load(
-        spec,
-        egress_mark=egress_mark(options),
-        egress_interface=options.egress_interface,
-        resolver=resolver(options),
-    )
+    with _from_the_file(options, "dialer", "dialer ="):
+        return load(
+            spec,
+            egress_mark=egress_mark(options),
+            egress_interface=options.egress_interface,
+            resolver=resolver(options),
+        )
+
+
+@contextlib.contextmanager
+def _from_the_file(options: Options, field: str, key: str) -> Iterator[None]:
+    """A ConfigError about a setting read from a configuration file names the file and the line
+    (`field`'s origin) and the key, as the checks of tunio.config do."""
+    try:
+        yield
+    except ConfigError as exc:
+        where = options.origins.get(field)
+        if where is None:
+            raise
+        raise ConfigError(f"{where}: {key} {exc}") from None
 
 
 def load_policy(options: Options, dialer: Dialer) -> Policy | None:
@@ -65,15 +82,24 @@ def load_policy(options: Options, dialer: Dialer) -> Policy | None:
     flow takes `dialer`."""
     from tunio import policy as policies  # noqa: PLC0415 - user code may import slowly
 
+    # the named dialers are loaded even when nothing uses them: a mistake in one is said now,
+    # not on the day a rule (or a reload) starts to use it
+    named = _named_dialers(options, dialer) if options.dialers or options.rules else {}
     if isinstance(options.policy, str):
-        return policies.load_policy(options.policy)
+        with _from_the_file(options, "policy", "policy ="):
+            return policies.load_policy(options.policy)
     if options.policy is not None:
         return policies.as_policy(options.policy)
     if not options.rules:
         return None
+    from tunio.rules import RuleTable  # noqa: PLC0415
+
+    return RuleTable(options.rules, named)
+
+
+def _named_dialers(options: Options, dialer: Dialer) -> dict[str, Dialer]:
     from tunio.dialers import DirectDialer  # noqa: PLC0415
     from tunio.dialers import load_dialer as load  # noqa: PLC0415
-    from tunio.rules import RuleTable  # noqa: PLC0415
 
     mark, interface = egress_mark(options), options.egress_interface
     names = resolver(options)
@@ -82,7 +108,9 @@ def load_policy(options: Options, dialer: Dialer) -> Policy | None:
         "direct": DirectDialer(mark=mark, interface=interface, resolver=names),
     }
     for name, spec in options.dialers.items():
-        named[name] = spec if not isinstance(spec, (str, tuple)) else load(
-            spec, egress_mark=mark, egress_interface=interface, resolver=names
-        )  # fmt: skip
-    return RuleTable(options.rules, named)
+        if not isinstance(spec, (str, tuple)):
+            named[name] = spec
+            continue
+        with _from_the_file(options, f"dialers.{name}", f"dialers.{name} ="):
+            named[name] = load(spec, egress_mark=mark, egress_interface=interface, resolver=names)
+    return named

@@ -51,6 +51,13 @@ def rundir(tmp_path: Path) -> list[str]:
         (["--queues", "0"], "--queues 0 is out of range"),
         (["--worker-backlog", "4096"], "--worker-backlog 4096 is out of range: use --window"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--dialer", "socks5://1.2.3.4:0"], "port 0 is no proxy's port"),
+        (["--dialer", "socks5://u:s%zz@1.2.3.4:1080"], "the password has a % that is not %XX"),
+        (["--dialer", "socks5://u:secret@1.2.3.4:99999"], "'socks5://u:***@1.2.3.4:99999'"),
+        # the DNS settings are checked with --dns off too
+        (["--dns-ttl", "-1"], "--dns-ttl -1 is out of range"),
+        (["--dns-hold", "nan"], "--dns-hold nan is out of range"),
+        (["--dns-upstream", "1.2.3.4:70000"], "give an IP address, and a port if not 53"),
     ],
 )
 def test_bad_option_exits_2_with_one_line(
@@ -155,6 +162,37 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert caught.value.code == 0
     assert capsys.readouterr().out.startswith("tunio-run ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--dialer", "ftp://1.2.3.4:21"], "unknown dialer 'ftp://1.2.3.4:21'"),
+        (["--dialer", "nosuchmodule:attr"], "cannot import 'nosuchmodule'"),
+        (["--policy", "nosuchmodule:fn"], "--policy 'nosuchmodule:fn': cannot import"),
+        (["--policy", "os"], "--policy 'os': give module:attr"),
+    ],
+)
+@pytest.mark.parametrize("action", ["--dry-run", "--print-config"])
+def test_dry_run_and_print_config_refuse_what_a_run_would(
+    argv: list[str], words: str, action: str, rundir: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    code, line = _run([action, *argv, *rundir], capsys)
+    assert code == 2
+    assert words in line
+    assert "tunio-run:" in line  # who says it, from the first line on
+
+
+def test_a_named_dialer_of_the_file_is_checked_at_its_line(
+    tmp_path: Path, rundir: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tunio.toml"
+    path.write_text('[dialers]\nok = "direct"\noffice = "socks5://10.0.0.5:99999"\n')
+    code, line = _run(["--dry-run", "--config", str(path), *rundir], capsys)
+    assert code == 2
+    assert line.endswith(f"{path}:3: dialers.office = dialer 'socks5://10.0.0.5:99999': "
+                         "Port out of range 0-65535")  # fmt: skip
 
 
 # ---------------------------------------------------------------- tunio-worker

@@ -444,3 +444,21 @@ def test_rr_detects_a_corrupted_echo() -> None:
     # the second exchange comes back wrong; the connection is not trusted after that
     assert summary["failed"] >= 1
     assert "verify" in summary["errors"], summary["errors"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--timeout", "nan"], "argument --timeout: must be above 0 and at most 86400 s: nan"),
+        (["--timeout", "inf"], "argument --timeout: must be above 0"),
+        (["--duration", "-1"], "argument --duration: must be above 0"),
+        (["--rate", "nan"], "argument --rate: must be a finite number, 0 or more"),
+        (["--max-mbps", "0"], "argument --max-mbps: must be a finite number above 0"),
+    ],
+)
+def test_a_bound_that_would_not_bound_is_refused(args: list[str], words: str) -> None:
+    """Every run stops by itself: a time bound of NaN or infinity is an error, not a run."""
+    argv = [sys.executable, str(FLOOD), "--connect", "127.0.0.1:9", *args]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_BOUND, check=False)
+    assert proc.returncode == 2
+    assert words in proc.stderr

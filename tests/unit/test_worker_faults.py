@@ -111,12 +111,18 @@ def _closed_socket() -> socket.socket:
     "answer", [None, "a string", _closed_socket()], ids=["none", "not-a-socket", "closed"]
 )
 def test_a_dialer_answering_no_connection_is_open_fail_econnaborted(
-    rigs: MakeRig, answer: object
+    rigs: MakeRig, answer: object, caplog: pytest.LogCaptureFixture
 ) -> None:
     rig = rigs(Answers(answer))
-    rig.open(5)
-    assert rig.expect(Cmd.OPEN_FAIL, 5).arg == errno.ECONNABORTED  # not 0: the app sees a reset
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        for fid in (5, 6):
+            rig.open(fid)
+            # not 0: the app sees a reset
+            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
     assert rig.table.flows == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1, said  # the dialer's bug, once: not once a flow
+    assert "its flows fail with ECONNABORTED" in said[0]
 
 
 def test_a_wrong_answer_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:

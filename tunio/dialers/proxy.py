@@ -11,6 +11,7 @@ import asyncio
 import errno
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import ClassVar
@@ -39,23 +40,46 @@ class ProxyURL:
     password: str | None = None
 
 
+def _unquoted(spec: str, text: str | None, what: str) -> str | None:
+    """A %-encoded user name or password; a % that is not followed by two hex digits is a
+    mistake (unquote would keep it as it is, and the proxy would refuse the credentials)."""
+    if text is None:
+        return None
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise ConfigError(f"dialer {_hidden(spec)!r}: the {what} has a % that is not %XX: write "
+                          "%25 for a % itself")  # fmt: skip
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ConfigError(f"dialer {_hidden(spec)!r}: the {what} is not UTF-8 once "
+                          "%-decoded") from None
+
+
+def _hidden(spec: str) -> str:
+    """`spec` with its password replaced by ***, for error messages."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", spec)
+
+
 def parse_proxy_url(spec: str, schemes: tuple[str, ...]) -> ProxyURL:
     """`scheme://[user:pass@]host:port` (IPv6 hosts in brackets; user and password %-encoded)."""
+    shown = _hidden(spec)  # errors never show the password
     try:
         url = urlsplit(spec)
         port = url.port
     except ValueError as exc:
-        raise ConfigError(f"dialer {spec!r}: {exc}") from None
+        raise ConfigError(f"dialer {shown!r}: {exc}") from None
     if url.scheme not in schemes:
-        raise ConfigError(f"dialer {spec!r}: the scheme must be one of {', '.join(schemes)}")
+        raise ConfigError(f"dialer {shown!r}: the scheme must be one of {', '.join(schemes)}")
     if not url.hostname or port is None:
-        raise ConfigError(f"dialer {spec!r}: give the proxy as {url.scheme}://host:port")
+        raise ConfigError(f"dialer {shown!r}: give the proxy as {url.scheme}://host:port")
+    if port == 0:
+        raise ConfigError(f"dialer {shown!r}: port 0 is no proxy's port: use 1..65535")
     if url.path not in ("", "/") or url.query or url.fragment:
-        raise ConfigError(f"dialer {spec!r}: a proxy URL has no path, query or fragment")
-    username = unquote(url.username) if url.username is not None else None
-    password = unquote(url.password) if url.password is not None else None
+        raise ConfigError(f"dialer {shown!r}: a proxy URL has no path, query or fragment")
+    username = _unquoted(spec, url.username, "user name")
+    password = _unquoted(spec, url.password, "password")
     if username is not None and password is None:
-        raise ConfigError(f"dialer {spec!r}: give the password too (user:password@)")
+        raise ConfigError(f"dialer {shown!r}: give the password too (user:password@)")
     return ProxyURL(url.scheme, url.hostname, port, username, password)
 
 

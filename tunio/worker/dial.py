@@ -146,6 +146,10 @@ class Dial(Generic[K, T]):
                 self._end(None, code, why)
             return
         if result is None:  # a dialer that answers nothing has failed, in words of its own
+            if not dialing.said_none:  # a dialer's bug: said once, its flows counted as failed
+                dialing.said_none = True
+                log.error("%s %s: the dialer returned None, not a connection: its flows fail "
+                          "with ECONNABORTED", dialing.what, dst)  # fmt: skip
             if self.live:
                 self._task = None
                 self._end(None, errno.ECONNABORTED, "the dialer returned None")
@@ -263,6 +267,7 @@ class Dialing(Generic[K, T]):
         self.done = done
         self.what = what
         self.discard = discard
+        self.said_none = False  # a dialer that returned None was logged
 
     def task(self, key: K, dial: DialFunction[T], dst: Address, src: Address) -> Dial[K, T]:
         """Dials `await dial(dst, src)` in a task."""

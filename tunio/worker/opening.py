@@ -82,6 +82,7 @@ class TcpOpener:
         self._next_port_warning = 0.0  # see _open_failed
         # one line a second under a flood of failing dials, not one a flow
         self.failures = EverySecond(log, logging.INFO, "failed dials")
+        self._wrong_answers: set[tuple[str, type]] = set()  # (dialer, kind) logged
 
     def on_open(self, fid: int, credit: int, payload: wire.Payload) -> None:
         """OPEN: `credit` is the window the stack gives us, `payload` the address block."""
@@ -150,6 +151,11 @@ class TcpOpener:
             return
         if sock is not None and not _usable(sock):
             code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open socket"
+            said = (flow.via, type(sock))
+            if said not in self._wrong_answers:  # a dialer's bug: once, not once a flow
+                self._wrong_answers.add(said)
+                log.error("dial %s via %s: %s: its flows fail with ECONNABORTED", flow.dst,
+                          flow.via, why)  # fmt: skip
             sock = None
         if sock is None:
             name = self.stats.attempt_failed(flow.via, code)
