@@ -704,14 +704,20 @@ static void report_refusals(struct tunio_stack *s, uint64_t now)
     if ((n[0] == last[0] && n[1] == last[1] && n[2] == last[2]) ||
         now - s->refusals_logged_ms < REFUSAL_LOG_MS)
         return;
+    /* One destination holding a quarter of every dial is rarely an app's doing: say the two
+     * usual causes, one of which is a way out that leads back into the TUN. */
+    const char *why = n[2] != last[2]
+                          ? ": a destination that does not answer, or the workers' own connections "
+                            "routed back into the TUN (see the egress mark's routing table)"
+                          : "";
     tunio_log(TUNIO_LOG_WARNING,
               "held back %llu new flows since the last report: %llu refused past --max-flows %u, "
               "%llu refused past --max-pending %u, %llu SYNs left for the app to send again (their "
-              "destination held a quarter of it; %u held now)",
+              "destination held a quarter of it; %u held now)%s",
               (unsigned long long)(n[0] + n[1] + n[2] - last[0] - last[1] - last[2]),
               (unsigned long long)(n[0] - last[0]), s->limits.max_flows,
               (unsigned long long)(n[1] - last[1]), s->limits.max_pending,
-              (unsigned long long)(n[2] - last[2]), atomic_load(&s->limits.pending));
+              (unsigned long long)(n[2] - last[2]), atomic_load(&s->limits.pending), why);
     memcpy(last, n, sizeof(n));
     s->refusals_logged_ms = now;
 }

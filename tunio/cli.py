@@ -9,13 +9,16 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from tunio import defaults, logs
 from tunio.config import Options, check_seconds, check_window
 from tunio.endpoints import check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.settings import BY_FLAG, SETTINGS, Setting, parse_mark
+
+if TYPE_CHECKING:
+    from tunio.dialers.resolve import Resolver
 
 log = logging.getLogger("tunio.cli")
 
@@ -77,7 +80,7 @@ def _add_setting(parser: argparse.ArgumentParser, setting: Setting) -> None:
 
 WORKER_SETTINGS = (
     "dialer", "egress-mark", "egress-interface", "connect-timeout", "window", "log-level",
-    "log-format", "policy",
+    "log-format", "policy", "dns-upstream",
 )  # fmt: skip
 
 
@@ -249,6 +252,20 @@ def _cleanup(options: Options) -> int:
     return 0
 
 
+def _worker_resolver(
+    upstream: str | None, mark: int | None, interface: str | None
+) -> Resolver | None:
+    """A remote worker's resolver of the names of fake-IP flows: --dns-upstream, asked with the
+    egress mark and interface (none: such flows fail, as a direct dialer takes IP literals only)."""
+    if upstream is None:
+        return None
+    from tunio.config import parse_upstream  # noqa: PLC0415
+    from tunio.dialers.resolve import Resolver  # noqa: PLC0415
+
+    host, port = parse_upstream(upstream)
+    return Resolver(str(host), port, mark=mark, interface=interface)
+
+
 def worker_main(argv: list[str] | None = None) -> int:
     """tunio-worker."""
     args = build_worker_parser().parse_args(argv)
@@ -283,10 +300,14 @@ def worker_main(argv: list[str] | None = None) -> int:
                     "next to its --keys file"
                 )
             keys = load_worker(Path(args.keys))
+        mark = getattr(args, "egress_mark", None)
+        interface = getattr(args, "egress_interface", None)
+        names = _worker_resolver(getattr(args, "dns_upstream", None), mark, interface)
         dialer = load_dialer(
             _dialer_spec(getattr(args, "dialer", None)),
-            egress_mark=getattr(args, "egress_mark", None),
-            egress_interface=getattr(args, "egress_interface", None),
+            egress_mark=mark,
+            egress_interface=interface,
+            resolver=names,
         )
         spec = getattr(args, "policy", None)
         policy = load_policy(spec) if spec else None
@@ -296,7 +317,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     from tunio.dialers.direct import use_run_egress  # noqa: PLC0415
     from tunio.worker import run_worker  # noqa: PLC0415
 
-    use_run_egress(getattr(args, "egress_mark", None), getattr(args, "egress_interface", None))
+    use_run_egress(mark, interface, names)
     keep_freed_memory()
     return run_worker(
         args.endpoint,

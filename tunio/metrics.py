@@ -37,7 +37,9 @@ _STACK: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
     ("tunio_transferred_bytes_total", "counter", "Bytes of TCP flows, each way.",
      (('direction="to_destination"', "bytes_to_workers"),
       ('direction="to_app"', "bytes_from_workers"))),
-    ("tunio_datagrams_total", "counter", "Datagrams of datagram sessions, each way.",
+    ("tunio_datagrams_total", "counter", "Datagrams of datagram sessions, each way, as the "
+     "stack passed them on: to_destination counts those handed to a worker, which may yet "
+     "refuse or drop them (tunio_worker_datagrams_sent_total counts those sent).",
      (('direction="to_destination"', "udp_to_workers"),
       ('direction="to_app"', "udp_from_workers"))),
     ("tunio_packets_total", "counter", "Packets the stack read from and wrote into the TUN.",
@@ -94,6 +96,8 @@ _WORKER: tuple[tuple[str, str, str, str], ...] = (
     ("tunio_worker_dials_total", "counter", "TCP dials a worker started.", "opens"),
     ("tunio_worker_bytes_total", "counter", "Bytes a worker moved to its destinations.",
      "bytes_to_destination"),
+    ("tunio_worker_datagrams_sent_total", "counter", "Datagrams a worker sent to their "
+     "destinations.", "datagrams_to_destination"),
     ("tunio_worker_resets_sent_total", "counter", "RSTs a worker sent the stack.", "resets_sent"),
     ("tunio_worker_failovers_total", "counter", "Dials that failed and went on to the next "
      "dialer of a policy's list.", "failovers"),

@@ -227,6 +227,16 @@ def test_worker_runs_with_its_options(fake_worker: list[dict[str, Any]]) -> None
     assert call["policy"] is None
 
 
+def test_worker_resolves_fake_ip_names_with_its_dns_upstream(
+    fake_worker: list[dict[str, Any]],
+) -> None:
+    argv = ["--endpoint", "ipc:///tmp/s.sock", "--dns-upstream", "127.0.0.53:5353"]
+    assert cli.worker_main(argv) == 0
+    [call] = fake_worker
+    resolver = call["dialer"].resolver
+    assert (resolver.server, resolver.port) == ("127.0.0.53", 5353)
+
+
 def refuse_everything(flow: object) -> Reject:
     return Reject(errno.EACCES)
 
@@ -250,6 +260,7 @@ def test_worker_takes_its_policy(fake_worker: list[dict[str, Any]]) -> None:
         (["--endpoint", "ipc:///tmp/s", "--window", "100"], "--window 100 is out of range"),
         (["--endpoint", "ipc:///tmp/s", "--policy", "nosuchmodule:x"], "nosuchmodule"),
         (["--endpoint", "ipc:///tmp/s", "--policy", "nocolon"], "give module:attr"),
+        (["--endpoint", "ipc:///tmp/s", "--dns-upstream", "x"], "--dns-upstream 'x': give an IP"),
     ],
 )
 def test_worker_bad_option_exits_2_with_one_line(

@@ -37,6 +37,7 @@ def _worker() -> dict[str, object]:
     stats = WorkerStats()
     stats.opens = 3
     stats.bytes_to_destination = 1234
+    stats.datagrams_to_destination = 17
     stats.dialed("direct", 0.0004)
     stats.dialed("direct", 0.003)
     stats.attempt_failed("direct", 111)
@@ -58,6 +59,7 @@ def test_the_page_adds_up_the_reports() -> None:
     assert got["tunio_nat_entries"] == 12
     assert got['tunio_worker_flows{worker="worker-0"}'] == 2
     assert got['tunio_worker_bytes_total{worker="worker-0"}'] == 1234
+    assert got['tunio_worker_datagrams_sent_total{worker="worker-0"}'] == 17
     assert got['tunio_restarts_total{process="worker-1"}'] == 2
     assert got['tunio_tun_dropped_packets_total{direction="tx"}'] == 3
     base = 'dialer="direct",worker="worker-0"'

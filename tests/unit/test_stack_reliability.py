@@ -69,6 +69,21 @@ def test_a_destination_holds_a_quarter_of_max_pending(tmp_path: Path) -> None:
         assert again.cmd is wire.Cmd.OPEN
 
 
+def test_a_destination_past_its_share_is_logged_with_its_usual_causes(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with stack_rig(tmp_path, max_flows=100, max_pending=8) as rig:
+        rig.open(41030, 80)
+        rig.open(41031, 80)
+        rig.write(rig.syn(41032, 80))  # past DST's share of 2: left unanswered
+        rig.probe()
+        line = wait_for_line(capfd, [], "SYNs left for the app to send again", 5)
+        assert "1 SYNs left for the app to send again" in line
+        assert line.endswith("a destination that does not answer, or the workers' own "
+                             "connections routed back into the TUN (see the egress mark's "
+                             "routing table)")  # fmt: skip
+
+
 def test_released_flows_count_against_max_flows_until_closed(tmp_path: Path) -> None:
     with stack_rig(tmp_path, max_flows=1, max_pending=1) as rig:
         msg = rig.open(41020, 80)
