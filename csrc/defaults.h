@@ -58,6 +58,12 @@
  * Thousands of flows keep tens of thousands of segments in flight; a drop costs the flow a
  * retransmit, a lost SYN-ACK a second, where a longer queue costs a few milliseconds. */
 #define TUNIO_DEFAULT_TXQUEUELEN 50000
+/* Messages the stack holds for one worker that has not read them yet. Credit bounds what flows
+ * send (--window, --worker-backlog); this bounds the rest (answers to a worker's own messages,
+ * such as the RST for each DATA of an unknown flow), so that a worker that sends but never reads
+ * cannot grow the stack's memory: past it the worker is taken for lost and its flows reset. A
+ * live worker reads this many in well under a second. */
+#define TUNIO_LINK_QUEUE_MAX 262144
 /* TUN queues (one reader thread each) and workers the stack can hold. */
 #define TUNIO_MAX_QUEUES 64
 #define TUNIO_MAX_WORKERS 256

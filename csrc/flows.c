@@ -49,13 +49,36 @@ enum flow_flag {
 
 /* Bytes for the app: a DATA's (credit: how many count for its worker's credit once written), or,
  * on a DNS flow, answers made here (local: how many). */
+/* Bytes queued for the app: a worker's DATA as it came (`msg`), or small DATAs copied end to end
+ * into a buffer of our own (`own`, `cap` bytes), so that a window of tiny DATAs costs about the
+ * window and not a chunk and a message a byte. Bytes [off, end) are still to write. */
 struct chunk {
     zmq_msg_t msg;
+    uint8_t *own;
+    size_t cap;
+    size_t end;
     size_t off;
     size_t credit;
     size_t local;
     struct chunk *next;
 };
+
+#define COALESCE_BELOW 1024u /* DATAs this small are copied onto the queue's last own chunk */
+#define COALESCE_CAP 16384u  /* the most an own chunk grows to */
+
+static uint8_t *chunk_data(struct chunk *c)
+{
+    return c->own ? c->own : (uint8_t *)zmq_msg_data(&c->msg);
+}
+
+static void chunk_free(struct chunk *c)
+{
+    if (c->own)
+        free(c->own);
+    else
+        zmq_msg_close(&c->msg);
+    free(c);
+}
 
 /* A flow to the DNS address's port 53 in fake-IP mode is the stack's own DNS server over TCP
  * (dnstcp.h): its SYN is released at once, with no worker; the upstream is dialled, through a
@@ -284,8 +307,7 @@ static void flow_free(struct tunio_flows *fl, struct flow *f)
     while (f->head) {
         struct chunk *c = f->head;
         f->head = c->next;
-        zmq_msg_close(&c->msg);
-        free(c);
+        chunk_free(c);
     }
     if (f->fd >= 0)
         close(f->fd); /* which takes it out of the epoll: the socket has no other descriptor */
@@ -615,9 +637,8 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
     uint64_t freed = 0, local = 0;
     while (f->head && (f->flags & FLOW_WRITABLE)) {
         struct chunk *c = f->head;
-        size_t len = zmq_msg_size(&c->msg) - c->off;
-        ssize_t n = send(f->fd, (uint8_t *)zmq_msg_data(&c->msg) + c->off, len,
-                         MSG_NOSIGNAL | MSG_DONTWAIT);
+        size_t len = c->end - c->off;
+        ssize_t n = send(f->fd, chunk_data(c) + c->off, len, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EAGAIN || errno == EINTR) {
                 f->flags &= ~(uint32_t)FLOW_WRITABLE;
@@ -627,14 +648,13 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
             return -1;
         }
         c->off += (size_t)n;
-        if (c->off == zmq_msg_size(&c->msg)) {
+        if (c->off == c->end) {
             freed += c->credit;
             local += c->local;
             f->head = c->next;
             if (!f->head)
                 f->tail = NULL;
-            zmq_msg_close(&c->msg);
-            free(c);
+            chunk_free(c);
         }
     }
     f->queued -= freed;
@@ -762,6 +782,16 @@ static int read_from_app(struct tunio_flows *fl, struct flow *f)
 
 /* Queues bytes [off, off + credit + local) of `msg` for the app (moved from it: it is left
  * empty). 0, or -ENOMEM. */
+static void queue_append(struct flow *f, struct chunk *c)
+{
+    c->next = NULL;
+    if (f->tail)
+        f->tail->next = c;
+    else
+        f->head = c;
+    f->tail = c;
+}
+
 static int queue_chunk(struct flow *f, zmq_msg_t *msg, size_t off, size_t credit, size_t local)
 {
     struct chunk *c = malloc(sizeof(*c));
@@ -769,15 +799,50 @@ static int queue_chunk(struct flow *f, zmq_msg_t *msg, size_t off, size_t credit
         return -ENOMEM;
     zmq_msg_init(&c->msg);
     zmq_msg_move(&c->msg, msg);
+    c->own = NULL;
+    c->cap = c->end = zmq_msg_size(&c->msg);
     c->off = off;
     c->credit = credit;
     c->local = local;
-    c->next = NULL;
-    if (f->tail)
-        f->tail->next = c;
-    else
-        f->head = c;
-    f->tail = c;
+    queue_append(f, c);
+    return 0;
+}
+
+/* A worker's small DATA (`len` < COALESCE_BELOW bytes), copied onto the queue's last chunk when
+ * that is one of ours with room (grown up to COALESCE_CAP), else into a new one. 0, or -ENOMEM. */
+static int queue_small(struct flow *f, const uint8_t *data, size_t len)
+{
+    struct chunk *t = f->tail;
+    if (t && t->own && !t->local && t->end + len <= COALESCE_CAP) {
+        if (t->end + len > t->cap) {
+            size_t cap = t->cap * 2 < t->end + len ? t->end + len : t->cap * 2;
+            cap = cap > COALESCE_CAP ? COALESCE_CAP : cap;
+            uint8_t *grown = realloc(t->own, cap);
+            if (!grown)
+                return -ENOMEM;
+            t->own = grown;
+            t->cap = cap;
+        }
+        memcpy(t->own + t->end, data, len);
+        t->end += len;
+        t->credit += len;
+        return 0;
+    }
+    struct chunk *c = malloc(sizeof(*c));
+    size_t cap = len < 256u ? 256u : len;
+    uint8_t *own = c ? malloc(cap) : NULL;
+    if (!own) {
+        free(c);
+        return -ENOMEM;
+    }
+    memcpy(own, data, len);
+    c->own = own;
+    c->cap = cap;
+    c->end = len;
+    c->off = 0;
+    c->credit = len;
+    c->local = 0;
+    queue_append(f, c);
     return 0;
 }
 
@@ -1154,7 +1219,10 @@ static void on_data(struct tunio_flows *fl, struct flow *f, zmq_msg_t *payload, 
     }
     if (f->dns)
         f->dns->active_ms = tunio_now_ms();
-    if (f->dns ? dns_from_upstream(f, payload) < 0 : queue_chunk(f, payload, 0, len, 0) < 0) {
+    int err = f->dns                 ? dns_from_upstream(f, payload)
+              : len < COALESCE_BELOW ? queue_small(f, zmq_msg_data(payload), len)
+                                     : queue_chunk(f, payload, 0, len, 0);
+    if (err < 0) {
         send_to_worker(fl, f, TUNIO_CMD_RST, ENOMEM);
         abort_flow(fl, f, ENOMEM);
         return;

@@ -27,6 +27,7 @@ struct worker {
     char name[TUNIO_WIRE_NAME_MAX + 1];
     int alive;
     int doomed; /* its connection is gone; reaped after the current event */
+    int full;   /* doomed for leaving TUNIO_LINK_QUEUE_MAX messages unread */
     uint64_t last_seen;
     uint32_t flows; /* its flows and datagram sessions */
     uint64_t capacity;
@@ -79,11 +80,12 @@ static int bind_router(struct tunio_link *l)
     l->router = zmq_socket(l->zctx, ZMQ_ROUTER);
     if (!l->router)
         return -zmq_errno();
-    /* Credits bound what is queued per flow; high-water marks would only drop messages. */
-    int zero = 0, one = 1, linger = BYE_LINGER_MS;
+    /* Credits bound what is queued per flow; the send high-water mark bounds the rest, and a
+     * worker that reaches it is lost (ROUTER_MANDATORY makes a full queue EAGAIN, not a drop). */
+    int zero = 0, one = 1, linger = BYE_LINGER_MS, queue_max = TUNIO_LINK_QUEUE_MAX;
     int64_t max_frame = cfg->max_frame ? (int64_t)cfg->max_frame : -1;
     size_t fl = sizeof(l->router_fd);
-    if (zmq_setsockopt(l->router, ZMQ_SNDHWM, &zero, sizeof(zero)) ||
+    if (zmq_setsockopt(l->router, ZMQ_SNDHWM, &queue_max, sizeof(queue_max)) ||
         zmq_setsockopt(l->router, ZMQ_RCVHWM, &zero, sizeof(zero)) ||
         zmq_setsockopt(l->router, ZMQ_ROUTER_MANDATORY, &one, sizeof(one)) ||
         zmq_setsockopt(l->router, ZMQ_LINGER, &linger, sizeof(linger)) ||
@@ -166,12 +168,22 @@ static int send_frame(struct tunio_link *l, const void *data, size_t len, int mo
     return rc < 0 ? -zmq_errno() : 0;
 }
 
-/* A send found the worker's connection gone. It is reported lost by tunio_link_reap() once the
- * current event is handled, never under a caller that still holds one of its flows. */
-static void doom(struct tunio_link *l, int w)
+/* A send found the worker's connection gone, or its queue full. It is reported lost by
+ * tunio_link_reap() once the current event is handled, never under a caller that still holds
+ * one of its flows. */
+static void doom(struct tunio_link *l, int w, int err)
 {
+    if (err == -EAGAIN)
+        l->workers[w].full = 1;
     l->workers[w].doomed = 1;
     l->doomed = 1;
+}
+
+/* Whether a failed send loses the worker: its connection is gone (EHOSTUNREACH), or it left
+ * TUNIO_LINK_QUEUE_MAX messages unread (EAGAIN): either way nothing more reaches it in order. */
+static int loses_worker(int err)
+{
+    return err == -EHOSTUNREACH || err == -EAGAIN;
 }
 
 static int send_header(struct tunio_link *l, int w, uint8_t cmd, uint32_t flow, uint64_t arg,
@@ -199,8 +211,8 @@ int tunio_link_send(struct tunio_link *l, int w, uint8_t cmd, uint32_t flow, uin
     int err = send_header(l, w, cmd, flow, arg, payload != NULL);
     if (!err && payload)
         err = send_frame(l, payload, len, 0);
-    if (err == -EHOSTUNREACH)
-        doom(l, w);
+    if (loses_worker(err))
+        doom(l, w, err);
     return err;
 }
 
@@ -229,8 +241,8 @@ int tunio_link_send_owned(struct tunio_link *l, int w, uint8_t cmd, uint32_t flo
             zmq_msg_close(&m);
         }
     }
-    if (err == -EHOSTUNREACH)
-        doom(l, w);
+    if (loses_worker(err))
+        doom(l, w, err);
     return err;
 }
 
@@ -341,6 +353,11 @@ static void on_hello(struct tunio_link *l, const uint8_t *id, size_t id_len,
     size_t nl = zmq_msg_size(payload);
     memcpy(wk->name, zmq_msg_data(payload), nl);
     wk->name[nl] = 0;
+    /* The name goes into log lines: a control byte (a newline above all) would let a worker
+     * write lines of its own into the stack's log. */
+    for (size_t i = 0; i < nl; i++)
+        if ((unsigned char)wk->name[i] < 0x20 || wk->name[i] == 0x7f)
+            wk->name[i] = '?';
     wk->alive = 1;
     wk->capacity = h->arg;
     wk->features = h->flags;
@@ -464,8 +481,10 @@ void tunio_link_reap(struct tunio_link *l)
     l->doomed = 0;
     for (int i = 0; i < l->nworkers; i++) {
         if (l->workers[i].doomed) {
+            char full[64];
+            snprintf(full, sizeof(full), "it left %d messages unread", TUNIO_LINK_QUEUE_MAX);
             l->workers[i].doomed = 0;
-            worker_lost(l, i, "its connection is gone");
+            worker_lost(l, i, l->workers[i].full ? full : "its connection is gone");
         }
     }
 }

@@ -487,7 +487,10 @@ int tunio_udp_on_message(struct tunio_udp *u, int worker, const struct tunio_wir
     if (h->cmd != TUNIO_CMD_DGRAM && !s)
         return 0; /* not a UDP session: a TCP flow's message */
     if (!s || s->worker != worker) {
-        tunio_link_send(u->cfg.link, worker, TUNIO_CMD_RST, h->flow, ENOTCONN, NULL, 0);
+        /* Not the sender's session: a DGRAM is answered with a RST, as DATA for no flow is;
+         * anything else is ignored (a RST is never answered with a RST, nor a late CREDIT). */
+        if (h->cmd == TUNIO_CMD_DGRAM)
+            tunio_link_send(u->cfg.link, worker, TUNIO_CMD_RST, h->flow, ENOTCONN, NULL, 0);
         return 1;
     }
     switch (h->cmd) {

@@ -211,3 +211,16 @@ def test_a_dialer_failing_for_every_flow_logs_one_traceback_a_second(
     lines = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.exc_info is not None for r in lines] == [True, False]  # one traceback, one count
     assert lines[1].getMessage().startswith("4 more dials that failed unexpectedly in the last")
+
+
+def test_a_name_the_stack_would_never_send_is_not_taken() -> None:
+    """NAME is what the fake-IP map holds (letters, digits, -, _, dots): anything else (a
+    newline that would forge a line of the worker's log) is dropped, and its flow dials the
+    address it came with."""
+    from tunio.worker.names import Names  # noqa: PLC0415
+
+    names = Names()
+    names.on_name(1, b"example.test")
+    names.on_name(2, b"x\n2026-01-01 00:00:00 CRITICAL forged")
+    names.on_name(3, b"")
+    assert (names.take(1), names.take(2), names.take(3)) == ("example.test", None, None)

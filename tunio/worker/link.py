@@ -431,6 +431,7 @@ class Link:
 
     def _on_hello(self, msg: wire.Message) -> None:
         stack = bytes(msg.payload or b"").decode(errors="replace")
+        stack = "".join(c if c.isprintable() else "?" for c in stack)  # it goes into a log line
         log.info("worker %s: stack %s answered HELLO", self.name, stack)
         self._connected = True
         self._unanswered = 0

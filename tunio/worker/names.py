@@ -8,11 +8,16 @@ table holds at most MAX_PENDING.
 
 from __future__ import annotations
 
+import re
+
 from tunio import wire
 
 #: names held for flows whose OPEN or DGRAM has not come yet
 MAX_PENDING = 4096
 
+#: what the stack's fake-IP map holds (csrc/dnsmap.c): lower-case letters, digits, -, _, dots;
+#: anything else (a newline that would forge a log line) is no name of its
+_NAME = re.compile(r"[a-z0-9_.-]{1,253}")
 
 class Names:
     def __init__(self) -> None:
@@ -21,6 +26,8 @@ class Names:
     def on_name(self, fid: int, payload: wire.Payload) -> None:
         """NAME: the flow's destination name (lower case, dotted, no final dot)."""
         name = bytes(payload).decode("ascii", errors="replace")
+        if not _NAME.fullmatch(name):
+            return  # not a name the stack makes: its flow dials the address (and fails there)
         by_flow = self._by_flow
         by_flow.pop(fid, None)
         if len(by_flow) >= MAX_PENDING:
