@@ -123,7 +123,11 @@ distclean: clean
 ASAN_STR_OFF := replace_str=0:intercept_strlen=0:intercept_strchr=0:intercept_strndup=0
 ASAN_OPTIONS_ALL := detect_leaks=0:abort_on_error=1:halt_on_error=1:$(ASAN_STR_OFF)
 ASAN_TESTS ?= tests/unit/test_stack_nat.py tests/unit/test_stack_reliability.py tests/unit/test_wire_c.py \
-	tests/unit/test_stack_udp.py tests/unit/test_stack_dns.py tests/vm
+	tests/unit/test_stack_udp.py tests/unit/test_stack_dns.py tests/unit/test_stack_backlog.py \
+	tests/unit/test_stack_hostile.py::test_a_worker_that_never_reads_is_lost_at_the_queue_bound \
+	tests/unit/test_stack_hostile.py::test_a_workers_name_cannot_write_a_line_of_the_stacks_log \
+	tests/unit/test_stack_hostile.py::test_a_rst_for_another_workers_session_is_not_answered_with_a_rst \
+	tests/vm
 asan: venv
 	TUNIO_SANITIZE=1 $(PY) setup.py -q build_ext --inplace --force
 	status=0; \
