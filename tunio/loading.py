@@ -16,6 +16,8 @@ def load_object(spec: str, what: str) -> object:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"{what}: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # user code that fails as it loads (a SyntaxError, a raise at import)
+        raise ConfigError(f"{what}: importing {module_name!r} failed: {exc!r}") from exc
     obj: object = module
     for part in attr.split("."):
         try:

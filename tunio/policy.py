@@ -167,15 +167,23 @@ def as_policy(obj: object, spec: str = "policy") -> Policy:
     """A policy from a function of a Flow, an object with `choose(flow)`, or a class or a
     zero-argument factory that makes one."""
     if inspect.isclass(obj):
-        return as_policy(obj(), spec)
+        return as_policy(_made(obj, spec), spec)
     if isinstance(obj, Chooser):
         return obj.choose
     if callable(obj):
         if _takes_an_argument(obj):
             return cast(Policy, obj)
-        return as_policy(obj(), spec)
+        return as_policy(_made(obj, spec), spec)
     raise ConfigError(f"policy {spec!r} is a {type(obj).__name__}: give a function of a Flow, "
                       "or an object with choose(flow)")  # fmt: skip
+
+
+def _made(factory: Callable[[], object], spec: str) -> object:
+    """What a policy's class or factory makes; its failure is a ConfigError naming it."""
+    try:
+        return factory()
+    except Exception as exc:
+        raise ConfigError(f"--policy {spec!r}: making the policy failed: {exc!r}") from exc
 
 
 def _takes_an_argument(func: Callable[..., object]) -> bool:

@@ -135,7 +135,9 @@ class Supervisor:
         self._metrics: MetricsServer | None = None
         self._pid = os.getpid()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._wake_lock = threading.Lock()
+        # Reentrant: _wake runs in signal handlers too, which interrupt the main thread, which may
+        # hold the lock itself at that moment (a plain Lock would deadlock there).
+        self._wake_lock = threading.RLock()
         self._stop_reason: str | None = None
         self._reloader = reload
         self._exiting = exiting
@@ -163,7 +165,7 @@ class Supervisor:
     def _wake(self) -> None:
         with self._wake_lock:
             if self._wake_w >= 0:
-                with contextlib.suppress(BlockingIOError):
+                with contextlib.suppress(OSError):  # full (it wakes all the same), or closing
                     os.write(self._wake_w, b"\0")
 
     def reload(self) -> None:
@@ -200,10 +202,11 @@ class Supervisor:
             log.info("tunio stopped")
             return 0
         finally:
-            with self._wake_lock:
-                os.close(self._wake_r)
-                os.close(self._wake_w)
+            with self._wake_lock:  # no _wake writes to a descriptor after it is closed
+                wake_r, wake_w = self._wake_r, self._wake_w
                 self._wake_r = self._wake_w = -1
+                os.close(wake_r)
+                os.close(wake_w)
 
     # ---- signals
 
@@ -489,6 +492,11 @@ class Supervisor:
         except (ConfigError, TunioError, OSError) as exc:
             self.options, self._dialer, self._policy = previous
             log.error("reload refused: %s; the settings in force stay", describe(exc))
+            return
+        except Exception as exc:  # user code (a dialer's or a policy's factory) that raises
+            self.options, self._dialer, self._policy = previous
+            log.error("reload refused: making the dialer or the policy failed: %r; the settings "
+                      "in force stay", exc, exc_info=exc)  # fmt: skip
             return
         self._generation += 1
         gen = self._generation

@@ -276,3 +276,20 @@ def test_worker_bad_option_exits_2_with_one_line(
     assert code == 2
     assert words in _error_line(capsys)
     assert fake_worker == []
+
+
+def test_user_code_that_fails_as_it_loads_is_a_one_line_error(
+    tmp_path: Path, rundir: list[str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    (tmp_path / "raises_at_import.py").write_text("raise RuntimeError('boom at import')\n")
+    (tmp_path / "failing_factory.py").write_text("def make():\n    raise ValueError('no')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, line = _run(["--dry-run", "--dialer", "raises_at_import:d", *rundir], capsys)
+    assert code == 2
+    assert line.endswith("dialer 'raises_at_import:d': importing 'raises_at_import' failed: "
+                         "RuntimeError('boom at import')")  # fmt: skip
+    code, line = _run(["--dry-run", "--policy", "failing_factory:make", *rundir], capsys)
+    assert code == 2
+    assert line.endswith("--policy 'failing_factory:make': making the policy failed: "
+                         "ValueError('no')")  # fmt: skip
