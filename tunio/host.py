@@ -55,6 +55,8 @@ class Host:
         self.keys: StackKeys | None = None
         self.locks: list[devicelock.DeviceLock | RuntimeDir] = []
         self.uplink: str | None = None
+        self._made: list[Change] = []  # the changes made, in order (the journal's lines)
+        self._left: list[Change] = []  # those a stop could not take back
 
     def plan_changes(self) -> list[Change]:
         """What a run would change on this host, in order, changing nothing (--dry-run)."""
@@ -85,7 +87,8 @@ class Host:
         self.uplink = opts.egress_interface or _default_interface()
         changes = self._changes(plan, existed, held)
         journal = netplan.Journal(plan.runtime_dir)
-        undo.callback(journal.remove)  # after every change is taken back
+        # after every change is taken back: what could not be stays noted for --cleanup
+        undo.callback(self._close_journal, journal)
         check_stop()
 
         from tunio.stack import open_tun  # noqa: PLC0415 - the cffi extension is heavy
@@ -120,17 +123,38 @@ class Host:
         """Makes each change (the device's own was made by opening its queues), notes it in the
         journal, and registers its undo: at exit they are taken back in reverse order."""
         for change in changes:
+            # noted before it is made: a kill in between must not leave a change the journal
+            # does not know of; a change that fails is taken out of it again
+            journal.add(change)
             if change.do:
                 try:
                     tundev.run(*change.do)
                 except TunError as exc:
+                    journal.keep_only(self._made)  # it was not made
                     if exc.errno != errno.EEXIST or not change.exists_hint:
                         raise
                     raise TunError(exc.errno, f"{exc.strerror} ({change.exists_hint})") from exc
-            journal.add(change)
+            self._made.append(change)
             if change.do and change.undo:
-                undo.callback(undo_step, change.what, tundev.run, *change.undo)
+                undo.callback(self._undo, change)
             log.debug("made: %s", change.what)
+
+    def _undo(self, change: Change) -> None:
+        """Takes `change` back; one that cannot be stays noted for --cleanup."""
+        try:
+            tundev.run(*change.undo)
+        except (TunioError, OSError) as exc:
+            log.warning("could not remove the %s: %s", change.what, describe(exc))
+            self._left.append(change)
+
+    def _close_journal(self, journal: netplan.Journal) -> None:
+        # what was never taken back by a step of its own (the device's settings go with it)
+        # counts as done; only the failed undos stay
+        left = [c for c in self._made if c in self._left]
+        if left:
+            log.warning("left in %s for tunio-run --cleanup: %s", journal.path,
+                        ", ".join(c.what for c in left))  # fmt: skip
+        journal.keep_only(left)
 
     def _load_keys(self, plan: Plan, undo: contextlib.ExitStack) -> StackKeys:
         """Workers on other hosts: CURVE, and only workers holding our worker key get in. Keys

@@ -123,6 +123,8 @@ class Journal:
         self.path = directory / JOURNAL_NAME
 
     def add(self, change: Change) -> None:
+        """Notes `change` before it is made (a kill between the two leaves it in the journal,
+        and --cleanup's undo of a change that was never made fails harmlessly)."""
         line = json.dumps({"what": change.what, "do": change.do, "undo": change.undo})
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
         try:
@@ -130,6 +132,23 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def keep_only(self, changes: list[Change]) -> None:
+        """The journal holds `changes` alone (the last noted, which failed, dropped; or what a
+        stop could not take back, for --cleanup), written whole before it replaces the old."""
+        if not changes:
+            self.remove()
+            return
+        text = "".join(json.dumps({"what": c.what, "do": c.do, "undo": c.undo}) + "\n"
+                       for c in changes)  # fmt: skip
+        part = self.path.with_name(self.path.name + ".new")
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, self.path)
 
     def read(self) -> list[Change]:
         """The changes noted, in the order they were made (a torn last line is left out)."""

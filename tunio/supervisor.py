@@ -71,6 +71,8 @@ class _Child:
     generation: int = 1  # workers: which reload made it (1: the start)
     retiring: bool = False  # workers: an older generation's, finishing its flows; not restarted
     drain_by: float | None = None  # retiring: its flows are reset if they last past this
+    kill_at: float | None = None  # retiring and sent SIGTERM: killed if it still runs then
+    rejoining: bool = False  # ended by us for a new stack: restarted at once, no backoff
 
 
 def _generations_drain(children: list[_Child]) -> str:
@@ -142,6 +144,7 @@ class Supervisor:
         self._reloader = reload
         self._exiting = exiting
         self._reload_pending: Options | bool = False  # True: ask the reloader
+        self._signalled = False  # a signal handler wrote its wake-up byte, not yet read
         self._generation = 1
         self._retiring: list[_Child] = []  # older generations' workers, draining
         self._draining_next: list[_Child] = []  # to drain once the new generation is ready
@@ -232,10 +235,18 @@ class Supervisor:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        # A storm of signals nests handlers (each one interrupts the one before at its next
+        # bytecode), so this one only notes the signal and writes one wake-up byte: no lock, no
+        # call that could nest deep enough to overflow the stack.
         if signum == signal.SIGHUP:
-            self.reload()
-            return
-        self.stop(f"received {signal.Signals(signum).name}")
+            if self._reload_pending is False:
+                self._reload_pending = True
+        elif self._stop_reason is None:
+            self._stop_reason = f"received {signal.Signals(signum).name}"
+        if not self._signalled:
+            self._signalled = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"\0")
 
     def _check_stop(self) -> None:
         if self._stop_reason is not None:
@@ -245,6 +256,9 @@ class Supervisor:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._wake_r, 512):
                 pass
+        # after the read, which may have taken a byte a handler wrote while it ran: the next
+        # signal writes again (one that lands between the two leaves a byte: a spare wake-up)
+        self._signalled = False
 
     # ---- start-up
 
@@ -534,13 +548,22 @@ class Supervisor:
 
     def _end_drain(self, child: _Child, now: float) -> None:
         """A retiring worker past its time: its flows are reset (SIGTERM: it says BYE)."""
+        running = child.process is not None and child.process.exitcode is None
+        if child.kill_at is not None and now >= child.kill_at:
+            child.kill_at = None
+            if running:  # it ignored the SIGTERM: it must not run on with its flows
+                log.warning("%s did not stop within %g s of SIGTERM: killing it", child.name,
+                            self._stop_deadline)  # fmt: skip
+                child.process.kill()
+            return
         if child.drain_by is None or now < child.drain_by:
             return
         child.drain_by = None
-        if child.process is not None and child.process.exitcode is None:
+        if running:
             log.warning("%s did not finish its flows within --drain-timeout: they are reset",
                         child.name)  # fmt: skip
             child.process.terminate()
+            child.kill_at = now + self._stop_deadline
 
     def _rejoin_workers(self) -> None:
         """A new stack does not know the running workers: they would only say HELLO again once
@@ -552,6 +575,7 @@ class Supervisor:
         # a draining one's flows went with the stack; one waiting to drain is not restarted
         for child in [*running, *self._draining_next, *self._retiring]:
             if child.process is not None and child.process.exitcode is None:
+                child.rejoining = True
                 child.process.terminate()
 
     def _await_ready(self, children: list[_Child], what: str) -> None:
@@ -580,6 +604,7 @@ class Supervisor:
         while self._stop_reason is None:
             due = [c.restart_at for c in self._children() if c.restart_at is not None]
             due += [c.drain_by for c in self._retiring if c.drain_by is not None]
+            due += [c.kill_at for c in self._retiring if c.kill_at is not None]
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
             self._wait(timeout)
             if self._stop_reason is not None:
@@ -624,6 +649,12 @@ class Supervisor:
             log.info("%s (generation %d) has ended: %s", child.name, child.generation,
                      "its flows are done" if code == 0 else _exit_text(code))  # fmt: skip
             return
+        if child.rejoining:  # we ended it for a new stack: back at once, not as a crash
+            child.rejoining = False
+            child.restart_at = now
+            self.stats.pop(child.name, None)
+            log.info("%s restarts to join the new stack", child.name)
+            return
         child.backoff = next_backoff(child.backoff, lifetime)
         child.restart_at = now + child.backoff
         self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
@@ -654,8 +685,9 @@ class Supervisor:
         stuck = [p for p in workers if p.exitcode is None]
         for process in stuck:  # the BYE did not reach them: ask them directly
             process.terminate()
+        asked = time.monotonic() + max(0.0, min(1.0, self._stop_deadline))  # one second for all
         for process in stuck:
-            process.join(max(0.0, min(1.0, self._stop_deadline)))
+            process.join(max(0.0, asked - time.monotonic()))
         if stack is not None:
             stack.join(max(0.0, end - time.monotonic()))
         for process in [*workers, *([stack] if stack is not None else [])]:

@@ -313,9 +313,12 @@ def _start(supervisor: Supervisor) -> Running:
 
 
 @pytest.fixture(autouse=True)
-def _stop_what_a_failed_test_left() -> Iterator[None]:
+def _stop_what_a_failed_test_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """A test that fails before its own stop() must not leave a supervisor (and its children)
-    running into the next test, nor keep pytest from exiting."""
+    running into the next test, nor keep pytest from exiting. It asks for monkeypatch so that
+    it is torn down first: the supervisor it stops still finds the fake `ip` on PATH, never
+    the real one."""
+    del monkeypatch
     yield
     while _STARTED:
         running = _STARTED.pop()
