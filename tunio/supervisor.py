@@ -447,6 +447,10 @@ class Supervisor:
                 log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
                 self._drain_old_generation()
                 return
+            if child is not self._stack and child.name not in self.restarts and not child.backoff:
+                # a new generation's first process, with nothing left to drain (after 0 workers)
+                log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
+                return
             log.info("%s restarted (pid %s)", child.name, pid)
             if child is self._stack:
                 self._rejoin_workers()

@@ -299,8 +299,6 @@ def test_a_generation_that_never_gets_up_is_reported(
     assert "not ready" in said or "did not" in said
 
 
-@pytest.mark.xfail(strict=True, reason="_on_status: a new generation's worker is logged as "
-                   "'restarted' when no older generation waits to drain (after workers = 0)")
 def test_a_new_generation_after_zero_workers_is_not_logged_as_restarted(
     bad: World, logwatch: LogWatch
 ) -> None:
