@@ -44,6 +44,8 @@ STOP_DEADLINE = 5.0  # seconds for children to exit after being asked, before SI
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 STABLE_AFTER = 5.0  # a child that lived this long is restarted at once
+#: seconds between two lines about one child's crash loop (its backoff at BACKOFF_MAX)
+CRASH_LOOP_REPEAT = 60.0
 
 
 def next_backoff(previous: float, lifetime: float) -> float:
@@ -73,6 +75,8 @@ class _Child:
     drain_by: float | None = None  # retiring: its flows are reset if they last past this
     kill_at: float | None = None  # retiring and sent SIGTERM: killed if it still runs then
     rejoining: bool = False  # ended by us for a new stack: restarted at once, no backoff
+    loop_said: float | None = None  # in a crash loop: when a line last said so
+    loop_exits: int = 0  # exits since that line
 
 
 def _generations_drain(children: list[_Child]) -> str:
@@ -451,7 +455,9 @@ class Supervisor:
                 # a new generation's first process, with nothing left to drain (after 0 workers)
                 log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
                 return
-            log.info("%s restarted (pid %s)", child.name, pid)
+            # (in a crash loop the loop's own line a minute says it: no line a start)
+            level = logging.DEBUG if child.loop_said is not None else logging.INFO
+            log.log(level, "%s restarted (pid %s)", child.name, pid)
             if child is self._stack:
                 self._rejoin_workers()
 
@@ -666,6 +672,19 @@ class Supervisor:
         lost = ""
         if child is self._stack:
             lost = " (the next one takes its flows over: their apps get a RST)"
+        if child.backoff < BACKOFF_MAX:
+            child.loop_said = None
+        elif child.loop_said is not None and now - child.loop_said < CRASH_LOOP_REPEAT:
+            child.loop_exits += 1  # a crash loop is a line a minute, not a line an exit
+            log.debug("%s exited with %s after %.1f s", child.name, _exit_text(code), lifetime)
+            return
+        else:
+            log.warning("%s is in a crash loop: %d more exits in the last %g s, the last with %s "
+                        "after %.1f s%s; restarting every %.1f s (a line a minute while it lasts)",
+                        child.name, child.loop_exits, CRASH_LOOP_REPEAT, _exit_text(code),
+                        lifetime, lost, child.backoff)  # fmt: skip
+            child.loop_said, child.loop_exits = now, 0
+            return
         log.warning(
             "%s exited with %s after %.1f s%s; restarting in %.1f s",
             child.name,
