@@ -152,6 +152,7 @@ class Supervisor:
         self._generation = 1
         self._retiring: list[_Child] = []  # older generations' workers, draining
         self._draining_next: list[_Child] = []  # to drain once the new generation is ready
+        self._late_at: float | None = None  # a new generation not up by then is reported
         self._ctx: Any = None
         self._stack = _Child("stack")
         self._workers: list[_Child] = []
@@ -529,6 +530,7 @@ class Supervisor:
         # one is up; none is left running unwatched.
         self._draining_next += [c for c in self._workers if c.process is not None]
         self._workers = [_Child(f"worker-g{gen}-{i}", generation=gen) for i in range(new.workers)]
+        self._late_at = time.monotonic() + self._startup_deadline
         for child in self._workers:
             self._spawn_worker(child)
         log.info("reload: generation %d (%d workers) starts; %s once it is up", gen,
@@ -555,6 +557,20 @@ class Supervisor:
         if old:
             log.info("%s: %d workers finish their flows (at most %g s)",
                      _generations_drain(old), len(old), self.options.drain_timeout)  # fmt: skip
+
+    def _report_late_generation(self, now: float) -> None:
+        """A reload's generation not up within the start-up deadline is said once: until it
+        is, the running generation keeps every flow and the reload has changed nothing."""
+        if self._late_at is None or now < self._late_at:
+            return
+        self._late_at = None
+        late = [c.name for c in self._workers if not c.ready]
+        if self._draining_next and late:
+            older = sorted({c.generation for c in self._draining_next})
+            log.warning("generation %d is not up after %g s (%s not ready): the workers of "
+                        "generation %s keep every flow until it is", self._generation,
+                        self._startup_deadline, ", ".join(late),
+                        ", ".join(map(str, older)))  # fmt: skip
 
     def _end_drain(self, child: _Child, now: float) -> None:
         """A retiring worker past its time: its flows are reset (SIGTERM: it says BYE)."""
@@ -615,6 +631,8 @@ class Supervisor:
             due = [c.restart_at for c in self._children() if c.restart_at is not None]
             due += [c.drain_by for c in self._retiring if c.drain_by is not None]
             due += [c.kill_at for c in self._retiring if c.kill_at is not None]
+            if self._late_at is not None and self._draining_next:
+                due.append(self._late_at)
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
             self._wait(timeout)
             if self._stop_reason is not None:
@@ -622,6 +640,7 @@ class Supervisor:
             if self._reload_pending is not False:
                 self._reload()
             now = time.monotonic()
+            self._report_late_generation(now)
             for child in self._children():
                 if child.process is not None and child.process.exitcode is not None:
                     self._reap(child, now)

@@ -279,8 +279,6 @@ def test_a_dialer_module_that_raises_at_start_is_a_one_line_error(
     assert "\n" not in error
 
 
-@pytest.mark.xfail(strict=True, reason="no deadline for a generation after start-up: one that "
-                   "never gets up is never reported, and the old one is never drained")
 def test_a_generation_that_never_gets_up_is_reported(
     bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
