@@ -76,6 +76,7 @@ class _Child:
     kill_at: float | None = None  # retiring and sent SIGTERM: killed if it still runs then
     rejoining: bool = False  # ended by us for a new stack: restarted at once, no backoff
     loop_said: float | None = None  # in a crash loop: when a line last said so
+    starts: int = 0  # processes started under this name
     loop_exits: int = 0  # exits since that line
 
 
@@ -402,6 +403,7 @@ class Supervisor:
         child.ready = False
         child.restart_at = None
         child.started = time.monotonic()
+        child.starts += 1
         child.process.start()
         assert child.status is not None
         child.status.started()
@@ -452,7 +454,7 @@ class Supervisor:
                 log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
                 self._drain_old_generation()
                 return
-            if child is not self._stack and child.name not in self.restarts and not child.backoff:
+            if child is not self._stack and child.starts == 1:
                 # a new generation's first process, with nothing left to drain (after 0 workers)
                 log.info("%s of generation %d started (pid %s)", child.name, child.generation, pid)
                 return
