@@ -1,4 +1,5 @@
-"""Fixtures shared by the worker's unit tests: an ipc endpoint and the fake stack bound to it."""
+"""Fixtures shared by the unit tests: an ipc endpoint and the fake stack bound to it (the
+worker's tests), and the supervisor's fake world (tests/unit/supervisorworld.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.unit.supervisorworld import logwatch, stop_left_supervisors, world  # noqa: F401
 from tunio.testing.fakestack import FakeStack
 
 

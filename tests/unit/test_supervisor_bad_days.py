@@ -1,32 +1,28 @@
 """The supervisor on a bad day: crash loops, stubborn workers, signal storms, generations that
 never get up, undo steps that fail, a run killed between two changes. The fake world of
-test_supervisor, with a fake worker and a fake `ip` that can misbehave on demand."""
+tests/unit/supervisorworld.py, whose worker and `ip` misbehave on demand."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
-import logging
 import os
 import select
 import signal
 import subprocess
-import sys
-import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.unit import test_supervisor as base
-from tests.unit.test_supervisor import (
-    BOOTSTRAP,
+from tests.unit.supervisorworld import (
     REPO,
     TUN,
     LogWatch,
     World,
     _assert_dead,
+    _bootstrap,
     _options,
     _read_until,
     _start,
@@ -35,143 +31,15 @@ from tests.unit.test_supervisor import (
 from tunio import netplan
 from tunio import supervisor as supervisor_module
 from tunio.cleanup import cleanup
-from tunio.config import Options
-from tunio.supervisor import Supervisor
 
-# The fake worker of test_supervisor, and on demand (by its name in an environment variable):
-# one that ignores SIGTERM, SIGUSR1 and the stack's going (a worker stuck in a dialer's code);
-# one that outlives the stack's going and waits for the next, as the real one does; one that
-# reports counters once it is ready; and one that exits 0 at once while a file named after it
-# exists in the state directory (a crash loop).
-FAKE_WORKER = """
-import os, select, signal, socket
-from pathlib import Path
-
-STATE = Path(os.environ["FAKE_STATE"])
-
-def _named(var, name):
-    return name in os.environ.get(var, "").split(",")
-
-def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=0.0, ready=None,
-               keys=None, report=None, policy=None):
-    if name in os.environ.get("FAKE_WORKER_FAIL", "").split(","):
-        return 3
-    if (STATE / f"{name}.crash").exists():
-        with open(STATE / f"{name}.pids", "a") as f:
-            f.write(f"{os.getpid()}\\n")
-        return 0
-    stubborn = _named("FAKE_WORKER_STUBBORN", name)
-    wake_r, wake_w = os.pipe()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    if not stubborn:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: os.write(wake_w, b"x"))
-        signal.signal(signal.SIGUSR1, lambda *_: os.write(wake_w, b"d"))
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    survive = _named("FAKE_WORKER_SURVIVE", name)  # as the real one: it outlives a stack
-    for _ in range(500 if survive else 1):
-        try:
-            conn.connect(endpoint.removeprefix("ipc://"))
-            break
-        except OSError:
-            if not survive:
-                raise
-            select.select([wake_r], [], [], 0.02)
-    with open(STATE / f"{name}.pids", "a") as f:
-        f.write(f"{os.getpid()}\\n")
-    if _named("FAKE_WORKER_HOLD", name):
-        gate = os.open(STATE / "gate", os.O_RDWR | os.O_NONBLOCK)
-        if gate not in select.select([gate, wake_r], [], [])[0]:
-            return 0
-        os.read(gate, 1)
-    ready()
-    if _named("FAKE_WORKER_REPORT", name):
-        report({"flows_active": 1, "opens": 7})
-    if stubborn:
-        while True:
-            select.select([], [], [])
-    select.select([wake_r] if survive else [conn, wake_r], [], [])
-    return 0
-"""
-
-# The fake `ip` of test_supervisor; FAKE_IP_KILL: the command after which tunio-run is killed
-# (kill -9 of its parent, the way an OOM kill or an operator's kill -9 lands between two steps).
-FAKE_IP = """#!/bin/sh
-printf '%s\\n' "$*" >> "$FAKE_STATE/ip.log"
-if [ -n "$FAKE_IP_FAIL" ] && [ "$*" = "$FAKE_IP_FAIL" ]; then
-    echo "RTNETLINK answers: No buffer space available" >&2
-    exit 2
-fi
-if [ -n "$FAKE_IP_KILL" ] && [ "$*" = "$FAKE_IP_KILL" ]; then
-    kill -9 "$PPID"
-fi
-exit 0
-"""
+pytestmark = pytest.mark.usefixtures("stop_left_supervisors")
 
 
 @pytest.fixture
-def bad(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
-    """test_supervisor's world, with the fakes above in it."""
-    world = World(tmp_path)
-    for key, value in world.env().items():
-        monkeypatch.setenv(key, value)
-    for key in ("FAKE_IP_FAIL", "FAKE_IP_ADDRS", "FAKE_TUN_ERRNO", "FAKE_STACK_ERROR",
-                "FAKE_WORKER_HOLD", "FAKE_WORKER_STUBBORN", "FAKE_WORKER_REPORT",
-                "FAKE_WORKER_FAIL", "FAKE_WORKER_SURVIVE", "FAKE_IP_KILL"):  # fmt: skip
-        monkeypatch.delenv(key, raising=False)
-    # the fake stack, and on SIGUSR2 (after READY) it reports an error and exits
-    stack = world.root / "fakes" / "fake_stack.py"
-    stack.write_text(base.FAKE_STACK.replace(
-        "    signal.sigwait({signal.SIGTERM, signal.SIGINT})\n",
-        "    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})\n"
-        "    got = signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGUSR2})\n"
-        "    if got == signal.SIGUSR2:\n"
-        "        status.put((\"stack-error\", \"lost the TUN queues\"))\n",
-    ))  # fmt: skip
-    worker = world.root / "fakes" / "fake_worker.py"
-    worker.write_text(FAKE_WORKER)
-    (world.bin / "ip").write_text(FAKE_IP)
-    monkeypatch.setitem(sys.modules, "tunio.stack", base._load("fake_stack", stack))
-    monkeypatch.setitem(sys.modules, "tunio.worker", base._load("fake_worker", worker))
+def bad(world: World) -> World:
+    """The supervisor's fake world (tests/unit/supervisorworld.py): its fakes do what these
+    tests ask of them on demand."""
     return world
-
-
-@pytest.fixture
-def logwatch() -> Iterator[LogWatch]:
-    watch = LogWatch()
-    logger = logging.getLogger("tunio")
-    old_level = logger.level
-    logger.addHandler(watch)
-    logger.setLevel(logging.DEBUG)
-    yield watch
-    logger.removeHandler(watch)
-    logger.setLevel(old_level)
-
-
-@pytest.fixture(autouse=True)
-def _stop_what_a_failed_test_left(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """As test_supervisor's, but before the monkeypatch is undone: a supervisor left running
-    must take its changes back with the fake `ip`, never with the host's own."""
-    yield
-    while base._STARTED:
-        running = base._STARTED.pop()
-        if running.thread.is_alive():
-            running.supervisor.stop()
-            running.thread.join(30)
-
-
-def _made(world: World, options: Options, *, startup_deadline: float = 10.0,
-          stop_deadline: float = 3.0) -> Supervisor:  # fmt: skip
-    return Supervisor(
-        options,
-        startup_deadline=startup_deadline,
-        stop_deadline=stop_deadline,
-        proc=str(world.proc),
-        sys_net=str(world.sys_net),
-        tun_path=str(world.tun_path),
-        lock_dir=world.locks,
-    )
 
 
 def _until(what: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
@@ -199,16 +67,6 @@ def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def _bootstrap(world: World, *extra: str) -> list[str]:
-    script = world.root / "bootstrap.py"
-    script.write_text(textwrap.dedent(BOOTSTRAP))
-    return [
-        sys.executable, str(script),
-        str(world.root / "fakes/fake_stack.py"), str(world.root / "fakes/fake_worker.py"),
-        "--tun", TUN, "--address", "198.18.255.1/24", "--queues", "2", "--workers", "2",
-        "--route", "default", "--egress-mark", "0x1", "--runtime-dir", str(world.runtime),
-        *extra,
-    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------- signals
@@ -285,7 +143,7 @@ def test_a_generation_that_never_gets_up_is_reported(
     os.mkfifo(bad.state / "gate")
     monkeypatch.setenv("FAKE_WORKER_HOLD", "worker-g2-0")
     options = _options(bad, workers=2)
-    running = _start(_made(bad, options, startup_deadline=2.0))
+    running = _start(_supervisor(bad, options, startup_deadline=2.0))
     assert running.supervisor.ready.wait(15)
     running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=3.0))
     logwatch.wait_for(lambda m: m.startswith("reload: generation 2 (2 workers) starts"))
@@ -438,7 +296,7 @@ def test_drain_timeout_ends_workers_that_ignore_sigterm(
 ) -> None:
     monkeypatch.setenv("FAKE_WORKER_STUBBORN", "worker-0,worker-1")
     options = _options(bad, workers=2, drain_timeout=0.5)
-    running = _start(_made(bad, options, stop_deadline=1.0))
+    running = _start(_supervisor(bad, options, stop_deadline=1.0))
     assert running.supervisor.ready.wait(15)
     old = bad.pids("worker-0") + bad.pids("worker-1")
     running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=3.0))
@@ -460,7 +318,7 @@ def test_sigterm_during_a_drain_of_stuck_workers(
     """Held up: a stop while stuck workers drain ends them (SIGKILL) and reaps them."""
     monkeypatch.setenv("FAKE_WORKER_STUBBORN", "worker-0,worker-1")
     options = _options(bad, workers=2)
-    running = _start(_made(bad, options, stop_deadline=1.0))
+    running = _start(_supervisor(bad, options, stop_deadline=1.0))
     assert running.supervisor.ready.wait(15)
     old = bad.pids("worker-0") + bad.pids("worker-1")
     running.supervisor.reload_with(dataclasses.replace(options, connect_timeout=3.0))
@@ -476,7 +334,7 @@ def test_stop_with_stuck_workers_keeps_to_the_stop_deadline(
 ) -> None:
     names = [f"worker-{i}" for i in range(8)]
     monkeypatch.setenv("FAKE_WORKER_STUBBORN", ",".join(names))
-    running = _start(_made(bad, _options(bad, workers=8), stop_deadline=2.0))
+    running = _start(_supervisor(bad, _options(bad, workers=8), stop_deadline=2.0))
     assert running.supervisor.ready.wait(15)
     began = time.monotonic()
     assert running.stop() == 0
