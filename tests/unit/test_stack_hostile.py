@@ -24,7 +24,7 @@ from tests.unit.logwait import wait_for_line
 from tunio import wire
 from tunio.defaults import READ_CHUNK
 from tunio.testing import packets
-from tunio.testing.stackrig import APP, DST, Rig, stack_rig
+from tunio.testing.stackrig import APP, DST, stack_rig
 
 MiB = 1024 * 1024
 
@@ -34,14 +34,6 @@ def _status(key: str) -> int:
     found = re.search(rf"^{key}:\s+(\d+) kB$", Path("/proc/self/status").read_text(), re.M)
     assert found
     return int(found.group(1)) * 1024
-
-
-def _wait_stat(rig: Rig, name: str, value: int, deadline: float = 60.0) -> None:
-    end = time.monotonic() + deadline
-    while rig.stack.stats()[name] < value:
-        assert time.monotonic() < end, f"{name} is {rig.stack.stats()[name]}, not {value}"
-        time.sleep(0.01)  # polling a counter the C side updates; the deadline bounds it
-    assert rig.stack.stats()[name] == value
 
 
 def _marker(sock: zmq.Socket[bytes]) -> None:
@@ -84,7 +76,7 @@ def test_a_message_of_many_frames_is_not_held_past_the_frame_bound(tmp_path: Pat
         base = _status("VmHWM")
         subprocess.run([sys.executable, "-c", _SENDER, rig.endpoint, str(READ_CHUNK),
                         str(FRAMES)], check=True, timeout=120)  # fmt: skip
-        _wait_stat(rig, "protocol_errors", 2)  # the 302-frame message and the 3-byte one
+        rig.wait_stat("protocol_errors", 2, 60.0)  # the 302-frame message and the 3-byte one
         peak = _status("VmHWM") - base
         # protocol.md: "the stack's ZeroMQ socket disconnects a peer that sends a larger one
         # [frame] before holding it". A few frames' worth of slack, not 150 MiB.
@@ -139,7 +131,7 @@ def test_a_window_of_one_byte_datas_holds_about_a_window(tmp_path: Path) -> None
                     sent += 1
                 _marker(rig.worker)
                 marks += 1
-                _wait_stat(rig, "protocol_errors", marks)  # handled: the pipe stays short
+                rig.wait_stat("protocol_errors", marks, 60.0)  # handled: the pipe stays short
             held = _status("VmRSS") - base
             stats = rig.stack.stats()
             assert (stats["flows_active"], stats["flows_reset"]) == (1, 0)  # all of it taken

@@ -73,8 +73,8 @@ class Rig:
         self.tun.settimeout(DEADLINE)
         return packets.parse(self.tun.recv(65536))
 
-    def wait_stat(self, name: str, value: int) -> None:
-        end = time.monotonic() + DEADLINE
+    def wait_stat(self, name: str, value: int, deadline: float = DEADLINE) -> None:
+        end = time.monotonic() + deadline
         while self.stack.stats()[name] != value:
             assert time.monotonic() < end, f"{name} is {self.stack.stats()[name]}, not {value}"
             time.sleep(0.005)  # polling a counter the C side updates; the deadline bounds it
