@@ -233,17 +233,23 @@ struct tunio_queue *tunio_udp_queue(struct tunio_udp *u)
     return u->queue;
 }
 
+/* The ICMP destination unreachable (`code`) answering `p` goes into the TUN, to its app. */
+static void send_unreach(struct tunio_udp *u, const struct tunio_pkt *p, int code)
+{
+    uint8_t out[TUNIO_ICMP_ERROR_MAX];
+    size_t n = tunio_pkt_build_icmp_unreach(p, (uint8_t)code, out, sizeof(out));
+    if (n)
+        tunio_tun_write(u->cfg.tun, -1, out, n);
+}
+
 /* A new session past --max-flows: refused as a host without that service would refuse it, with
  * ICMP port unreachable (an echo: administratively prohibited), so a connected socket in the app
  * sees ECONNREFUSED at once. */
 static void refuse(struct tunio_udp *u, const struct tunio_pkt *p)
 {
-    uint8_t out[TUNIO_ICMP_ERROR_MAX];
     int code =
         tunio_nat_icmp_code(p->version, p->proto == TUNIO_IPPROTO_UDP ? ECONNREFUSED : EACCES);
-    size_t n = tunio_pkt_build_icmp_unreach(p, (uint8_t)code, out, sizeof(out));
-    if (n)
-        tunio_tun_write(u->cfg.tun, -1, out, n);
+    send_unreach(u, p, code);
 }
 
 /* A session to a fake-IP address: its name goes to the worker before its first DGRAM, and the
@@ -316,11 +322,7 @@ static struct udp_session *session_for(struct tunio_udp *u, const struct tunio_p
     if (!upstream && name_session(u, s, p) < 0) {
         tunio_nat_put_flow(u->cfg.limits);
         free(s);
-        uint8_t out[TUNIO_ICMP_ERROR_MAX];
-        size_t n = tunio_pkt_build_icmp_unreach(
-            p, (uint8_t)tunio_nat_icmp_code(p->version, EHOSTUNREACH), out, sizeof(out));
-        if (n)
-            tunio_tun_write(u->cfg.tun, -1, out, n);
+        send_unreach(u, p, tunio_nat_icmp_code(p->version, EHOSTUNREACH));
         return NULL;
     }
     s->by_tuple = u->tuple[b];
@@ -417,7 +419,7 @@ static void tell_app(struct tunio_udp *u, const struct udp_session *s, int err)
         code = tunio_nat_icmp_code(s->version, EACCES); /* other failures: prohibited */
     /* ICMP quotes the offending datagram's headers; a header of the session's own tuple is
      * what the app's kernel matches its socket by. */
-    uint8_t orig[48], out[TUNIO_ICMP_ERROR_MAX];
+    uint8_t orig[48];
     size_t n = s->proto == TUNIO_IPPROTO_UDP
                    ? tunio_pkt_build_udp(s->version, s->src, s->sport, s->dst, s->dport, NULL, 0,
                                          orig, sizeof(orig))
@@ -426,9 +428,7 @@ static void tell_app(struct tunio_udp *u, const struct udp_session *s, int err)
     struct tunio_pkt p;
     if (!n || tunio_pkt_parse(&p, orig, n) != TUNIO_PKT_OK)
         return;
-    n = tunio_pkt_build_icmp_unreach(&p, (uint8_t)code, out, sizeof(out));
-    if (n)
-        tunio_tun_write(u->cfg.tun, -1, out, n);
+    send_unreach(u, &p, code);
 }
 
 /* A DGRAM from the worker: the reply's packet, built in place and written into the TUN. */
