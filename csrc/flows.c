@@ -377,7 +377,8 @@ static int send_to_worker(struct tunio_flows *fl, const struct flow *f, uint8_t 
 
 /* ---- the end of a flow ---- */
 
-/* Every accepted socket carries SO_LINGER {1, 0} from its accept on, so that whenever it is closed
+/* Every accepted socket carries SO_LINGER {1, 0} from its accept on (inherited from the
+ * listener, bind_listener in stack.c), so that whenever it is closed
  * without our say (the stack killed, a flow reset) the app sees a RST, never an EOF that would
  * look like a complete answer; an orderly end clears it first, so no byte is discarded. */
 static void set_abortive(int fd, int on)
@@ -668,7 +669,10 @@ static int flush_to_app(struct tunio_flows *fl, struct flow *f)
         return_credit(fl, f);
     if (!f->head && !(f->flags & FLOW_APP_SHUT) &&
         (f->dns ? dns_may_shut(f) : (f->flags & FLOW_WORKER_FIN) != 0)) {
-        shutdown(f->fd, SHUT_WR);
+        /* Once the app's EOF is read nothing is left to read, so the orderly close that
+         * maybe_done makes next sends the FIN (after any bytes still unsent) by itself. */
+        if (!(f->flags & FLOW_APP_EOF))
+            shutdown(f->fd, SHUT_WR);
         f->flags |= FLOW_APP_SHUT;
     }
     return 0;
@@ -1092,8 +1096,7 @@ void tunio_flows_event(struct tunio_flows *fl, uint32_t id, uint32_t events)
 
 static void attach(struct tunio_flows *fl, struct flow *f, int fd)
 {
-    set_abortive(fd, 1);
-    f->fd = fd;
+    f->fd = fd; /* abortive already: the listener's SO_LINGER */
     if (f->dns)
         f->dns->active_ms = tunio_now_ms();
     f->flags |= FLOW_WRITABLE;

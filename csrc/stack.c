@@ -180,6 +180,10 @@ static int bind_listener(const struct tunio_prefix *px, uint16_t port, struct fa
      * the worker's bytes must not wait for the app's delayed ACK behind a small write (Nagle
      * would stall a write-write-read exchange for 40 ms). */
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    /* And SO_LINGER {1, 0}: an accepted socket closed without our say resets its app (see
+     * set_abortive in flows.c), from its accept on, without a setsockopt per connection. */
+    struct linger abortive = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
     /* Bind even while the address is not (yet) on an interface: an IPv6 address may still be
      * tentative, and tests drive the stack through socketpairs with no TUN at all. */
     setsockopt(fd, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_FREEBIND : IP_FREEBIND, &one,
