@@ -107,6 +107,8 @@ _WORKER: tuple[tuple[str, str, str, str], ...] = (
      "worker dropped.", "protocol_errors"),
     ("tunio_worker_loop_stalls_total", "counter", "Times code that blocks (a dialer, a policy) "
      "held a worker's loop up for half a second or more.", "loop_stalls"),
+    ("tunio_worker_routing_loops_total", "counter", "New flows that were a worker's own "
+     "connection routed back into the TUN, refused.", "routing_loops"),
 )  # fmt: skip
 
 

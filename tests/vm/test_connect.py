@@ -9,11 +9,14 @@ import time
 import pytest
 from lab.netlab import (
     PEER_PORTS,
+    SERVER_ADDRESS,
+    SERVER_ADDRESS6,
     Lab,
     TunioProcess,
     pattern,
     recv_exact,
 )
+from lab.watch import final_statistics
 
 from tests.vm.conftest import Family
 
@@ -63,3 +66,32 @@ def test_connections_work_after_failed_ones(lab: Lab, tunio: TunioProcess, famil
         sock.sendall(data)
         assert recv_exact(sock, len(data)) == data
     assert tunio.running()
+
+
+LOOP_MARK = "0x2"  # a mark without a rule: the workers' connections take the main table, into
+# the TUN (the lab's rule and table are for 0x1)
+
+
+def test_a_routing_loop_fails_fast_and_is_named(fresh_lab: Lab) -> None:
+    lab = fresh_lab
+    # A way out that does not keep the workers' connections out of the TUN: each dial would
+    # come back as a new flow, until the stack's share for the destination ran out and the app
+    # timed out (the connect timeout is 10 s here).
+    tunio = lab.start_tunio(["--egress-mark", LOOP_MARK])
+    for server in (SERVER_ADDRESS, SERVER_ADDRESS6):
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(OSError, match=r".") as info:
+                lab.connect(PEER_PORTS["echo"], server, timeout=20.0)
+            assert info.value.errno == errno.ENETUNREACH, (server, info.value)
+            assert time.monotonic() - started < 5.0, server
+    tunio.log.wait_for(r"routing loop: its connection to 198\.18\.0\.10:\d+ via direct left "
+                       r"from 198\.18\.255\.1", 10.0)  # fmt: skip
+    tunio.log.wait_for(r"routing loop: its connection to \[?fd00:18::10\]?:\d+ via direct left "
+                       r"from fd00:18:255::1", 10.0)  # fmt: skip
+    assert tunio.stop() == 0, tunio.log.text
+    stats = final_statistics(tunio)
+    # Each connection's loop is cut within a hop per worker and one more: no flood of held
+    # SYNs (without the cut, 2,048 flows for the first connection alone).
+    assert stats["flows_opened"] <= 6 * (2 + 1), stats
+    assert stats["pending"] == 0, stats

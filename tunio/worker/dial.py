@@ -188,6 +188,10 @@ class Connecting(Dial[K, socket.socket]):
             self.sock = None
             abort(sock)
 
+    def fail(self, code: int, why: str) -> None:
+        """Ends the dial as failed with errno `code` (its socket is closed)."""
+        self._end(None, code, why)
+
     def connect_done(self) -> None:
         """The socket became writable: connected, or failed (SO_ERROR)."""
         sock = self.sock

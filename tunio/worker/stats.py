@@ -62,6 +62,7 @@ class WorkerStats:
     refused_by_policy: int = 0  # flows the policy refused (Reject)
     failovers: int = 0  # dials that failed and moved on to the next dialer of a list
     loop_stalls: int = 0  # times code that blocks held the loop up (tunio.worker.stall)
+    routing_loops: int = 0  # OPENs of our own connections, routed back into the TUN
     dialers: dict[str, DialerStats] = field(default_factory=dict, repr=False)  # by label
 
     def _dialer(self, label: str) -> DialerStats:
