@@ -4,6 +4,7 @@ over IPv4 and over IPv6."""
 from __future__ import annotations
 
 import errno
+import socket
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from lab.netlab import (
     PEER_PORTS,
     SERVER_ADDRESS,
     SERVER_ADDRESS6,
+    UDP_ECHO_PORT,
     Lab,
     TunioProcess,
     pattern,
@@ -89,9 +91,17 @@ def test_a_routing_loop_fails_fast_and_is_named(fresh_lab: Lab) -> None:
                        r"from 198\.18\.255\.1", 10.0)  # fmt: skip
     tunio.log.wait_for(r"routing loop: its connection to \[?fd00:18::10\]?:\d+ via direct left "
                        r"from fd00:18:255::1", 10.0)  # fmt: skip
+    # One datagram into a loop was a new session each hop, for good: now its first session is
+    # closed before anything of it leaves.
+    with lab.open_socket(type=socket.SOCK_DGRAM) as udp:
+        udp.connect((SERVER_ADDRESS, UDP_ECHO_PORT))
+        udp.send(b"once")
+        tunio.log.wait_for(r"routing loop: its udp session to 198\.18\.0\.10:\d+ via direct",
+                           10.0)  # fmt: skip
     assert tunio.stop() == 0, tunio.log.text
     stats = final_statistics(tunio)
     # Each connection's loop is cut within a hop per worker and one more: no flood of held
     # SYNs (without the cut, 2,048 flows for the first connection alone).
     assert stats["flows_opened"] <= 6 * (2 + 1), stats
     assert stats["pending"] == 0, stats
+    assert stats["udp_sessions_opened"] == 1, stats

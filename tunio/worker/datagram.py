@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Container
 from typing import cast
 
 from tunio import defaults, wire
+from tunio.dialers import label
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
 from tunio.logs import EverySecond
 from tunio.owner import OwnerLookup
@@ -30,6 +31,7 @@ from tunio.wire import Cmd
 from tunio.worker.credit import DatagramCredit
 from tunio.worker.dial import Dial, Dialing
 from tunio.worker.flow import ErrorSink, Send
+from tunio.worker.loops import RoutingLoops, left_as_the_app
 from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats, errname
 
@@ -48,8 +50,8 @@ OpenSession = Callable[[Address, Address], Awaitable[DatagramSession]]
 class UdpSession(DatagramCredit):
     """One UDP session: the stack's flow id and the dialer's DatagramSession."""
 
-    __slots__ = ("address", "closed", "dial", "dst", "fd", "fid", "named", "pending", "ping",
-                 "reply_block", "session", "src", "tries", "version")  # fmt: skip
+    __slots__ = ("address", "closed", "dial", "dialer", "dst", "fd", "fid", "named", "pending",
+                 "ping", "reply_block", "session", "src", "tries", "version")  # fmt: skip
 
     def __init__(self, fid: int, block: wire.AddressBlock, name: str | None = None) -> None:
         super().__init__(UDP_WINDOW)
@@ -72,6 +74,7 @@ class UdpSession(DatagramCredit):
         self.src = Address(str(block.src), block.src_port)  # the app
         self.ping = block.proto != wire.IPPROTO_UDP  # an ICMP echo session
         self.tries: list[Dialer] = []  # dialers still to try if the dial in flight fails
+        self.dialer: Dialer | None = None  # the one dialing now
 
     def block_from(self, src: Address) -> bytes:
         """The address block of a reply that came from `src` (to the app)."""
@@ -131,6 +134,7 @@ class DatagramTable:
             loop, connect_timeout, self._dialed, what="udp dial", discard=_close_session
         )
         self._credit_due: dict[int, UdpSession] = {}
+        self.loops = RoutingLoops(stats, name)
 
     def __len__(self) -> int:
         return len(self.sessions)
@@ -226,7 +230,7 @@ class DatagramTable:
         return self._owners.owner(info.protocol, info.src, info.address)
 
     def _dial_next(self, udp: UdpSession) -> None:
-        dialer = udp.tries.pop(0)
+        dialer = udp.dialer = udp.tries.pop(0)
         opener: OpenSession = (
             cast(PingDialer, dialer).dial_ping if udp.ping
             else cast(DatagramDialer, dialer).dial_udp
@@ -243,6 +247,8 @@ class DatagramTable:
     def _dialed(self, udp: UdpSession, session: DatagramSession | None, code: int,
                 _why: str) -> None:  # fmt: skip
         udp.dial = None
+        if session is not None and self._looped(udp, session):
+            session, code = None, errno.ENETUNREACH
         if session is None:
             if self.sessions.get(udp.fid) is udp:
                 if udp.tries:  # a policy's list: the next dialer
@@ -277,6 +283,21 @@ class DatagramTable:
         # this ran from the dial, not from the stack's messages: the credit for the queue must
         # not wait for the next of those
         self.flush()
+
+    def _looped(self, udp: UdpSession, session: DatagramSession) -> bool:
+        """Whether `session` was routed into the TUN again (tunio.worker.loops): closed then,
+        before any datagram of it could circle through the TUN for good."""
+        try:
+            sock = getattr(session, "sock", None)
+        except Exception:  # (a dialer's own session type, whose attribute raised)
+            return False
+        if not left_as_the_app(sock, udp.src.host):
+            return False
+        what = "ping session" if udp.ping else "udp session"
+        self.loops.found(what, udp.dst, label(udp.dialer) if udp.dialer else "?", udp.src.host)
+        with contextlib.suppress(Exception):
+            session.close()
+        return True
 
     # ---- datagrams -------------------------------------------------------------------------
 

@@ -24,16 +24,15 @@ from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
 from tunio.worker.dial import Connecting, TcpDialing, abort
 from tunio.worker.flow import ErrorSink, Flow, Send, State
+from tunio.worker.loops import RoutingLoops, left_as_the_app
 from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats
 from tunio.worker.tcp import TcpTable
 
 log = logging.getLogger("tunio.worker")
 
-#: seconds between two warnings that the local ports are used up (see tunio.ports), or that
-#: our own connections come back through the TUN
+#: seconds between two warnings that the local ports are used up (see tunio.ports)
 PORT_WARNING_INTERVAL = 60.0
-LOOP_WARNING_INTERVAL = 60.0
 #: seconds a destination whose dial looped into the TUN is refused at once (the hops of the
 #: loop already under way come back within milliseconds; a fixed route is used a second later)
 LOOP_MEMORY = 1.0
@@ -85,7 +84,7 @@ class TcpOpener:
         # one TcpDialing (and label) per dialer a flow may take, made on its first flow
         self._dialings: dict[int, tuple[Dialer, TcpDialing[Flow], str]] = {}
         self._next_port_warning = 0.0  # see _open_failed
-        self._next_loop_warning: dict[int, float] = {}  # by IP version: see _looped
+        self.loops = RoutingLoops(stats, name)
         # (app address, destination host) -> until when a dial there is known to loop
         self._looping: dict[tuple[str, str], float] = {}
         # one line a second under a flood of failing dials, not one a flow
@@ -144,48 +143,14 @@ class TcpOpener:
         del self._looping[(src_host, dst_host)]
         return False
 
-    def _routed_back(self, flow: Flow, sock: socket.socket) -> bool:
-        """Whether the connect just started for `flow` left with the address of the app it is
-        for: then it takes the app's own way, into the TUN, and comes back as a new flow (the
-        way out, an --egress-mark's routing table say, does not keep the workers' connections
-        out). Dialed on, each hop would come back as the next, until the stack's share of held
-        connections for the destination ran out and every app timed out."""
-        src = flow.src.host
-        try:
-            local = sock.getsockname()[0]
-        except (OSError, IndexError, TypeError):
-            return False
-        if local == src:
-            return True
-        if ":" in local and ":" in src:  # (two spellings of one IPv6 address compare alike)
-            try:
-                return socket.inet_pton(socket.AF_INET6, local.partition("%")[0]) == \
-                    socket.inet_pton(socket.AF_INET6, src)  # fmt: skip
-            except OSError:
-                return False
-        return False
-
     def _looped(self, flow: Flow, pending: Connecting[Flow]) -> None:
         """`flow`'s connect goes into the TUN again: failed as unreachable (a dialer list goes on
         to its next), and the destination remembered for a second, so that the hop already on
         its way back (its SYN left with the connect) is refused as it arrives, not dialed: the
         loop unwinds at once, each hop's dial failing the same way, and the app sees "network
         unreachable", as with no route out."""
-        self.stats.routing_loops += 1
         self._looping[(flow.src.host, flow.dst.host)] = time.monotonic() + LOOP_MEMORY
-        now = time.monotonic()
-        family = 6 if ":" in flow.dst.host else 4  # (each has routes of its own)
-        # once a minute at most: a loop comes in floods
-        if now >= self._next_loop_warning.get(family, 0.0):
-            self._next_loop_warning[family] = now + LOOP_WARNING_INTERVAL
-            log.error(
-                "worker %s: routing loop: its connection to %s via %s left from %s, the address "
-                "of the app it is for, so it was routed into the TUN again: the workers' way out "
-                "must keep their connections out of the TUN (--auto-bypass, --egress-interface, "
-                "or --egress-mark with a routing table that routes %s elsewhere); these flows "
-                "fail with ENETUNREACH",
-                self._name, flow.dst, flow.via, flow.src.host, flow.dst.host,
-            )  # fmt: skip
+        self.loops.found("connection", flow.dst, flow.via, flow.src.host)
         pending.fail(errno.ENETUNREACH, "a routing loop: the connection went into the TUN again")
 
     def _owner_of(self, info: PolicyFlow) -> Owner | None:
@@ -205,8 +170,7 @@ class TcpOpener:
         pending = dialing.dial(flow, flow.dst, flow.src)
         if pending is not None:  # else it ended at once, and _dialed has moved the flow on
             flow.dial = pending
-            if type(pending) is Connecting and pending.sock is not None and \
-                    self._routed_back(flow, pending.sock):  # fmt: skip
+            if type(pending) is Connecting and left_as_the_app(pending.sock, flow.src.host):
                 self._looped(flow, pending)
 
     def _dialed(self, flow: Flow, sock: socket.socket | None, code: int, why: str) -> None:

@@ -1,0 +1,74 @@
+"""Routing loops: a worker's own connection routed into the TUN again.
+
+A way out that does not keep the workers' connections out of the TUN (an --egress-mark whose
+routing table has no route for the destination, say) sends a dial's packets into the TUN, where
+they come back as a new flow, whose dial comes back as the next. A TCP connect goes on, hop after
+hop, until the stack's share of held connections for the destination runs out and every app
+times out; a UDP datagram circles for good, a new session each hop. The tell is cheap and certain:
+such a connection leaves with the address of the app it is for (the TUN's, which is what the app's
+own packets had), which a connection that leaves by another interface never does.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from tunio.dialers.base import Address
+from tunio.worker.stats import WorkerStats
+
+log = logging.getLogger("tunio.worker")
+
+#: seconds between two lines about loops of one IP version (a loop comes in floods)
+WARNING_INTERVAL = 60.0
+
+
+def left_as_the_app(sock: object, app: str) -> bool:
+    """Whether socket `sock` (connected, or connecting) has the local address `app`."""
+    if not isinstance(sock, socket.socket):
+        return False  # (a dialer's own kind of session: nothing to tell by)
+    try:
+        local = sock.getsockname()
+    except OSError:
+        return False
+    if not isinstance(local, tuple) or not local:
+        return False  # (an AF_UNIX socket)
+    host = local[0]
+    return host == app or (":" in host and ":" in app and _same_ipv6(host, app))
+
+
+def _same_ipv6(one: str, other: str) -> bool:
+    """Two spellings of one IPv6 address (a scope suffix aside) compare alike."""
+    try:
+        return socket.inet_pton(socket.AF_INET6, one.partition("%")[0]) == \
+            socket.inet_pton(socket.AF_INET6, other)  # fmt: skip
+    except OSError:
+        return False
+
+
+class RoutingLoops:
+    """Counts the loops a worker finds and says so: a line a minute per IP version at most."""
+
+    def __init__(self, stats: WorkerStats, worker: str) -> None:
+        self.stats = stats
+        self.worker = worker
+        self._next_warning: dict[int, float] = {}
+
+    def found(self, what: str, dst: Address, via: str, app: str) -> None:
+        """A `what` ("connection", "udp session") to `dst` through dialer `via` left with the
+        address `app` of the app it is for."""
+        self.stats.routing_loops += 1
+        now = time.monotonic()
+        version = 6 if ":" in dst.host else 4  # (each has routes of its own)
+        if now < self._next_warning.get(version, 0.0):
+            return
+        self._next_warning[version] = now + WARNING_INTERVAL
+        log.error(
+            "worker %s: routing loop: its %s to %s via %s left from %s, the address of the app "
+            "it is for, so it was routed into the TUN again: the workers' way out must keep "
+            "their connections out of the TUN (--auto-bypass, --egress-interface, or "
+            "--egress-mark with a routing table that routes %s elsewhere); these flows fail "
+            "with ENETUNREACH",
+            self.worker, what, dst, via, app, dst.host,
+        )  # fmt: skip
