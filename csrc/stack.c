@@ -91,6 +91,7 @@ struct tunio_stack {
     uint64_t idle_since_ms; /* the last tick that saw a flow (or the start) */
     int trimmed;            /* the freed heap went back during this idle spell */
     uint64_t memory_trims;
+    atomic_uint_fast64_t loop_ticks; /* read by tunio_stack_stats from another thread */
     struct tunio_tun *tun;
     struct tunio_link *link;
     struct tunio_flows *flows;
@@ -782,6 +783,7 @@ static void on_timer(struct tunio_stack *s)
     ssize_t r = read(s->timer_fd, &ticks, sizeof(ticks));
     (void)r;
     uint64_t now = tunio_now_ms();
+    atomic_fetch_add_explicit(&s->loop_ticks, 1, memory_order_relaxed);
     tunio_link_tick(s->link, now);
     tunio_flows_tick(s->flows, now);
     resume_listeners(s);
@@ -998,6 +1000,7 @@ void tunio_stack_stats(struct tunio_stack *s, struct tunio_stats *o)
         o->dns_pool_full = atomic_load(&mn->full);
     }
     o->memory_trims = s->memory_trims;
+    o->loop_ticks = atomic_load_explicit(&s->loop_ticks, memory_order_relaxed);
     tunio_link_add_stats(s->link, o);
     tunio_flows_add_stats(s->flows, o);
     tunio_udp_add_stats(s->udp, o);

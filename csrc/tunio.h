@@ -110,6 +110,7 @@ struct tunio_stats {
     uint64_t udp_backlog_bytes;   /* DGRAM bytes the workers have not credited back, now */
     uint64_t udp_dropped_backlog; /* datagrams dropped at a session's or worker's byte bound
                                      (also in udp_dropped) */
+    uint64_t loop_ticks; /* the loop's timer ticks (4 a second): it moves while the loop turns */
 };
 
 /* One worker as the stack sees it. */

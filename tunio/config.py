@@ -74,6 +74,7 @@ class Options:
     dns_ttl: int = defaults.DNS_TTL
     dns_hold: float = defaults.DNS_HOLD
     drain_timeout: float = defaults.DRAIN_TIMEOUT  # a reload's old workers: their flows' time
+    hang_timeout: float = defaults.HANG_TIMEOUT  # a child silent this long is killed (0: never)
     # Per-flow policy (tunio.policy): "module:attr" or the function itself; or the rules of a
     # configuration file (tunio.rules), with names for the dialers they use.
     policy: str | Policy | None = None
@@ -245,6 +246,8 @@ def _check_timeouts_and_sizes(options: Options) -> None:
     check_seconds(options.connect_timeout, "connect-timeout")
     check_seconds(options.drain_timeout, "drain-timeout")
     check_seconds(options.udp_timeout, "udp-timeout")
+    if options.hang_timeout != 0:  # (0: no watch)
+        check_seconds(options.hang_timeout, "hang-timeout")
     check_window(options.window)
     if not options.window <= options.worker_backlog <= 1 << 40:
         raise ConfigError(f"--worker-backlog {options.worker_backlog} is out of range: use "

@@ -33,6 +33,10 @@ WORKER_BACKLOG: int = lib.TUNIO_DEFAULT_WORKER_BACKLOG  # DATA bytes a worker ma
 TXQUEUELEN: int = lib.TUNIO_DEFAULT_TXQUEUELEN  # packets a TUN queue holds for its reader
 CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
 DRAIN_TIMEOUT = 300.0  # after a reload, the old workers' flows may run this long, s
+# A stack or worker that shows no sign of life this long (s) is taken for hung and killed (its
+# restart is the crash path's): several times the stack's own liveness for a worker, so that
+# the stack has reset a hung worker's flows long before.
+HANG_TIMEOUT = 10.0
 LOG_LEVEL = "info"
 LOG_FORMAT = "text"
 # fake-IP DNS (--dns fake-ip): the pools, the TTL of its answers, how long past the TTL an

@@ -117,6 +117,10 @@ SETTINGS: tuple[Setting, ...] = (
             "after a reload (SIGHUP), the old generation of workers finishes its flows for at "
             f"most this many seconds; the rest are reset (default: {defaults.DRAIN_TIMEOUT:g})",
             "SEC", live=True),
+    Setting("hang-timeout", "hang_timeout", "float",
+            "a stack or worker that shows no sign of life this many seconds (its loop hung, or "
+            "the process stopped) is killed and started again; 0: never "
+            f"(default: {defaults.HANG_TIMEOUT:g})", "SEC"),
     Setting("metrics", "metrics", "str",
             "serve Prometheus metrics on HOST:PORT (GET /metrics): flows, bytes, dials, "
             "refusals, workers, drops", "HOST:PORT"),

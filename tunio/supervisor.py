@@ -78,6 +78,11 @@ class _Child:
     loop_said: float | None = None  # in a crash loop: when a line last said so
     starts: int = 0  # processes started under this name
     loop_exits: int = 0  # exits since that line
+    # The last sign of life of its process (None: not watched, before it is ready, see _hung):
+    # its being ready, a worker's report (its loop sends one a second), the stack's report that
+    # its loop's ticks moved.
+    alive_at: float | None = None
+    ticks: int | None = None  # the stack's loop ticks at its last report
 
 
 def _generations_drain(children: list[_Child]) -> str:
@@ -402,6 +407,7 @@ class Supervisor:
     def _launch(self, child: _Child) -> None:
         child.ready = False
         child.restart_at = None
+        child.alive_at = child.ticks = None
         child.started = time.monotonic()
         child.starts += 1
         child.process.start()
@@ -435,6 +441,10 @@ class Supervisor:
         kind, value = message[0], message[1]
         if kind == "stats":
             self.stats[child.name] = value  # the latest counters, for the metrics
+            stack = child is self._stack and isinstance(value, dict)
+            ticks = value.get("loop_ticks") if stack else None
+            if child is not self._stack or ticks != child.ticks:
+                child.alive_at, child.ticks = time.monotonic(), ticks
             return
         if kind == "stack-error" and child is self._stack:
             self._stack_error = str(value)
@@ -443,6 +453,7 @@ class Supervisor:
             log.warning("unexpected status message %r from %s", message, child.name)
         elif not child.ready:
             child.ready = True
+            child.alive_at = time.monotonic()  # watched from now on (see _hung)
             if not self.ready.is_set():
                 return
             pid = child.process.pid if child.process is not None else "?"
@@ -635,6 +646,10 @@ class Supervisor:
             due += [c.kill_at for c in self._retiring if c.kill_at is not None]
             if self._late_at is not None and self._draining_next:
                 due.append(self._late_at)
+            hang = self.options.hang_timeout
+            if hang > 0:
+                due += [c.alive_at + hang for c in self._children()
+                        if c.alive_at is not None and not c.retiring]  # fmt: skip
             timeout = max(0.0, min(due) - time.monotonic()) if due else None
             self._wait(timeout)
             if self._stop_reason is not None:
@@ -646,6 +661,8 @@ class Supervisor:
             for child in self._children():
                 if child.process is not None and child.process.exitcode is not None:
                     self._reap(child, now)
+                elif child.process is not None:
+                    self._hung(child, now)
                 if child.retiring:
                     self._end_drain(child, now)
                     continue
@@ -659,6 +676,22 @@ class Supervisor:
                         self._spawn_stack()
                     else:
                         self._spawn_worker(child)
+
+    def _hung(self, child: _Child, now: float) -> None:
+        """Kills `child` if it showed no sign of life for --hang-timeout (a stack whose loop
+        is stuck, a worker held by code that blocks, a process stopped): alive but useless,
+        it would hold its share of the flows for good; killed, it is restarted as after a
+        crash (a new stack takes the flows over, a worker's flows the stack has reset)."""
+        hang = self.options.hang_timeout
+        if hang <= 0 or child.alive_at is None or child.retiring or now - child.alive_at < hang:
+            return
+        silent = now - child.alive_at
+        child.alive_at = None  # (one kill; its next process is watched once it is ready)
+        what = "its loop has not turned" if child is self._stack else "its loop sent no report"
+        log.error("%s showed no sign of life for %.1f s (%s: hung, or the process is stopped): "
+                  "killing it (--hang-timeout %g)", child.name, silent, what, hang)  # fmt: skip
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            child.process.kill()
 
     def _reap(self, child: _Child, now: float) -> None:
         lifetime = now - child.started

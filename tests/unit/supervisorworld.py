@@ -84,6 +84,17 @@ def stack_main(config, status):
     with open(STATE / "stack.pids", "a") as f:
         f.write(f"{os.getpid()} {len(config.tun_fds)} {config.addresses[0]}\\n")
     status.put(("stack-ready", os.getpid()))
+    # FAKE_STACK_TICKS: it reports as the real one does, once a second (here ten), with loop
+    # ticks that move ("moving") or that stay put, as a hung loop's do ("stuck")
+    ticks = os.environ.get("FAKE_STACK_TICKS")
+    if ticks:
+        def report():
+            n = 0
+            while True:
+                n += ticks == "moving"
+                status.put(("stats", {"loop_ticks": n, "flows_active": 0}))
+                threading.Event().wait(0.1)
+        threading.Thread(target=report, daemon=True).start()
     # SIGUSR2 (after READY): the stack reports an error and exits, as one that lost its queues
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     got = signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGUSR2})
@@ -95,7 +106,8 @@ def stack_main(config, status):
 # The fake worker: it says ready and waits; on demand (by its name in an environment variable):
 # one that ignores SIGTERM, SIGUSR1 and the stack's going (a worker stuck in a dialer's code);
 # one that outlives the stack's going and waits for the next, as the real one does; one that
-# reports counters once it is ready; and one that exits 0 at once while a file named after it
+# reports counters once it is ready (and then falls silent, as a hung one does); and one that
+# exits 0 at once while a file named after it
 # exists in the state directory (a crash loop).
 FAKE_WORKER = """
 import os, select, signal, socket
@@ -234,7 +246,8 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
         monkeypatch.setenv(key, value)
     for key in ("FAKE_IP_FAIL", "FAKE_IP_ADDRS", "FAKE_TUN_ERRNO", "FAKE_STACK_ERROR",
                 "FAKE_WORKER_HOLD", "FAKE_WORKER_STUBBORN", "FAKE_WORKER_REPORT",
-                "FAKE_WORKER_FAIL", "FAKE_WORKER_SURVIVE", "FAKE_IP_KILL"):  # fmt: skip
+                "FAKE_WORKER_FAIL", "FAKE_WORKER_SURVIVE", "FAKE_IP_KILL",
+                "FAKE_STACK_TICKS"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setitem(
         sys.modules, "tunio.stack", _load("fake_stack", tmp_path / "fakes/fake_stack.py")
@@ -254,6 +267,9 @@ def _options(world: World, **changes: object) -> Options:
         "egress_mark": 1,
         "runtime_dir": str(world.runtime),
         "routes": ("default",),
+        # the fakes do not report once a second as the real ones do: no watch for a hang,
+        # but where a test asks for one
+        "hang_timeout": 0.0,
     }
     base.update(changes)
     return Options(**base)  # type: ignore[arg-type]
@@ -411,5 +427,5 @@ def _bootstrap(world: World, *extra: str) -> list[str]:
         str(world.root / "fakes/fake_stack.py"), str(world.root / "fakes/fake_worker.py"),
         "--tun", TUN, "--address", "198.18.255.1/24", "--queues", "2", "--workers", "2",
         "--route", "default", "--egress-mark", "0x1", "--runtime-dir", str(world.runtime),
-        *extra,
+        "--hang-timeout", "0", *extra,
     ]  # fmt: skip

@@ -119,6 +119,8 @@ def test_validate_names_the_bad_option(tmp_path: Path) -> None:
         ({"connect_timeout": 5e6}, "--connect-timeout 5e[+]06 is out of range: use above 0 up"),
         ({"udp_timeout": 1e300}, "--udp-timeout 1e[+]300 is out of range"),
         ({"drain_timeout": -1.0}, "--drain-timeout -1 is out of range"),
+        ({"hang_timeout": -1.0}, "--hang-timeout -1 is out of range"),
+        ({"hang_timeout": float("nan")}, "--hang-timeout nan is out of range"),
         ({"endpoint": "http://x"}, "--endpoint"),
         ({"runtime_dir": "/" + "d" * 120}, "too long"),
         ({"max_flows": 50, "max_pending": 60}, "--max-pending 60 is above --max-flows 50"),

@@ -481,3 +481,60 @@ def test_a_failed_route_is_undone_in_reverse(bad: World, monkeypatch: pytest.Mon
         f"addr del 198.18.255.1/24 dev {TUN}",
     ]
     assert not bad.runtime.exists()
+
+
+# ---------------------------------------------------------------- hung, not dead
+
+
+def test_a_worker_that_falls_silent_is_killed_and_started_again(
+    bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose loop stopped (code that blocks, SIGSTOP) is alive but carries nothing:
+    past --hang-timeout without a report it is killed, and restarted as after a crash."""
+    monkeypatch.setenv("FAKE_WORKER_REPORT", "worker-0")  # one report, then silence
+    monkeypatch.setenv("FAKE_STACK_TICKS", "moving")
+    options = _options(bad, workers=1, hang_timeout=0.5)
+    running = _start(_supervisor(bad, options))
+    try:
+        assert running.supervisor.ready.wait(15)
+        [first] = bad.pids("worker-0")
+        logwatch.wait_for(lambda m: m.startswith("worker-0 showed no sign of life for 0.5 s"))
+        assert _ended(first, 5.0), "the silent worker still runs"
+        assert _until(lambda: len(bad.pids("worker-0")) == 2, 10), "no new worker-0"
+        assert running.supervisor.restarts.get("worker-0") == 1
+        assert not any(m.startswith("stack showed") for m in logwatch.messages())
+    finally:
+        assert running.stop() == 0
+
+
+def test_a_stack_whose_loop_stopped_turning_is_killed_and_started_again(
+    bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stack's reports come from its process's main thread: they go on while its loop is
+    stuck, so what counts is whether the loop's ticks move."""
+    monkeypatch.setenv("FAKE_STACK_TICKS", "stuck")
+    options = _options(bad, workers=1, hang_timeout=0.5)
+    running = _start(_supervisor(bad, options))
+    try:
+        assert running.supervisor.ready.wait(15)
+        [first] = bad.pids("stack")
+        logwatch.wait_for(lambda m: m.startswith("stack showed no sign of life for 0.5 s (its "
+                                                 "loop has not turned"))  # fmt: skip
+        assert _ended(first, 5.0), "the stuck stack still runs"
+        assert _until(lambda: len(bad.pids("stack")) == 2, 10), "no new stack"
+    finally:
+        assert running.stop() == 0
+
+
+def test_a_stack_whose_loop_turns_is_left_alone(
+    bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_STACK_TICKS", "moving")
+    running = _start(_supervisor(bad, _options(bad, workers=1, hang_timeout=0.3)))
+    try:
+        assert running.supervisor.ready.wait(15)
+        # ten reports a second, each with ticks that moved: four times the timeout passes
+        assert not _until(lambda: len(bad.pids("stack")) > 1, 1.2)
+        assert not any(m.startswith("stack showed") for m in logwatch.messages())
+    finally:
+        assert running.stop() == 0

@@ -148,3 +148,55 @@ def test_sigterm_stops_everything_and_cleans_up(
     assert lab.ip(lab.app, "rule", "show") == rules_before
     assert not tunio.socket_path.exists()
     assert not tunio.runtime_dir.exists()
+
+
+HANG = 2.0  # --hang-timeout of the hung-process tests, s
+
+
+def test_a_stopped_stack_is_killed_and_its_successor_serves(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    """A stack that no longer runs (SIGSTOP here; a stuck loop alike) but does not die: every
+    flow stood still for good, and nothing was restarted."""
+    del fresh_servers
+    tunio = fresh_lab.start_tunio(["--hang-timeout", f"{HANG:g}"])
+    [stack] = [p for p in tunio.children() if "tunio-stack" in process_title(p)]
+    start = len(tunio.log.lines)
+    os.kill(stack, signal.SIGSTOP)
+    try:
+        tunio.log.wait_for(r"stack showed no sign of life for \d+\.\d s \(its loop has not "
+                           r"turned", HANG + RESET_DEADLINE, start)  # fmt: skip
+        tunio.log.wait_for(r"stack exited with signal SIGKILL", RESET_DEADLINE, start)
+    finally:
+        if alive(stack):
+            os.kill(stack, signal.SIGKILL)
+    tunio.log.wait_for(r"worker-1 restarted", RESET_DEADLINE, start)
+    tunio.log.wait_for(r"worker-0 restarted", RESET_DEADLINE, start)
+    for server in SERVERS:
+        with fresh_lab.connect(PEER_PORTS["echo"], server, timeout=RESET_DEADLINE) as sock:
+            _echo_once(sock)
+    assert tunio.stop() == 0, tunio.log.text
+
+
+def test_a_stopped_worker_is_killed_and_started_again(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    del fresh_servers
+    tunio = fresh_lab.start_tunio(["--hang-timeout", f"{HANG:g}"])
+    workers = _worker_pids(tunio, 2, RESET_DEADLINE)
+    start = len(tunio.log.lines)
+    os.kill(workers[0], signal.SIGSTOP)
+    try:
+        tunio.log.wait_for(r"worker-\d showed no sign of life for \d+\.\d s \(its loop sent no "
+                           r"report", HANG + RESET_DEADLINE, start)  # fmt: skip
+        tunio.log.wait_for(r"worker-\d restarted", RESET_DEADLINE, start)
+    finally:
+        if alive(workers[0]):
+            os.kill(workers[0], signal.SIGKILL)
+    now = _worker_pids(tunio, 2, RESET_DEADLINE)
+    assert workers[0] not in now, (workers, now)
+    assert workers[1] in now, (workers, now)  # the other one was left alone
+    for i in range(4):  # both workers carry flows again
+        with fresh_lab.connect(PEER_PORTS["echo"], _server(i), timeout=RESET_DEADLINE) as sock:
+            _echo_once(sock)
+    assert tunio.stop() == 0, tunio.log.text
