@@ -190,6 +190,8 @@ static void *reader_main(void *arg)
         tunio_log(TUNIO_LOG_ERROR, "reader: out of memory");
         tunio_reasm_free(r->reasm);
         r->reasm = NULL;
+        if (r->cfg.failed)
+            atomic_fetch_add(r->cfg.failed, 1);
         return NULL;
     }
     int fd = r->cfg.fd;
@@ -197,6 +199,7 @@ static void *reader_main(void *arg)
         {.fd = fd, .events = POLLIN},
         {.fd = r->cfg.stop_fd, .events = POLLIN},
         {.fd = r->cfg.releases ? tunio_queue_fd(r->cfg.releases) : -1, .events = POLLIN}};
+    int stopped = 0; /* the way out asked for, not a failure */
     for (;;) {
         if (poll(pfd, 3, -1) < 0) {
             if (errno == EINTR)
@@ -204,8 +207,10 @@ static void *reader_main(void *arg)
             tunio_log(TUNIO_LOG_ERROR, "reader: poll: %s", strerror(errno));
             break;
         }
-        if (pfd[1].revents)
+        if (pfd[1].revents) {
+            stopped = 1;
             break;
+        }
         if (pfd[2].revents)
             write_releases(r);
         if (pfd[0].revents & (POLLERR | POLLNVAL)) {
@@ -228,6 +233,8 @@ static void *reader_main(void *arg)
     free(buf);
     tunio_reasm_free(r->reasm);
     r->reasm = NULL;
+    if (!stopped && r->cfg.failed)
+        atomic_fetch_add(r->cfg.failed, 1);
     return NULL;
 }
 

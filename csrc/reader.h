@@ -4,6 +4,8 @@
 #ifndef TUNIO_READER_H
 #define TUNIO_READER_H
 
+#include <stdatomic.h>
+
 struct tunio_nat;
 struct tunio_queue;
 struct tunio_stats;
@@ -22,6 +24,8 @@ struct tunio_reader_config {
     struct tunio_dns *dns;        /* UDP to port 53 is asked about first; NULL: no DNS of ours */
     struct tunio_queue *releases; /* from the loop: released SYNs (struct tunio_dgram) to write
                                    * into this queue (NULL: none) */
+    atomic_int *failed;           /* counted up when this reader ends on a failure of its queue
+                                   * (the device deleted): NULL, not counted */
 };
 
 int tunio_reader_new(const struct tunio_reader_config *cfg, struct tunio_reader **out);

@@ -92,6 +92,8 @@ struct tunio_stack {
     int trimmed;            /* the freed heap went back during this idle spell */
     uint64_t memory_trims;
     atomic_uint_fast64_t loop_ticks; /* read by tunio_stack_stats from another thread */
+    atomic_int readers_failed;       /* readers whose queue failed (counted by them) */
+    int tun_lost;                    /* every reader's did: the run ends with -ENODEV */
     struct tunio_tun *tun;
     struct tunio_link *link;
     struct tunio_flows *flows;
@@ -529,6 +531,7 @@ static int make_readers(struct tunio_stack *s)
             .dgrams = tunio_udp_queue(s->udp),
             .dns = s->dns,
             .releases = i < s->n_releases ? s->releases[i] : NULL,
+            .failed = &s->readers_failed,
         };
         int err = tunio_reader_new(&rc, &s->readers[i]);
         if (err)
@@ -784,6 +787,14 @@ static void on_timer(struct tunio_stack *s)
     (void)r;
     uint64_t now = tunio_now_ms();
     atomic_fetch_add_explicit(&s->loop_ticks, 1, memory_order_relaxed);
+    if (!s->tun_lost && s->n_readers && atomic_load(&s->readers_failed) == s->n_readers) {
+        /* Nothing reads the TUN any more (its device was deleted, say): a stack that ran on
+         * would hold its flows still for good. Ended, it says why, and its supervisor decides. */
+        s->tun_lost = 1;
+        tunio_log(TUNIO_LOG_ERROR, "every TUN queue failed (%d): the device is gone; stopping",
+                  s->n_readers);
+        tunio_stack_stop(s);
+    }
     tunio_link_tick(s->link, now);
     tunio_flows_tick(s->flows, now);
     resume_listeners(s);
@@ -954,6 +965,8 @@ int tunio_stack_run(struct tunio_stack *s)
     }
     /* Also when the loop failed. */
     tunio_stack_stop(s);
+    if (s->tun_lost && !err)
+        err = -ENODEV;
     reset_everything(s);
 out:
     stop_readers(s);

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -56,6 +57,7 @@ class Host:
         self.locks: list[devicelock.DeviceLock | RuntimeDir] = []
         self.uplink: str | None = None
         self._made: list[Change] = []  # the changes made, in order (the journal's lines)
+        self.device_lost = False  # the stack found the device gone under the run
         self._left: list[Change] = []  # those a stop could not take back
 
     def plan_changes(self) -> list[Change]:
@@ -97,6 +99,10 @@ class Host:
         undo.callback(self._close_tun, existed)
         self._apply(changes, journal, undo)
         check_stop()
+
+    def device_exists(self) -> bool:
+        """Whether the TUN device is there (it can be deleted under a run)."""
+        return tundev.link_exists(self.options.tun, self._sys_net)
 
     def _device_state(self, plan: Plan) -> tuple[bool, list[bool]]:
         """Whether the device exists (and is one we can use), and which addresses it holds."""
@@ -144,8 +150,19 @@ class Host:
         try:
             tundev.run(*change.undo)
         except (TunioError, OSError) as exc:
+            if self._went_with_the_device(change):
+                log.debug("the %s went with the device", change.what)
+                return
             log.warning("could not remove the %s: %s", change.what, describe(exc))
             self._left.append(change)
+
+    def _went_with_the_device(self, change: Change) -> bool:
+        """A route (or address) on the TUN device, which is gone (deleted under the run): the
+        kernel took it away with the device, so there is nothing left to take back."""
+        if not self.device_lost or self.device_exists():
+            return False
+        pairs = itertools.pairwise(change.undo)
+        return any(a == "dev" and b == self.options.tun for a, b in pairs)
 
     def _close_journal(self, journal: netplan.Journal) -> None:
         # what was never taken back by a step of its own (the device's settings go with it)

@@ -296,4 +296,7 @@ def stack_main(config: StackConfig, status: _StatusQueue) -> None:
         ipc.unlink(missing_ok=True)
     if failure:
         error = failure[0]
+        if isinstance(error, StackError) and error.errno == errno.ENODEV:
+            status.put(("tun-gone", "every TUN queue failed"))  # (its log said so)
+            return
         status.put(("stack-error", getattr(error, "strerror", None) or str(error)))

@@ -167,6 +167,8 @@ class Supervisor:
         self._dialer: Any = None
         self._policy: Policy | None = None
         self._stack_error: str | None = None
+        self._failure: str | None = None  # why the run ends in failure (exit status 1)
+        self._tun_gone = False  # the stack said every TUN queue failed
 
     # ---- public
 
@@ -214,7 +216,7 @@ class Supervisor:
                 log.info("stopping (%s)", self._stop_reason)
                 sdnotify.notify("STOPPING=1", f"STATUS=stopping ({self._stop_reason})")
             log.info("tunio stopped")
-            return 0
+            return 1 if self._failure is not None else 0
         finally:
             with self._wake_lock:  # no _wake writes to a descriptor after it is closed
                 wake_r, wake_w = self._wake_r, self._wake_w
@@ -449,6 +451,8 @@ class Supervisor:
         if kind == "stack-error" and child is self._stack:
             self._stack_error = str(value)
             log.error("stack: %s", value)
+        elif kind == "tun-gone" and child is self._stack:
+            self._tun_gone = self._host.device_lost = True
         elif kind not in ("stack-ready", "worker-ready"):
             log.warning("unexpected status message %r from %s", message, child.name)
         elif not child.ready:
@@ -696,6 +700,17 @@ class Supervisor:
     def _reap(self, child: _Child, now: float) -> None:
         lifetime = now - child.started
         code = child.process.exitcode
+        if child is self._stack and self._tun_gone:
+            # Deleted under the run: a new stack would fail on the same dead queues for good.
+            # The run ends in failure, so that a service manager starts it again, device and all.
+            self._close_status(child)
+            child.process.close()
+            child.process = None
+            self._failure = (f"the TUN device {self.options.tun} is gone (deleted while the run "
+                             "used it): stopping; a new run makes it again")  # fmt: skip
+            log.error("%s", self._failure)
+            self.stop(f"the TUN device {self.options.tun} is gone")
+            return
         self._close_status(child)
         child.process.close()
         child.process = None

@@ -98,7 +98,9 @@ def stack_main(config, status):
     # SIGUSR2 (after READY): the stack reports an error and exits, as one that lost its queues
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
     got = signal.sigwait({signal.SIGTERM, signal.SIGINT, signal.SIGUSR2})
-    if got == signal.SIGUSR2:
+    if got == signal.SIGUSR2 and os.environ.get("FAKE_STACK_GONE"):
+        status.put(("tun-gone", "every TUN queue failed"))  # as the real one on ENODEV
+    elif got == signal.SIGUSR2:
         status.put(("stack-error", "lost the TUN queues"))
     os.unlink(path)
 """
@@ -247,7 +249,7 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
     for key in ("FAKE_IP_FAIL", "FAKE_IP_ADDRS", "FAKE_TUN_ERRNO", "FAKE_STACK_ERROR",
                 "FAKE_WORKER_HOLD", "FAKE_WORKER_STUBBORN", "FAKE_WORKER_REPORT",
                 "FAKE_WORKER_FAIL", "FAKE_WORKER_SURVIVE", "FAKE_IP_KILL",
-                "FAKE_STACK_TICKS"):  # fmt: skip
+                "FAKE_STACK_TICKS", "FAKE_STACK_GONE"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setitem(
         sys.modules, "tunio.stack", _load("fake_stack", tmp_path / "fakes/fake_stack.py")

@@ -258,6 +258,26 @@ def test_sighup_storm_of_live_and_refused_reloads(bad: World, logwatch: LogWatch
     assert running.stop() == 0
 
 
+def test_a_stack_that_lost_its_device_ends_the_run_with_status_1(
+    bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device deleted under the run: not restarted on the same dead queues for good, but
+    a stop that undoes the run's changes and an exit status a service manager acts on."""
+    monkeypatch.setenv("FAKE_STACK_GONE", "1")
+    running = _start(_supervisor(bad, _options(bad, workers=1)))
+    assert running.supervisor.ready.wait(15)
+    [stack] = bad.pids("stack")
+    os.kill(stack, signal.SIGUSR2)
+    running.thread.join(30)
+    assert not running.thread.is_alive(), "the run goes on without its device"
+    assert running.code == 1
+    assert f"the TUN device {TUN} is gone (deleted while the run used it): stopping; a new run " \
+        "makes it again" in logwatch.messages("ERROR")  # fmt: skip
+    assert bad.pids("stack") == [stack]  # no new stack
+    assert bad.ip_calls()[-1] == f"-4 route del default dev {TUN}"  # the run's changes undone
+    _assert_dead(bad.pids("stack") + bad.pids("worker-0"))
+
+
 def test_stack_error_after_ready_is_said_and_restarted(bad: World, logwatch: LogWatch) -> None:
     """Held up: the stack's error after READY is logged, and a new stack comes with workers."""
     running = _start(_supervisor(bad, _options(bad, workers=1)))

@@ -200,3 +200,29 @@ def test_a_stopped_worker_is_killed_and_started_again(
         with fresh_lab.connect(PEER_PORTS["echo"], _server(i), timeout=RESET_DEADLINE) as sock:
             _echo_once(sock)
     assert tunio.stop() == 0, tunio.log.text
+
+
+def test_a_deleted_device_ends_the_run_in_failure(
+    fresh_lab: Lab, fresh_servers: dict[str, LineReader]
+) -> None:
+    """The TUN deleted under the run: a stack that ran on (or a new one on the same dead queues)
+    would forward nothing for good; the run ends with status 1, so that a service manager
+    starts it again, and says why."""
+    del fresh_servers
+    tunio = fresh_lab.start_tunio()
+    with fresh_lab.connect(PEER_PORTS["echo"], SERVER_ADDRESS) as sock:
+        _echo_once(sock)
+    start = len(tunio.log.lines)
+    fresh_lab.ip(fresh_lab.app, "link", "del", TUN_NAME)
+    try:
+        code = tunio.proc.wait(RESET_DEADLINE)
+    finally:
+        tunio.stop()  # (at once if it has exited)
+    assert code == 1, tunio.log.text
+    tunio.log.wait_for(r"every TUN queue failed \(2\): the device is gone", 1.0, start)
+    tunio.log.wait_for(rf"the TUN device {TUN_NAME} is gone \(deleted while the run used it\)",
+                       1.0, start)  # fmt: skip
+    # its routes went with the device: nothing is left for --cleanup
+    assert not any("could not remove" in line or "left in" in line
+                   for line in tunio.log.lines[start:]), tunio.log.text  # fmt: skip
+    assert not tunio.children()
