@@ -216,6 +216,7 @@ class Worker:
         opener.failures.flush()
         self._tcp.failures.flush()
         self._datagrams.refusals.flush()
+        self._datagrams.faults.flush()
         self._link.faults.flush()
         dial_unexpected.flush()
         policy_failures.flush()
