@@ -137,6 +137,45 @@ def test_validate_names_the_bad_option(tmp_path: Path) -> None:
     assert pending_limit(dataclasses.replace(good, max_flows=50, max_pending=20)) == 20
 
 
+def test_validate_names_a_setting_of_the_wrong_kind(tmp_path: Path) -> None:
+    """A library's Options may hold anything: a value of the wrong kind is a ConfigError that
+    names the setting and what it takes, never a TypeError from inside a check or a start that
+    reads "default" as the routes "d", "e", ... or "false" as true."""
+    good = Options(runtime_dir=str(tmp_path / "rt"), queues=1, workers=1)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"workers": "4"}, "--workers: workers='4' is of type str: give an integer"),
+        ({"workers": 2.5}, "--workers: workers=2.5 is of type float: give an integer"),
+        ({"window": 65536.5}, "--window: window=65536.5 is of type float: give an integer"),
+        ({"txqueuelen": True}, "--txqueuelen: txqueuelen=True is of type bool: give an integer"),
+        ({"connect_timeout": "5"}, "--connect-timeout: connect_timeout='5' is of type str: give "
+                                   "a number"),
+        ({"connect_timeout": None}, "--connect-timeout: connect_timeout=None is of type "
+                                    "NoneType: give a number"),
+        ({"egress_mark": "0x1"}, "--egress-mark: egress_mark='0x1' is of type str: give an "
+                                 "integer"),
+        ({"auto_bypass": "false"}, "--auto-bypass: auto_bypass='false' is of type str: give "
+                                   "True or False"),
+        ({"offload": 0}, "--no-offload: offload=0 is of type int: give True or False"),
+        ({"tun": 1}, "--tun: tun=1 is of type int: give a string"),
+        ({"metrics": 9184}, "--metrics: metrics=9184 is of type int: give a string"),
+        ({"routes": "default"}, "--route: routes='default' is one string: give a tuple, "
+                                "routes=('default',)"),
+        ({"routes": ("default", 5)}, "--route: routes=('default', 5) holds 5, which is of "
+                                     "type int: give a string"),
+        ({"exclude": "10.0.0.0/8"}, "--exclude: exclude='10.0.0.0/8' is one string: give a "
+                                   "tuple, exclude=('10.0.0.0/8',)"),
+        ({"address": 5}, "--address: address=5 is of type int: give a string or a tuple of them"),
+    ]  # fmt: skip
+    for change, words in cases:
+        with pytest.raises(ConfigError) as caught:
+            validate(dataclasses.replace(good, **change), sys_net=str(tmp_path))
+        assert str(caught.value) == words
+    # what the annotations allow passes: a list for a tuple, a Path for a path, unset values
+    allowed: dict[str, Any] = {"routes": ["default"], "address": ["198.18.0.1/24"],
+                               "runtime_dir": tmp_path / "rt", "egress_mark": None}  # fmt: skip
+    validate(dataclasses.replace(good, **allowed), sys_net=str(tmp_path))
+
+
 # ---------------------------------------------------------------- runtime directory
 
 
