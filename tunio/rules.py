@@ -88,6 +88,9 @@ class RuleTable:
         self.rules = tuple(rules)
         self.dialers = dict(dialers)
         for rule in self.rules:
+            if not isinstance(rule, Rule):  # a library's Options(rules=...) may hold anything
+                raise ConfigError(f"rules: {rule!r:.60} is a {type(rule).__name__}, not a "
+                                  "tunio.rules.Rule")  # fmt: skip
             for name in rule.action:
                 if name != "reject" and name not in self.dialers:
                     known = ", ".join(sorted(self.dialers))
