@@ -105,7 +105,8 @@ class _Stopped(Exception):
 
 
 class Supervisor:
-    """Runs tunio: `Supervisor(options).run()` blocks and returns the exit code.
+    """Runs tunio: `Supervisor(options).run()` blocks and returns the exit code (once: a
+    later run takes a new Supervisor).
 
     `stop()` may be called from any thread (or a signal: run() handles SIGINT and SIGTERM when
     it runs in the main thread). `ready` is set once everything forwards.
@@ -162,6 +163,7 @@ class Supervisor:
         self._dialer: Any = None
         self._policy: Policy | None = None
         self._stack_error: str | None = None
+        self._ran = False  # run() was called: a Supervisor runs once
 
     # ---- public
 
@@ -190,7 +192,14 @@ class Supervisor:
         self._wake()
 
     def run(self) -> int:
-        """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime)."""
+        """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime).
+
+        Once per Supervisor: its wake-up pipe is closed and its stop request kept when a run
+        ends, so a second run would fail on a closed descriptor after stopping at once."""
+        if self._ran:
+            raise TunioError("Supervisor.run() was called again: a Supervisor runs once; make a "
+                             "new Supervisor(options) for another run")  # fmt: skip
+        self._ran = True
         raise_fd_limit()  # inherited by the stack and the workers
         try:
             with self._signals(), contextlib.ExitStack() as undo:

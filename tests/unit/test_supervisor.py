@@ -487,6 +487,21 @@ def test_stop_before_ready_is_a_clean_exit(world: World, monkeypatch: pytest.Mon
     assert not world.runtime.exists()
 
 
+def test_a_supervisor_runs_once(world: World) -> None:
+    """A second run() of one Supervisor is an error that says what to do, not an EBADF from
+    its closed wake-up pipe after a run that stopped at once; a new Supervisor runs again."""
+    supervisor = _supervisor(world, _options(world))
+    supervisor.stop()
+    assert supervisor.run() == 0
+    with pytest.raises(TunioError, match=r"a Supervisor runs once; make a new "
+                       r"Supervisor\(options\) for another run"):  # fmt: skip
+        supervisor.run()
+    supervisor.stop()  # after its run, a stop is harmless
+    again = _supervisor(world, _options(world))
+    again.stop()
+    assert again.run() == 0
+
+
 # ---------------------------------------------------------------- tunio-run as a process
 
 
