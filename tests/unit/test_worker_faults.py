@@ -125,6 +125,38 @@ def test_a_dialer_answering_no_connection_is_open_fail_econnaborted(
     assert "its flows fail with ECONNABORTED" in said[0]
 
 
+class StartsWith:
+    """A dialer whose start_connect answers `answer` (whatever it is) for every dial."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise AssertionError("start_connect is the way")
+
+    def start_connect(self, dst: Address, src: Address) -> object:
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "answer", [None, 7, _closed_socket()], ids=["none", "not-a-socket", "closed"]
+)
+def test_a_start_connect_answering_no_socket_is_open_fail_econnaborted(
+    rigs: MakeRig, answer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start_connect's answer is checked as dial's is: a clean OPEN_FAIL and one line for the
+    dialer's bug, not a traceback from inside the table for every flow."""
+    rig = rigs(StartsWith(answer))
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        for fid in (5, 6):
+            rig.open(fid)
+            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
+    assert rig.table.flows == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1, said
+    assert "its flows fail with ECONNABORTED" in said[0]
+
+
 def test_a_wrong_answer_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:
     good = PairDialer()
     rig = rigs(good, policy=lambda flow: [Answers("nonsense"), good])

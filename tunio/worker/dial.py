@@ -20,7 +20,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeGuard, TypeVar, cast
 
 from tunio.dialers.base import (
     Address,
@@ -146,10 +146,7 @@ class Dial(Generic[K, T]):
                 self._end(None, code, why)
             return
         if result is None:  # a dialer that answers nothing has failed, in words of its own
-            if not dialing.said_none:  # a dialer's bug: said once, its flows counted as failed
-                dialing.said_none = True
-                log.error("%s %s: the dialer returned None, not a connection: its flows fail "
-                          "with ECONNABORTED", dialing.what, dst)  # fmt: skip
+            dialing.returned_none(dst)
             if self.live:
                 self._task = None
                 self._end(None, errno.ECONNABORTED, "the dialer returned None")
@@ -269,11 +266,24 @@ class Dialing(Generic[K, T]):
         self.discard = discard
         self.said_none = False  # a dialer that returned None was logged
 
+    def returned_none(self, dst: Address) -> None:
+        """The dialer answered None: a bug of its own, said once; its flows count as failed."""
+        if not self.said_none:
+            self.said_none = True
+            log.error("%s %s: the dialer returned None, not a connection: its flows fail with "
+                      "ECONNABORTED", self.what, dst)  # fmt: skip
+
     def task(self, key: K, dial: DialFunction[T], dst: Address, src: Address) -> Dial[K, T]:
         """Dials `await dial(dst, src)` in a task."""
         pending = Dial(self, key)
         pending.start_task(dial, dst, src)
         return pending
+
+
+def open_socket(sock: object) -> TypeGuard[socket.socket]:
+    """A dialer's answer that the relay can take: an open socket (a user's dialer may hand
+    back anything)."""
+    return isinstance(sock, socket.socket) and sock.fileno() >= 0
 
 
 def _literal(host: str) -> bool:
@@ -323,10 +333,22 @@ class TcpDialing(Dialing[K, socket.socket]):
                     return pending
             return self.task(key, self.dialer.dial, dst, src)
         try:
-            sock = start(dst, src)
+            sock: object = start(dst, src)
         except Exception as exc:  # every failure becomes an errno for the app
             self.done(key, None, *dial_failure(exc, f"dial {dst}", self.timeout))
+            return None
+        if not open_socket(sock):
+            self._not_started(key, dst, sock)
             return None
         pending = Connecting(self, key, sock)
         self.watch(key, sock)
         return pending
+
+    def _not_started(self, key: K, dst: Address, answer: object) -> None:
+        """A user's start_connect answered what is not an open socket, as its dial may: the
+        same ending, ECONNABORTED and one line for the dialer's bug."""
+        if answer is None:
+            self.returned_none(dst)
+            self.done(key, None, errno.ECONNABORTED, "the dialer returned None")
+        else:  # `done` says what it is (once per dialer), as it does for dial's answer
+            self.done(key, cast(socket.socket, answer), 0, "")

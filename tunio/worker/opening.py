@@ -22,7 +22,7 @@ from tunio.owner import OwnerLookup
 from tunio.policy import Flow as PolicyFlow
 from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
-from tunio.worker.dial import TcpDialing, abort
+from tunio.worker.dial import TcpDialing, abort, open_socket
 from tunio.worker.flow import ErrorSink, Flow, Send, State
 from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats
@@ -32,12 +32,6 @@ log = logging.getLogger("tunio.worker")
 
 #: seconds between two warnings that the local ports are used up (see tunio.ports)
 PORT_WARNING_INTERVAL = 60.0
-
-
-def _usable(sock: object) -> bool:
-    """A dialer's answer that the relay can take: an open socket (a user's dialer may hand
-    back anything)."""
-    return isinstance(sock, socket.socket) and sock.fileno() >= 0
 
 
 class TcpOpener:
@@ -149,7 +143,7 @@ class TcpOpener:
             if sock is not None:
                 abort(sock)  # reset while the dial finished: the destination must see it too
             return
-        if sock is not None and not _usable(sock):
+        if sock is not None and not open_socket(sock):
             code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open socket"
             said = (flow.via, type(sock))
             if said not in self._wrong_answers:  # a dialer's bug: once, not once a flow
