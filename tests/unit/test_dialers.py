@@ -325,7 +325,7 @@ def test_options_dialer_objects_and_lists_become_dialers() -> None:
 def test_options_rules_of_the_wrong_kind_are_a_config_error() -> None:
     wrong: Any = ("uid 1000 -> office",)
     options = Options(rules=wrong)
-    with pytest.raises(ConfigError, match=r"^rules: 'uid 1000 -> office' is a str, not a "):
+    with pytest.raises(ConfigError, match=r"^rules\[0\]: 'uid 1000 -> office' is a str, not a "):
         wayout.load_policy(options, wayout.load_dialer(options))
 
 

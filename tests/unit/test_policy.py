@@ -15,7 +15,7 @@ from tunio.dialers import Address, DirectDialer
 from tunio.errors import ConfigError
 from tunio.owner import OwnerLookup
 from tunio.policy import Flow, Owner, Reject, as_policy, decide, load_policy
-from tunio.rules import RuleTable
+from tunio.rules import Rule, RuleTable
 
 A, B, DEFAULT = DirectDialer(mark=1), DirectDialer(mark=2), DirectDialer(mark=3)
 APP = Address("198.18.255.9", 40000)
@@ -162,6 +162,17 @@ def test_a_bad_rule_names_file_and_line(tmp_path: Path, text: str, words: str) -
         _rules(tmp_path, text)
     assert str(tmp_path / "tunio.toml") in str(caught.value)
     assert words in str(caught.value)
+
+
+def test_rules_a_library_made_are_named_by_their_index() -> None:
+    """A Rule made in code has no FILE:LINE: errors and refusals name it rules[i], not ''."""
+    with pytest.raises(ConfigError, match=r"^rules\[1\]: action 'nowhere' is no dialer"):
+        RuleTable([Rule(action=("direct",)), Rule(action=("nowhere",))], {"direct": A})
+    table = RuleTable([Rule(ports=((25, 25),), action=("reject",)),
+                       Rule(ports=((26, 26),), action=("reject",), where="mine.toml:3")],
+                      {"direct": A})  # fmt: skip
+    assert table(flow(port=25)) == Reject(errno.ECONNREFUSED, "rule at rules[0]")
+    assert table(flow(port=26)) == Reject(errno.ECONNREFUSED, "rule at mine.toml:3")
 
 
 def test_the_owner_of_a_local_socket_is_found() -> None:
