@@ -163,9 +163,12 @@ class Chooser(Protocol):
 Policy = Callable[[Flow], Decision]
 
 
-def as_policy(obj: object, spec: str = "policy") -> Policy:
+def as_policy(obj: object, spec: str | None = None) -> Policy:
     """A policy from a function of a Flow, an object with `choose(flow)`, or a class or a
-    zero-argument factory that makes one."""
+    zero-argument factory that makes one. `spec` names it in errors (--policy's module:attr);
+    a library's object is named after itself."""
+    if spec is None:
+        spec = _name_of(obj)
     if inspect.isclass(obj):
         return as_policy(_made(obj, spec), spec)
     if isinstance(obj, Chooser):
@@ -176,6 +179,14 @@ def as_policy(obj: object, spec: str = "policy") -> Policy:
         return as_policy(_made(obj, spec), spec)
     raise ConfigError(f"policy {spec!r} is a {type(obj).__name__}: give a function of a Flow, "
                       "or an object with choose(flow)")  # fmt: skip
+
+
+def _name_of(obj: object) -> str:
+    """module:qualname for a function or a class, as --policy would name it; else its repr."""
+    qualname = getattr(obj, "__qualname__", None)
+    if isinstance(qualname, str):
+        return f"{getattr(obj, '__module__', '?')}:{qualname}"
+    return f"{obj!r:.60}"
 
 
 def _made(factory: Callable[[], object], spec: str) -> object:

@@ -164,6 +164,24 @@ def test_a_bad_rule_names_file_and_line(tmp_path: Path, text: str, words: str) -
     assert words in str(caught.value)
 
 
+class FailsToMake:
+    def __init__(self) -> None:
+        raise RuntimeError("cannot make it")
+
+    def choose(self, flow: Flow) -> None: ...
+
+
+def test_a_policy_object_is_named_after_itself_in_errors() -> None:
+    """Options(policy=...) given an object: its error names it as --policy would, module:attr,
+    not as the word 'policy'."""
+    with pytest.raises(ConfigError) as caught:
+        as_policy(FailsToMake)
+    assert str(caught.value) == (f"--policy '{__name__}:FailsToMake': making the policy failed: "
+                                 "RuntimeError('cannot make it')")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^policy '5' is a int: give a function of a Flow"):
+        as_policy(5)
+
+
 def test_rules_a_library_made_are_named_by_their_index() -> None:
     """A Rule made in code has no FILE:LINE: errors and refusals name it rules[i], not ''."""
     with pytest.raises(ConfigError, match=r"^rules\[1\]: action 'nowhere' is no dialer"):
