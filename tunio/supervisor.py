@@ -291,6 +291,10 @@ class Supervisor:
         if opts.metrics is not None:
             self._serve_metrics(opts.metrics, undo)
         host.warn_egress(plan, self._dialer)
+        if not plan.routes:  # Options' default: a run that would forward nothing, unsaid
+            log.warning("no --route: nothing is routed into %s, so only what the host itself "
+                        "routes there is forwarded (give routes, e.g. routes=(\"default\",))",
+                        opts.tun)  # fmt: skip
 
         import multiprocess  # noqa: PLC0415 - import cost only for a real run
 

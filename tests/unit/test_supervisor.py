@@ -342,6 +342,12 @@ def test_existing_device_is_kept_and_our_address_removed(world: World, logwatch:
     running = _start(_supervisor(world, _options(world, workers=1, routes=())))
     assert running.supervisor.ready.wait(15)
     assert running.stop() == 0
+    # no routes (the default of Options) is said, since such a run forwards only what others
+    # route into the device
+    assert [m for m in logwatch.messages("WARNING") if m.startswith("no --route")] == [
+        f"no --route: nothing is routed into {TUN}, so only what the host itself routes there "
+        'is forwarded (give routes, e.g. routes=("default",))'
+    ]
     calls = world.ip_calls()
     assert f"addr add 198.18.255.1/24 dev {TUN}" in calls
     assert calls[-1] == f"addr del 198.18.255.1/24 dev {TUN}"
