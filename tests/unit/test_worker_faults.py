@@ -157,6 +157,36 @@ def test_a_start_connect_answering_no_socket_is_open_fail_econnaborted(
     assert "its flows fail with ECONNABORTED" in said[0]
 
 
+class SyncDial:
+    """A dialer written with `def dial`, where the protocol has `async def dial`."""
+
+    def __init__(self) -> None:
+        self.made: list[socket.socket] = []
+
+    def dial(self, dst: Address, src: Address) -> socket.socket:
+        self.made.append(socket.socket())
+        return self.made[-1]
+
+
+def test_a_dial_that_is_not_async_is_open_fail_econnaborted_with_what_to_change(
+    rigs: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dial that answers a socket at once, not an awaitable, fails its flows with a line
+    that says to write it `async def`, once; the socket it made is closed, not left to the
+    garbage collector, and the flows fail cleanly."""
+    dialer = SyncDial()
+    rig = rigs(dialer)
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        for fid in (5, 6):
+            rig.open(fid)
+            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
+    assert rig.table.flows == {}
+    assert [sock.fileno() for sock in dialer.made] == [-1, -1]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1, said
+    assert "not an awaitable: write it `async def dial(dst, src)`" in said[0]
+
+
 def test_a_wrong_answer_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:
     good = PairDialer()
     rig = rigs(good, policy=lambda flow: [Answers("nonsense"), good])

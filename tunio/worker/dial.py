@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import socket
@@ -134,7 +135,11 @@ class Dial(Generic[K, T]):
     async def _run(self, dial: DialFunction[T], dst: Address, src: Address) -> None:
         dialing = self._dialing
         try:
-            result = await dial(dst, src)
+            made = dial(dst, src)
+            if not inspect.isawaitable(made):  # a dial written without `async`
+                self._not_awaitable(made, dst)
+                return
+            result = await made
         except asyncio.CancelledError:
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -156,6 +161,25 @@ class Dial(Generic[K, T]):
             return
         self._task = None
         self._end(result, 0, "")
+
+
+    def _not_awaitable(self, made: object, dst: Address) -> None:
+        """The dialer's dial answered at once, not with an awaitable: a `def dial` where the
+        protocol has `async def dial`. Said once for the dialer, with what to change; what it
+        made is closed (a socket with a reset: the destination must not keep a connection
+        nobody relays), and the flow fails with ECONNABORTED."""
+        dialing = self._dialing
+        if not dialing.said_sync:
+            dialing.said_sync = True
+            log.error("%s %s: the dialer's dial() returned %.80r, not an awaitable: write it "
+                      "`async def dial(dst, src)`; its flows fail with ECONNABORTED",
+                      dialing.what, dst, made)  # fmt: skip
+        if made is not None:
+            with contextlib.suppress(Exception):  # whatever it is, it is not kept
+                dialing.discard(cast(T, made))
+        if self.live:
+            self._task = None
+            self._end(None, errno.ECONNABORTED, "the dialer's dial() is not async")
 
 
 class Connecting(Dial[K, socket.socket]):
@@ -265,6 +289,7 @@ class Dialing(Generic[K, T]):
         self.what = what
         self.discard = discard
         self.said_none = False  # a dialer that returned None was logged
+        self.said_sync = False  # a dialer whose dial is no coroutine was logged
 
     def returned_none(self, dst: Address) -> None:
         """The dialer answered None: a bug of its own, said once; its flows count as failed."""
