@@ -171,6 +171,48 @@ def test_bye_from_stack_makes_run_worker_return_0(
     assert server.event() == ("error", errno.ECONNRESET)  # flows are closed abortively
 
 
+class Stubborn:
+    """A dialer whose dial catches every CancelledError and carries on, until released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.cancels = 0
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        self.started.set()
+        while not self.release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                self.cancels += 1
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "released")
+
+
+def test_a_dial_that_ignores_its_cancel_does_not_hold_the_worker_up_at_exit(
+    stack: FakeStack, endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stack's BYE ends the worker even while a dialer swallows the CancelledError of its
+    dial: the wait for it is bounded and said, where asyncio.run would wait for ever (a
+    tunio-worker that never exits, a local one killed after the stop deadline)."""
+    dialer = Stubborn()
+    running = RunningWorker(lambda ready: run_worker(endpoint, dialer, name="stubborn",
+                                                     ready=ready))  # fmt: skip
+    stack.handshake(running)
+    try:
+        stack.open(1, 9)
+        assert dialer.started.wait(DEADLINE)
+        with caplog.at_level(logging.WARNING, "tunio.worker"):
+            stack.send(Cmd.BYE, arg=0)
+            assert running.join() == 0
+        assert dialer.cancels >= 1
+        [said] = [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()]
+        assert said == ("worker stubborn: 1 task did not end when cancelled (a dialer that "
+                        "catches CancelledError?); the worker exits without it")  # fmt: skip
+    finally:
+        dialer.release.set()
+
+
 def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
     code = textwrap.dedent(
         """
