@@ -236,7 +236,8 @@ def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] |
     if not answered:
         return Reject(errno.ECONNREFUSED, "the policy gave an empty list of dialers")
     for dialer in answered:
-        if not callable(getattr(dialer, "dial", None)):
+        # a class has a dial too (its function): DirectDialer where DirectDialer() was meant
+        if isinstance(dialer, type) or not callable(getattr(dialer, "dial", None)):
             return _not_a_dialer(dialer)
     return cast(list[Dialer], answered)
 
@@ -245,6 +246,8 @@ def _not_a_dialer(answer: object) -> Reject:
     kind = type(answer)
     if isinstance(answer, Reject):
         why = f"the policy put {answer!r} in a list of dialers: return a Reject alone"
+    elif isinstance(answer, type):
+        why = f"the policy answered the class {answer.__qualname__}, not a dialer: return one"
     else:
         shown = repr(answer)
         shown = f"a {kind.__qualname__}" if shown.startswith("<") else f"{shown:.60}"

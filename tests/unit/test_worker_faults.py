@@ -237,6 +237,15 @@ def test_a_wrong_policy_answer_is_logged_once_a_kind(caplog: pytest.LogCaptureFi
     assert sum("Odd" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_policy_answering_a_dialer_class_refuses_the_flow_and_says_so() -> None:
+    """DirectDialer where DirectDialer() was meant: a class has a dial function too, which
+    used to be called unbound (a TypeError traceback for each flow) instead of refused."""
+    answer: object = [DirectDialer]
+    decision = decide(lambda f: answer, _flow(), DirectDialer())  # type: ignore[arg-type,return-value]
+    assert decision == Reject(errno.ECONNREFUSED, "the policy answered the class DirectDialer, "
+                              "not a dialer: return one")  # fmt: skip
+
+
 def test_a_policy_calling_sys_exit_refuses_the_flow() -> None:
     def exits(flow: Flow) -> None:
         sys.exit(3)
