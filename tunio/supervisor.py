@@ -142,7 +142,9 @@ class Supervisor:
                           lock_dir=lock_dir)  # fmt: skip
         self._metrics: MetricsServer | None = None
         self._pid = os.getpid()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the wake-up pipe, made by run(): a Supervisor made only to plan (--dry-run), or never
+        # run, holds no descriptor
+        self._wake_r = self._wake_w = -1
         # Reentrant: _wake runs in signal handlers too, which interrupt the main thread, which may
         # hold the lock itself at that moment (a plain Lock would deadlock there).
         self._wake_lock = threading.RLock()
@@ -194,12 +196,14 @@ class Supervisor:
     def run(self) -> int:
         """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime).
 
-        Once per Supervisor: its wake-up pipe is closed and its stop request kept when a run
-        ends, so a second run would fail on a closed descriptor after stopping at once."""
+        Once per Supervisor: a run's stop request and the state of its children stay with it
+        when it ends, so a second run would stop at once."""
         if self._ran:
             raise TunioError("Supervisor.run() was called again: a Supervisor runs once; make a "
                              "new Supervisor(options) for another run")  # fmt: skip
         self._ran = True
+        with self._wake_lock:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         raise_fd_limit()  # inherited by the stack and the workers
         try:
             with self._signals(), contextlib.ExitStack() as undo:

@@ -495,8 +495,11 @@ def test_stop_before_ready_is_a_clean_exit(world: World, monkeypatch: pytest.Mon
 
 def test_a_supervisor_runs_once(world: World) -> None:
     """A second run() of one Supervisor is an error that says what to do, not an EBADF from
-    its closed wake-up pipe after a run that stopped at once; a new Supervisor runs again."""
+    its closed wake-up pipe after a run that stopped at once; a new Supervisor runs again.
+    One made and not run (to plan a --dry-run, say) holds no descriptor."""
+    fds = len(os.listdir("/proc/self/fd"))
     supervisor = _supervisor(world, _options(world))
+    assert len(os.listdir("/proc/self/fd")) == fds
     supervisor.stop()
     assert supervisor.run() == 0
     with pytest.raises(TunioError, match=r"a Supervisor runs once; make a new "
@@ -506,6 +509,7 @@ def test_a_supervisor_runs_once(world: World) -> None:
     again = _supervisor(world, _options(world))
     again.stop()
     assert again.run() == 0
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 # ---------------------------------------------------------------- tunio-run as a process
