@@ -314,6 +314,15 @@ def check_kinds(options: Options) -> None:
             if not _of_kind(setting, item):
                 shown = where if item is value else f"{where} holds {item!r}, which"
                 raise ConfigError(f"{shown} is of type {type(item).__name__}: give {words}")
+    # the tables of a configuration file, which a library gives as objects (tunio.wayout checks
+    # what they hold)
+    if not isinstance(options.dialers, Mapping):
+        raise ConfigError(f"dialers={options.dialers!r:.60} is of type "
+                          f"{type(options.dialers).__name__}: give a mapping of names to "
+                          "dialers, e.g. {'office': 'socks5://10.0.0.5:1080'}")  # fmt: skip
+    if not isinstance(options.rules, (tuple, list)):
+        raise ConfigError(f"rules={options.rules!r:.60} is of type "
+                          f"{type(options.rules).__name__}: give a tuple of tunio.rules.Rule")
 
 
 def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:

@@ -38,6 +38,7 @@ from tunio.config import (
     validate,
 )
 from tunio.errors import ConfigError, TunError, TunioError
+from tunio.rules import Rule
 from tunio.runtime import RuntimeDir
 from tunio.supervisor import BACKOFF_MAX, Supervisor, next_backoff
 
@@ -165,6 +166,11 @@ def test_validate_names_a_setting_of_the_wrong_kind(tmp_path: Path) -> None:
         ({"exclude": "10.0.0.0/8"}, "--exclude: exclude='10.0.0.0/8' is one string: give a "
                                    "tuple, exclude=('10.0.0.0/8',)"),
         ({"address": 5}, "--address: address=5 is of type int: give a string or a tuple of them"),
+        ({"dialers": [("office", "direct")]}, "dialers=[('office', 'direct')] is of type list: "
+                                              "give a mapping of names to dialers, e.g. "
+                                              "{'office': 'socks5://10.0.0.5:1080'}"),
+        ({"rules": Rule()}, "rules=Rule(domains=(), networks=(), ports=(), uids=frozenset(), "
+                            "pr is of type Rule: give a tuple of tunio.rules.Rule"),
     ]  # fmt: skip
     for change, words in cases:
         with pytest.raises(ConfigError) as caught:
