@@ -32,6 +32,9 @@ log = logging.getLogger("tunio.worker")
 
 #: seconds between two warnings that the local ports are used up (see tunio.ports)
 PORT_WARNING_INTERVAL = 60.0
+#: dialers whose dial state (TcpDialing, label) is kept for their next flows; past it the
+#: oldest is let go (a policy may make a new dialer object for every flow)
+DIALINGS_KEPT = 64
 
 
 class TcpOpener:
@@ -124,8 +127,11 @@ class TcpOpener:
     def _dialing_for(self, dialer: Dialer) -> tuple[TcpDialing[Flow], str]:
         made = self._dialings.get(id(dialer))
         if made is None or made[0] is not dialer:
+            dialings = self._dialings
+            if len(dialings) >= DIALINGS_KEPT:  # the oldest goes; its dials in flight keep theirs
+                del dialings[next(iter(dialings))]
             dialing = TcpDialing(dialer, self._loop, self._timeout, self._dialed, self.table.watch)
-            made = self._dialings[id(dialer)] = (dialer, dialing, label(dialer))
+            made = dialings[id(dialer)] = (dialer, dialing, label(dialer))
         return made[1], made[2]
 
     def _dial_next(self, flow: Flow) -> None:
