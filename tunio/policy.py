@@ -33,6 +33,7 @@ from tunio.logs import EverySecond
 log = logging.getLogger("tunio.policy")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+MAX_ERRNO = 4095  # Linux's largest errno (MAX_ERRNO in the kernel)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,16 @@ class Reject:
 
     errno: int = errno.ECONNREFUSED
     reason: str = "refused by policy"
+
+    def __post_init__(self) -> None:
+        # An errno number is what goes to the stack: a name (the rules' spelling), None or 0
+        # would fail inside the worker or refuse nothing (a UDP app would hear silence).
+        code = self.errno
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 < code <= MAX_ERRNO:
+            named = isinstance(code, str) and code.isupper()
+            hint = f"errno.{code}" if named else "errno.EHOSTUNREACH"
+            raise ConfigError(f"Reject({code!r}): give an errno number (1..{MAX_ERRNO}), e.g. "
+                              f"Reject({hint})")  # fmt: skip
 
 
 class Owner:

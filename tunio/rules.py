@@ -109,7 +109,12 @@ def _placed(rule: object, index: int) -> Rule:
     if not isinstance(rule, Rule):  # a library's Options(rules=...) may hold anything
         raise ConfigError(f"rules[{index}]: {rule!r:.60} is a {type(rule).__name__}, not a "
                           "tunio.rules.Rule")  # fmt: skip
-    return rule if rule.where else replace(rule, where=f"rules[{index}]")
+    placed = rule if rule.where else replace(rule, where=f"rules[{index}]")
+    try:
+        Reject(placed.refusal)  # checked now, not at the first flow it refuses
+    except ConfigError as exc:
+        raise ConfigError(f"{placed.where}: refusal: {exc}") from None
+    return placed
 
 
 def parse_rules(raw: Sequence[Mapping[str, Any]], where: Callable[[int, str], str]) -> list[Rule]:

@@ -164,6 +164,26 @@ def test_a_bad_rule_names_file_and_line(tmp_path: Path, text: str, words: str) -
     assert words in str(caught.value)
 
 
+@pytest.mark.parametrize("code", ["EHOSTUNREACH", None, 0, -1, True, 2**40])
+def test_a_reject_takes_an_errno_number_only(code: object) -> None:
+    """Reject("EHOSTUNREACH") (the rules' spelling), None or 0 is refused where it is made, in
+    the policy's own line, not by a struct.error inside the worker (which left a UDP app with
+    silence) or a refusal with errno 0."""
+    with pytest.raises(ConfigError, match=r"^Reject\(.*\): give an errno number \(1\.\.4095\)"):
+        Reject(code)  # type: ignore[arg-type]
+    # in a policy, it is the policy failing: the flow is refused, and the policy logged
+    assert decide(lambda f: Reject(code), flow(), DEFAULT) == Reject(  # type: ignore[arg-type]
+        errno.ECONNREFUSED, "the policy failed"
+    )
+
+
+def test_a_reject_named_by_its_errno_name_says_how_to_write_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Reject("EHOSTUNREACH")  # type: ignore[arg-type]
+    assert str(caught.value) == ("Reject('EHOSTUNREACH'): give an errno number (1..4095), "
+                                 "e.g. Reject(errno.EHOSTUNREACH)")  # fmt: skip
+
+
 class FailsToMake:
     def __init__(self) -> None:
         raise RuntimeError("cannot make it")
@@ -191,6 +211,8 @@ def test_rules_a_library_made_are_named_by_their_index() -> None:
                       {"direct": A})  # fmt: skip
     assert table(flow(port=25)) == Reject(errno.ECONNREFUSED, "rule at rules[0]")
     assert table(flow(port=26)) == Reject(errno.ECONNREFUSED, "rule at mine.toml:3")
+    with pytest.raises(ConfigError, match=r"^rules\[0\]: refusal: Reject\('EHOSTUNREACH'\): "):
+        RuleTable([Rule(action=("reject",), refusal="EHOSTUNREACH")], {})  # type: ignore[arg-type]
 
 
 def test_the_owner_of_a_local_socket_is_found() -> None:
