@@ -26,14 +26,13 @@ from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 from tunio.dialers.base import Address, Dialer
-from tunio.errors import ConfigError
+from tunio.errors import MAX_ERRNO, ConfigError, is_errno
 from tunio.loading import load_object
 from tunio.logs import EverySecond
 
 log = logging.getLogger("tunio.policy")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-MAX_ERRNO = 4095  # Linux's largest errno (MAX_ERRNO in the kernel)
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class Reject:
         # An errno number is what goes to the stack: a name (the rules' spelling), None or 0
         # would fail inside the worker or refuse nothing (a UDP app would hear silence).
         code = self.errno
-        if isinstance(code, bool) or not isinstance(code, int) or not 0 < code <= MAX_ERRNO:
+        if not is_errno(code):
             named = isinstance(code, str) and code.isupper()
             hint = f"errno.{code}" if named else "errno.EHOSTUNREACH"
             raise ConfigError(f"Reject({code!r}): give an errno number (1..{MAX_ERRNO}), e.g. "

@@ -356,6 +356,11 @@ class RaisingDialer:
     [
         (RuntimeError("bug in a dialer"), errno.ECONNABORTED),
         (OSError("no errno"), errno.ECONNABORTED),
+        # OSError takes anything as its errno: what is no errno number is none either (these
+        # failed the OPEN_FAIL itself, and the app heard nothing)
+        (OSError("EHOSTUNREACH", "a name"), errno.ECONNABORTED),
+        (OSError(-5, "negative"), errno.ECONNABORTED),
+        (OSError(2**40, "too large"), errno.ECONNABORTED),
         (OSError(errno.EHOSTUNREACH, "unreachable"), errno.EHOSTUNREACH),
         (TimeoutError(), errno.ETIMEDOUT),
     ],

@@ -542,6 +542,8 @@ class FaultySession:
     def send(self, data: bytes | memoryview) -> bool:
         if self.where == "send":
             raise RuntimeError("a bug in send")
+        if self.where == "named-errno":  # OSError takes anything for its errno
+            raise OSError("EPIPE", "an errno by name")
         self.sock.send(data)
         return True
 
@@ -592,3 +594,15 @@ def test_a_session_whose_code_fails_resets_with_econnaborted(
     assert session.recvs <= 1
     dgram(stack, 12, block(12, server.port), b"q")  # the worker still serves
     assert stack.expect(Cmd.RST, 12, skip=SKIP | {Cmd.CREDIT}).arg == errno.ECONNABORTED
+
+
+def test_a_session_failing_with_what_is_no_errno_resets_with_eio(
+    stack: FakeStack, start_worker: StartWorker, udp_echo: Callable[..., UdpEcho]
+) -> None:
+    """An OSError whose errno is no number still ends the session with a RST (EIO), where the
+    RST itself failed to be made and the app heard nothing."""
+    server = udp_echo()
+    worker = start_worker(FaultyDialer("named-errno", server))
+    dgram(stack, 13, block(13, server.port), b"q")
+    assert stack.expect(Cmd.RST, 13, skip=SKIP | {Cmd.CREDIT}).arg == errno.EIO
+    assert worker.udp == {}

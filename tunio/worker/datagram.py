@@ -22,6 +22,7 @@ from typing import cast
 
 from tunio import defaults, wire
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
+from tunio.errors import is_errno
 from tunio.logs import EverySecond
 from tunio.owner import OwnerLookup
 from tunio.policy import Flow as PolicyFlow
@@ -341,7 +342,7 @@ class DatagramTable:
         self._failed(udp, OSError(errno.ECONNABORTED, f"the session's {call}() failed"))
 
     def _failed(self, udp: UdpSession, exc: OSError) -> None:
-        code = exc.errno or errno.EIO
+        code = exc.errno if is_errno(exc.errno) else errno.EIO  # a user's session may say -1
         log.debug("udp session %d: %s: %s", udp.fid, udp.dst, errname(code))
         self._free(udp)  # first: whoever hears the RST finds the session gone
         self.stats.resets_sent += 1

@@ -31,6 +31,7 @@ from tunio.dialers.base import (
     StartHandshake,
     connecting_to_proxy,
 )
+from tunio.errors import is_errno
 from tunio.logs import EverySecond
 
 log = logging.getLogger("tunio.worker")
@@ -63,9 +64,13 @@ def dial_failure(exc: BaseException, what: str, timeout: float) -> tuple[int, st
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return errno.ETIMEDOUT, _no_connection(timeout)
     if isinstance(exc, OSError):
-        if exc.errno is None:
+        code = exc.errno
+        # OSError takes any first argument as its errno: a name or a negative number would
+        # fail the answer to the stack (struct.error) and leave the app with no answer at all
+        if not is_errno(code):
             log.warning("%s: %r has no errno; answering ECONNABORTED", what, exc)
-        return exc.errno or errno.ECONNABORTED, exc.strerror or ""
+            return errno.ECONNABORTED, exc.strerror if isinstance(exc.strerror, str) else ""
+        return code, exc.strerror or ""
     unexpected.log(type(exc).__name__, "%s failed unexpectedly; answering ECONNABORTED", what,
                    exc_info=exc)  # fmt: skip
     return errno.ECONNABORTED, ""
