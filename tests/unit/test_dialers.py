@@ -144,6 +144,24 @@ def test_a_bare_direct_dialer_takes_the_runs_egress() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs root")
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"mark": "0x1"}, "DirectDialer(mark='0x1'): give a firewall mark, an integer "
+                          "0..0xffffffff (0: no mark)"),
+        ({"mark": 1 << 32}, "DirectDialer(mark=4294967296): give a firewall mark"),
+        ({"mark": -1}, "DirectDialer(mark=-1): give a firewall mark"),
+        ({"interface": 3}, "DirectDialer(interface=3): give an interface name"),
+    ],
+)
+def test_direct_with_a_wrong_mark_or_interface_is_a_config_error(
+    settings: dict[str, Any], words: str
+) -> None:
+    """Said where the program makes it, not by a TypeError from setsockopt in every dial."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(words)}"):
+        DirectDialer(**settings)
+
+
 def test_direct_unknown_interface_is_enodev() -> None:
     with pytest.raises(DialError) as info:
         dial(DirectDialer(interface="tunio-none0"), Address("127.0.0.1", 9))
