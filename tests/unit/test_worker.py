@@ -243,6 +243,64 @@ def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
                 proc.kill()
 
 
+def _signal_masks(pid: int) -> dict[str, int]:
+    """SigIgn and SigCgt of process `pid` (/proc/PID/status): the signals it ignores and
+    those it has handlers for, as bit masks (signal n is bit n - 1)."""
+    masks: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigIgn", "SigCgt"):
+            masks[key] = int(value, 16)
+    return masks
+
+
+def test_a_worker_started_with_sigint_ignored_keeps_it_ignored(
+    stack: FakeStack, endpoint: str
+) -> None:
+    """A supervisor's child ignores SIGINT (tunio.process.reset_child): a terminal's Ctrl-C,
+    sent to the whole process group, is the supervisor's to act on. The worker keeps it
+    ignored instead of taking it as a stop of its own (and so does the stack), and still stops
+    on SIGTERM."""
+    pid = os.fork()
+    if pid == 0:  # what a supervisor's child is left with after reset_child
+        from tunio.process import reset_child  # noqa: PLC0415
+
+        reset_child((), "tunio-test-child")
+        os._exit(0 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    code = textwrap.dedent(
+        """
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from tunio.dialers import DirectDialer
+        from tunio.worker import run_worker
+        sys.exit(run_worker(sys.argv[1], DirectDialer(), name="sig",
+                            ready=lambda: print("ready", flush=True)))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(wire.__file__).resolve().parents[1]))
+    with subprocess.Popen(
+        [sys.executable, "-c", code, endpoint], stdout=subprocess.PIPE, env=env, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            stack.expect(Cmd.HELLO)
+            stack.send(Cmd.HELLO, payload=b"fake-stack")
+            readable, _, _ = select.select([proc.stdout], [], [], DEADLINE)
+            assert readable, "the worker did not report ready"
+            assert proc.stdout.readline() == "ready\n"
+            masks = _signal_masks(proc.pid)  # its handlers are in place before it is ready
+            assert masks["SigIgn"] & (1 << (signal.SIGINT - 1))
+            assert not masks["SigCgt"] & (1 << (signal.SIGINT - 1))
+            assert masks["SigCgt"] & (1 << (signal.SIGTERM - 1))
+            proc.send_signal(signal.SIGTERM)
+            assert stack.expect(Cmd.BYE).arg == 0
+            assert proc.wait(DEADLINE) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_wrong_version_gets_bye_and_the_worker_carries_on(
     stack: FakeStack, start_worker: StartWorker
 ) -> None:

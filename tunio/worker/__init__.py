@@ -36,7 +36,7 @@ from tunio.keys import WorkerKeys
 from tunio.owner import OwnerLookup
 from tunio.policy import Policy
 from tunio.policy import failures as policy_failures
-from tunio.process import IdleTrim
+from tunio.process import IdleTrim, stop_signals
 from tunio.wire import Cmd
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.dial import unexpected as dial_unexpected
@@ -276,7 +276,7 @@ class Worker:
         # (tests, embedding) is stopped with stop() instead.
         if threading.current_thread() is not threading.main_thread():
             return []
-        sigs = [signal.SIGTERM, signal.SIGINT]
+        sigs = list(stop_signals())  # an ignored SIGINT stays ignored (a supervisor's child)
         for sig in sigs:
             loop.add_signal_handler(sig, self._leave, sig.name)
         loop.add_signal_handler(signal.SIGUSR1, self._drain)  # a reload: this generation drains
