@@ -129,6 +129,9 @@ class Supervisor:
         reads its configuration file and flags again. Without it, `reload_with(options)`.
         `exiting`: the process ends when run() returns (tunio-run), so the signals stay ignored
         after the stop instead of getting their previous handlers back."""
+        if not isinstance(options, Options):  # tunio.run({...}) is an easy mistake to make
+            raise ConfigError(f"Supervisor takes a tunio.Options, not a {type(options).__name__}: "
+                              "tunio.Options(tun=..., address=..., routes=(...))")  # fmt: skip
         self.options = options
         self.ready = threading.Event()
         # the latest counters of each child ("stack", "worker-0", ...), as they report them
@@ -190,6 +193,9 @@ class Supervisor:
     def reload_with(self, options: Options) -> None:
         """Put `options` in force as a reload does: the live settings change for new flows,
         anything else refuses the whole reload. Safe from any thread."""
+        if not isinstance(options, Options):  # it would be taken as "read the file again"
+            raise ConfigError(f"reload_with takes a tunio.Options, not a "
+                              f"{type(options).__name__}")  # fmt: skip
         self._reload_pending = options
         self._wake()
 

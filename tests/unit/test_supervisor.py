@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import tunio
 from tests.unit.supervisorworld import (
     REPO,
     TUN,
@@ -497,6 +498,15 @@ def test_stop_before_ready_is_a_clean_exit(world: World, monkeypatch: pytest.Mon
     supervisor.stop()
     assert supervisor.run() == 0
     assert not world.runtime.exists()
+
+
+def test_a_supervisor_takes_options_only() -> None:
+    """tunio.run({"tun": "tun0"}) is a ConfigError saying what to give, not an AttributeError
+    from deep inside."""
+    with pytest.raises(ConfigError, match=r"^Supervisor takes a tunio.Options, not a dict: "):
+        tunio.run({"tun": "tun0"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^reload_with takes a tunio.Options, not a dict"):
+        Supervisor(Options()).reload_with({"workers": 4})  # type: ignore[arg-type]
 
 
 def test_a_supervisor_runs_once(world: World) -> None:
