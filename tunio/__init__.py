@@ -4,12 +4,19 @@ A C stack process terminates the flows (by address translation into the kernel's
 ships them over ZeroMQ to worker processes that run the dialer. As a library::
 
     import tunio
+    from tunio.dialers import DirectDialer
+
+    direct = DirectDialer()               # made bare: it takes the run's way out, the bypass
 
     class Redirect:                       # any object with `async def dial(dst, src)`
-        async def dial(self, dst, src): ...
+        async def dial(self, dst, src):
+            return await direct.dial(dst, src)
 
-    tunio.run(tunio.Options(tun="tun0", address="198.18.0.1/24", routes=("default",),
-                            dialer=Redirect(), workers=4))
+    tunio.run(tunio.Options(tun="tun0", address="198.18.0.1/24", auto_bypass=True,
+                            routes=("0.0.0.0/1", "128.0.0.0/1"), dialer=Redirect(), workers=4))
+
+The dialer's own connections must not be routed back into the TUN: `auto_bypass` (or
+`egress_mark` with a rule of one's own) lets them out past it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import contextlib
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from tunio.endpoints import SUN_PATH_MAX, check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.logs import FORMATS, LEVELS
 from tunio.runtime import SOCKET_NAME, default_path
-from tunio.settings import BY_FLAG
+from tunio.settings import BY_FLAG, SETTINGS, Setting
 
 if TYPE_CHECKING:
     from tunio.dialers import Dialer
@@ -264,8 +264,73 @@ def pending_limit(options: Options) -> int:
     return min(defaults.MAX_PENDING, options.max_flows)
 
 
+#: the settings that may be left unset (None), and the repeatable ones that also take one value
+#: alone (Options(address="198.18.0.1/24")); a lone string elsewhere would be read letter by
+#: letter (routes="default" as the routes "d", "e", ...)
+_UNSET_ALLOWED = frozenset(f.name for f in fields(Options) if f.default is None)
+_ONE_ALLOWED = frozenset({"address", "dns_address"})
+#: what each kind of setting takes, in the words of an error (only a library's Options can
+#: hold a value of the wrong kind: the command line and the file convert and check their own)
+_KIND_WORDS = {"str": "a string", "choice": "a string", "int": "an integer",
+               "mark": "an integer", "float": "a number", "bool": "True or False"}  # fmt: skip
+
+
+def _of_kind(setting: Setting, value: object) -> bool:
+    kind = setting.kind
+    if kind == "bool":
+        return isinstance(value, bool)
+    if isinstance(value, bool):  # True is an int to Python, not a count or a time to us
+        return False
+    if kind in ("int", "mark"):
+        return isinstance(value, int)
+    if kind == "float":
+        return isinstance(value, (int, float))
+    # a path may be a Path as well (--runtime-dir, --keys)
+    return isinstance(value, str) or (setting.metavar in ("DIR", "FILE")
+                                      and isinstance(value, os.PathLike))  # fmt: skip
+
+
+def check_kinds(options: Options) -> None:
+    """Each setting holds a value of its kind: a library's Options(workers="4") or
+    Options(routes="default") is a ConfigError naming the setting, not a TypeError from deep
+    inside a check, nor a start with the wrong settings. The dialer and the policy may be
+    objects: tunio.wayout checks those."""
+    for setting in SETTINGS:
+        name = setting.field
+        value = getattr(options, name)
+        if name in ("dialer", "policy") or (value is None and name in _UNSET_ALLOWED):
+            continue
+        words = _KIND_WORDS[setting.kind]
+        where = f"--{setting.flag}: {name}={value!r}"
+        if setting.repeat and not (isinstance(value, str) and name in _ONE_ALLOWED):
+            if isinstance(value, str):
+                raise ConfigError(f"{where} is one string: give a tuple, {name}=({value!r},)")
+            if not isinstance(value, (tuple, list)):
+                what = "a tuple of strings"
+                if name in _ONE_ALLOWED:
+                    what = "a string or a tuple of them"
+                raise ConfigError(f"{where} is of type {type(value).__name__}: give {what}")
+            items: tuple[object, ...] = tuple(value)
+        else:
+            items = (value,)
+        for item in items:
+            if not _of_kind(setting, item):
+                shown = where if item is value else f"{where} holds {item!r}, which"
+                raise ConfigError(f"{shown} is of type {type(item).__name__}: give {words}")
+    # the tables of a configuration file, which a library gives as objects (tunio.wayout checks
+    # what they hold)
+    if not isinstance(options.dialers, Mapping):
+        raise ConfigError(f"dialers={options.dialers!r:.60} is of type "
+                          f"{type(options.dialers).__name__}: give a mapping of names to "
+                          "dialers, e.g. {'office': 'socks5://10.0.0.5:1080'}")  # fmt: skip
+    if not isinstance(options.rules, (tuple, list)):
+        raise ConfigError(f"rules={options.rules!r:.60} is of type "
+                          f"{type(options.rules).__name__}: give a tuple of tunio.rules.Rule")
+
+
 def validate(options: Options, sys_net: str = tundev.SYS_NET) -> Plan:
     """Check every option; ConfigError naming the first one that is wrong."""
+    check_kinds(options)
     check_ifname(options.tun, "--tun")
     addresses = parse_addresses(options.address)
     routes = expand_routes(tuple(parse_route(route) for route in options.routes), addresses)

@@ -11,6 +11,16 @@ import contextlib
 import errno
 import os
 from collections.abc import Mapping
+from typing import TypeGuard
+
+#: Linux's largest errno (MAX_ERRNO in the kernel): what a dialer or a policy answers beyond it,
+#: or below 1, is no errno the app could be shown
+MAX_ERRNO = 4095
+
+
+def is_errno(code: object) -> TypeGuard[int]:
+    """Whether `code` is an errno number (OSError takes anything as its errno: a name, -1)."""
+    return isinstance(code, int) and not isinstance(code, bool) and 0 < code <= MAX_ERRNO
 
 
 class TunioError(Exception):

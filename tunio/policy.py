@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast, runtime_checkable
 
 from tunio.dialers.base import Address, Dialer
-from tunio.errors import ConfigError
+from tunio.errors import MAX_ERRNO, ConfigError, is_errno
 from tunio.loading import load_object
 from tunio.logs import EverySecond
 
@@ -42,6 +42,16 @@ class Reject:
 
     errno: int = errno.ECONNREFUSED
     reason: str = "refused by policy"
+
+    def __post_init__(self) -> None:
+        # An errno number is what goes to the stack: a name (the rules' spelling), None or 0
+        # would fail inside the worker or refuse nothing (a UDP app would hear silence).
+        code = self.errno
+        if not is_errno(code):
+            named = isinstance(code, str) and code.isupper()
+            hint = f"errno.{code}" if named else "errno.EHOSTUNREACH"
+            raise ConfigError(f"Reject({code!r}): give an errno number (1..{MAX_ERRNO}), e.g. "
+                              f"Reject({hint})")  # fmt: skip
 
 
 class Owner:
@@ -163,9 +173,12 @@ class Chooser(Protocol):
 Policy = Callable[[Flow], Decision]
 
 
-def as_policy(obj: object, spec: str = "policy") -> Policy:
+def as_policy(obj: object, spec: str | None = None) -> Policy:
     """A policy from a function of a Flow, an object with `choose(flow)`, or a class or a
-    zero-argument factory that makes one."""
+    zero-argument factory that makes one. `spec` names it in errors (--policy's module:attr);
+    a library's object is named after itself."""
+    if spec is None:
+        spec = _name_of(obj)
     if inspect.isclass(obj):
         return as_policy(_made(obj, spec), spec)
     if isinstance(obj, Chooser):
@@ -176,6 +189,14 @@ def as_policy(obj: object, spec: str = "policy") -> Policy:
         return as_policy(_made(obj, spec), spec)
     raise ConfigError(f"policy {spec!r} is a {type(obj).__name__}: give a function of a Flow, "
                       "or an object with choose(flow)")  # fmt: skip
+
+
+def _name_of(obj: object) -> str:
+    """module:qualname for a function or a class, as --policy would name it; else its repr."""
+    qualname = getattr(obj, "__qualname__", None)
+    if isinstance(qualname, str):
+        return f"{getattr(obj, '__module__', '?')}:{qualname}"
+    return f"{obj!r:.60}"
 
 
 def _made(factory: Callable[[], object], spec: str) -> object:
@@ -225,7 +246,8 @@ def decide(policy: Policy | None, flow: Flow, default: Dialer) -> list[Dialer] |
     if not answered:
         return Reject(errno.ECONNREFUSED, "the policy gave an empty list of dialers")
     for dialer in answered:
-        if not callable(getattr(dialer, "dial", None)):
+        # a class has a dial too (its function): DirectDialer where DirectDialer() was meant
+        if isinstance(dialer, type) or not callable(getattr(dialer, "dial", None)):
             return _not_a_dialer(dialer)
     return cast(list[Dialer], answered)
 
@@ -234,6 +256,8 @@ def _not_a_dialer(answer: object) -> Reject:
     kind = type(answer)
     if isinstance(answer, Reject):
         why = f"the policy put {answer!r} in a list of dialers: return a Reject alone"
+    elif isinstance(answer, type):
+        why = f"the policy answered the class {answer.__qualname__}, not a dialer: return one"
     else:
         shown = repr(answer)
         shown = f"a {kind.__qualname__}" if shown.startswith("<") else f"{shown:.60}"

@@ -131,6 +131,14 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop a stack or a worker: SIGTERM, and SIGINT unless it is ignored (a
+    supervisor's child ignores it, see reset_child; a shell's background job too)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return (signal.SIGTERM,)
+    return (signal.SIGTERM, signal.SIGINT)
+
+
 def reset_child(close_fds: Iterable[int], name: str, parent: int | None = None) -> None:
     """In a forked child: die with `parent`, drop the supervisor's signal handlers and the fds it
     has no use for (its locks among them: they must go when tunio-run goes)."""
@@ -139,7 +147,11 @@ def reset_child(close_fds: Iterable[int], name: str, parent: int | None = None) 
     set_process_name(name)
     keep_freed_memory()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A terminal's Ctrl-C reaches the whole process group: a stop is the supervisor's business
+    # as a reload is (it stops its children itself). A child that took SIGINT would end on its
+    # own, and a supervisor run in a thread of a program that carries on after its
+    # KeyboardInterrupt would restart the stack, resetting every flow.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the supervisor's business
     for fd in close_fds:
         with contextlib.suppress(OSError):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tunio.dialers.base import Dialer
@@ -85,7 +85,7 @@ class RuleTable:
     """A policy made of rules: the first rule that matches a flow decides."""
 
     def __init__(self, rules: Sequence[Rule], dialers: Mapping[str, Dialer]) -> None:
-        self.rules = tuple(rules)
+        self.rules = tuple(_placed(rule, index) for index, rule in enumerate(rules))
         self.dialers = dict(dialers)
         for rule in self.rules:
             for name in rule.action:
@@ -101,6 +101,20 @@ class RuleTable:
                     return Reject(rule.refusal, f"rule at {rule.where}")
                 return [self.dialers[name] for name in rule.action]
         return None  # the run's own dialer
+
+
+def _placed(rule: object, index: int) -> Rule:
+    """`rule` checked, with a place to be named by in errors and logs: a rule a library made
+    has no FILE:LINE, so it is named by its index in Options.rules."""
+    if not isinstance(rule, Rule):  # a library's Options(rules=...) may hold anything
+        raise ConfigError(f"rules[{index}]: {rule!r:.60} is a {type(rule).__name__}, not a "
+                          "tunio.rules.Rule")  # fmt: skip
+    placed = rule if rule.where else replace(rule, where=f"rules[{index}]")
+    try:
+        Reject(placed.refusal)  # checked now, not at the first flow it refuses
+    except ConfigError as exc:
+        raise ConfigError(f"{placed.where}: refusal: {exc}") from None
+    return placed
 
 
 def parse_rules(raw: Sequence[Mapping[str, Any]], where: Callable[[int, str], str]) -> list[Rule]:

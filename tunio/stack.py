@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from tunio import defaults
 from tunio.errors import StackError, TunError, check
+from tunio.process import stop_signals
 
 log = logging.getLogger("tunio.stack")
 
@@ -261,7 +262,7 @@ def stack_main(config: StackConfig, status: _StatusQueue) -> None:
     """Entry point of the stack process: runs until SIGTERM or SIGINT."""
     # Signals are handled by the main thread while the C loop runs in another one.
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         signal.signal(sig, lambda *_: stop.set())
     try:
         stack = Stack(config)

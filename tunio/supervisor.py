@@ -110,7 +110,8 @@ class _Stopped(Exception):
 
 
 class Supervisor:
-    """Runs tunio: `Supervisor(options).run()` blocks and returns the exit code.
+    """Runs tunio: `Supervisor(options).run()` blocks and returns the exit code (once: a
+    later run takes a new Supervisor).
 
     `stop()` may be called from any thread (or a signal: run() handles SIGINT and SIGTERM when
     it runs in the main thread). `ready` is set once everything forwards.
@@ -133,6 +134,9 @@ class Supervisor:
         reads its configuration file and flags again. Without it, `reload_with(options)`.
         `exiting`: the process ends when run() returns (tunio-run), so the signals stay ignored
         after the stop instead of getting their previous handlers back."""
+        if not isinstance(options, Options):  # tunio.run({...}) is an easy mistake to make
+            raise ConfigError(f"Supervisor takes a tunio.Options, not a {type(options).__name__}: "
+                              "tunio.Options(tun=..., address=..., routes=(...))")  # fmt: skip
         self.options = options
         self.ready = threading.Event()
         # the latest counters of each child ("stack", "worker-0", ...), as they report them
@@ -146,7 +150,9 @@ class Supervisor:
                           lock_dir=lock_dir)  # fmt: skip
         self._metrics: MetricsServer | None = None
         self._pid = os.getpid()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # the wake-up pipe, made by run(): a Supervisor made only to plan (--dry-run), or never
+        # run, holds no descriptor
+        self._wake_r = self._wake_w = -1
         # Reentrant: _wake runs in signal handlers too, which interrupt the main thread, which may
         # hold the lock itself at that moment (a plain Lock would deadlock there).
         self._wake_lock = threading.RLock()
@@ -169,6 +175,7 @@ class Supervisor:
         self._stack_error: str | None = None
         self._failure: str | None = None  # why the run ends in failure (exit status 1)
         self._tun_gone = False  # the stack said every TUN queue failed
+        self._ran = False  # run() was called: a Supervisor runs once
 
     # ---- public
 
@@ -193,11 +200,23 @@ class Supervisor:
     def reload_with(self, options: Options) -> None:
         """Put `options` in force as a reload does: the live settings change for new flows,
         anything else refuses the whole reload. Safe from any thread."""
+        if not isinstance(options, Options):  # it would be taken as "read the file again"
+            raise ConfigError(f"reload_with takes a tunio.Options, not a "
+                              f"{type(options).__name__}")  # fmt: skip
         self._reload_pending = options
         self._wake()
 
     def run(self) -> int:
-        """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime)."""
+        """Start, supervise until stopped, undo everything; 0, or 2 (config) / 1 (runtime).
+
+        Once per Supervisor: a run's stop request and the state of its children stay with it
+        when it ends, so a second run would stop at once."""
+        if self._ran:
+            raise TunioError("Supervisor.run() was called again: a Supervisor runs once; make a "
+                             "new Supervisor(options) for another run")  # fmt: skip
+        self._ran = True
+        with self._wake_lock:
+            self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         raise_fd_limit()  # inherited by the stack and the workers
         try:
             with self._signals(), contextlib.ExitStack() as undo:
@@ -289,6 +308,10 @@ class Supervisor:
         if opts.metrics is not None:
             self._serve_metrics(opts.metrics, undo)
         host.warn_egress(plan, self._dialer)
+        if not plan.routes:  # Options' default: a run that would forward nothing, unsaid
+            log.warning("no --route: nothing is routed into %s, so only what the host itself "
+                        "routes there is forwarded (give routes, e.g. routes=(\"default\",))",
+                        opts.tun)  # fmt: skip
 
         import multiprocess  # noqa: PLC0415 - import cost only for a real run
 

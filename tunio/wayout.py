@@ -49,11 +49,11 @@ def run_egress(options: Options) -> tuple[int | None, str | None, Resolver | Non
 def load_dialer(options: Options) -> Dialer:
     """The run's own dialer (--dialer), with the egress mark and interface (and the resolver of
     --dns for a direct one)."""
-    spec = options.dialer
-    if not isinstance(spec, (str, tuple)):
-        return spec
     from tunio.dialers import load_dialer as load  # noqa: PLC0415 - user code may import slowly
 
+    # a library's dialer object is checked here too: one without dial() is said now, not by a
+    # traceback in every worker at every flow
+    spec = options.dialer
     with _from_the_file(options, "dialer", "dialer ="):
         return load(
             spec,
@@ -108,9 +108,6 @@ def _named_dialers(options: Options, dialer: Dialer) -> dict[str, Dialer]:
         "direct": DirectDialer(mark=mark, interface=interface, resolver=names),
     }
     for name, spec in options.dialers.items():
-        if not isinstance(spec, (str, tuple)):
-            named[name] = spec
-            continue
         with _from_the_file(options, f"dialers.{name}", f"dialers.{name} ="):
             named[name] = load(spec, egress_mark=mark, egress_interface=interface, resolver=names)
     return named

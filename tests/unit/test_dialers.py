@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import select
 import socket
 import sys
@@ -12,9 +13,12 @@ import textwrap
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tunio import wayout
+from tunio.config import Options
 from tunio.dialers import (
     Address,
     Dialer,
@@ -140,6 +144,24 @@ def test_a_bare_direct_dialer_takes_the_runs_egress() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="SO_BINDTODEVICE needs root")
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"mark": "0x1"}, "DirectDialer(mark='0x1'): give a firewall mark, an integer "
+                          "0..0xffffffff (0: no mark)"),
+        ({"mark": 1 << 32}, "DirectDialer(mark=4294967296): give a firewall mark"),
+        ({"mark": -1}, "DirectDialer(mark=-1): give a firewall mark"),
+        ({"interface": 3}, "DirectDialer(interface=3): give an interface name"),
+    ],
+)
+def test_direct_with_a_wrong_mark_or_interface_is_a_config_error(
+    settings: dict[str, Any], words: str
+) -> None:
+    """Said where the program makes it, not by a TypeError from setsockopt in every dial."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(words)}"):
+        DirectDialer(**settings)
+
+
 def test_direct_unknown_interface_is_enodev() -> None:
     with pytest.raises(DialError) as info:
         dial(DirectDialer(interface="tunio-none0"), Address("127.0.0.1", 9))
@@ -285,6 +307,44 @@ def test_load_rejects_with_config_error(user_module: str, spec: str) -> None:
     message = str(info.value)
     assert "\n" not in message
     assert spec.format(mod=user_module) in message
+
+
+async def _an_async_dial(dst: Address, src: Address) -> socket.socket:
+    raise AssertionError("not used")
+
+
+@pytest.mark.parametrize(
+    ("given", "words"),
+    [
+        (object(), "has no dial method: give an object with `async def dial(dst, src)`"),
+        (5, "dialer 5 has no dial method"),
+        (DirectDialer, "is a class: give an instance of it"),
+        (_an_async_dial, "is a function: give tunio.dialers.FunctionDialer(it)"),
+    ],
+)
+def test_options_with_what_is_no_dialer_are_a_config_error(given: object, words: str) -> None:
+    """A library's Options(dialer=...) or Options(dialers={...}) holding what cannot dial is
+    refused at the start, as a spec that names no dialer is, not by a traceback in every worker
+    for every flow."""
+    wrong: Any = given  # what the annotations do not allow, as a caller may still give it
+    for options in (Options(dialer=wrong), Options(dialers={"office": wrong})):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            wayout.load_policy(options, wayout.load_dialer(options))
+
+
+def test_options_dialer_objects_and_lists_become_dialers() -> None:
+    """A dialer object passes as it is; a list is a chain, as a tuple is."""
+    mine = DirectDialer()
+    assert wayout.load_dialer(Options(dialer=mine)) is mine
+    chain: Any = ["direct"]
+    assert isinstance(wayout.load_dialer(Options(dialer=chain)), DirectDialer)
+
+
+def test_options_rules_of_the_wrong_kind_are_a_config_error() -> None:
+    wrong: Any = ("uid 1000 -> office",)
+    options = Options(rules=wrong)
+    with pytest.raises(ConfigError, match=r"^rules\[0\]: 'uid 1000 -> office' is a str, not a "):
+        wayout.load_policy(options, wayout.load_dialer(options))
 
 
 def test_toward_proxy_holds_through_a_chains_inner_hops() -> None:

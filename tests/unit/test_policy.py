@@ -15,7 +15,7 @@ from tunio.dialers import Address, DirectDialer
 from tunio.errors import ConfigError
 from tunio.owner import OwnerLookup
 from tunio.policy import Flow, Owner, Reject, as_policy, decide, load_policy
-from tunio.rules import RuleTable
+from tunio.rules import Rule, RuleTable
 
 A, B, DEFAULT = DirectDialer(mark=1), DirectDialer(mark=2), DirectDialer(mark=3)
 APP = Address("198.18.255.9", 40000)
@@ -162,6 +162,57 @@ def test_a_bad_rule_names_file_and_line(tmp_path: Path, text: str, words: str) -
         _rules(tmp_path, text)
     assert str(tmp_path / "tunio.toml") in str(caught.value)
     assert words in str(caught.value)
+
+
+@pytest.mark.parametrize("code", ["EHOSTUNREACH", None, 0, -1, True, 2**40])
+def test_a_reject_takes_an_errno_number_only(code: object) -> None:
+    """Reject("EHOSTUNREACH") (the rules' spelling), None or 0 is refused where it is made, in
+    the policy's own line, not by a struct.error inside the worker (which left a UDP app with
+    silence) or a refusal with errno 0."""
+    with pytest.raises(ConfigError, match=r"^Reject\(.*\): give an errno number \(1\.\.4095\)"):
+        Reject(code)  # type: ignore[arg-type]
+    # in a policy, it is the policy failing: the flow is refused, and the policy logged
+    assert decide(lambda f: Reject(code), flow(), DEFAULT) == Reject(  # type: ignore[arg-type]
+        errno.ECONNREFUSED, "the policy failed"
+    )
+
+
+def test_a_reject_named_by_its_errno_name_says_how_to_write_it() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Reject("EHOSTUNREACH")  # type: ignore[arg-type]
+    assert str(caught.value) == ("Reject('EHOSTUNREACH'): give an errno number (1..4095), "
+                                 "e.g. Reject(errno.EHOSTUNREACH)")  # fmt: skip
+
+
+class FailsToMake:
+    def __init__(self) -> None:
+        raise RuntimeError("cannot make it")
+
+    def choose(self, flow: Flow) -> None: ...
+
+
+def test_a_policy_object_is_named_after_itself_in_errors() -> None:
+    """Options(policy=...) given an object: its error names it as --policy would, module:attr,
+    not as the word 'policy'."""
+    with pytest.raises(ConfigError) as caught:
+        as_policy(FailsToMake)
+    assert str(caught.value) == (f"--policy '{__name__}:FailsToMake': making the policy failed: "
+                                 "RuntimeError('cannot make it')")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^policy '5' is a int: give a function of a Flow"):
+        as_policy(5)
+
+
+def test_rules_a_library_made_are_named_by_their_index() -> None:
+    """A Rule made in code has no FILE:LINE: errors and refusals name it rules[i], not ''."""
+    with pytest.raises(ConfigError, match=r"^rules\[1\]: action 'nowhere' is no dialer"):
+        RuleTable([Rule(action=("direct",)), Rule(action=("nowhere",))], {"direct": A})
+    table = RuleTable([Rule(ports=((25, 25),), action=("reject",)),
+                       Rule(ports=((26, 26),), action=("reject",), where="mine.toml:3")],
+                      {"direct": A})  # fmt: skip
+    assert table(flow(port=25)) == Reject(errno.ECONNREFUSED, "rule at rules[0]")
+    assert table(flow(port=26)) == Reject(errno.ECONNREFUSED, "rule at mine.toml:3")
+    with pytest.raises(ConfigError, match=r"^rules\[0\]: refusal: Reject\('EHOSTUNREACH'\): "):
+        RuleTable([Rule(action=("reject",), refusal="EHOSTUNREACH")], {})  # type: ignore[arg-type]
 
 
 def test_the_owner_of_a_local_socket_is_found() -> None:

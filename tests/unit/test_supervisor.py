@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import tunio
 from tests.unit.supervisorworld import (
     REPO,
     TUN,
@@ -38,6 +39,7 @@ from tunio.config import (
     validate,
 )
 from tunio.errors import ConfigError, TunError, TunioError
+from tunio.rules import Rule
 from tunio.runtime import RuntimeDir
 from tunio.supervisor import BACKOFF_MAX, Supervisor, next_backoff
 
@@ -137,6 +139,50 @@ def test_validate_names_the_bad_option(tmp_path: Path) -> None:
         validate(dataclasses.replace(good, max_flows=50, max_pending=defaults.MAX_PENDING),
                  sys_net=str(tmp_path))  # fmt: skip
     assert pending_limit(dataclasses.replace(good, max_flows=50, max_pending=20)) == 20
+
+
+def test_validate_names_a_setting_of_the_wrong_kind(tmp_path: Path) -> None:
+    """A library's Options may hold anything: a value of the wrong kind is a ConfigError that
+    names the setting and what it takes, never a TypeError from inside a check or a start that
+    reads "default" as the routes "d", "e", ... or "false" as true."""
+    good = Options(runtime_dir=str(tmp_path / "rt"), queues=1, workers=1)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"workers": "4"}, "--workers: workers='4' is of type str: give an integer"),
+        ({"workers": 2.5}, "--workers: workers=2.5 is of type float: give an integer"),
+        ({"window": 65536.5}, "--window: window=65536.5 is of type float: give an integer"),
+        ({"txqueuelen": True}, "--txqueuelen: txqueuelen=True is of type bool: give an integer"),
+        ({"connect_timeout": "5"}, "--connect-timeout: connect_timeout='5' is of type str: give "
+                                   "a number"),
+        ({"connect_timeout": None}, "--connect-timeout: connect_timeout=None is of type "
+                                    "NoneType: give a number"),
+        ({"egress_mark": "0x1"}, "--egress-mark: egress_mark='0x1' is of type str: give an "
+                                 "integer"),
+        ({"auto_bypass": "false"}, "--auto-bypass: auto_bypass='false' is of type str: give "
+                                   "True or False"),
+        ({"offload": 0}, "--no-offload: offload=0 is of type int: give True or False"),
+        ({"tun": 1}, "--tun: tun=1 is of type int: give a string"),
+        ({"metrics": 9184}, "--metrics: metrics=9184 is of type int: give a string"),
+        ({"routes": "default"}, "--route: routes='default' is one string: give a tuple, "
+                                "routes=('default',)"),
+        ({"routes": ("default", 5)}, "--route: routes=('default', 5) holds 5, which is of "
+                                     "type int: give a string"),
+        ({"exclude": "10.0.0.0/8"}, "--exclude: exclude='10.0.0.0/8' is one string: give a "
+                                   "tuple, exclude=('10.0.0.0/8',)"),
+        ({"address": 5}, "--address: address=5 is of type int: give a string or a tuple of them"),
+        ({"dialers": [("office", "direct")]}, "dialers=[('office', 'direct')] is of type list: "
+                                              "give a mapping of names to dialers, e.g. "
+                                              "{'office': 'socks5://10.0.0.5:1080'}"),
+        ({"rules": Rule()}, "rules=Rule(domains=(), networks=(), ports=(), uids=frozenset(), "
+                            "pr is of type Rule: give a tuple of tunio.rules.Rule"),
+    ]  # fmt: skip
+    for change, words in cases:
+        with pytest.raises(ConfigError) as caught:
+            validate(dataclasses.replace(good, **change), sys_net=str(tmp_path))
+        assert str(caught.value) == words
+    # what the annotations allow passes: a list for a tuple, a Path for a path, unset values
+    allowed: dict[str, Any] = {"routes": ["default"], "address": ["198.18.0.1/24"],
+                               "runtime_dir": tmp_path / "rt", "egress_mark": None}  # fmt: skip
+    validate(dataclasses.replace(good, **allowed), sys_net=str(tmp_path))
 
 
 # ---------------------------------------------------------------- runtime directory
@@ -305,6 +351,12 @@ def test_existing_device_is_kept_and_our_address_removed(world: World, logwatch:
     running = _start(_supervisor(world, _options(world, workers=1, routes=())))
     assert running.supervisor.ready.wait(15)
     assert running.stop() == 0
+    # no routes (the default of Options) is said, since such a run forwards only what others
+    # route into the device
+    assert [m for m in logwatch.messages("WARNING") if m.startswith("no --route")] == [
+        f"no --route: nothing is routed into {TUN}, so only what the host itself routes there "
+        'is forwarded (give routes, e.g. routes=("default",))'
+    ]
     calls = world.ip_calls()
     assert f"addr add 198.18.255.1/24 dev {TUN}" in calls
     assert calls[-1] == f"addr del 198.18.255.1/24 dev {TUN}"
@@ -448,6 +500,34 @@ def test_stop_before_ready_is_a_clean_exit(world: World, monkeypatch: pytest.Mon
     supervisor.stop()
     assert supervisor.run() == 0
     assert not world.runtime.exists()
+
+
+def test_a_supervisor_takes_options_only() -> None:
+    """tunio.run({"tun": "tun0"}) is a ConfigError saying what to give, not an AttributeError
+    from deep inside."""
+    with pytest.raises(ConfigError, match=r"^Supervisor takes a tunio.Options, not a dict: "):
+        tunio.run({"tun": "tun0"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^reload_with takes a tunio.Options, not a dict"):
+        Supervisor(Options()).reload_with({"workers": 4})  # type: ignore[arg-type]
+
+
+def test_a_supervisor_runs_once(world: World) -> None:
+    """A second run() of one Supervisor is an error that says what to do, not an EBADF from
+    its closed wake-up pipe after a run that stopped at once; a new Supervisor runs again.
+    One made and not run (to plan a --dry-run, say) holds no descriptor."""
+    fds = len(os.listdir("/proc/self/fd"))
+    supervisor = _supervisor(world, _options(world))
+    assert len(os.listdir("/proc/self/fd")) == fds
+    supervisor.stop()
+    assert supervisor.run() == 0
+    with pytest.raises(TunioError, match=r"a Supervisor runs once; make a new "
+                       r"Supervisor\(options\) for another run"):  # fmt: skip
+        supervisor.run()
+    supervisor.stop()  # after its run, a stop is harmless
+    again = _supervisor(world, _options(world))
+    again.stop()
+    assert again.run() == 0
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 # ---------------------------------------------------------------- tunio-run as a process

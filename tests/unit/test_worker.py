@@ -171,6 +171,48 @@ def test_bye_from_stack_makes_run_worker_return_0(
     assert server.event() == ("error", errno.ECONNRESET)  # flows are closed abortively
 
 
+class Stubborn:
+    """A dialer whose dial catches every CancelledError and carries on, until released."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.cancels = 0
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        self.started.set()
+        while not self.release.is_set():
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                self.cancels += 1
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "released")
+
+
+def test_a_dial_that_ignores_its_cancel_does_not_hold_the_worker_up_at_exit(
+    stack: FakeStack, endpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stack's BYE ends the worker even while a dialer swallows the CancelledError of its
+    dial: the wait for it is bounded and said, where asyncio.run would wait for ever (a
+    tunio-worker that never exits, a local one killed after the stop deadline)."""
+    dialer = Stubborn()
+    running = RunningWorker(lambda ready: run_worker(endpoint, dialer, name="stubborn",
+                                                     ready=ready))  # fmt: skip
+    stack.handshake(running)
+    try:
+        stack.open(1, 9)
+        assert dialer.started.wait(DEADLINE)
+        with caplog.at_level(logging.WARNING, "tunio.worker"):
+            stack.send(Cmd.BYE, arg=0)
+            assert running.join() == 0
+        assert dialer.cancels >= 1
+        [said] = [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()]
+        assert said == ("worker stubborn: 1 task did not end when cancelled (a dialer that "
+                        "catches CancelledError?); the worker exits without it")  # fmt: skip
+    finally:
+        dialer.release.set()
+
+
 def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
     code = textwrap.dedent(
         """
@@ -195,6 +237,64 @@ def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
             proc.send_signal(signal.SIGTERM)
             bye = stack.expect(Cmd.BYE)
             assert bye.arg == 0
+            assert proc.wait(DEADLINE) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _signal_masks(pid: int) -> dict[str, int]:
+    """SigIgn and SigCgt of process `pid` (/proc/PID/status): the signals it ignores and
+    those it has handlers for, as bit masks (signal n is bit n - 1)."""
+    masks: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigIgn", "SigCgt"):
+            masks[key] = int(value, 16)
+    return masks
+
+
+def test_a_worker_started_with_sigint_ignored_keeps_it_ignored(
+    stack: FakeStack, endpoint: str
+) -> None:
+    """A supervisor's child ignores SIGINT (tunio.process.reset_child): a terminal's Ctrl-C,
+    sent to the whole process group, is the supervisor's to act on. The worker keeps it
+    ignored instead of taking it as a stop of its own (and so does the stack), and still stops
+    on SIGTERM."""
+    pid = os.fork()
+    if pid == 0:  # what a supervisor's child is left with after reset_child
+        from tunio.process import reset_child  # noqa: PLC0415
+
+        reset_child((), "tunio-test-child")
+        os._exit(0 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    code = textwrap.dedent(
+        """
+        import signal, sys
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        from tunio.dialers import DirectDialer
+        from tunio.worker import run_worker
+        sys.exit(run_worker(sys.argv[1], DirectDialer(), name="sig",
+                            ready=lambda: print("ready", flush=True)))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(wire.__file__).resolve().parents[1]))
+    with subprocess.Popen(
+        [sys.executable, "-c", code, endpoint], stdout=subprocess.PIPE, env=env, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            stack.expect(Cmd.HELLO)
+            stack.send(Cmd.HELLO, payload=b"fake-stack")
+            readable, _, _ = select.select([proc.stdout], [], [], DEADLINE)
+            assert readable, "the worker did not report ready"
+            assert proc.stdout.readline() == "ready\n"
+            masks = _signal_masks(proc.pid)  # its handlers are in place before it is ready
+            assert masks["SigIgn"] & (1 << (signal.SIGINT - 1))
+            assert not masks["SigCgt"] & (1 << (signal.SIGINT - 1))
+            assert masks["SigCgt"] & (1 << (signal.SIGTERM - 1))
+            proc.send_signal(signal.SIGTERM)
+            assert stack.expect(Cmd.BYE).arg == 0
             assert proc.wait(DEADLINE) == 0
         finally:
             if proc.poll() is None:
@@ -314,6 +414,11 @@ class RaisingDialer:
     [
         (RuntimeError("bug in a dialer"), errno.ECONNABORTED),
         (OSError("no errno"), errno.ECONNABORTED),
+        # OSError takes anything as its errno: what is no errno number is none either (these
+        # failed the OPEN_FAIL itself, and the app heard nothing)
+        (OSError("EHOSTUNREACH", "a name"), errno.ECONNABORTED),
+        (OSError(-5, "negative"), errno.ECONNABORTED),
+        (OSError(2**40, "too large"), errno.ECONNABORTED),
         (OSError(errno.EHOSTUNREACH, "unreachable"), errno.EHOSTUNREACH),
         (TimeoutError(), errno.ETIMEDOUT),
     ],

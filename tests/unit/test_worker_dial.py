@@ -5,7 +5,9 @@ ZeroMQ, no thread (tests/unit/tablerig.py)."""
 from __future__ import annotations
 
 import errno
+import gc
 import socket
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +17,7 @@ from tunio.dialers import Address
 from tunio.errors import DialError
 from tunio.wire import Cmd, Message
 from tunio.worker.flow import State
+from tunio.worker.opening import DIALINGS_KEPT
 
 
 @pytest.fixture
@@ -69,3 +72,31 @@ def test_data_or_fin_before_open_ok_resets_the_flow(rigs: MakeRig) -> None:
     rig.table.on_fin(8)
     assert rig.take() == [Message(Cmd.RST, 7, errno.EPROTO), Message(Cmd.RST, 8, errno.EPROTO)]
     assert [e.rule for e in rig.errors] == ["flow", "flow"]
+
+
+class Refusing:
+    """A dialer that a policy makes anew for each flow; it refuses at once."""
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+
+def test_a_policy_that_makes_a_dialer_per_flow_does_not_pile_them_up(rigs: MakeRig) -> None:
+    """A policy may answer a new dialer object for each flow (DirectDialer(mark=...) made in
+    it): the worker's dial state for each dialer is a bounded cache, not one entry a flow kept
+    with its dialer for the life of the worker."""
+    made: list[weakref.ref[Refusing]] = []
+
+    def policy(flow: object) -> Refusing:
+        dialer = Refusing()
+        made.append(weakref.ref(dialer))
+        return dialer
+
+    rig = rigs(Refusing(), policy=policy)
+    flows = 4 * DIALINGS_KEPT
+    for fid in range(1, flows + 1):
+        rig.open(fid)
+        assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNREFUSED
+    gc.collect()
+    assert len(made) == flows
+    assert sum(ref() is not None for ref in made) <= DIALINGS_KEPT

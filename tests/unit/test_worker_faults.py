@@ -125,6 +125,68 @@ def test_a_dialer_answering_no_connection_is_open_fail_econnaborted(
     assert "its flows fail with ECONNABORTED" in said[0]
 
 
+class StartsWith:
+    """A dialer whose start_connect answers `answer` (whatever it is) for every dial."""
+
+    def __init__(self, answer: object) -> None:
+        self.answer = answer
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise AssertionError("start_connect is the way")
+
+    def start_connect(self, dst: Address, src: Address) -> object:
+        return self.answer
+
+
+@pytest.mark.parametrize(
+    "answer", [None, 7, _closed_socket()], ids=["none", "not-a-socket", "closed"]
+)
+def test_a_start_connect_answering_no_socket_is_open_fail_econnaborted(
+    rigs: MakeRig, answer: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """start_connect's answer is checked as dial's is: a clean OPEN_FAIL and one line for the
+    dialer's bug, not a traceback from inside the table for every flow."""
+    rig = rigs(StartsWith(answer))
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        for fid in (5, 6):
+            rig.open(fid)
+            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
+    assert rig.table.flows == {}
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1, said
+    assert "its flows fail with ECONNABORTED" in said[0]
+
+
+class SyncDial:
+    """A dialer written with `def dial`, where the protocol has `async def dial`."""
+
+    def __init__(self) -> None:
+        self.made: list[socket.socket] = []
+
+    def dial(self, dst: Address, src: Address) -> socket.socket:
+        self.made.append(socket.socket())
+        return self.made[-1]
+
+
+def test_a_dial_that_is_not_async_is_open_fail_econnaborted_with_what_to_change(
+    rigs: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dial that answers a socket at once, not an awaitable, fails its flows with a line
+    that says to write it `async def`, once; the socket it made is closed, not left to the
+    garbage collector, and the flows fail cleanly."""
+    dialer = SyncDial()
+    rig = rigs(dialer)
+    with caplog.at_level(logging.ERROR, "tunio.worker"):
+        for fid in (5, 6):
+            rig.open(fid)
+            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
+    assert rig.table.flows == {}
+    assert [sock.fileno() for sock in dialer.made] == [-1, -1]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1, said
+    assert "not an awaitable: write it `async def dial(dst, src)`" in said[0]
+
+
 def test_a_wrong_answer_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:
     good = PairDialer()
     rig = rigs(good, policy=lambda flow: [Answers("nonsense"), good])
@@ -173,6 +235,15 @@ def test_a_wrong_policy_answer_is_logged_once_a_kind(caplog: pytest.LogCaptureFi
         for _ in range(5):
             assert isinstance(decide(lambda f: Odd(), _flow(), DirectDialer()), Reject)  # type: ignore[arg-type,return-value]
     assert sum("Odd" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_policy_answering_a_dialer_class_refuses_the_flow_and_says_so() -> None:
+    """DirectDialer where DirectDialer() was meant: a class has a dial function too, which
+    used to be called unbound (a TypeError traceback for each flow) instead of refused."""
+    answer: object = [DirectDialer]
+    decision = decide(lambda f: answer, _flow(), DirectDialer())  # type: ignore[arg-type,return-value]
+    assert decision == Reject(errno.ECONNREFUSED, "the policy answered the class DirectDialer, "
+                              "not a dialer: return one")  # fmt: skip
 
 
 def test_a_policy_calling_sys_exit_refuses_the_flow() -> None:

@@ -520,3 +520,89 @@ def test_a_udp_dialer_answering_no_session_resets_with_econnaborted(
     assert dialer.closed  # what it answered was closed all the same
     dgram(stack, 10, block(10, 53), b"q")  # the worker still serves
     assert stack.expect(Cmd.RST, 10).arg == errno.ECONNABORTED
+
+
+class FaultySession:
+    """A session of a user's dialer whose `where` ("send", "recv" or "shape") goes wrong: send
+    or recv raise what is not an OSError, or recv answers bytes instead of (bytes, Address).
+    Its socket is a real one, connected to `server`, so its descriptor is readable when a
+    reply waits; recv() fails before it reads, as code that trips over its own state would."""
+
+    def __init__(self, where: str, server: UdpEcho) -> None:
+        self.where = where
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.connect((server.host, server.port))
+        self.recvs = 0
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes | memoryview) -> bool:
+        if self.where == "send":
+            raise RuntimeError("a bug in send")
+        if self.where == "named-errno":  # OSError takes anything for its errno
+            raise OSError("EPIPE", "an errno by name")
+        self.sock.send(data)
+        return True
+
+    def recv(self) -> object:
+        self.recvs += 1
+        if self.where == "recv":
+            raise RuntimeError("a bug in recv")
+        try:
+            data = self.sock.recv(65535)
+        except BlockingIOError:
+            return None
+        return data  # ("shape") not (data, address)
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+
+class FaultyDialer:
+    def __init__(self, where: str, server: UdpEcho) -> None:
+        self.where = where
+        self.server = server
+        self.sessions: list[FaultySession] = []
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        raise AssertionError("not used")
+
+    async def dial_udp(self, dst: Address, src: Address) -> FaultySession:
+        self.sessions.append(FaultySession(self.where, self.server))
+        return self.sessions[-1]
+
+
+@pytest.mark.parametrize("where", ["send", "recv", "shape"])
+def test_a_session_whose_code_fails_resets_with_econnaborted(
+    stack: FakeStack, start_worker: StartWorker, udp_echo: Callable[..., UdpEcho], where: str
+) -> None:
+    """User code failing in a session's send or recv (or answering the wrong shape) ends that
+    session with a RST (the app gets an ICMP error), closes it, and leaves the worker serving;
+    it is not left registered, silent, with its reader failing on every turn of the loop."""
+    server = udp_echo()
+    dialer = FaultyDialer(where, server)
+    worker = start_worker(dialer)
+    dgram(stack, 11, block(11, server.port), b"q")
+    assert stack.expect(Cmd.RST, 11, skip=SKIP | {Cmd.CREDIT}).arg == errno.ECONNABORTED
+    assert worker.udp == {}
+    (session,) = dialer.sessions
+    assert session.closed
+    assert session.recvs <= 1
+    dgram(stack, 12, block(12, server.port), b"q")  # the worker still serves
+    assert stack.expect(Cmd.RST, 12, skip=SKIP | {Cmd.CREDIT}).arg == errno.ECONNABORTED
+
+
+def test_a_session_failing_with_what_is_no_errno_resets_with_eio(
+    stack: FakeStack, start_worker: StartWorker, udp_echo: Callable[..., UdpEcho]
+) -> None:
+    """An OSError whose errno is no number still ends the session with a RST (EIO), where the
+    RST itself failed to be made and the app heard nothing."""
+    server = udp_echo()
+    worker = start_worker(FaultyDialer("named-errno", server))
+    dgram(stack, 13, block(13, server.port), b"q")
+    assert stack.expect(Cmd.RST, 13, skip=SKIP | {Cmd.CREDIT}).arg == errno.EIO
+    assert worker.udp == {}

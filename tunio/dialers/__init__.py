@@ -123,7 +123,18 @@ def load_dialer(
         return dialer
     if _is_dialer(spec):
         return spec
-    raise ConfigError(f"dialer {spec!r}: {_ACCEPTED}")
+    raise ConfigError(_not_a_dialer(spec))
+
+
+def _not_a_dialer(obj: object) -> str:
+    """What is wrong with a library's dialer object, and what to give instead."""
+    if inspect.iscoroutinefunction(obj):
+        return f"dialer {obj!r} is a function: give tunio.dialers.FunctionDialer(it)"
+    if inspect.isclass(obj):
+        return f"dialer {obj!r} is a class: give an instance of it"
+    return (f"dialer {obj!r:.80} has no dial method: give an object with "
+            "`async def dial(dst, src)`, or a specification: 'direct', a proxy URL or "
+            "'module:attr'")  # fmt: skip
 
 
 def _load_one(

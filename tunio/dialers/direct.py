@@ -15,7 +15,7 @@ from tunio.dialers.base import Address
 from tunio.dialers.ping import PingSession, open_ping
 from tunio.dialers.resolve import Resolver, happy_eyeballs, interleave
 from tunio.dialers.udp import SocketSession
-from tunio.errors import DialError
+from tunio.errors import ConfigError, DialError
 
 # Not every Python names these; the values are Linux's.
 SO_MARK = getattr(socket, "SO_MARK", 36)
@@ -47,6 +47,9 @@ def use_run_egress(
     _run.mark, _run.interface, _run.resolver = mark, interface, resolver
 
 
+MAX_MARK = 0xFFFFFFFF  # SO_MARK is 32 bits
+
+
 class DirectDialer:
     """Connects straight to the destination (an IP literal).
 
@@ -65,6 +68,14 @@ class DirectDialer:
     ) -> None:
         """`resolver` resolves names (tunio-run gives one with --dns: --dns-upstream from
         marked sockets); without one a name is EINVAL, as before names could come."""
+        # checked here, where the program makes it: a wrong one would fail every dial in the
+        # workers with a TypeError from setsockopt instead
+        if mark is not None and (isinstance(mark, bool) or not isinstance(mark, int)
+                                 or not 0 <= mark <= MAX_MARK):  # fmt: skip
+            raise ConfigError(f"DirectDialer(mark={mark!r}): give a firewall mark, an integer "
+                              f"0..{MAX_MARK:#x} (0: no mark)")  # fmt: skip
+        if interface is not None and (not isinstance(interface, str) or not interface):
+            raise ConfigError(f"DirectDialer(interface={interface!r}): give an interface name")
         self.mark = mark
         self.interface = interface
         self.nodelay = nodelay

@@ -36,7 +36,7 @@ from tunio.keys import WorkerKeys
 from tunio.owner import OwnerLookup
 from tunio.policy import Policy
 from tunio.policy import failures as policy_failures
-from tunio.process import IdleTrim
+from tunio.process import IdleTrim, stop_signals
 from tunio.wire import Cmd
 from tunio.worker.datagram import DatagramTable, UdpSession
 from tunio.worker.dial import unexpected as dial_unexpected
@@ -54,6 +54,8 @@ log = logging.getLogger("tunio.worker")
 
 #: seconds between two reports of the worker's counters (and summaries of held log lines)
 REPORT_INTERVAL = 1.0
+#: seconds the worker's exit waits for its tasks (dials) to end once cancelled
+CANCEL_GRACE = 1.0
 
 
 class Worker:
@@ -110,7 +112,35 @@ class Worker:
     def run(self) -> int:
         """Serve until the stack says BYE, a signal arrives or stop() is called; return 0 (1 if
         the stack refused this worker's key)."""
-        return asyncio.run(self._main())
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(self._main())
+        finally:
+            self._close_loop(loop)
+
+    def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """asyncio.run's ending (cancel what is left, wait for it, close the loop), with the
+        wait bounded: a dial whose dialer catches its CancelledError and carries on would hold
+        the worker's exit for ever (a tunio-worker that never exits after BYE)."""
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:
+                done, pending = loop.run_until_complete(asyncio.wait(left, timeout=CANCEL_GRACE))
+                for task in done:  # retrieved, so that none is reported as never retrieved
+                    if not task.cancelled() and task.exception() is not None:
+                        log.debug("worker %s: a task ended with %r at exit", self.name,
+                                  task.exception())  # fmt: skip
+                if pending:
+                    log.warning("worker %s: %d task%s did not end when cancelled (a dialer that "
+                                "catches CancelledError?); the worker exits without it",
+                                self.name, len(pending),
+                                "" if len(pending) == 1 else "s")  # fmt: skip
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
 
     def stop(self) -> None:
         """Say BYE and stop; callable from any thread, also before run() has got going."""
@@ -216,6 +246,7 @@ class Worker:
         opener.failures.flush()
         self._tcp.failures.flush()
         self._datagrams.refusals.flush()
+        self._datagrams.faults.flush()
         self._link.faults.flush()
         dial_unexpected.flush()
         policy_failures.flush()
@@ -245,7 +276,7 @@ class Worker:
         # (tests, embedding) is stopped with stop() instead.
         if threading.current_thread() is not threading.main_thread():
             return []
-        sigs = [signal.SIGTERM, signal.SIGINT]
+        sigs = list(stop_signals())  # an ignored SIGINT stays ignored (a supervisor's child)
         for sig in sigs:
             loop.add_signal_handler(sig, self._leave, sig.name)
         loop.add_signal_handler(signal.SIGUSR1, self._drain)  # a reload: this generation drains

@@ -23,6 +23,7 @@ from typing import cast
 from tunio import defaults, wire
 from tunio.dialers import label
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
+from tunio.errors import is_errno
 from tunio.logs import EverySecond
 from tunio.owner import OwnerLookup
 from tunio.policy import Flow as PolicyFlow
@@ -130,6 +131,8 @@ class DatagramTable:
         self._owners = owners
         # one line a second under a flood of refused sessions, not one a session
         self.refusals = EverySecond(log, logging.INFO, "refused udp sessions")
+        # a user's session that fails the same way for every datagram: a traceback a second
+        self.faults = EverySecond(log, logging.ERROR, "udp sessions ended by their own failure")
         self._dialing: Dialing[UdpSession, DatagramSession] = Dialing(
             loop, connect_timeout, self._dialed, what="udp dial", discard=_close_session
         )
@@ -307,6 +310,9 @@ class DatagramTable:
         except OSError as exc:
             self._failed(udp, exc)
             return
+        except Exception as exc:  # a user's session: its bug ends its session only
+            self._session_failed(udp, "send", exc)
+            return
         if sent:
             self.stats.datagrams_to_destination += 1
         else:
@@ -320,17 +326,24 @@ class DatagramTable:
         for _ in range(UDP_BUDGET):
             try:
                 got = session.recv()
+                if got is None:
+                    return
+                data, src = got
+                message = udp.block_from(src) + data
             except OSError as exc:
                 self._failed(udp, exc)
                 return
-            if got is None:
+            except Exception as exc:
+                # a user's session that raises, or answers what is not (bytes, Address): its
+                # descriptor stays readable, so a reader left in place would fail on every turn
+                # of the loop while the session goes silent
+                self._session_failed(udp, "recv", exc)
                 return
-            data, src = got
             if not udp.spend():
                 self.stats.datagrams_dropped_credit += 1
                 continue
             self.stats.datagrams_to_stack += 1
-            self._send([wire.header(Cmd.DGRAM, udp.fid, 0), udp.block_from(src) + data])
+            self._send([wire.header(Cmd.DGRAM, udp.fid, 0), message])
 
     def fault(self, fid: int) -> bool:
         """Code handling session `fid` failed: it ends (RST ECONNABORTED to the stack, which
@@ -341,8 +354,16 @@ class DatagramTable:
         self._failed(udp, OSError(errno.ECONNABORTED, "a fault handling it"))
         return True
 
+    def _session_failed(self, udp: UdpSession, call: str, exc: Exception) -> None:
+        """The dialer's session raised what is not an OSError in `call`: a bug of its own,
+        logged (a traceback a second at most), and the session ends with ECONNABORTED."""
+        self.faults.log(type(exc).__name__, "udp session %d: to %s: the session's %s() failed "
+                        "(%r); it ends with ECONNABORTED", udp.fid, udp.dst, call, exc,
+                        exc_info=exc)  # fmt: skip
+        self._failed(udp, OSError(errno.ECONNABORTED, f"the session's {call}() failed"))
+
     def _failed(self, udp: UdpSession, exc: OSError) -> None:
-        code = exc.errno or errno.EIO
+        code = exc.errno if is_errno(exc.errno) else errno.EIO  # a user's session may say -1
         log.debug("udp session %d: %s: %s", udp.fid, udp.dst, errname(code))
         self._free(udp)  # first: whoever hears the RST finds the session gone
         self.stats.resets_sent += 1

@@ -15,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Generic, TypeGuard, TypeVar, cast
 
 from tunio.dialers.base import (
     Address,
@@ -30,6 +31,7 @@ from tunio.dialers.base import (
     StartHandshake,
     connecting_to_proxy,
 )
+from tunio.errors import is_errno
 from tunio.logs import EverySecond
 
 log = logging.getLogger("tunio.worker")
@@ -62,9 +64,13 @@ def dial_failure(exc: BaseException, what: str, timeout: float) -> tuple[int, st
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return errno.ETIMEDOUT, _no_connection(timeout)
     if isinstance(exc, OSError):
-        if exc.errno is None:
+        code = exc.errno
+        # OSError takes any first argument as its errno: a name or a negative number would
+        # fail the answer to the stack (struct.error) and leave the app with no answer at all
+        if not is_errno(code):
             log.warning("%s: %r has no errno; answering ECONNABORTED", what, exc)
-        return exc.errno or errno.ECONNABORTED, exc.strerror or ""
+            return errno.ECONNABORTED, exc.strerror if isinstance(exc.strerror, str) else ""
+        return code, exc.strerror or ""
     unexpected.log(type(exc).__name__, "%s failed unexpectedly; answering ECONNABORTED", what,
                    exc_info=exc)  # fmt: skip
     return errno.ECONNABORTED, ""
@@ -134,7 +140,11 @@ class Dial(Generic[K, T]):
     async def _run(self, dial: DialFunction[T], dst: Address, src: Address) -> None:
         dialing = self._dialing
         try:
-            result = await dial(dst, src)
+            made = dial(dst, src)
+            if not inspect.isawaitable(made):  # a dial written without `async`
+                self._not_awaitable(made, dst)
+                return
+            result = await made
         except asyncio.CancelledError:
             raise
         except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -146,10 +156,7 @@ class Dial(Generic[K, T]):
                 self._end(None, code, why)
             return
         if result is None:  # a dialer that answers nothing has failed, in words of its own
-            if not dialing.said_none:  # a dialer's bug: said once, its flows counted as failed
-                dialing.said_none = True
-                log.error("%s %s: the dialer returned None, not a connection: its flows fail "
-                          "with ECONNABORTED", dialing.what, dst)  # fmt: skip
+            dialing.returned_none(dst)
             if self.live:
                 self._task = None
                 self._end(None, errno.ECONNABORTED, "the dialer returned None")
@@ -159,6 +166,25 @@ class Dial(Generic[K, T]):
             return
         self._task = None
         self._end(result, 0, "")
+
+
+    def _not_awaitable(self, made: object, dst: Address) -> None:
+        """The dialer's dial answered at once, not with an awaitable: a `def dial` where the
+        protocol has `async def dial`. Said once for the dialer, with what to change; what it
+        made is closed (a socket with a reset: the destination must not keep a connection
+        nobody relays), and the flow fails with ECONNABORTED."""
+        dialing = self._dialing
+        if not dialing.said_sync:
+            dialing.said_sync = True
+            log.error("%s %s: the dialer's dial() returned %.80r, not an awaitable: write it "
+                      "`async def dial(dst, src)`; its flows fail with ECONNABORTED",
+                      dialing.what, dst, made)  # fmt: skip
+        if made is not None:
+            with contextlib.suppress(Exception):  # whatever it is, it is not kept
+                dialing.discard(cast(T, made))
+        if self.live:
+            self._task = None
+            self._end(None, errno.ECONNABORTED, "the dialer's dial() is not async")
 
 
 class Connecting(Dial[K, socket.socket]):
@@ -272,12 +298,26 @@ class Dialing(Generic[K, T]):
         self.what = what
         self.discard = discard
         self.said_none = False  # a dialer that returned None was logged
+        self.said_sync = False  # a dialer whose dial is no coroutine was logged
+
+    def returned_none(self, dst: Address) -> None:
+        """The dialer answered None: a bug of its own, said once; its flows count as failed."""
+        if not self.said_none:
+            self.said_none = True
+            log.error("%s %s: the dialer returned None, not a connection: its flows fail with "
+                      "ECONNABORTED", self.what, dst)  # fmt: skip
 
     def task(self, key: K, dial: DialFunction[T], dst: Address, src: Address) -> Dial[K, T]:
         """Dials `await dial(dst, src)` in a task."""
         pending = Dial(self, key)
         pending.start_task(dial, dst, src)
         return pending
+
+
+def open_socket(sock: object) -> TypeGuard[socket.socket]:
+    """A dialer's answer that the relay can take: an open socket (a user's dialer may hand
+    back anything)."""
+    return isinstance(sock, socket.socket) and sock.fileno() >= 0
 
 
 def _literal(host: str) -> bool:
@@ -327,10 +367,22 @@ class TcpDialing(Dialing[K, socket.socket]):
                     return pending
             return self.task(key, self.dialer.dial, dst, src)
         try:
-            sock = start(dst, src)
+            sock: object = start(dst, src)
         except Exception as exc:  # every failure becomes an errno for the app
             self.done(key, None, *dial_failure(exc, f"dial {dst}", self.timeout))
+            return None
+        if not open_socket(sock):
+            self._not_started(key, dst, sock)
             return None
         pending = Connecting(self, key, sock)
         self.watch(key, sock)
         return pending
+
+    def _not_started(self, key: K, dst: Address, answer: object) -> None:
+        """A user's start_connect answered what is not an open socket, as its dial may: the
+        same ending, ECONNABORTED and one line for the dialer's bug."""
+        if answer is None:
+            self.returned_none(dst)
+            self.done(key, None, errno.ECONNABORTED, "the dialer returned None")
+        else:  # `done` says what it is (once per dialer), as it does for dial's answer
+            self.done(key, cast(socket.socket, answer), 0, "")

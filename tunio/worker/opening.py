@@ -22,7 +22,7 @@ from tunio.owner import OwnerLookup
 from tunio.policy import Flow as PolicyFlow
 from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
-from tunio.worker.dial import Connecting, TcpDialing, abort
+from tunio.worker.dial import Connecting, TcpDialing, abort, open_socket
 from tunio.worker.flow import ErrorSink, Flow, Send, State
 from tunio.worker.loops import RoutingLoops, left_as_the_app
 from tunio.worker.names import Names
@@ -36,12 +36,9 @@ PORT_WARNING_INTERVAL = 60.0
 #: seconds a destination whose dial looped into the TUN is refused at once (the hops of the
 #: loop already under way come back within milliseconds; a fixed route is used a second later)
 LOOP_MEMORY = 1.0
-
-
-def _usable(sock: object) -> bool:
-    """A dialer's answer that the relay can take: an open socket (a user's dialer may hand
-    back anything)."""
-    return isinstance(sock, socket.socket) and sock.fileno() >= 0
+#: dialers whose dial state (TcpDialing, label) is kept for their next flows; past it the
+#: oldest is let go (a policy may make a new dialer object for every flow)
+DIALINGS_KEPT = 64
 
 
 class TcpOpener:
@@ -160,8 +157,11 @@ class TcpOpener:
     def _dialing_for(self, dialer: Dialer) -> tuple[TcpDialing[Flow], str]:
         made = self._dialings.get(id(dialer))
         if made is None or made[0] is not dialer:
+            dialings = self._dialings
+            if len(dialings) >= DIALINGS_KEPT:  # the oldest goes; its dials in flight keep theirs
+                del dialings[next(iter(dialings))]
             dialing = TcpDialing(dialer, self._loop, self._timeout, self._dialed, self.table.watch)
-            made = self._dialings[id(dialer)] = (dialer, dialing, label(dialer))
+            made = dialings[id(dialer)] = (dialer, dialing, label(dialer))
         return made[1], made[2]
 
     def _dial_next(self, flow: Flow) -> None:
@@ -181,7 +181,7 @@ class TcpOpener:
             if sock is not None:
                 abort(sock)  # reset while the dial finished: the destination must see it too
             return
-        if sock is not None and not _usable(sock):
+        if sock is not None and not open_socket(sock):
             code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open socket"
             said = (flow.via, type(sock))
             if said not in self._wrong_answers:  # a dialer's bug: once, not once a flow
