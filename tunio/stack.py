@@ -94,6 +94,12 @@ def open_tun(name: str, queues: int, offload: bool = False) -> list[int]:
     return [int(fds[i]) for i in range(queues)]
 
 
+def milliseconds(seconds: float) -> int:
+    """Seconds as the C configuration's milliseconds, where 0 means the default: a positive
+    time under a millisecond is one, not the default (a --udp-timeout of 0.0005 s was 60 s)."""
+    return max(1, round(seconds * 1000)) if seconds > 0 else 0
+
+
 class _CConfig:
     """A `struct tunio_config` for `config`, with the buffers its pointers point into."""
 
@@ -115,11 +121,11 @@ class _CConfig:
         cfg.endpoint = self._endpoint
         cfg.window = config.window
         cfg.worker_backlog = config.worker_backlog
-        cfg.pending_ms = int(config.pending_timeout * 1000)
-        cfg.reserve_ms = int(config.reserve_timeout * 1000)
-        cfg.heartbeat_ms = int(config.heartbeat_interval * 1000)
+        cfg.pending_ms = milliseconds(config.pending_timeout)
+        cfg.reserve_ms = milliseconds(config.reserve_timeout)
+        cfg.heartbeat_ms = milliseconds(config.heartbeat_interval)
         cfg.log_level = _LEVELS.get(config.log_level.lower(), 20)
-        cfg.udp_timeout_ms = int(config.udp_timeout * 1000)
+        cfg.udp_timeout_ms = milliseconds(config.udp_timeout)
         cfg.vnet = int(config.offload)
         self._secret = self._clients = ffi.NULL
         if config.curve_secret is not None:
@@ -140,9 +146,9 @@ class _CConfig:
             _set_prefix(cfg.dns_upstream, config.dns_upstream[0], 0)
             cfg.dns_upstream_port = config.dns_upstream[1]
         cfg.dns_ttl = config.dns_ttl
-        cfg.dns_hold_ms = int(config.dns_hold * 1000)
-        cfg.trim_idle_ms = int(config.trim_idle * 1000)
-        cfg.dns_tcp_idle_ms = int(config.dns_tcp_idle * 1000)
+        cfg.dns_hold_ms = milliseconds(config.dns_hold)
+        cfg.trim_idle_ms = milliseconds(config.trim_idle)
+        cfg.dns_tcp_idle_ms = milliseconds(config.dns_tcp_idle)
         self.cfg = cfg
 
 

@@ -12,6 +12,7 @@ import pytest
 from tunio._stack import lib
 
 from tunio import wire
+from tunio.stack import milliseconds
 from tunio.testing import packets
 from tunio.testing.stackrig import APP, APP6, DST, DST6, WINDOW, Rig, stack_rig
 
@@ -261,3 +262,10 @@ def test_icmp_errors_quote_long_extension_headers(tmp_path: Path, ext_size: int)
         else:
             assert 48 + len(quoted) == 1280
             assert quoted == pkt[: len(quoted)]
+
+
+def test_a_time_under_a_millisecond_is_one_not_the_default() -> None:
+    assert milliseconds(0.0004) == 1  # 0 would be the C configuration's default (60 s, UDP)
+    assert milliseconds(0.0) == 0
+    assert milliseconds(2.5) == 2500
+    assert milliseconds(0.0016) == 2
