@@ -315,9 +315,10 @@ class Dialing(Generic[K, T]):
 
 
 def open_socket(sock: object) -> TypeGuard[socket.socket]:
-    """A dialer's answer that the relay can take: an open socket (a user's dialer may hand
-    back anything)."""
-    return isinstance(sock, socket.socket) and sock.fileno() >= 0
+    """A dialer's answer that the relay can take: an open stream socket (a user's dialer may
+    hand back anything: a UDP socket would take the app's bytes as datagrams, or fail them)."""
+    return isinstance(sock, socket.socket) and sock.fileno() >= 0 and \
+        sock.type == socket.SOCK_STREAM  # fmt: skip
 
 
 def _literal(host: str) -> bool:

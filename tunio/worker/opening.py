@@ -182,7 +182,10 @@ class TcpOpener:
                 abort(sock)  # reset while the dial finished: the destination must see it too
             return
         if sock is not None and not open_socket(sock):
-            code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open socket"
+            code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open " \
+                "stream socket"  # fmt: skip
+            if isinstance(sock, socket.socket):
+                abort(sock)  # (the dialer handed it over: ours to close)
             said = (flow.via, type(sock))
             if said not in self._wrong_answers:  # a dialer's bug: once, not once a flow
                 self._wrong_answers.add(said)
