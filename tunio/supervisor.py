@@ -543,8 +543,7 @@ class Supervisor:
         if not changes.live:
             log.info("reload: nothing to change")
             return None
-        log.info("reload: %s changed", ", ".join(changes.live))
-        return new
+        return new  # (what changed is said once its dialer and policy are made)
 
     def _start_generation(self, new: Options) -> None:
         """Workers of a new generation with `new`'s dialer and policy; the running ones drain
@@ -563,6 +562,9 @@ class Supervisor:
             log.error("reload refused: making the dialer or the policy failed: %r; the settings "
                       "in force stay", exc, exc_info=exc)  # fmt: skip
             return
+        from tunio import reload  # noqa: PLC0415
+
+        log.info("reload: %s changed", ", ".join(reload.compare(previous[0], new).live))
         self._generation += 1
         gen = self._generation
         # A reload before the last one's generation is up: that generation (it may have taken
