@@ -20,6 +20,7 @@ from tests.unit.supervisorworld import (
     REPO,
     TUN,
     LogWatch,
+    Running,
     World,
     _assert_dead,
     _bootstrap,
@@ -390,14 +391,20 @@ def test_workers_the_supervisor_restarts_for_a_new_stack_get_no_backoff(
     assert len(rejoined) == 3
 
 
-def test_a_crash_loop_is_not_a_line_per_restart(
-    bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _restarting_fast(bad: World, monkeypatch: pytest.MonkeyPatch) -> Running:
+    """A run of one worker, up, whose children come back within 10-20 ms of an exit."""
     monkeypatch.setattr(supervisor_module, "BACKOFF_FIRST", 0.01)
     monkeypatch.setattr(supervisor_module, "BACKOFF_MAX", 0.02)
     running = _start(_supervisor(bad, _options(bad, workers=1)))
+    assert running.supervisor.ready.wait(15)
+    return running
+
+
+def test_a_crash_loop_is_not_a_line_per_restart(
+    bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    running = _restarting_fast(bad, monkeypatch)
     sup = running.supervisor
-    assert sup.ready.wait(15)
     (bad.state / "worker-0.crash").touch()  # every start from now on exits 0 at once
     os.kill(bad.pids("worker-0")[0], signal.SIGKILL)
     assert _until(lambda: sup.restarts.get("worker-0", 0) >= 40, 30), sup.restarts
@@ -413,11 +420,8 @@ def test_no_descriptor_leaks_over_many_restarts(
     bad: World, logwatch: LogWatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Held up: status pipes and sentinels of dead children are closed."""
-    monkeypatch.setattr(supervisor_module, "BACKOFF_FIRST", 0.01)
-    monkeypatch.setattr(supervisor_module, "BACKOFF_MAX", 0.02)
-    running = _start(_supervisor(bad, _options(bad, workers=1)))
+    running = _restarting_fast(bad, monkeypatch)
     sup = running.supervisor
-    assert sup.ready.wait(15)
     before = _fds()
     for n in range(1, 21):
         os.kill(bad.pids("worker-0")[-1], signal.SIGKILL)

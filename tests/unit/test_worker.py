@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -213,16 +214,20 @@ def test_a_dial_that_ignores_its_cancel_does_not_hold_the_worker_up_at_exit(
         dialer.release.set()
 
 
-def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
+@contextlib.contextmanager
+def _worker_process(stack: FakeStack, endpoint: str, prelude: str = "") -> Iterator[Any]:
+    """run_worker in a process of its own (after `prelude`), greeted by `stack` and ready; it
+    is killed at the end if it still runs."""
     code = textwrap.dedent(
         """
         import sys
+        {prelude}
         from tunio.dialers import DirectDialer
         from tunio.worker import run_worker
         sys.exit(run_worker(sys.argv[1], DirectDialer(), name="sig",
                             ready=lambda: print("ready", flush=True)))
         """
-    )
+    ).format(prelude=prelude)
     env = dict(os.environ, PYTHONPATH=str(Path(wire.__file__).resolve().parents[1]))
     with subprocess.Popen(
         [sys.executable, "-c", code, endpoint], stdout=subprocess.PIPE, env=env, text=True
@@ -234,13 +239,18 @@ def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
             readable, _, _ = select.select([proc.stdout], [], [], DEADLINE)
             assert readable, "the worker did not report ready"
             assert proc.stdout.readline() == "ready\n"
-            proc.send_signal(signal.SIGTERM)
-            bye = stack.expect(Cmd.BYE)
-            assert bye.arg == 0
-            assert proc.wait(DEADLINE) == 0
+            yield proc
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_sigterm_sends_bye_and_exits_0(stack: FakeStack, endpoint: str) -> None:
+    with _worker_process(stack, endpoint) as proc:
+        proc.send_signal(signal.SIGTERM)
+        bye = stack.expect(Cmd.BYE)
+        assert bye.arg == 0
+        assert proc.wait(DEADLINE) == 0
 
 
 def _signal_masks(pid: int) -> dict[str, int]:
@@ -268,37 +278,15 @@ def test_a_worker_started_with_sigint_ignored_keeps_it_ignored(
         reset_child((), "tunio-test-child")
         os._exit(0 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 1)
     assert os.waitpid(pid, 0)[1] == 0
-    code = textwrap.dedent(
-        """
-        import signal, sys
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        from tunio.dialers import DirectDialer
-        from tunio.worker import run_worker
-        sys.exit(run_worker(sys.argv[1], DirectDialer(), name="sig",
-                            ready=lambda: print("ready", flush=True)))
-        """
-    )
-    env = dict(os.environ, PYTHONPATH=str(Path(wire.__file__).resolve().parents[1]))
-    with subprocess.Popen(
-        [sys.executable, "-c", code, endpoint], stdout=subprocess.PIPE, env=env, text=True
-    ) as proc:
-        try:
-            assert proc.stdout is not None
-            stack.expect(Cmd.HELLO)
-            stack.send(Cmd.HELLO, payload=b"fake-stack")
-            readable, _, _ = select.select([proc.stdout], [], [], DEADLINE)
-            assert readable, "the worker did not report ready"
-            assert proc.stdout.readline() == "ready\n"
-            masks = _signal_masks(proc.pid)  # its handlers are in place before it is ready
-            assert masks["SigIgn"] & (1 << (signal.SIGINT - 1))
-            assert not masks["SigCgt"] & (1 << (signal.SIGINT - 1))
-            assert masks["SigCgt"] & (1 << (signal.SIGTERM - 1))
-            proc.send_signal(signal.SIGTERM)
-            assert stack.expect(Cmd.BYE).arg == 0
-            assert proc.wait(DEADLINE) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    prelude = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)"
+    with _worker_process(stack, endpoint, prelude) as proc:
+        masks = _signal_masks(proc.pid)  # its handlers are in place before it is ready
+        assert masks["SigIgn"] & (1 << (signal.SIGINT - 1))
+        assert not masks["SigCgt"] & (1 << (signal.SIGINT - 1))
+        assert masks["SigCgt"] & (1 << (signal.SIGTERM - 1))
+        proc.send_signal(signal.SIGTERM)
+        assert stack.expect(Cmd.BYE).arg == 0
+        assert proc.wait(DEADLINE) == 0
 
 
 def test_wrong_version_gets_bye_and_the_worker_carries_on(

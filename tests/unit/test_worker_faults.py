@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.unit.tablerig import DEADLINE, MakeRig, PairDialer, rig_maker
+from tests.unit.tablerig import DEADLINE, MakeRig, PairDialer, Rig, rig_maker
 from tunio.dialers import Address, DirectDialer
 from tunio.policy import Flow, Reject, decide
 from tunio.wire import Cmd, Message
@@ -116,15 +116,19 @@ def test_a_dialer_answering_no_connection_is_open_fail_econnaborted(
 ) -> None:
     if answer == "udp":  # (made here: the worker closes what it was handed)
         answer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    rig = rigs(Answers(answer))
+    _flows_fail_with_one_line(rigs(Answers(answer)), caplog)
+
+
+def _flows_fail_with_one_line(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    """Two flows through a dialer that answers what cannot carry them: each an OPEN_FAIL
+    ECONNABORTED (not 0: the app sees a reset), none left, and the dialer's bug said once."""
     with caplog.at_level(logging.ERROR, "tunio.worker"):
         for fid in (5, 6):
             rig.open(fid)
-            # not 0: the app sees a reset
             assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
     assert rig.table.flows == {}
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(said) == 1, said  # the dialer's bug, once: not once a flow
+    assert len(said) == 1, said  # once: not once a flow
     assert "its flows fail with ECONNABORTED" in said[0]
 
 
@@ -149,15 +153,7 @@ def test_a_start_connect_answering_no_socket_is_open_fail_econnaborted(
 ) -> None:
     """start_connect's answer is checked as dial's is: a clean OPEN_FAIL and one line for the
     dialer's bug, not a traceback from inside the table for every flow."""
-    rig = rigs(StartsWith(answer))
-    with caplog.at_level(logging.ERROR, "tunio.worker"):
-        for fid in (5, 6):
-            rig.open(fid)
-            assert rig.expect(Cmd.OPEN_FAIL, fid).arg == errno.ECONNABORTED
-    assert rig.table.flows == {}
-    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(said) == 1, said
-    assert "its flows fail with ECONNABORTED" in said[0]
+    _flows_fail_with_one_line(rigs(StartsWith(answer)), caplog)
 
 
 class SyncDial:

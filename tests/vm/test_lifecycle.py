@@ -23,6 +23,7 @@ from lab.netlab import (
     process_title,
     recv_exact,
 )
+from lab.watch import stack_pid
 
 FLOWS = 8  # with two workers and least-loaded placement, each worker holds some
 # flows go to the workers in turn: pairs of each family give each worker flows of both
@@ -94,12 +95,23 @@ def test_killed_worker_resets_its_flows_and_others_carry_on(
     assert tunio.stop() == 0, tunio.log.text
 
 
+def _served_by_the_new_stack(lab: Lab, tunio: TunioProcess, start: int) -> None:
+    """New flows of both families are served once the workers, restarted, have joined the stack
+    that replaced the old one (log lines from `start` on); then a clean stop."""
+    tunio.log.wait_for(r"worker-1 restarted", RESET_DEADLINE, start)
+    tunio.log.wait_for(r"worker-0 restarted", RESET_DEADLINE, start)
+    for server in SERVERS:
+        with lab.connect(PEER_PORTS["echo"], server, timeout=RESET_DEADLINE) as sock:
+            _echo_once(sock)
+    assert tunio.stop() == 0, tunio.log.text
+
+
 def test_killed_stack_is_restarted_and_old_flows_are_reset(
     fresh_lab: Lab, fresh_servers: dict[str, LineReader]
 ) -> None:
     del fresh_servers
     tunio = fresh_lab.start_tunio()
-    [stack] = [p for p in tunio.children() if "tunio-stack" in process_title(p)]
+    stack = stack_pid(tunio)
     old = fresh_lab.connect(PEER_PORTS["echo"], SERVER_ADDRESS, timeout=RESET_DEADLINE)
     try:
         _echo_once(old)
@@ -112,14 +124,8 @@ def test_killed_stack_is_restarted_and_old_flows_are_reset(
         assert _outcome(old) == "reset"
     finally:
         old.close()
-    # New flows are served once the restarted workers have joined the new stack.
     _worker_pids(tunio, 2, RESET_DEADLINE)
-    tunio.log.wait_for(r"worker-1 restarted", RESET_DEADLINE, start)
-    tunio.log.wait_for(r"worker-0 restarted", RESET_DEADLINE, start)
-    for server in SERVERS:
-        with fresh_lab.connect(PEER_PORTS["echo"], server, timeout=RESET_DEADLINE) as sock:
-            _echo_once(sock)
-    assert tunio.stop() == 0, tunio.log.text
+    _served_by_the_new_stack(fresh_lab, tunio, start)
 
 
 def test_sigterm_stops_everything_and_cleans_up(
@@ -160,7 +166,7 @@ def test_a_stopped_stack_is_killed_and_its_successor_serves(
     flow stood still for good, and nothing was restarted."""
     del fresh_servers
     tunio = fresh_lab.start_tunio(["--hang-timeout", f"{HANG:g}"])
-    [stack] = [p for p in tunio.children() if "tunio-stack" in process_title(p)]
+    stack = stack_pid(tunio)
     start = len(tunio.log.lines)
     os.kill(stack, signal.SIGSTOP)
     try:
@@ -170,12 +176,7 @@ def test_a_stopped_stack_is_killed_and_its_successor_serves(
     finally:
         if alive(stack):
             os.kill(stack, signal.SIGKILL)
-    tunio.log.wait_for(r"worker-1 restarted", RESET_DEADLINE, start)
-    tunio.log.wait_for(r"worker-0 restarted", RESET_DEADLINE, start)
-    for server in SERVERS:
-        with fresh_lab.connect(PEER_PORTS["echo"], server, timeout=RESET_DEADLINE) as sock:
-            _echo_once(sock)
-    assert tunio.stop() == 0, tunio.log.text
+    _served_by_the_new_stack(fresh_lab, tunio, start)
 
 
 def test_a_stopped_worker_is_killed_and_started_again(
