@@ -57,7 +57,7 @@ class Host:
         self.locks: list[devicelock.DeviceLock | RuntimeDir] = []
         self.uplink: str | None = None
         self._made: list[Change] = []  # the changes made, in order (the journal's lines)
-        self.device_lost = False  # the stack found the device gone under the run
+        self.device_lost = False  # the stack found every TUN queue failed: the device gone
         self._left: list[Change] = []  # those a stop could not take back
 
     def plan_changes(self) -> list[Change]:
@@ -99,10 +99,6 @@ class Host:
         undo.callback(self._close_tun, existed)
         self._apply(changes, journal, undo)
         check_stop()
-
-    def device_exists(self) -> bool:
-        """Whether the TUN device is there (it can be deleted under a run)."""
-        return tundev.link_exists(self.options.tun, self._sys_net)
 
     def _device_state(self, plan: Plan) -> tuple[bool, list[bool]]:
         """Whether the device exists (and is one we can use), and which addresses it holds."""
@@ -159,7 +155,7 @@ class Host:
     def _went_with_the_device(self, change: Change) -> bool:
         """A route (or address) on the TUN device, which is gone (deleted under the run): the
         kernel took it away with the device, so there is nothing left to take back."""
-        if not self.device_lost or self.device_exists():
+        if not self.device_lost or tundev.link_exists(self.options.tun, self._sys_net):
             return False
         pairs = itertools.pairwise(change.undo)
         return any(a == "dev" and b == self.options.tun for a, b in pairs)

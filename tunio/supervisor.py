@@ -174,7 +174,6 @@ class Supervisor:
         self._policy: Policy | None = None
         self._stack_error: str | None = None
         self._failure: str | None = None  # why the run ends in failure (exit status 1)
-        self._tun_gone = False  # the stack said every TUN queue failed
         self._ran = False  # run() was called: a Supervisor runs once
 
     # ---- public
@@ -475,7 +474,7 @@ class Supervisor:
             self._stack_error = str(value)
             log.error("stack: %s", value)
         elif kind == "tun-gone" and child is self._stack:
-            self._tun_gone = self._host.device_lost = True
+            self._host.device_lost = True
         elif kind not in ("stack-ready", "worker-ready"):
             log.warning("unexpected status message %r from %s", message, child.name)
         elif not child.ready:
@@ -725,7 +724,7 @@ class Supervisor:
     def _reap(self, child: _Child, now: float) -> None:
         lifetime = now - child.started
         code = child.process.exitcode
-        if child is self._stack and self._tun_gone:
+        if child is self._stack and self._host.device_lost:
             # Deleted under the run: a new stack would fail on the same dead queues for good.
             # The run ends in failure, so that a service manager starts it again, device and all.
             self._close_status(child)

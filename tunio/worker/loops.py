@@ -22,6 +22,9 @@ log = logging.getLogger("tunio.worker")
 
 #: seconds between two lines about loops of one IP version (a loop comes in floods)
 WARNING_INTERVAL = 60.0
+#: seconds a destination whose TCP dial looped is refused at once (the hops of the loop already
+#: under way come back within milliseconds; a fixed route is used a second later)
+MEMORY = 1.0
 
 
 def left_as_the_app(sock: object, app: str) -> bool:
@@ -48,12 +51,33 @@ def _same_ipv6(one: str, other: str) -> bool:
 
 
 class RoutingLoops:
-    """Counts the loops a worker finds and says so: a line a minute per IP version at most."""
+    """Counts the loops a worker finds and says so (a line a minute per IP version at most),
+    and remembers for a while where an app's connections loop (`hold`, `held`)."""
 
     def __init__(self, stats: WorkerStats, worker: str) -> None:
         self.stats = stats
         self.worker = worker
         self._next_warning: dict[int, float] = {}
+        # (app address, destination host) -> until when a connection there is known to loop
+        self._held: dict[tuple[str, str], float] = {}
+
+    def hold(self, app: str, dst_host: str) -> None:
+        """A connection of app `app` to `dst_host` looped: its next ones are `held` a while."""
+        self._held[(app, dst_host)] = time.monotonic() + MEMORY
+
+    def held(self, app: str, dst_host: str) -> bool:
+        """Whether a new flow from `app` to `dst_host` is a hop of a loop under way (counted):
+        it is to be refused, not dialed."""
+        if not self._held:  # (every flow asks: no loop, no lookup)
+            return False
+        until = self._held.get((app, dst_host))
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._held[(app, dst_host)]
+            return False
+        self.stats.routing_loops += 1
+        return True
 
     def found(self, what: str, dst: Address, via: str, app: str) -> None:
         """A `what` ("connection", "udp session") to `dst` through dialer `via` left with the

@@ -33,9 +33,6 @@ log = logging.getLogger("tunio.worker")
 
 #: seconds between two warnings that the local ports are used up (see tunio.ports)
 PORT_WARNING_INTERVAL = 60.0
-#: seconds a destination whose dial looped into the TUN is refused at once (the hops of the
-#: loop already under way come back within milliseconds; a fixed route is used a second later)
-LOOP_MEMORY = 1.0
 #: dialers whose dial state (TcpDialing, label) is kept for their next flows; past it the
 #: oldest is let go (a policy may make a new dialer object for every flow)
 DIALINGS_KEPT = 64
@@ -82,8 +79,6 @@ class TcpOpener:
         self._dialings: dict[int, tuple[Dialer, TcpDialing[Flow], str]] = {}
         self._next_port_warning = 0.0  # see _open_failed
         self.loops = RoutingLoops(stats, name)
-        # (app address, destination host) -> until when a dial there is known to loop
-        self._looping: dict[tuple[str, str], float] = {}
         # one line a second under a flood of failing dials, not one a flow
         self.failures = EverySecond(log, logging.INFO, "failed dials")
         self._wrong_answers: set[tuple[str, type]] = set()  # (dialer, kind) logged
@@ -102,8 +97,7 @@ class TcpOpener:
             self._open_failed(fid, None, errno.EINVAL)
             return
         address = Address(dst_host, dst_port)  # the IP the app connected to
-        if self._looping and self._still_looping(src_host, dst_host):
-            self.stats.routing_loops += 1
+        if self.loops.held(src_host, dst_host):
             self._open_failed(fid, address, errno.ENETUNREACH, "a routing loop")
             return
         # A flow to a fake-IP address: the stack said its name first (NAME); the dialer gets it
@@ -131,22 +125,13 @@ class TcpOpener:
         flow.tries = tries
         self._dial_next(flow)
 
-    def _still_looping(self, src_host: str, dst_host: str) -> bool:
-        until = self._looping.get((src_host, dst_host))
-        if until is None:
-            return False
-        if time.monotonic() < until:
-            return True
-        del self._looping[(src_host, dst_host)]
-        return False
-
     def _looped(self, flow: Flow, pending: Connecting[Flow]) -> None:
         """`flow`'s connect goes into the TUN again: failed as unreachable (a dialer list goes on
         to its next), and the destination remembered for a second, so that the hop already on
         its way back (its SYN left with the connect) is refused as it arrives, not dialed: the
         loop unwinds at once, each hop's dial failing the same way, and the app sees "network
         unreachable", as with no route out."""
-        self._looping[(flow.src.host, flow.dst.host)] = time.monotonic() + LOOP_MEMORY
+        self.loops.hold(flow.src.host, flow.dst.host)
         self.loops.found("connection", flow.dst, flow.via, flow.src.host)
         pending.fail(errno.ENETUNREACH, "a routing loop: the connection went into the TUN again")
 
