@@ -15,14 +15,58 @@ LOCK_NAME = "tunio.pid"
 SOCKET_NAME = "stack.sock"
 
 
-def default_path(tun: str) -> Path:
-    """/run/tunio/<tun> for root; $XDG_RUNTIME_DIR/tunio/<tun> (or a per-user temp dir) else."""
+NETNS = "/proc/self/ns/net"
+HOST_NETNS = "/proc/1/ns/net"
+NAMED_NETNS = "/run/netns"  # where `ip netns add` pins the namespaces it names
+
+
+def default_path(
+    tun: str, netns: str = NETNS, host_netns: str = HOST_NETNS, named: str = NAMED_NETNS
+) -> Path:
+    """/run/tunio/<tun> for root; $XDG_RUNTIME_DIR/tunio/<tun> (or a per-user temp dir) else.
+
+    A device is a name in a network namespace, and /run is the same in every namespace: a run
+    in a namespace that `ip netns` named takes netns-<name>/<tun> under the same base, and one
+    in another namespace not the host's (process 1's) net<inode>/<tun>, so `ip netns exec a
+    tunio-run` and `ip netns exec b tunio-run` on tun0 each have a directory of their own.
+    Where neither tells (process 1's namespace is not ours to look at), the path is the plain
+    one."""
     if os.geteuid() == 0:
-        return Path("/run/tunio") / tun
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return Path(base) / "tunio" / tun
-    return Path(tempfile.gettempdir()) / f"tunio-{os.geteuid()}" / tun
+        base = Path("/run/tunio")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        base = Path(os.environ["XDG_RUNTIME_DIR"]) / "tunio"
+    else:
+        base = Path(tempfile.gettempdir()) / f"tunio-{os.geteuid()}"
+    own = _inode(netns)
+    if own is None:
+        return base / tun
+    name = _named(own, named)
+    if name is not None:
+        return base / f"netns-{name}" / tun
+    host = _inode(host_netns)
+    if host is None or own == host:
+        return base / tun
+    return base / f"net{own}" / tun
+
+
+def _inode(path: str) -> int | None:
+    """The inode of a namespace file; None if it cannot be seen (another user's process)."""
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _named(inode: int, directory: str) -> str | None:
+    """The name `ip netns` gave the namespace of `inode` (the first in order), if any."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return None
+    for entry in entries:
+        if _inode(entry.path) == inode:
+            return entry.name
+    return None
 
 
 class RuntimeDir:

@@ -85,7 +85,8 @@ SETTINGS: tuple[Setting, ...] = (
             "(default: ipc://<runtime-dir>/stack.sock)", "URL"),
     Setting("runtime-dir", "runtime_dir", "str",
             "private directory (mode 0700) for the ipc socket and the run's own keys "
-            "(default: /run/tunio/<tun>, or $XDG_RUNTIME_DIR/tunio/<tun> when not root)", "DIR"),
+            "(default: /run/tunio/<tun>, or $XDG_RUNTIME_DIR/tunio/<tun> when not root; "
+            "in a namespace ip netns named, netns-<name>/<tun> there)", "DIR"),
     Setting("route", "routes", "str",
             "send this network ('default' allowed) into the TUN; removed at exit", "CIDR",
             repeat=True),

@@ -363,12 +363,42 @@ def test_existing_device_is_kept_and_our_address_removed(world: World, logwatch:
     assert not any(c.startswith("link del") for c in calls)
 
 
-def test_default_runtime_dir(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    host = tmp_path / "host-ns"
+    host.touch()
+    same = {"netns": str(host), "host_netns": str(host), "named": str(tmp_path / "none")}
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert runtime.default_path("tun0") == Path("/run/tunio/tun0")
+    assert runtime.default_path("tun0", **same) == Path("/run/tunio/tun0")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
-    assert runtime.default_path("tun0") == Path("/run/user/1000/tunio/tun0")
+    assert runtime.default_path("tun0", **same) == Path("/run/user/1000/tunio/tun0")
+
+
+def test_default_runtime_dir_of_another_namespace(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # /run is shared by every network namespace, and a device name is not: tun0 in another
+    # namespace takes a directory named after that namespace
+    host, other = tmp_path / "host-ns", tmp_path / "other-ns"
+    named = tmp_path / "netns"
+    named.mkdir()
+    for path in (host, other, named / "a-lab"):
+        path.touch()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    ino = other.stat().st_ino
+    unnamed = str(named)
+    assert runtime.default_path("tun0", str(other), str(host), unnamed) == Path(
+        f"/run/tunio/net{ino}/tun0"
+    )
+    # the host's namespace out of sight (process 1 is not ours to look at): the plain path
+    hidden = str(tmp_path / "missing")
+    assert runtime.default_path("tun0", str(other), hidden, unnamed) == Path("/run/tunio/tun0")
+    # a namespace `ip netns` named is known by its name, seen or not
+    os.link(other, named / "b-lab")
+    for host_ns in (str(host), hidden):
+        assert runtime.default_path("tun0", str(other), host_ns, unnamed) == Path(
+            "/run/tunio/netns-b-lab/tun0"
+        )
 
 
 def test_dead_stack_is_restarted(world: World, logwatch: LogWatch) -> None:

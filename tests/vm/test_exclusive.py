@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from lab.netlab import PEER_PORTS, SERVER_ADDRESS, TUN_NAME, Lab, LineReader, pattern, recv_exact
 
@@ -48,25 +50,49 @@ def test_a_second_run_on_the_device_is_refused_whatever_its_runtime_dir(
     assert first.stop() == 0, first.log.text
 
 
+def _default_runtime_dir(ns: str) -> Path:
+    """Where a root tunio-run in namespace `ns` keeps its socket when given no --runtime-dir."""
+    return Path(f"/run/tunio/netns-{ns}/{TUN_NAME}")
+
+
 def test_the_same_name_in_another_namespace_is_another_device(
     fresh_lab: Lab, fresh_servers: dict[str, LineReader]
 ) -> None:
+    # neither run is given a runtime directory: /run is shared by the namespaces, so each
+    # default must be its own namespace's for both to run
     del fresh_servers
     lab = fresh_lab
-    first = lab.start_tunio()
-    argv = [
+    first_argv = lab.tunio_argv()
+    at = first_argv.index("--runtime-dir")
+    del first_argv[at : at + 2]
+    second_argv = [
         sys.executable, "-m", "tunio.cli", "--tun", TUN_NAME, "--address", "10.77.0.1/24",
-        "--queues", "1", "--workers", "1", "--runtime-dir", str(lab.runtime_dir / "srv"),
+        "--queues", "1", "--workers", "1",
     ]  # fmt: skip
-    proc = lab.popen(lab.srv, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert proc.stderr is not None
-    other = LineReader(proc.stderr, "tunio-run-srv")
-    other.wait_for(r"\bready\b", 30.0)
-    assert TUN_NAME in lab.ip(lab.srv, "link", "show")
-    _echo(lab)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(EXIT_TIMEOUT) == 0, other.text
-    assert first.stop() == 0, first.log.text
+    dirs = [_default_runtime_dir(lab.app), _default_runtime_dir(lab.srv)]
+    assert dirs[0] != dirs[1]
+    runs: list[tuple[subprocess.Popen[str], LineReader]] = []
+    try:
+        for ns, argv in ((lab.app, first_argv), (lab.srv, second_argv)):
+            proc = lab.popen(ns, argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            assert proc.stderr is not None
+            log = LineReader(proc.stderr, f"tunio-run-{ns}")
+            runs.append((proc, log))
+            log.wait_for(r"\bready\b", 30.0)
+        assert TUN_NAME in lab.ip(lab.srv, "link", "show")
+        assert [(d / "stack.sock").is_socket() for d in dirs] == [True, True]
+        _echo(lab)
+        for proc, log in reversed(runs):
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(EXIT_TIMEOUT) == 0, log.text
+        assert [d.exists() for d in dirs] == [False, False]  # each run removed its own
+    finally:
+        for proc, _ in runs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(EXIT_TIMEOUT)
+        for d in dirs:
+            shutil.rmtree(d.parent, ignore_errors=True)
 
 
 def test_a_killed_tunio_run_takes_its_children_and_device_with_it(
