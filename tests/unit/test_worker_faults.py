@@ -119,6 +119,36 @@ def test_a_dialer_answering_no_connection_is_open_fail_econnaborted(
     _flows_fail_with_one_line(rigs(Answers(answer)), caplog)
 
 
+class Unconnected:
+    """A dialer that answers a stream socket of its own making that is connected to nothing:
+    a listening one, or one never connected (its connect forgotten)."""
+
+    def __init__(self, listening: bool) -> None:
+        self.listening = listening
+        self.made: list[socket.socket] = []
+
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
+        sock = socket.socket()
+        self.made.append(sock)
+        if self.listening:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        return sock
+
+
+@pytest.mark.parametrize("listening", [True, False], ids=["listening", "never-connected"])
+def test_a_dialer_answering_an_unconnected_socket_is_open_fail_econnaborted(
+    rigs: MakeRig, listening: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a reset with no word of why: the flows fail with one line that says the socket is
+    not connected, and the sockets are closed."""
+    dialer = Unconnected(listening)
+    _flows_fail_with_one_line(rigs(dialer), caplog)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "not connected" in said[0], said
+    assert [sock.fileno() for sock in dialer.made] == [-1, -1]
+
+
 def _flows_fail_with_one_line(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
     """Two flows through a dialer that answers what cannot carry them: each an OPEN_FAIL
     ECONNABORTED (not 0: the app sees a reset), none left, and the dialer's bug said once."""

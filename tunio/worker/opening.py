@@ -38,6 +38,21 @@ PORT_WARNING_INTERVAL = 60.0
 DIALINGS_KEPT = 64
 
 
+def _wrong_answer(sock: object, dialled: bool) -> str | None:
+    """What is wrong with a dialer's answer for the relay, if anything. A socket from a dial
+    (`dialled`: not a connect the worker watched to its end) must be connected too: a
+    listening socket, or one whose connect the dialer did not await, would fail the flow with
+    a reset and no word of why."""
+    if not open_socket(sock):
+        return f"the dialer answered {sock!r:.80}, not an open stream socket"
+    if dialled:
+        try:
+            sock.getpeername()
+        except OSError:
+            return f"the dialer answered {sock!r:.80}, not connected"
+    return None
+
+
 class TcpOpener:
     """Takes OPENs for `table`: `capacity` flows at most (0: no limit), each dialled within
     `connect_timeout` through what `policy` picks for it (tunio.policy), `dialer` by default.
@@ -160,15 +175,16 @@ class TcpOpener:
 
     def _dialed(self, flow: Flow, sock: socket.socket | None, code: int, why: str) -> None:
         """How every dial ends: connected (`sock`), or failed with errno `code`."""
-        started = flow.dial.started if flow.dial is not None else None
+        pending = flow.dial
+        started = pending.started if pending is not None else None
         flow.dial = None
         if flow.state is not State.DIALING or self.table.flows.get(flow.fid) is not flow:
             if sock is not None:
                 abort(sock)  # reset while the dial finished: the destination must see it too
             return
-        if sock is not None and not open_socket(sock):
-            code, why = errno.ECONNABORTED, f"the dialer answered {sock!r:.80}, not an open " \
-                "stream socket"  # fmt: skip
+        wrong = None if sock is None else _wrong_answer(sock, type(pending) is not Connecting)
+        if wrong is not None:
+            code, why = errno.ECONNABORTED, wrong
             if isinstance(sock, socket.socket):
                 abort(sock)  # (the dialer handed it over: ours to close)
             said = (flow.via, type(sock))
