@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.unit.tablerig import DEADLINE, MakeRig, PairDialer, Rig, rig_maker
-from tunio.dialers import Address, DirectDialer
+from tunio.dialers import Address, DirectDialer, FunctionDialer
 from tunio.policy import Flow, Reject, decide
 from tunio.wire import Cmd, Message
 from tunio.worker.dial import Connecting
@@ -214,6 +214,23 @@ def test_a_dial_that_is_not_async_is_open_fail_econnaborted_with_what_to_change(
     said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(said) == 1, said
     assert "not an awaitable: write it `async def dial(dst, src)`" in said[0]
+
+
+def test_a_function_dialer_around_a_function_that_is_not_async_says_so_once(
+    rigs: MakeRig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FunctionDialer(f) with a `def f`: the flows fail with ECONNABORTED and one line with what
+    to change (not a TypeError's traceback a second), and the sockets f made are closed."""
+    made: list[socket.socket] = []
+
+    def sync(dst: Address, src: Address) -> socket.socket:
+        made.append(socket.socket())
+        return made[-1]
+
+    _flows_fail_with_one_line(rigs(FunctionDialer(sync)), caplog)  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "not an awaitable: write it `async def`" in said[0], said
+    assert [sock.fileno() for sock in made] == [-1, -1]
 
 
 def test_a_wrong_answer_moves_on_to_the_next_dialer(rigs: MakeRig) -> None:

@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import inspect
+import logging
 import socket
+import struct
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NoReturn, Protocol, runtime_checkable
+
+from tunio.errors import DialError
+
+log = logging.getLogger("tunio.dialers")
 
 
 @dataclass(frozen=True)
@@ -190,9 +198,26 @@ class FunctionDialer:
 
     def __init__(self, func: DialFunction) -> None:
         self.func = func
+        self._said_sync = False
 
     async def dial(self, dst: Address, src: Address) -> socket.socket:
-        return await self.func(dst, src)
+        made: object = self.func(dst, src)
+        if not inspect.isawaitable(made):
+            self._not_awaitable(made)
+        return await made  # type: ignore[no-any-return]
+
+    def _not_awaitable(self, made: object) -> NoReturn:
+        """A `def f` given for an `async def f`: its answer closed (a socket with a reset),
+        the flow failed with ECONNABORTED, and what to change said once."""
+        if not self._said_sync:
+            self._said_sync = True
+            log.error("%r returned %.80r, not an awaitable: write it `async def`; its flows "
+                      "fail with ECONNABORTED", self, made)  # fmt: skip
+        if isinstance(made, socket.socket):
+            with contextlib.suppress(OSError):
+                made.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            made.close()
+        raise DialError(errno.ECONNABORTED, f"{self!r}: the function is not async")
 
     def __repr__(self) -> str:
         return f"FunctionDialer({getattr(self.func, '__qualname__', self.func)!r})"
