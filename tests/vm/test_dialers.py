@@ -46,6 +46,7 @@ from lab.proxies import (
     start_dante,
     start_tinyproxy,
 )
+from lab.watch import final_statistics
 
 from tests.vm.conftest import REPO, start_servers
 
@@ -187,6 +188,28 @@ def test_chain_socks5_then_http(
     assert tunio.running()
     # both proxies saw the flow: dante tunnelled to tinyproxy, which reached the server
     proxies["http-auth"].log.wait_for(rf"CONNECT {SERVER_ADDRESS}:{PEER_PORTS['source']}", 5.0)
+
+
+def test_a_chain_whose_way_out_loops_fails_fast_and_is_named(
+    lab: Lab, proxies: dict[str, Proxy], run_tunio: list[TunioProcess]
+) -> None:
+    """A chain's first hop is dialled by a coroutine, not watched by the worker: with a mark
+    whose connections take the main table (into the TUN), the direct dialer finds its
+    connection to the first proxy leaving with the app's address, and the flow fails with
+    ENETUNREACH at once, named and counted, not hop after hop until the app times out."""
+    tunio = lab.start_tunio(["--dialer", url(proxies, "socks5"), "--dialer", url(proxies, "http"),
+                             "--egress-mark", "0x2"])  # fmt: skip
+    run_tunio.append(tunio)
+    for _ in range(3):
+        assert connect_errno(lab, SERVER_ADDRESS, PEER_PORTS["echo"]) == errno.ENETUNREACH
+    first = proxies["socks5"]
+    proxy = re.escape(f"{first.host}:{first.port}")
+    tunio.log.wait_for(rf"routing loop: its connection to {SERVER_ADDRESS}:\d+ via "
+                       rf"socks5://{proxy},http://\S+ left from 198\.18\.255\.1", 10.0)  # fmt: skip
+    assert tunio.stop() == 0, tunio.log.text
+    stats = final_statistics(tunio)
+    assert stats["flows_opened"] <= 3 * (2 + 1), stats  # each cut within a hop per worker
+    assert stats["pending"] == 0, stats
 
 
 @pytest.mark.parametrize("scheme", ["socks5", "http"])

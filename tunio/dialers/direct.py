@@ -14,6 +14,7 @@ import socket
 from tunio.dialers.base import Address
 from tunio.dialers.ping import PingSession, open_ping
 from tunio.dialers.resolve import Resolver, happy_eyeballs, interleave
+from tunio.dialers.routing import RoutingLoop, left_as_the_app
 from tunio.dialers.udp import SocketSession
 from tunio.errors import ConfigError, DialError
 
@@ -131,22 +132,31 @@ class DirectDialer:
             raise _dial_error(dst, exc) from exc
         return sock, (host, dst.port)
 
-    async def dial(self, dst: Address, src: Address) -> socket.socket:  # noqa: ARG002
+    async def dial(self, dst: Address, src: Address) -> socket.socket:
         if not is_literal(dst.host):
             addresses = await self._addresses(dst)
 
             async def attempt(ip: str) -> socket.socket:
-                return await self._dial_ip(Address(ip, dst.port))
+                return await self._dial_ip(Address(ip, dst.port), src)
 
             return await happy_eyeballs([a.host for a in addresses], attempt)
-        return await self._dial_ip(dst)
+        return await self._dial_ip(dst, src)
 
-    async def _dial_ip(self, dst: Address) -> socket.socket:
+    async def _dial_ip(self, dst: Address, src: Address) -> socket.socket:
         sock, addr = self._socket(dst, socket.SOCK_STREAM)
         try:
             if self.nodelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.get_running_loop().sock_connect(sock, addr)
+            rc = sock.connect_ex(addr)
+            if rc not in (0, errno.EINPROGRESS):
+                raise OSError(rc, os.strerror(rc))
+            # the route is picked, the source with it: one into the TUN again is a loop, to
+            # fail now (its SYN is already on the way back as the loop's next hop)
+            if left_as_the_app(sock, src.host):
+                raise RoutingLoop(dst, f"{dst}: a routing loop: the connection from {src.host} "
+                                  "went into the TUN again")  # fmt: skip
+            if rc:
+                await _connected(sock)
         except OSError as exc:
             sock.close()
             raise _dial_error(dst, exc) from exc
@@ -200,6 +210,26 @@ class DirectDialer:
         dst = (await self._addresses(dst, prefer_v4=True))[0]
         mark, interface = self.egress()
         return open_ping(dst, mark=mark, interface=interface)
+
+
+async def _connected(sock: socket.socket) -> None:
+    """Wait for `sock`'s connect (started, in progress) to end; OSError if it failed."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    fd = sock.fileno()
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(fd, writable)
+    try:
+        await done
+    finally:
+        loop.remove_writer(fd)
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
 
 
 def is_literal(host: str) -> bool:

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlsplit
 from tunio.dialers import _stream
 from tunio.dialers.base import Address, Dialer, Handshake, toward_proxy
 from tunio.dialers.direct import DirectDialer
+from tunio.dialers.routing import RoutingLoop
 from tunio.errors import ConfigError, DialError
 
 
@@ -253,4 +254,6 @@ class ProxyDialer:
         text = exc.strerror or str(exc)
         if isinstance(exc, DialError) and text.startswith(self.name):
             return exc
+        if isinstance(exc, RoutingLoop):  # (the worker tells a loop by its kind)
+            return RoutingLoop(exc.to, f"{self.name}: {prefix}{text}")
         return DialError(code, f"{self.name}: {prefix}{text}")

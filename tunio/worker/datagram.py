@@ -23,6 +23,7 @@ from typing import cast
 from tunio import defaults, wire
 from tunio.dialers import label
 from tunio.dialers.base import Address, DatagramDialer, DatagramSession, Dialer, PingDialer
+from tunio.dialers.routing import left_as_the_app
 from tunio.errors import is_errno
 from tunio.logs import EverySecond
 from tunio.owner import OwnerLookup
@@ -32,7 +33,7 @@ from tunio.wire import Cmd
 from tunio.worker.credit import DatagramCredit
 from tunio.worker.dial import Dial, Dialing
 from tunio.worker.flow import ErrorSink, Send
-from tunio.worker.loops import RoutingLoops, left_as_the_app
+from tunio.worker.loops import RoutingLoops
 from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats, errname
 

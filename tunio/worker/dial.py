@@ -31,6 +31,7 @@ from tunio.dialers.base import (
     StartHandshake,
     connecting_to_proxy,
 )
+from tunio.dialers.routing import RoutingLoop
 from tunio.errors import is_errno
 from tunio.logs import EverySecond
 
@@ -152,6 +153,8 @@ class Dial(Generic[K, T]):
             # would otherwise end the worker's loop and every other flow with it
             if self.live:
                 self._task = None  # it is ending: nothing to cancel
+                if isinstance(exc, RoutingLoop) and dialing.looped is not None:
+                    dialing.looped(self.key, exc)
                 code, why = dial_failure(exc, f"{dialing.what} {dst}", dialing.timeout)
                 self._end(None, code, why)
             return
@@ -299,6 +302,8 @@ class Dialing(Generic[K, T]):
         self.discard = discard
         self.said_none = False  # a dialer that returned None was logged
         self.said_sync = False  # a dialer whose dial is no coroutine was logged
+        #: told of a dial that failed as a routing loop (tunio.dialers.routing), before `done`
+        self.looped: Callable[[K, RoutingLoop], None] | None = None
 
     def returned_none(self, dst: Address) -> None:
         """The dialer answered None: a bug of its own, said once; its flows count as failed."""

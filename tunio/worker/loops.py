@@ -12,7 +12,6 @@ own packets had), which a connection that leaves by another interface never does
 from __future__ import annotations
 
 import logging
-import socket
 import time
 
 from tunio.dialers.base import Address
@@ -25,29 +24,6 @@ WARNING_INTERVAL = 60.0
 #: seconds a destination whose TCP dial looped is refused at once (the hops of the loop already
 #: under way come back within milliseconds; a fixed route is used a second later)
 MEMORY = 1.0
-
-
-def left_as_the_app(sock: object, app: str) -> bool:
-    """Whether socket `sock` (connected, or connecting) has the local address `app`."""
-    if not isinstance(sock, socket.socket):
-        return False  # (a dialer's own kind of session: nothing to tell by)
-    try:
-        local = sock.getsockname()
-    except OSError:
-        return False
-    if not isinstance(local, tuple) or not local:
-        return False  # (an AF_UNIX socket)
-    host = local[0]
-    return host == app or (":" in host and ":" in app and _same_ipv6(host, app))
-
-
-def _same_ipv6(one: str, other: str) -> bool:
-    """Two spellings of one IPv6 address (a scope suffix aside) compare alike."""
-    try:
-        return socket.inet_pton(socket.AF_INET6, one.partition("%")[0]) == \
-            socket.inet_pton(socket.AF_INET6, other)  # fmt: skip
-    except OSError:
-        return False
 
 
 class RoutingLoops:

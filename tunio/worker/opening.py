@@ -17,6 +17,7 @@ import time
 from tunio import defaults, ports, wire
 from tunio.dialers import label
 from tunio.dialers.base import Address, Dialer
+from tunio.dialers.routing import RoutingLoop, left_as_the_app
 from tunio.logs import EverySecond
 from tunio.owner import OwnerLookup
 from tunio.policy import Flow as PolicyFlow
@@ -24,7 +25,7 @@ from tunio.policy import Owner, Policy, Reject, decide
 from tunio.wire import Cmd
 from tunio.worker.dial import Connecting, TcpDialing, abort, open_socket
 from tunio.worker.flow import ErrorSink, Flow, Send, State
-from tunio.worker.loops import RoutingLoops, left_as_the_app
+from tunio.worker.loops import RoutingLoops
 from tunio.worker.names import Names
 from tunio.worker.stats import WorkerStats
 from tunio.worker.tcp import TcpTable
@@ -150,6 +151,14 @@ class TcpOpener:
         self.loops.found("connection", flow.dst, flow.via, flow.src.host)
         pending.fail(errno.ENETUNREACH, "a routing loop: the connection went into the TUN again")
 
+    def _dial_looped(self, flow: Flow, looping: RoutingLoop) -> None:
+        """A dial's coroutine found its connection going into the TUN again (the direct
+        dialer's check, tunio.dialers.routing: a name's dial, a proxy's or a chain's first
+        hop): counted and said as `_looped` does, and the hop on its way back (to where that
+        connection was to go) refused as it arrives."""
+        self.loops.hold(flow.src.host, looping.to.host)
+        self.loops.found("connection", flow.dst, flow.via, flow.src.host)
+
     def _owner_of(self, info: PolicyFlow) -> Owner | None:
         assert self._owners is not None
         return self._owners.owner(info.protocol, info.src, info.address)
@@ -161,6 +170,7 @@ class TcpOpener:
             if len(dialings) >= DIALINGS_KEPT:  # the oldest goes; its dials in flight keep theirs
                 del dialings[next(iter(dialings))]
             dialing = TcpDialing(dialer, self._loop, self._timeout, self._dialed, self.table.watch)
+            dialing.looped = self._dial_looped
             made = dialings[id(dialer)] = (dialer, dialing, label(dialer))
         return made[1], made[2]
 
