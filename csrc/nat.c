@@ -616,6 +616,12 @@ static int in_pool(const struct tunio_nat *nat, const uint8_t a[16], uint8_t *in
     return 1;
 }
 
+int tunio_nat_owns(const struct tunio_nat *nat, const uint8_t addr[16])
+{
+    uint8_t index;
+    return !memcmp(addr, nat->cfg.listen_addr, 16) || in_pool(nat, addr, &index);
+}
+
 static enum tunio_nat_verdict from_listener(struct tunio_nat *nat, struct tunio_pkt *p,
                                             uint64_t now, uint8_t pool_index)
 {

@@ -157,6 +157,8 @@ int tunio_nat_reject(struct tunio_nat *nat, uint32_t entry, uint32_t flow_id, in
 /* A held flow's tuple, to open it again on another worker: -ENOENT unless it is still held. */
 int tunio_nat_describe(struct tunio_nat *nat, uint32_t entry, uint32_t flow_id,
                        struct tunio_nat_open *out);
+/* 1 if `addr` is the table's own: the listener's address A or one of its pool's F. */
+int tunio_nat_owns(const struct tunio_nat *nat, const uint8_t addr[16]);
 /* Accept path: which flow does the listener's peer F:p belong to? */
 int tunio_nat_lookup_slot(struct tunio_nat *nat, const uint8_t addr[16], uint16_t port,
                           uint32_t *entry, uint32_t *flow_id);

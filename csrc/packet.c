@@ -436,3 +436,15 @@ int tunio_pkt_verify_checksums(const struct tunio_pkt *p)
     uint32_t sum = pseudo_sum(p->buf, p->proto, p->l4_len);
     return tunio_csum_finish(tunio_csum_add(sum, l4, p->l4_len)) == 0 ? 0 : -1;
 }
+
+int tunio_pkt_dst_martian(const struct tunio_pkt *p)
+{
+    const uint8_t *a = p->dst;
+    if (p->version == 4)
+        return a[0] == 0 || a[0] == 127 || (a[0] & 0xf0) == 224 ||
+               (a[0] == 255 && a[1] == 255 && a[2] == 255 && a[3] == 255);
+    static const uint8_t zero[16], mapped[12] = {[10] = 0xff, [11] = 0xff};
+    if (a[0] == 0xff || !memcmp(a, mapped, sizeof(mapped)))
+        return 1;
+    return !memcmp(a, zero, 15) && a[15] <= 1; /* :: and ::1 */
+}

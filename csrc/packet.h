@@ -104,6 +104,13 @@ size_t tunio_pkt_build_echo(int version, int reply, const uint8_t src[16], const
                             uint16_t id, uint16_t seq, const uint8_t *data, size_t len,
                             uint8_t *out, size_t cap);
 
+/* 1 if the destination of `p` is one no router forwards a packet to (a "martian" destination,
+ * as Linux calls those it drops on input): IPv4 0.0.0.0/8, 127.0.0.0/8, multicast 224.0.0.0/4
+ * and the limited broadcast; IPv6 ::, ::1, multicast ff00::/8 and IPv4-mapped ::ffff:0:0/96.
+ * Dialed, such a flow would reach the gateway's own loopback services, or its LAN's multicast
+ * groups, on behalf of whoever can send into the TUN. */
+int tunio_pkt_dst_martian(const struct tunio_pkt *p);
+
 /* Verifies the IPv4 header checksum and the TCP/UDP checksum of a parsed packet: 0 if both are
  * right. Tests use it: the kernel does not check checksums of some packets we hand it. */
 int tunio_pkt_verify_checksums(const struct tunio_pkt *p);

@@ -38,6 +38,7 @@ struct tunio_reader {
     atomic_ullong packets_read;
     atomic_ullong drop[5]; /* by enum tunio_pkt_status */
     atomic_ullong dgrams_dropped;
+    atomic_ullong martians;           /* see tunio_pkt_dst_martian */
     uint8_t dns_reply[DNS_REPLY_MAX]; /* this thread's */
 };
 
@@ -111,6 +112,11 @@ static void handle_packet(struct tunio_reader *r, uint8_t *frame, size_t n, uint
         count(&r->drop[TUNIO_PKT_UNSUPPORTED], 1);
         return;
     }
+    /* A martian destination is dropped, as Linux drops it on input (and the app's own stack
+     * never sends one into a TUN): a flow there would reach the gateway's loopback or its
+     * LAN's multicast groups. The stack's own addresses (in the rig, loopback ones) and the
+     * DNS address, served below, are not flows to anywhere. */
+    int martian = tunio_pkt_dst_martian(&p) && !tunio_nat_owns(nat, p.dst);
     if (p.proto != TUNIO_IPPROTO_TCP) {
         size_t n = 0;
         switch (tunio_dns_serve(r->cfg.dns, &p, tunio_now_ms(), r->dns_reply, DNS_REPLY_MAX, &n)) {
@@ -123,9 +129,16 @@ static void handle_packet(struct tunio_reader *r, uint8_t *frame, size_t n, uint
         case TUNIO_DNS_DROP:
             break;
         default:
-            queue_dgram(r, &p, 0);
+            if (martian)
+                count(&r->martians, 1);
+            else
+                queue_dgram(r, &p, 0);
             break;
         }
+        return;
+    }
+    if (martian) {
+        count(&r->martians, 1);
         return;
     }
     if (h && (frame[0] & VNET_F_NEEDS_CSUM)) {
@@ -250,6 +263,7 @@ int tunio_reader_new(const struct tunio_reader_config *cfg, struct tunio_reader 
     for (size_t i = 0; i < TUNIO_ARRAY_LEN(r->drop); i++)
         atomic_init(&r->drop[i], 0);
     atomic_init(&r->dgrams_dropped, 0);
+    atomic_init(&r->martians, 0);
     *out = r;
     return 0;
 }
@@ -292,4 +306,5 @@ void tunio_reader_add_stats(const struct tunio_reader *r, struct tunio_stats *o)
     o->drop_fragment += atomic_load(&r->drop[TUNIO_PKT_FRAGMENT]);
     o->drop_unsupported += atomic_load(&r->drop[TUNIO_PKT_UNSUPPORTED]);
     o->udp_dropped += atomic_load(&r->dgrams_dropped);
+    o->drop_martian += atomic_load(&r->martians);
 }

@@ -68,6 +68,7 @@ struct tunio_stats {
     uint64_t drop_unsupported;
     uint64_t drop_reserved;
     uint64_t drop_unknown;
+    uint64_t drop_martian; /* packets to a destination no router forwards to (packet.h) */
     uint64_t rst_unknown_flow;
     uint64_t nat_table_full;
     uint64_t nat_entries;

@@ -129,6 +129,28 @@ class Plan:
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
+def martian(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why no packet to `ip` ever enters a TUN, or None: the stack drops packets to these as
+    Linux does (tunio_pkt_dst_martian in csrc/packet.c), so an address of the stack's own
+    cannot be one."""
+    v4 = isinstance(ip, ipaddress.IPv4Address)
+    for why, hit in (
+        ("a loopback address", ip.is_loopback),
+        ("a multicast address", ip.is_multicast),
+        ("an address of 0.0.0.0/8", v4 and ip in _THIS_NETWORK),
+        ("the limited broadcast address", ip == _LIMITED_BROADCAST),
+        ("the unspecified address", ip.is_unspecified),
+        ("an IPv4-mapped address", not v4 and ip.ipv4_mapped is not None),  # type: ignore[union-attr]
+    ):
+        if hit:
+            return why
+    return None
+
+
+_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def parse_address(text: str) -> Interface:
     """The TUN's address with its prefix; it needs spare addresses in the prefix for NAT."""
     try:
@@ -137,6 +159,9 @@ def parse_address(text: str) -> Interface:
         raise ConfigError(
             f"--address {text!r} is not an address with a prefix length (e.g. 198.18.0.1/24)"
         ) from None
+    why = martian(iface.ip)
+    if why:
+        raise ConfigError(f"--address {text}: {why} is never routed into a TUN")
     if isinstance(iface, ipaddress.IPv6Interface):
         if iface.network.prefixlen > 126:
             raise ConfigError(
@@ -459,6 +484,7 @@ def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | N
         raise ConfigError(f"--dns-hold {options.dns_hold:g} is out of range: use 0..86400")
     if options.dns_upstream is not None:
         parse_upstream(options.dns_upstream)
+    given = _dns_addresses(options)
     spec = options.dns
     if spec is None or not dns_enabled(options):  # spec: str from here on
         return None
@@ -486,13 +512,8 @@ def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | N
                 raise ConfigError(f"--dns: the pool {pool} lies inside the TUN's prefix {net}")
             if net.version == 6 == pool.version and net.overlaps(pool):
                 raise ConfigError(f"--dns: the pool {pool} overlaps the TUN's prefix {net}")
-    given = (options.dns_address,) if isinstance(options.dns_address, str) else options.dns_address
     where: dict[int, Address] = {}
-    for text in given:
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            raise ConfigError(f"--dns-address {text!r} is not an IP address") from None
+    for ip in given:
         if ip.version in where:
             raise ConfigError(f"--dns-address: give at most one IPv{ip.version} address")
         where[ip.version] = ip
@@ -508,6 +529,22 @@ def parse_dns(options: Options, addresses: tuple[Interface, ...]) -> DnsPlan | N
         "fake-ip", upstream, tuple(pools), tuple(where[v] for v in sorted(where)),
         options.dns_ttl, options.dns_hold,
     )  # fmt: skip
+
+
+def _dns_addresses(options: Options) -> list[Address]:
+    """--dns-address's addresses, each one a packet can be sent to through the TUN."""
+    given = (options.dns_address,) if isinstance(options.dns_address, str) else options.dns_address
+    out: list[Address] = []
+    for text in given:
+        try:
+            ip = ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(f"--dns-address {text!r} is not an IP address") from None
+        why = martian(ip)
+        if why:
+            raise ConfigError(f"--dns-address {ip}: {why} is never routed into a TUN")
+        out.append(ip)
+    return out
 
 
 def pool_routes(routes: tuple[str, ...], pools: tuple[Network, ...]) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ _STACK: tuple[tuple[str, str, str, tuple[tuple[str, str], ...]], ...] = (
      (('reason="truncated"', "drop_truncated"), ('reason="bad_header"', "drop_bad_header"),
       ('reason="fragment"', "drop_fragment"), ('reason="unsupported"', "drop_unsupported"),
       ('reason="reserved_address"', "drop_reserved"), ('reason="unknown_flow"', "drop_unknown"),
+      ('reason="martian_destination"', "drop_martian"),
       ('reason="write_error"', "write_errors"))),
     ("tunio_refused_flows_total", "counter", "New flows refused before any dial, by why.",
      (('reason="max_flows"', "refused_max_flows"), ('reason="max_pending"', "refused_max_pending"),

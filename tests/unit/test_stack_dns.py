@@ -28,7 +28,7 @@ from tunio.testing.stackrig import APP, WINDOW, Rig, stack_rig
 
 POOL = ipaddress.ip_network("198.18.64.0/28")  # 14 usable addresses
 POOL6 = ipaddress.ip_network("fd00:7475::/124")
-DNS = ipaddress.ip_address("127.0.0.53")
+DNS = ipaddress.ip_address("192.0.2.53")
 UPSTREAM = (ipaddress.ip_address("127.0.0.9"), 5353)
 TYPE_MX = 15
 TYPE_TXT = 16

@@ -12,7 +12,7 @@ import pytest
 
 from tunio import wire
 from tunio.testing import packets
-from tunio.testing.stackrig import APP, DST, WINDOW, pool_of, stack_rig
+from tunio.testing.stackrig import APP, APP6, DST, WINDOW, pool_of, stack_rig
 
 in_pool = pool_of()
 
@@ -218,3 +218,52 @@ def test_worker_data_beyond_the_window_resets_the_flow(tmp_path: Path) -> None:
         rig.send(wire.Cmd.DATA, msg.flow, 0, b"y")
         reply = rig.recv()
         assert (reply.cmd, reply.flow, reply.arg) == (wire.Cmd.RST, msg.flow, errno.EPROTO)
+
+
+# Destinations no router forwards to. A flow there would reach the gateway's own loopback
+# services (127.0.0.53 is a host's resolver; ::ffff:127.0.0.1 is IPv4's loopback to a
+# dual-stack socket) or its LAN's multicast groups. The rig's own addresses are in 127.0.0.0/8,
+# so these are other ones of it.
+MARTIANS = ("127.0.0.53", "127.1.2.3", "0.0.0.0", "0.1.2.3", "224.0.0.251", "239.255.255.250",
+            "255.255.255.255", "::1", "::", "ff02::fb", "ff05::1:3", "::ffff:127.0.0.1",
+            "::ffff:192.0.2.2")  # fmt: skip
+
+
+def test_packets_to_martian_destinations_are_dropped_counted_and_never_dialed(
+    tmp_path: Path,
+) -> None:
+    with stack_rig(tmp_path) as rig:
+        for n, dst in enumerate(MARTIANS):
+            app = APP6 if ":" in dst else APP
+            rig.write(packets.tcp(app, 41000 + n, dst, 80, flags=packets.SYN,
+                                  options=packets.SYN_OPTIONS))  # fmt: skip
+            rig.write(packets.tcp(app, 41000 + n, dst, 80, flags=packets.ACK, seq=1, ack=1))
+            rig.write(packets.udp(app, 42000 + n, dst, 53, b"query"))
+            rig.write(packets.echo(app, dst, 43000 + n, 1, b"ping"))
+        # Nothing went back into the TUN: not even the RST a stray ACK gets elsewhere.
+        assert rig.probe().sport == 9
+        assert rig.stack.stats()["drop_martian"] == 4 * len(MARTIANS)
+        # Nothing reached the worker: the first messages it gets are those of the flows after.
+        rig.write(packets.udp(APP, 42999, DST, 53, b"after"))
+        dgram = rig.recv()
+        assert dgram.cmd is wire.Cmd.DGRAM
+        assert bytes(dgram.payload or b"")[40:] == b"after"
+        opened = rig.open(41999, 80)
+        block = wire.AddressBlock.unpack(bytes(opened.payload or b""))
+        assert (str(block.dst), block.src_port) == (DST, 41999)
+        stats = rig.stack.stats()
+        assert (stats["flows_opened"], stats["udp_sessions_opened"]) == (1, 1)
+
+
+def test_the_stacks_own_loopback_addresses_are_not_martians(tmp_path: Path) -> None:
+    """The rig's TUN is 127.0.0.1/8: its listener and pool addresses are loopback ones, and a
+    packet to them stays the reserved-address drop it was (an address of the stack is not a
+    destination anywhere)."""
+    pool = str(ipaddress.ip_network("127.0.0.0/8").broadcast_address - 1)
+    assert in_pool(pool)
+    with stack_rig(tmp_path) as rig:
+        rig.write(packets.tcp(APP, 41500, APP, 80, flags=packets.SYN))
+        rig.write(packets.tcp(APP, 41501, pool, 80, flags=packets.SYN))
+        assert rig.probe().sport == 9
+        stats = rig.stack.stats()
+        assert (stats["drop_reserved"], stats["drop_martian"]) == (2, 0)

@@ -37,13 +37,13 @@ def _rst_to(pkt: packets.Parsed, sport: int) -> bool:
 
 def test_past_max_pending_a_syn_gets_a_rst_from_the_reader(tmp_path: Path) -> None:
     with stack_rig(tmp_path, max_flows=100, max_pending=2) as rig:
-        rig.open(41000, 80, dst="127.0.0.2")
-        rig.open(41001, 80, dst="127.0.0.3")
-        rig.write(rig.syn(41002, 80, dst="127.0.0.4"))
+        rig.open(41000, 80, dst="192.0.2.2")
+        rig.open(41001, 80, dst="192.0.2.3")
+        rig.write(rig.syn(41002, 80, dst="192.0.2.4"))
         rst = rig.read()  # at once, from the reader: no OPEN reached the worker
         assert rst.checksums_ok
         assert _rst_to(rst, 41002)
-        assert (rst.src, rst.sport) == ("127.0.0.4", 80)
+        assert (rst.src, rst.sport) == ("192.0.2.4", 80)
         stats = rig.stack.stats()
         assert (stats["refused_max_pending"], stats["pending"], stats["pending_peak"]) == (1, 2, 2)
         assert stats["flows_opened"] == 2
@@ -58,7 +58,7 @@ def test_a_destination_holds_a_quarter_of_max_pending(tmp_path: Path) -> None:
         rig.write(rig.syn(41012, 80))  # a third held SYN for DST: past its share of 2
         probe = rig.probe()  # the probe's RST comes first: nothing was written for 41012
         assert (probe.dport, probe.flags) == (9, packets.RST)
-        rig.open(41013, 80, dst="127.0.0.9")  # another destination still gets in
+        rig.open(41013, 80, dst="192.0.2.9")  # another destination still gets in
         stats = rig.stack.stats()
         assert (stats["deferred_pending_share"], stats["refused_max_pending"]) == (1, 0)
         assert stats["pending"] == 3
@@ -90,7 +90,7 @@ def test_released_flows_count_against_max_flows_until_closed(tmp_path: Path) -> 
         rig.send(wire.Cmd.OPEN_OK, msg.flow, WINDOW)
         assert rig.read().flags == packets.SYN  # released: the flow is open, still counted
         rig.wait_stat("pending", 0)
-        rig.write(rig.syn(41021, 80, dst="127.0.0.3"))
+        rig.write(rig.syn(41021, 80, dst="192.0.2.3"))
         assert _rst_to(rig.read(), 41021)
         assert rig.stack.stats()["refused_max_flows"] == 1
 

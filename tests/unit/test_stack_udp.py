@@ -62,7 +62,7 @@ def test_a_reply_goes_to_the_sessions_app_whatever_its_block_says(tmp_path: Path
         rig.write(packets.udp(APP, 40001, DST, 53, b"query"))
         msg = rig.recv()
         elsewhere = wire.AddressBlock(17, 4, ipaddress.IPv4Address(DST), 53,
-                                      ipaddress.IPv4Address("127.0.0.9"), 5353).pack()
+                                      ipaddress.IPv4Address("192.0.2.9"), 5353).pack()
         rig.send(wire.Cmd.DGRAM, msg.flow, 0, elsewhere + b"answer")
         pkt = rig.read()
         assert pkt.checksums_ok

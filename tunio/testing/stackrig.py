@@ -19,7 +19,7 @@ from tunio.stack import Stack, StackConfig
 from tunio.testing import packets
 
 APP = "127.0.0.1"  # the app's source address is the TUN's own address, as with a real TUN
-DST = "127.0.0.2"  # the destination the app asked for
+DST = "192.0.2.2"  # the destination the app asked for: only named to the worker, never reached
 APP6 = "fd00:18::1"  # the TUN's IPv6 address (bound with freebind: no interface needs it)
 DST6 = "fd00:99::2"
 WINDOW = 65536
