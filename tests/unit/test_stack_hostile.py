@@ -120,6 +120,11 @@ def test_a_window_of_one_byte_datas_holds_about_a_window(tmp_path: Path) -> None
             app.bind((syn.src, syn.sport))
             app.settimeout(10)
             app.connect(("127.0.0.1", rig.stack.listen_port))
+            # connected is not yet accepted: the stack's socket is there once a byte came
+            # through it
+            app.sendall(b"a")
+            got = rig.recv()
+            assert (got.cmd, got.flow, got.payload) == (wire.Cmd.DATA, msg.flow, b"a")
             _stall_app_side(app)
             base = _status("VmRSS")
             header = wire.encode(wire.Message(wire.Cmd.DATA, msg.flow, 0, b"x"))[0]
