@@ -19,6 +19,7 @@ from tunio import defaults, tundev
 from tunio.endpoints import SUN_PATH_MAX, check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.logs import FORMATS, LEVELS
+from tunio.martians import martian
 from tunio.runtime import SOCKET_NAME, default_path
 from tunio.settings import BY_FLAG, SETTINGS, Setting
 
@@ -127,28 +128,6 @@ class Plan:
 # ---------------------------------------------------------------- validation (pure functions)
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-
-
-def martian(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why no packet to `ip` ever enters a TUN, or None: the stack drops packets to these as
-    Linux does (tunio_pkt_dst_martian in csrc/packet.c), so an address of the stack's own
-    cannot be one."""
-    v4 = isinstance(ip, ipaddress.IPv4Address)
-    for why, hit in (
-        ("a loopback address", ip.is_loopback),
-        ("a multicast address", ip.is_multicast),
-        ("an address of 0.0.0.0/8", v4 and ip in _THIS_NETWORK),
-        ("the limited broadcast address", ip == _LIMITED_BROADCAST),
-        ("the unspecified address", ip.is_unspecified),
-        ("an IPv4-mapped address", not v4 and ip.ipv4_mapped is not None),  # type: ignore[union-attr]
-    ):
-        if hit:
-            return why
-    return None
-
-
-_THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
-_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 def parse_address(text: str) -> Interface:

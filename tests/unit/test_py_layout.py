@@ -16,7 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     # the leaves: codec, errors, defaults (read from the C header), the C façade
     ("tunio._build", "tunio.errors", "tunio.defaults", "tunio.wire", "tunio.ports",
      "tunio.logs", "tunio.sdnotify", "tunio.process", "tunio.stack", "tunio.testing",
-     "tunio.loading", "tunio.pidfile", "tunio.endpoints"),
+     "tunio.loading", "tunio.pidfile", "tunio.endpoints", "tunio.martians"),
     # dialers, and what a policy sees of a flow
     ("tunio.dialers", "tunio.policy", "tunio.owner", "tunio.rules", "tunio.keys"),
     # the worker process

@@ -180,9 +180,37 @@ def test_direct_dials_a_name_over_the_family_that_answers(dns: LoopbackDns) -> N
         dns.records.update({("he.tunio.test", TYPE_A): ["127.0.0.1"],
                             ("he.tunio.test", TYPE_AAAA): ["::1"]})  # fmt: skip
         dialer = DirectDialer(resolver=Resolver("127.0.0.1", dns.port))
-        sock = run(dialer.dial(Address("he.tunio.test", port), Address("10.0.0.1", 1)))
+        # from an app of this host (127.0.0.2: the TUN's own address in a real run, never
+        # the connection's source): the name's loopback answers are its own loopback
+        sock = run(dialer.dial(Address("he.tunio.test", port), Address("127.0.0.2", 1)))
         with sock:
             assert sock.getpeername() == ("127.0.0.1", port)
+
+
+def test_a_name_answering_this_hosts_own_addresses_is_refused_for_another_hosts_flow(
+    dns: LoopbackDns,
+) -> None:
+    """A DNS-rebinding name (127.0.0.1, ::1) for a flow from a guest behind the gateway: the
+    gateway's loopback is not the guest's, so the dial is ECONNREFUSED, TCP and UDP alike, and
+    nothing reaches this host's listener."""
+    with socket.socket() as srv, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        srv.setblocking(False)
+        port = srv.getsockname()[1]
+        udp.bind(("127.0.0.1", port))
+        dns.records.update({("rebind.tunio.test", TYPE_A): ["127.0.0.1"],
+                            ("rebind.tunio.test", TYPE_AAAA): ["::1"]})  # fmt: skip
+        dialer = DirectDialer(resolver=Resolver("127.0.0.1", dns.port))
+        guest = Address("192.0.2.77", 40000)  # no address of this host
+        for dial in (dialer.dial, dialer.dial_udp):
+            with pytest.raises(DialError) as info:
+                run(dial(Address("rebind.tunio.test", port), guest))
+            assert info.value.errno == errno.ECONNREFUSED
+            assert "rebind.tunio.test: the name answers " in str(info.value)
+            assert "; the flow is from 192.0.2.77, another host: refused" in str(info.value)
+        with pytest.raises(BlockingIOError):
+            srv.accept()
 
 
 def test_happy_eyeballs_starts_the_next_attempt_after_the_delay_and_aborts_the_loser() -> None:

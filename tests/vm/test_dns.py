@@ -30,6 +30,7 @@ from lab.netlab import (
     SERVER_ADDRESS,
     SERVER_ADDRESS6,
     SRV_ADDRESS,
+    TUN_NAME,
     Lab,
     LineReader,
     TunioProcess,
@@ -42,9 +43,11 @@ from lab.proxies import PROXY_ADDRESS, Proxy, add_proxy_address, start_dante
 
 from tests.vm.conftest import start_servers
 from tunio.dialers.resolve import TYPE_A, TYPE_AAAA, parse_answer, query
+from tunio.testing import packets
 
 pytestmark = [pytest.mark.vm, pytest.mark.needs("dnsmasq", "dig", "danted")]
 
+ETH_P_ALL = 0x0003
 POOL = ipaddress.ip_network("198.18.64.0/18")  # away from every address the lab uses
 POOL6 = ipaddress.ip_network("fd00:7475::/96")
 DNS = "198.18.255.2"  # the second address of the lab's TUN prefix: --dns-address's default
@@ -56,6 +59,8 @@ RECORDS = [
       for a in (SERVER_ADDRESS, SERVER_ADDRESS6)),
     # he.tunio.test: an AAAA that never answers (blackholed in srv), an A that does
     "--address=/he.tunio.test/198.18.0.10", "--address=/he.tunio.test/fd00:18:3::1",
+    # rebind.tunio.test: this host's own loopback, as a DNS-rebinding name answers
+    "--address=/rebind.tunio.test/127.0.0.1", "--address=/rebind.tunio.test/::1",
     "--mx-host=tunio.test,mail.tunio.test,10",
     "--txt-record=txt.tunio.test,tunio txt",  # (no shell: no quotes)
 ]  # fmt: skip
@@ -436,6 +441,64 @@ def test_direct_dials_a_name_by_happy_eyeballs(
         assert tunio.stop() == 0, tunio.log.text
     # the workers resolved it themselves, from the veth, never through the tunnel
     assert set(_asked(upstream, "he.tunio.test")) == {APP_ADDRESS}
+
+
+GUEST = "10.77.0.5"  # a container's address behind the gateway: only ever in a packet on tun0
+REBIND_PORT = 47012
+
+
+def _refusal(tap: socket.socket, fake: str, sport: int) -> packets.Parsed:
+    """The stack's answer to the guest's SYN, read off tun0: the packets it writes to the app."""
+    deadline = time.monotonic() + 15.0
+    while (left := deadline - time.monotonic()) > 0:
+        tap.settimeout(left)
+        got = packets.parse(tap.recv(65535))
+        if got.proto == packets.TCP and (got.src, got.dst, got.dport) == (fake, GUEST, sport):
+            return got
+    pytest.fail(f"no answer to the guest's SYN to {fake}:{REBIND_PORT}")
+
+
+def test_a_name_answering_loopback_reaches_it_only_for_this_hosts_apps(
+    dns_lab: Lab, upstream: LineReader, app_resolv: Path
+) -> None:
+    """rebind.tunio.test answers 127.0.0.1 and ::1. For an app on the gateway that is its own
+    loopback: the flow reaches a listener there. For a guest behind the gateway (its SYN
+    written onto tun0 from an address of another host) it would be the gateway's loopback
+    instead of the guest's own: refused with a reset, and the listener never sees it."""
+    del app_resolv, upstream
+    tunio = dns_lab.start_tunio(FAKE_IP)
+    try:
+        with (
+            dns_lab.open_socket() as listener,
+            dns_lab.open_socket(family=socket.AF_PACKET, type=socket.SOCK_DGRAM,
+                                proto=socket.htons(ETH_P_ALL)) as tap,
+            dns_lab.open_socket(family=socket.AF_PACKET, type=socket.SOCK_DGRAM) as inject,
+        ):  # fmt: skip
+            listener.bind(("127.0.0.1", REBIND_PORT))
+            listener.listen(8)
+            listener.settimeout(10.0)
+            tap.bind((TUN_NAME, ETH_P_ALL))
+            [fake] = Client(dns_lab, DNS).ask("rebind.tunio.test")[1]
+            # this host's app: ::1 refuses (nothing listens there), 127.0.0.1 is its listener
+            with dns_lab.connect(REBIND_PORT, fake) as app:
+                conn, _ = listener.accept()
+                with conn:
+                    app.sendall(MESSAGE)
+                    assert recv_exact(conn, len(MESSAGE)) == MESSAGE
+            # the guest
+            syn = packets.tcp(GUEST, 41234, fake, REBIND_PORT, flags=packets.SYN, seq=7000,
+                              options=packets.SYN_OPTIONS)
+            inject.sendto(syn, (TUN_NAME, 0x0800))
+            answer = _refusal(tap, fake, 41234)
+            assert answer.flags & packets.RST, answer
+            assert answer.ack == 7001, answer
+            listener.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                listener.accept()
+    finally:
+        assert tunio.stop() == 0, tunio.log.text
+    assert "rebind.tunio.test: the name answers" in tunio.log.text, tunio.log.text
+    assert f"; the flow is from {GUEST}, another host: refused" in tunio.log.text
 
 
 def test_a_rule_by_domain_lands_on_its_dialer(

@@ -12,6 +12,7 @@ import os
 import socket
 
 from tunio.dialers.base import Address
+from tunio.dialers.hostlocal import for_flow_from
 from tunio.dialers.ping import PingSession, open_ping
 from tunio.dialers.resolve import Resolver, happy_eyeballs, interleave
 from tunio.dialers.routing import RoutingLoop, left_as_the_app
@@ -99,12 +100,16 @@ class DirectDialer:
             return _run.mark, _run.interface
         return self.mark, self.interface
 
-    async def _addresses(self, dst: Address, prefer_v4: bool = False) -> list[Address]:
+    async def _addresses(
+        self, dst: Address, src: Address, prefer_v4: bool = False
+    ) -> list[Address]:
         """`dst` itself if it is an IP address, else the addresses of its name (IPv6 and IPv4
-        alternating, IPv6 first, or IPv4 first with `prefer_v4`)."""
+        alternating, IPv6 first, or IPv4 first with `prefer_v4`), less those that would be
+        this host's own for a flow from another (tunio/dialers/hostlocal.py)."""
         if is_literal(dst.host):
             return [dst]
         v6, v4 = await self._resolver(dst).resolve(dst.host)
+        v6, v4 = for_flow_from(src.host, dst.host, v6, v4)
         order = interleave(v4, v6) if prefer_v4 else interleave(v6, v4)
         return [Address(ip, dst.port) for ip in order]
 
@@ -134,7 +139,7 @@ class DirectDialer:
 
     async def dial(self, dst: Address, src: Address) -> socket.socket:
         if not is_literal(dst.host):
-            addresses = await self._addresses(dst)
+            addresses = await self._addresses(dst, src)
 
             async def attempt(ip: str) -> socket.socket:
                 return await self._dial_ip(Address(ip, dst.port), src)
@@ -187,12 +192,12 @@ class DirectDialer:
             raise _dial_error(dst, OSError(rc, os.strerror(rc)))
         return sock
 
-    async def dial_udp(self, dst: Address, src: Address) -> SocketSession:  # noqa: ARG002
+    async def dial_udp(self, dst: Address, src: Address) -> SocketSession:
         """A UDP socket connected to `dst`: connecting only picks a route and a source port, so
         this does not wait; an unroutable destination fails here (EHOSTUNREACH, ENETUNREACH).
         A name takes its first IPv4 address, else its first IPv6 one (UDP has no handshake to
         race: a datagram cannot tell a dead family from a silent peer)."""
-        dst = (await self._addresses(dst, prefer_v4=True))[0]
+        dst = (await self._addresses(dst, src, prefer_v4=True))[0]
         sock, addr = self._socket(dst, socket.SOCK_DGRAM)
         try:
             # A burst of replies waits here while the worker is busy with other flows: room for
@@ -204,10 +209,10 @@ class DirectDialer:
             raise _dial_error(dst, exc) from exc
         return SocketSession(sock, dst)
 
-    async def dial_ping(self, dst: Address, src: Address) -> PingSession:  # noqa: ARG002
+    async def dial_ping(self, dst: Address, src: Address) -> PingSession:
         """An ICMP echo session to `dst` from this host (tunio/dialers/ping.py): a ping socket,
         or a raw one for a process with CAP_NET_RAW; EACCES if neither is allowed."""
-        dst = (await self._addresses(dst, prefer_v4=True))[0]
+        dst = (await self._addresses(dst, src, prefer_v4=True))[0]
         mark, interface = self.egress()
         return open_ping(dst, mark=mark, interface=interface)
 
