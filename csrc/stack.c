@@ -171,7 +171,21 @@ static int make_pool(const struct tunio_prefix *px, unsigned want, struct tunio_
     return 0;
 }
 
-static int bind_listener(const struct tunio_prefix *px, uint16_t port, struct family *fam)
+/* Keepalive on the listener, inherited by every accepted socket (see keepalive_idle_s). */
+static void set_keepalive(int fd, const struct tunio_config *cfg)
+{
+    if (!cfg->keepalive_idle_s)
+        return;
+    int on = 1, idle = (int)cfg->keepalive_idle_s, intvl = (int)cfg->keepalive_interval_s,
+        cnt = (int)cfg->keepalive_count;
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof(on));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &intvl, sizeof(intvl));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+}
+
+static int bind_listener(const struct tunio_prefix *px, uint16_t port, struct family *fam,
+                         const struct tunio_config *cfg)
 {
     int v6 = px->version == 6;
     int fd = socket(v6 ? AF_INET6 : AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -187,6 +201,7 @@ static int bind_listener(const struct tunio_prefix *px, uint16_t port, struct fa
      * set_abortive in flows.c), from its accept on, without a setsockopt per connection. */
     struct linger abortive = {.l_onoff = 1, .l_linger = 0};
     setsockopt(fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive));
+    set_keepalive(fd, cfg);
     /* Bind even while the address is not (yet) on an interface: an IPv6 address may still be
      * tentative, and tests drive the stack through socketpairs with no TUN at all. */
     setsockopt(fd, v6 ? IPPROTO_IPV6 : IPPROTO_IP, v6 ? IPV6_FREEBIND : IP_FREEBIND, &one,
@@ -364,13 +379,13 @@ static int setup_families(struct tunio_stack *s, const struct tunio_config *cfg)
         int v = px->version == 6;
         struct family *fam = &s->fam[v];
         uint16_t want = cfg->listen_port ? cfg->listen_port : ports[v];
-        err = bind_listener(px, want, fam);
+        err = bind_listener(px, want, fam, cfg);
         if (err && want && !cfg->listen_port) {
             tunio_log(TUNIO_LOG_WARNING,
                       "IPv%d: the previous stack's listener port %u is taken (%s): its flows "
                       "are forgotten",
                       px->version, want, strerror(-err));
-            err = bind_listener(px, 0, fam);
+            err = bind_listener(px, 0, fam, cfg);
         }
         if (err)
             return err;

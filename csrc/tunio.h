@@ -57,6 +57,14 @@ struct tunio_config {
     /* fake-ip: a DNS-over-TCP connection to the DNS address with no query unanswered and no
      * byte either way this long is closed (FIN); 0: TUNIO_DEFAULT_DNS_TCP_IDLE_MS */
     uint32_t dns_tcp_idle_ms;
+    /* TCP keepalive on the flows' app side (the accepted sockets inherit it from the
+     * listener): seconds idle before the first probe, seconds between probes, and probes left
+     * unanswered before the flow is reset. A flow whose app vanished without a word (a VM
+     * switched off, a container killed, a laptop gone from the LAN) ends this way instead of
+     * holding its slot, its worker's connection and its destination's forever. Idle 0: off. */
+    uint32_t keepalive_idle_s;
+    uint32_t keepalive_interval_s;
+    uint32_t keepalive_count;
 };
 
 struct tunio_stats {

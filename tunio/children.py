@@ -79,6 +79,7 @@ def worker_entry(
     parent: int | None = None,
     policy: Policy | None = None,
     egress: tuple[int | None, str | None, Resolver | None] = (None, None, None),
+    keepalive: tuple[int, int, int] | None = None,
 ) -> None:
     """Process target of a local worker: serve flows until the stack says BYE. `egress` is the
     run's way out, for DirectDialers the user's code made without one."""
@@ -97,5 +98,6 @@ def worker_entry(
         keys=keys,
         report=lambda snapshot: status.put(("stats", snapshot)),
         policy=policy,
+        keepalive=keepalive,
     )
     sys.exit(code)

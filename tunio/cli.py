@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from tunio import defaults, logs
-from tunio.config import Options, check_seconds, check_window
+from tunio.config import Options, check_seconds, check_window, parse_keepalive
 from tunio.endpoints import check_endpoint
 from tunio.errors import ConfigError, describe
 from tunio.settings import BY_FLAG, SETTINGS, Setting, parse_mark
@@ -80,7 +80,7 @@ def _add_setting(parser: argparse.ArgumentParser, setting: Setting) -> None:
 
 WORKER_SETTINGS = (
     "dialer", "egress-mark", "egress-interface", "connect-timeout", "window", "log-level",
-    "log-format", "policy", "dns-upstream",
+    "log-format", "policy", "dns-upstream", "tcp-keepalive",
 )  # fmt: skip
 
 
@@ -284,6 +284,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         check_endpoint(args.endpoint)
         check_seconds(connect_timeout, "connect-timeout")
         check_window(window)
+        keepalive = parse_keepalive(getattr(args, "tcp_keepalive", defaults.TCP_KEEPALIVE))
     except ConfigError as exc:
         log.error("%s", describe(exc))
         return 2
@@ -327,6 +328,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         connect_timeout=connect_timeout,
         keys=keys,
         policy=policy,
+        keepalive=keepalive,
     )
 
 

@@ -57,6 +57,7 @@ class Options:
     auto_bypass: bool = False  # mark the workers' sockets and route them by a table of our own
     connect_timeout: float = defaults.CONNECT_TIMEOUT
     udp_timeout: float = defaults.UDP_TIMEOUT
+    tcp_keepalive: str = defaults.TCP_KEEPALIVE  # "IDLE,INTERVAL,COUNT" or "off"
     offload: bool = True  # TSO and checksum offload on the TUN (virtio-net headers)
     # CURVE keys for a tcp:// endpoint; None: <runtime dir>/keys, made anew for each run.
     keys: str | None = None
@@ -246,10 +247,31 @@ def check_window(window: int) -> None:
         raise ConfigError(f"--window {window} is out of range: use 1024..{1 << 30}")
 
 
+Keepalive = tuple[int, int, int]
+
+
+def parse_keepalive(text: str) -> Keepalive | None:
+    """--tcp-keepalive: (idle s, interval s, probes), or None for "off"."""
+    if text.strip().lower() == "off":
+        return None
+    parts = text.split(",")
+    try:
+        idle, interval, count = (int(p) for p in parts) if len(parts) == 3 else (0, 0, 0)
+    except ValueError:
+        idle = 0
+    if not (1 <= idle <= 32767 and 1 <= interval <= 32767 and 1 <= count <= 127):
+        raise ConfigError(
+            f"--tcp-keepalive {text!r}: give IDLE,INTERVAL,COUNT (seconds idle before the first "
+            "probe 1..32767, seconds between probes 1..32767, probes 1..127), or off"
+        )
+    return idle, interval, count
+
+
 def _check_timeouts_and_sizes(options: Options) -> None:
     check_seconds(options.connect_timeout, "connect-timeout")
     check_seconds(options.drain_timeout, "drain-timeout")
     check_seconds(options.udp_timeout, "udp-timeout")
+    parse_keepalive(options.tcp_keepalive)
     if options.hang_timeout != 0:  # (0: no watch)
         check_seconds(options.hang_timeout, "hang-timeout")
     check_window(options.window)

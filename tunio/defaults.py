@@ -32,6 +32,11 @@ MTU = 1500
 WORKER_BACKLOG: int = lib.TUNIO_DEFAULT_WORKER_BACKLOG  # DATA bytes a worker may leave uncredited
 TXQUEUELEN: int = lib.TUNIO_DEFAULT_TXQUEUELEN  # packets a TUN queue holds for its reader
 CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
+# TCP keepalive of both ends of a flow (the app's side in the stack, the destination's in the
+# worker), "IDLE,INTERVAL,COUNT" seconds/probes: a peer that vanished without a word is found
+# within IDLE + INTERVAL x COUNT (4 minutes) and its flow reset.
+TCP_KEEPALIVE_PROBES = (120, 30, 4)
+TCP_KEEPALIVE = ",".join(str(n) for n in TCP_KEEPALIVE_PROBES)
 DRAIN_TIMEOUT = 300.0  # after a reload, the old workers' flows may run this long, s
 # A stack or worker that shows no sign of life this long (s) is taken for hung and killed (its
 # restart is the crash path's): several times the stack's own liveness for a worker, so that

@@ -107,6 +107,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("udp-timeout", "udp_timeout", "float",
             "end a UDP session after this many seconds without a datagram "
             f"(default: {defaults.UDP_TIMEOUT:g})", "SEC"),
+    Setting("tcp-keepalive", "tcp_keepalive", "str",
+            "TCP keepalive on both ends of each flow: seconds idle before the first probe, "
+            "seconds between probes, probes unanswered before the flow is reset; a vanished "
+            f"app or destination ends its flow this way, or 'off' (default: "
+            f"{defaults.TCP_KEEPALIVE})", "IDLE,INTERVAL,COUNT"),
     Setting("txqueuelen", "txqueuelen", "int",
             "transmit queue length of the TUN device; short queues drop packets under load "
             f"(default: {defaults.TXQUEUELEN})", "N"),

@@ -59,6 +59,8 @@ class StackConfig:
     reserve_timeout: float = defaults.RESERVE_TIMEOUT
     heartbeat_interval: float = defaults.HEARTBEAT
     udp_timeout: float = defaults.UDP_TIMEOUT
+    # TCP keepalive of the flows' app side: (idle s, interval s, probes); None: off
+    keepalive: tuple[int, int, int] | None = None
     # The TUN queues were opened with offloads (virtio-net headers): must match open_tun().
     offload: bool = False
     # CURVE on the endpoint (tcp://): the stack's Z85 secret key and the worker keys let in.
@@ -126,6 +128,8 @@ class _CConfig:
         cfg.heartbeat_ms = milliseconds(config.heartbeat_interval)
         cfg.log_level = _LEVELS.get(config.log_level.lower(), 20)
         cfg.udp_timeout_ms = milliseconds(config.udp_timeout)
+        if config.keepalive is not None:
+            cfg.keepalive_idle_s, cfg.keepalive_interval_s, cfg.keepalive_count = config.keepalive
         cfg.vnet = int(config.offload)
         self._secret = self._clients = ffi.NULL
         if config.curve_secret is not None:

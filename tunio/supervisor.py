@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunio import defaults, sdnotify, tundev, wayout
 from tunio.children import StatusChannel, stack_entry, worker_entry
-from tunio.config import Options, explain, pending_limit, validate
+from tunio.config import Options, explain, parse_keepalive, pending_limit, validate
 from tunio.errors import ConfigError, TunioError, describe
 from tunio.host import Host
 from tunio.netplan import Change
@@ -329,6 +329,7 @@ class Supervisor:
             pending_timeout=max(defaults.PENDING_TIMEOUT, opts.connect_timeout + 5.0),
             log_level=opts.log_level,
             udp_timeout=opts.udp_timeout,
+            keepalive=parse_keepalive(opts.tcp_keepalive),
             offload=opts.offload,
             curve_secret=keys.secret if keys else None,
             curve_clients=(keys.worker.public,) if keys else (),
@@ -415,6 +416,7 @@ class Supervisor:
                 "name": child.name,
                 "window": self.options.window,
                 "connect_timeout": self.options.connect_timeout,
+                "keepalive": parse_keepalive(self.options.tcp_keepalive),
                 "keys": self._host.keys.worker if self._host.keys else None,
                 "status": child.status,
                 # Workers have no use for the TUN queues (they must not keep the device alive)

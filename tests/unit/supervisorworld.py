@@ -48,6 +48,7 @@ class StackConfig:
     pending_timeout: float = 15.0
     log_level: str = "info"
     udp_timeout: float = 60.0
+    keepalive: object = None
     offload: bool = False
     curve_secret: object = None
     curve_clients: tuple = ()
@@ -121,7 +122,7 @@ def _named(var, name):
     return name in os.environ.get(var, "").split(",")
 
 def run_worker(endpoint, dialer, *, name, capacity=0, window=0, connect_timeout=0.0, ready=None,
-               keys=None, report=None, policy=None):
+               keys=None, report=None, policy=None, keepalive=None):
     if name in os.environ.get("FAKE_WORKER_FAIL", "").split(","):
         return 3
     if (STATE / f"{name}.crash").exists():

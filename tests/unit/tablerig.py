@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tunio import wire
+from tunio import defaults, wire
 from tunio.dialers import Address, Dialer
 from tunio.wire import Cmd, Message
 from tunio.worker.flow import Flow, State
@@ -60,8 +60,9 @@ class Rig:
         self.errors: list[wire.ProtocolError] = []
         self.stats = WorkerStats()
         window = options.pop("window", WINDOW)
+        keepalive = options.pop("keepalive", defaults.TCP_KEEPALIVE_PROBES)
         self.table = TcpTable(self.loop, send=self._send, error=self.errors.append,
-                              stats=self.stats, window=window)  # fmt: skip
+                              stats=self.stats, window=window, keepalive=keepalive)  # fmt: skip
         self.opener = TcpOpener(self.table, dialer, self.loop, send=self._send,
                                 error=self.errors.append, stats=self.stats, **options)  # fmt: skip
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tunio import cli, config, supervisor
+from tunio import cli, config, defaults, supervisor
 from tunio.policy import Reject
 
 
@@ -50,6 +50,10 @@ def rundir(tmp_path: Path) -> list[str]:
         (["--dns-address", "ff02::fb"], "--dns-address ff02::fb: a multicast address"),
         (["--dns-address", "255.255.255.255"], "the limited broadcast address is never"),
         (["--dns-address", "::"], "--dns-address ::: the unspecified address is never"),
+        (["--tcp-keepalive", "0,30,4"], "--tcp-keepalive '0,30,4': give IDLE,INTERVAL,COUNT"),
+        (["--tcp-keepalive", "60"], "--tcp-keepalive '60': give IDLE,INTERVAL,COUNT"),
+        (["--tcp-keepalive", "60,30,128"], "probes 1..127), or off"),
+        (["--tcp-keepalive", "a,b,c"], "--tcp-keepalive 'a,b,c': give IDLE,INTERVAL,COUNT"),
         (["--route", "fd00::/8"], "the TUN has no IPv6 address"),
         (["--route", "10.1.2.3/8"], "did you mean 10.0.0.0/8"),
         (["--dialer", "nonsense"], "nonsense"),
@@ -104,7 +108,7 @@ def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
         "--egress-interface", "eth1", "--endpoint", "tcp://127.0.0.1:5555",
         "--runtime-dir", "/tmp/x", "--route", "default", "--route", "10.0.0.0/8",
         "--connect-timeout", "2.5", "--window", "65536", "--txqueuelen", "500",
-        "--log-level", "debug",
+        "--log-level", "debug", "--tcp-keepalive", "off",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert seen == [
@@ -124,6 +128,7 @@ def test_options_reach_the_supervisor(monkeypatch: pytest.MonkeyPatch) -> None:
             window=65536,
             txqueuelen=500,
             log_level="debug",
+            tcp_keepalive="off",
         )
     ]
 
@@ -225,16 +230,19 @@ def fake_worker(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 def test_worker_runs_with_its_options(fake_worker: list[dict[str, Any]]) -> None:
     argv = [
         "--endpoint", "ipc:///tmp/s.sock", "--name", "far-1", "--egress-mark", "7",
-        "--connect-timeout", "3", "--window", "4096",
+        "--connect-timeout", "3", "--window", "4096", "--tcp-keepalive", "60,10,3",
     ]  # fmt: skip
     assert cli.worker_main(argv) == 0
     [call] = fake_worker
+    assert call["keepalive"] == (60, 10, 3)
     assert call["endpoint"] == "ipc:///tmp/s.sock"
     assert call["name"] == "far-1"
     assert call["window"] == 4096
     assert call["connect_timeout"] == 3.0
     assert type(call["dialer"]).__name__ == "DirectDialer"
     assert call["policy"] is None
+    assert cli.worker_main(["--endpoint", "ipc:///tmp/s.sock"]) == 0
+    assert fake_worker[1]["keepalive"] == defaults.TCP_KEEPALIVE_PROBES  # tunio-run's default
 
 
 def test_worker_resolves_fake_ip_names_with_its_dns_upstream(
@@ -271,6 +279,7 @@ def test_worker_takes_its_policy(fake_worker: list[dict[str, Any]]) -> None:
         (["--endpoint", "ipc:///tmp/s", "--policy", "nosuchmodule:x"], "nosuchmodule"),
         (["--endpoint", "ipc:///tmp/s", "--policy", "nocolon"], "give module:attr"),
         (["--endpoint", "ipc:///tmp/s", "--dns-upstream", "x"], "--dns-upstream 'x': give an IP"),
+        (["--endpoint", "ipc:///tmp/s", "--tcp-keepalive", "1,1"], "--tcp-keepalive '1,1': give"),
     ],
 )
 def test_worker_bad_option_exits_2_with_one_line(

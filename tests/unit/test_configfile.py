@@ -180,3 +180,9 @@ def test_a_missing_file_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert f"--config {tmp_path / 'nope.toml'}: No such file or directory" in err[0]
+
+
+def test_tcp_keepalive_is_three_numbers_or_off() -> None:
+    assert config.parse_keepalive("120,30,4") == (120, 30, 4)
+    assert config.parse_keepalive(" OFF ") is None
+    assert config.parse_keepalive(defaults.TCP_KEEPALIVE) == defaults.TCP_KEEPALIVE_PROBES

@@ -107,6 +107,27 @@ def test_a_refused_dial_by_a_task_is_open_fail_econnrefused(rigs: MakeRig) -> No
     assert 3 not in rig.table.flows
 
 
+@pytest.mark.parametrize("keepalive", [(7, 3, 2), None])
+def test_a_flows_connection_gets_the_runs_keepalive(
+    rigs: MakeRig, listener: socket.socket, keepalive: tuple[int, int, int] | None
+) -> None:
+    """--tcp-keepalive on the destination's side: a destination that vanished is found."""
+    rig = rigs(DirectDialer(), keepalive=keepalive)
+    rig.open(1, listener.getsockname()[1])
+    rig.until(lambda: bool(rig.sent), "the connect")
+    assert rig.take() == [Message(Cmd.OPEN_OK, 1, WINDOW)]
+    sock = rig.table.flows[1].sock
+    assert sock is not None
+    on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if keepalive is None:
+        assert on == 0
+        return
+    assert on == 1
+    assert (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)) == keepalive  # fmt: skip
+
+
 # ---- data both ways, under credit --------------------------------------------------------
 
 

@@ -73,6 +73,7 @@ class Worker:
         report: Callable[[dict[str, Any]], None] | None = None,
         policy: Policy | None = None,
         trim_idle: float = defaults.TRIM_IDLE,
+        keepalive: tuple[int, int, int] | None = defaults.TCP_KEEPALIVE_PROBES,
     ) -> None:
         """`report`, if given, gets `stats.snapshot()` every REPORT_INTERVAL seconds (the
         supervisor's metrics); `policy` picks each flow's dialer (tunio.policy), `dialer` by
@@ -90,6 +91,7 @@ class Worker:
         self.policy = policy
         self.timing = timing or Timing()
         self.trim_idle = trim_idle
+        self.keepalive = keepalive  # of the flows' connections (tunio.worker.tcp.TcpTable)
         self.trim: IdleTrim | None = None  # once run() has started
         self.stalls = StallWatch(name, self.timing.heartbeat * self.timing.liveness)
         self.stats = WorkerStats()
@@ -174,7 +176,7 @@ class Worker:
         link = Link(loop, self.endpoint, name=self.name, stats=stats, capacity=self.capacity,
                     timing=self.timing, keys=self.keys, ready=self.ready)  # fmt: skip
         tcp = TcpTable(loop, send=link.send, error=link.protocol_error, stats=stats,
-                       window=self.window)  # fmt: skip
+                       window=self.window, keepalive=self.keepalive)  # fmt: skip
         owners = OwnerLookup() if self.policy is not None else None
         names = Names()
         opener = TcpOpener(tcp, self.dialer, loop, send=link.send, error=link.protocol_error,

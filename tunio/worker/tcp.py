@@ -50,6 +50,18 @@ _IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLL
 _OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HUP_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
+Keepalive = tuple[int, int, int]  # (idle s, interval s, probes)
+
+
+def _set_keepalive(sock: socket.socket, keepalive: Keepalive | None) -> None:
+    if keepalive is None:
+        return
+    idle, interval, count = keepalive
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
 # plain names for the data path: a global is found faster than an attribute of the class
 _DIALING, _OPEN, _STACK_FIN = State.DIALING, State.OPEN, State.STACK_FIN
 _DEST_FIN, _CLOSING, _CLOSED = State.DEST_FIN, State.CLOSING, State.CLOSED
@@ -68,8 +80,14 @@ class TcpTable:
         error: ErrorSink,
         stats: WorkerStats,
         window: int = defaults.WINDOW,
+        keepalive: Keepalive | None = defaults.TCP_KEEPALIVE_PROBES,
     ) -> None:
+        """`keepalive`: TCP keepalive on each flow's connection toward its destination (or
+        proxy), so that one that vanished without a word (a host switched off, a NAT on the way
+        that forgot the connection) is found and its flow reset, instead of holding the flow,
+        its app's connection and its slot forever; None: off."""
         self.flows: dict[int, Flow] = {}
+        self._keepalive = keepalive
         self.others: OtherFlows = NoOthers()
         self.stats = stats
         self._loop = loop
@@ -123,6 +141,7 @@ class TcpTable:
         # destination's delayed ACK, 40 ms. A dialer's socket that is not TCP keeps its own.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _set_keepalive(sock, self._keepalive)
         flow.sock = sock
         if flow.fd < 0:  # dialed by a task: not in our epoll yet
             flow.fd = sock.fileno()
