@@ -15,6 +15,7 @@ from tunio.process import reset_child
 if TYPE_CHECKING:
     from multiprocess.connection import Connection
 
+    from tunio import defaults
     from tunio.dialers import Dialer
     from tunio.dialers.resolve import Resolver
     from tunio.keys import WorkerKeys
@@ -79,7 +80,7 @@ def worker_entry(
     parent: int | None = None,
     policy: Policy | None = None,
     egress: tuple[int | None, str | None, Resolver | None] = (None, None, None),
-    keepalive: tuple[int, int, int] | None = None,
+    keepalive: defaults.Keepalive | None = None,
 ) -> None:
     """Process target of a local worker: serve flows until the stack says BYE. `egress` is the
     run's way out, for DirectDialers the user's code made without one."""

@@ -247,10 +247,7 @@ def check_window(window: int) -> None:
         raise ConfigError(f"--window {window} is out of range: use 1024..{1 << 30}")
 
 
-Keepalive = tuple[int, int, int]
-
-
-def parse_keepalive(text: str) -> Keepalive | None:
+def parse_keepalive(text: str) -> defaults.Keepalive | None:
     """--tcp-keepalive: (idle s, interval s, probes), or None for "off"."""
     if text.strip().lower() == "off":
         return None

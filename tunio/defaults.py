@@ -35,7 +35,8 @@ CONNECT_TIMEOUT = 10.0  # a worker gives up dialing after this, s
 # TCP keepalive of both ends of a flow (the app's side in the stack, the destination's in the
 # worker), "IDLE,INTERVAL,COUNT" seconds/probes: a peer that vanished without a word is found
 # within IDLE + INTERVAL x COUNT (4 minutes) and its flow reset.
-TCP_KEEPALIVE_PROBES = (120, 30, 4)
+Keepalive = tuple[int, int, int]  # (idle s, interval s, probes), as --tcp-keepalive gives it
+TCP_KEEPALIVE_PROBES: Keepalive = (120, 30, 4)
 TCP_KEEPALIVE = ",".join(str(n) for n in TCP_KEEPALIVE_PROBES)
 DRAIN_TIMEOUT = 300.0  # after a reload, the old workers' flows may run this long, s
 # A stack or worker that shows no sign of life this long (s) is taken for hung and killed (its

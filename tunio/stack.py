@@ -60,7 +60,7 @@ class StackConfig:
     heartbeat_interval: float = defaults.HEARTBEAT
     udp_timeout: float = defaults.UDP_TIMEOUT
     # TCP keepalive of the flows' app side: (idle s, interval s, probes); None: off
-    keepalive: tuple[int, int, int] | None = None
+    keepalive: defaults.Keepalive | None = None
     # The TUN queues were opened with offloads (virtio-net headers): must match open_tun().
     offload: bool = False
     # CURVE on the endpoint (tcp://): the stack's Z85 secret key and the worker keys let in.

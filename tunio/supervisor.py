@@ -407,6 +407,7 @@ class Supervisor:
         self._launch(child)
 
     def _spawn_worker(self, child: _Child) -> None:
+        assert self._stack_config is not None  # (set up before any child starts)
         child.status = StatusChannel(self._ctx)
         child.process = self._ctx.Process(
             target=worker_entry,
@@ -416,7 +417,7 @@ class Supervisor:
                 "name": child.name,
                 "window": self.options.window,
                 "connect_timeout": self.options.connect_timeout,
-                "keepalive": parse_keepalive(self.options.tcp_keepalive),
+                "keepalive": self._stack_config.keepalive,  # parsed once, the stack's own
                 "keys": self._host.keys.worker if self._host.keys else None,
                 "status": child.status,
                 # Workers have no use for the TUN queues (they must not keep the device alive)

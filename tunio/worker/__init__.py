@@ -73,7 +73,7 @@ class Worker:
         report: Callable[[dict[str, Any]], None] | None = None,
         policy: Policy | None = None,
         trim_idle: float = defaults.TRIM_IDLE,
-        keepalive: tuple[int, int, int] | None = defaults.TCP_KEEPALIVE_PROBES,
+        keepalive: defaults.Keepalive | None = defaults.TCP_KEEPALIVE_PROBES,
     ) -> None:
         """`report`, if given, gets `stats.snapshot()` every REPORT_INTERVAL seconds (the
         supervisor's metrics); `policy` picks each flow's dialer (tunio.policy), `dialer` by

@@ -50,10 +50,7 @@ _IN_EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLL
 _OUT_EVENTS = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _HUP_EVENTS = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
-Keepalive = tuple[int, int, int]  # (idle s, interval s, probes)
-
-
-def _set_keepalive(sock: socket.socket, keepalive: Keepalive | None) -> None:
+def _set_keepalive(sock: socket.socket, keepalive: defaults.Keepalive | None) -> None:
     if keepalive is None:
         return
     idle, interval, count = keepalive
@@ -80,7 +77,7 @@ class TcpTable:
         error: ErrorSink,
         stats: WorkerStats,
         window: int = defaults.WINDOW,
-        keepalive: Keepalive | None = defaults.TCP_KEEPALIVE_PROBES,
+        keepalive: defaults.Keepalive | None = defaults.TCP_KEEPALIVE_PROBES,
     ) -> None:
         """`keepalive`: TCP keepalive on each flow's connection toward its destination (or
         proxy), so that one that vanished without a word (a host switched off, a NAT on the way
