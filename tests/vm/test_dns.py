@@ -40,6 +40,7 @@ from lab.netlab import (
     recv_exact,
 )
 from lab.proxies import PROXY_ADDRESS, Proxy, add_proxy_address, start_dante
+from lab.tuntap import ETH_P_IP, next_tcp, tun_tap
 
 from tests.vm.conftest import start_servers
 from tunio.dialers.resolve import TYPE_A, TYPE_AAAA, parse_answer, query
@@ -47,7 +48,6 @@ from tunio.testing import packets
 
 pytestmark = [pytest.mark.vm, pytest.mark.needs("dnsmasq", "dig", "danted")]
 
-ETH_P_ALL = 0x0003
 POOL = ipaddress.ip_network("198.18.64.0/18")  # away from every address the lab uses
 POOL6 = ipaddress.ip_network("fd00:7475::/96")
 DNS = "198.18.255.2"  # the second address of the lab's TUN prefix: --dns-address's default
@@ -447,17 +447,6 @@ GUEST = "10.77.0.5"  # a container's address behind the gateway: only ever in a 
 REBIND_PORT = 47012
 
 
-def _refusal(tap: socket.socket, fake: str, sport: int) -> packets.Parsed:
-    """The stack's answer to the guest's SYN, read off tun0: the packets it writes to the app."""
-    deadline = time.monotonic() + 15.0
-    while (left := deadline - time.monotonic()) > 0:
-        tap.settimeout(left)
-        got = packets.parse(tap.recv(65535))
-        if got.proto == packets.TCP and (got.src, got.dst, got.dport) == (fake, GUEST, sport):
-            return got
-    pytest.fail(f"no answer to the guest's SYN to {fake}:{REBIND_PORT}")
-
-
 def test_a_name_answering_loopback_reaches_it_only_for_this_hosts_apps(
     dns_lab: Lab, upstream: LineReader, app_resolv: Path
 ) -> None:
@@ -470,14 +459,12 @@ def test_a_name_answering_loopback_reaches_it_only_for_this_hosts_apps(
     try:
         with (
             dns_lab.open_socket() as listener,
-            dns_lab.open_socket(family=socket.AF_PACKET, type=socket.SOCK_DGRAM,
-                                proto=socket.htons(ETH_P_ALL)) as tap,
+            tun_tap(dns_lab.app, TUN_NAME) as tap,
             dns_lab.open_socket(family=socket.AF_PACKET, type=socket.SOCK_DGRAM) as inject,
         ):  # fmt: skip
             listener.bind(("127.0.0.1", REBIND_PORT))
             listener.listen(8)
             listener.settimeout(10.0)
-            tap.bind((TUN_NAME, ETH_P_ALL))
             [fake] = Client(dns_lab, DNS).ask("rebind.tunio.test")[1]
             # this host's app: ::1 refuses (nothing listens there), 127.0.0.1 is its listener
             with dns_lab.connect(REBIND_PORT, fake) as app:
@@ -488,8 +475,8 @@ def test_a_name_answering_loopback_reaches_it_only_for_this_hosts_apps(
             # the guest
             syn = packets.tcp(GUEST, 41234, fake, REBIND_PORT, flags=packets.SYN, seq=7000,
                               options=packets.SYN_OPTIONS)
-            inject.sendto(syn, (TUN_NAME, 0x0800))
-            answer = _refusal(tap, fake, 41234)
+            inject.sendto(syn, (TUN_NAME, ETH_P_IP))
+            answer = next_tcp(tap, fake, GUEST, 41234)  # the stack's answer to the guest
             assert answer.flags & packets.RST, answer
             assert answer.ack == 7001, answer
             listener.setblocking(False)

@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 from lab.netlab import SERVER_ADDRESS, TUN_NAME, Lab, LabError, TunioProcess
+from lab.tuntap import ETH_P_IP, next_tcp, tun_tap
 
 from tunio.testing import packets
 
-ETH_P_ALL = 0x0003
 GUEST = "10.77.0.6"
 PORT = 47013
 GONE = "198.18.4.10"  # the destination that vanishes: an address of srv's for this test alone
@@ -32,19 +32,6 @@ def tunio(lab: Lab) -> Iterator[TunioProcess]:
     proc = lab.start_tunio(KEEPALIVE)
     yield proc
     assert proc.stop() == 0, proc.log.text
-
-
-def _answer(tap: socket.socket, sport: int, flags: int) -> packets.Parsed:
-    """The stack's next packet to the guest's port `sport` with all of `flags`, off tun0."""
-    deadline = time.monotonic() + DEADLINE
-    while (left := deadline - time.monotonic()) > 0:
-        tap.settimeout(left)
-        got = packets.parse(tap.recv(65535))
-        if (got.proto == packets.TCP and (got.src, got.dst, got.dport) == (SERVER_ADDRESS, GUEST,
-                                                                           sport)
-                and got.flags & flags == flags):  # fmt: skip
-            return got
-    pytest.fail(f"no packet with flags {flags:#x} to the guest's port {sport}")
 
 
 def _drain(sock: socket.socket) -> None:
@@ -66,25 +53,24 @@ def test_a_flow_whose_app_vanished_ends_and_its_destination_sees_it_end(
     del tunio
     with (
         lab.open_socket(lab.srv) as listener,
-        lab.open_socket(family=socket.AF_PACKET, type=socket.SOCK_DGRAM,
-                        proto=socket.htons(ETH_P_ALL)) as tap,
+        tun_tap(lab.app, TUN_NAME) as tap,
         lab.open_socket(family=socket.AF_PACKET, type=socket.SOCK_DGRAM) as inject,
     ):  # fmt: skip
         listener.bind((SERVER_ADDRESS, PORT))
         listener.listen(4)
         listener.settimeout(DEADLINE)
-        tap.bind((TUN_NAME, ETH_P_ALL))
         sport = 41555
         syn = packets.tcp(GUEST, sport, SERVER_ADDRESS, PORT, flags=packets.SYN, seq=9000,
                           options=packets.SYN_OPTIONS)
-        inject.sendto(syn, (TUN_NAME, 0x0800))
+        inject.sendto(syn, (TUN_NAME, ETH_P_IP))
         server, _ = listener.accept()  # the worker dialed the destination
         with server:
-            synack = _answer(tap, sport, packets.SYN | packets.ACK)
+            synack = next_tcp(tap, SERVER_ADDRESS, GUEST, sport,
+                              flags=packets.SYN | packets.ACK, timeout=DEADLINE)  # fmt: skip
             assert synack.ack == 9001
             ack = packets.tcp(GUEST, sport, SERVER_ADDRESS, PORT, flags=packets.ACK, seq=9001,
                               ack=synack.seq + 1, payload=b"hello")
-            inject.sendto(ack, (TUN_NAME, 0x0800))
+            inject.sendto(ack, (TUN_NAME, ETH_P_IP))
             server.settimeout(DEADLINE)
             assert server.recv(5) == b"hello"  # the flow is open, end to end
             # ... and the guest is gone: the stack's probes to it go unanswered

@@ -31,13 +31,12 @@ from lab.netlab import (
     recv_exact,
 )
 from lab.netns import netns_socket
+from lab.tuntap import ETH_P_IP, ETH_P_IPV6
 
 from tests.vm.conftest import FLOOD
 from tunio.testing import packets
 from tunio.testing.packets import TCP, UDP
 
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 APP_IP = str(ipaddress.IPv4Interface(TUN_ADDRESS).ip)
 RANDOM_PACKETS = 300  # per round
 ROUNDS = 4

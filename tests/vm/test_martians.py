@@ -24,12 +24,12 @@ from lab.netlab import (
     Lab,
     LineReader,
 )
+from lab.tuntap import ETH_P_IP, ETH_P_IPV6
 
 from tests.vm.test_metrics import METRICS, wait_for
 from tunio.testing import packets
 from tunio.testing.packets import SYN
 
-ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
 APP = str(ipaddress.IPv4Interface(TUN_ADDRESS).ip)
 APP6 = str(ipaddress.IPv6Interface(TUN_ADDRESS6).ip)
 PORT = 47011  # the app namespace's own services listen here, on loopback

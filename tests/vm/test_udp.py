@@ -46,13 +46,12 @@ from lab.netlab import (
     recv_exact,
 )
 from lab.netns import netns_socket
+from lab.tuntap import ETH_P_IP, ETH_P_IPV6
 
 from tests.vm.conftest import CONNECT_TIMEOUT, FLOOD, Family
 from tunio.testing.packets import UDP, ipv4, udp
 
 APP_IP = str(ipaddress.IPv4Interface(TUN_ADDRESS).ip)
-ETH_P_IP = 0x0800
-ETH_P_IPV6 = 0x86DD
 MTU_PAYLOAD = 1500 - 20 - 8  # the largest datagram one 1500-byte IPv4 packet carries
 REPLY_TIMEOUT = 5.0
 IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
